@@ -1,0 +1,255 @@
+"""Records `{prompt, answer?, context?}` -> fixed-size token batches through grain pipelines.
+
+Each record becomes two left-padded views of one chat turn: `[x]` (no context, what the student
+samples from) and `[c|x]` (context as the system message, what the teacher and the NCA pass see).
+Budgets are fixed per run so the jitted train step compiles once; nothing here imports jax.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from ctxjax.hf import render_chat
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Where the records come from and how they become batches."""
+
+    train_file: str | None = None  # JSONL, one record per line
+    eval_file: str | None = None
+    context: str = ""  # run-level context for records that carry none
+    context_file: str | None = None  # its text is the run-level context (excludes `context`)
+    batch_size: int = 16
+    max_prompt_tokens: int = 64  # fixed length of the rendered no-context prompt [x]
+    max_context_prompt_tokens: int = 128  # fixed length of the rendered [c|x]
+    shuffle: bool = True
+    seed: int = 0
+    worker_count: int = 0  # grain worker processes; 0 encodes in the calling process
+
+    def __post_init__(self) -> None:
+        for key in ("batch_size", "max_prompt_tokens", "max_context_prompt_tokens"):
+            value = getattr(self, key)
+            if value < 1:
+                raise ValueError(f"data.{key} must be >= 1, got {value}")
+        # grain seeds are unsigned 32-bit integers.
+        if not 0 <= self.seed < 2**32:
+            raise ValueError(f"data.seed must be in [0, 2**32), got {self.seed}")
+        if self.worker_count < 0:
+            raise ValueError(f"data.worker_count must be >= 0, got {self.worker_count}")
+        if self.context and self.context_file:
+            raise ValueError("data.context and data.context_file are both set; set at most one")
+
+
+# ----------------------------------------------------------------------------------------------
+# Records
+
+
+def _where(index: int | None, record: dict[str, Any]) -> str:
+    """`record 3 (train.jsonl:4)`: how error messages point at a record."""
+    name = "record" if index is None else f"record {index}"
+    source = record.get("_source") if isinstance(record, dict) else None
+    return f"{name} ({source})" if source else name
+
+
+def _check_record(record: Any, where: str) -> None:
+    if not isinstance(record, dict):
+        raise ValueError(f"{where}: a record must be a JSON object, got {type(record).__name__}")
+    if "prompt" not in record:
+        raise ValueError(f"{where}: missing 'prompt'")
+    for key in ("prompt", "context", "answer"):
+        if key in record and not isinstance(record[key], str):
+            raise ValueError(f"{where}: '{key}' must be a string, got {type(record[key]).__name__}")
+
+
+def load_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """Reads one record per non-blank line; each gets `_source = "path:line"` for later errors."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"data file not found: {path}")
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{line_no}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
+            _check_record(record, where)
+            record["_source"] = where
+            records.append(record)
+    return records
+
+
+def resolve_context(cfg: DataConfig) -> str:
+    """The run-level context: `cfg.context`, or the text of `cfg.context_file`."""
+    if not cfg.context_file:
+        return cfg.context
+    if not os.path.isfile(cfg.context_file):
+        raise FileNotFoundError(f"data.context_file not found: {cfg.context_file}")
+    with open(cfg.context_file, encoding="utf-8") as f:
+        # Editors end files with a newline that is not part of the context.
+        text = f.read().rstrip("\n")
+    if not text.strip():
+        raise ValueError(f"data.context_file is empty: {cfg.context_file}")
+    return text
+
+
+# ----------------------------------------------------------------------------------------------
+# Padding
+
+
+def pad_left(
+    seqs: Sequence[Sequence[int]], length: int, pad_id: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Left-pads token sequences to `length`: (ids [N, length] int32, mask [N, length] bool).
+
+    Left padding keeps every prompt's last token in the last column, where generation continues.
+    """
+    ids_NxL = np.full((len(seqs), length), pad_id, dtype=np.int32)
+    mask_NxL = np.zeros((len(seqs), length), dtype=bool)
+    for row, seq in enumerate(seqs):
+        n = len(seq)
+        if n > length:
+            raise ValueError(f"pad_left: sequence {row} has {n} tokens > length {length}")
+        if n:
+            ids_NxL[row, length - n :] = seq
+            mask_NxL[row, length - n :] = True
+    return ids_NxL, mask_NxL
+
+
+def bucket_length(n: int, minimum: int = 8) -> int:
+    """The next power of two >= n, at least `minimum`: variable eval lengths compile a few times."""
+    if n < 0 or minimum < 1:
+        raise ValueError(f"bucket_length needs n >= 0 and minimum >= 1, got {n=}, {minimum=}")
+    return max(minimum, 1 << max(n - 1, 0).bit_length())
+
+
+def _pad_id(tokenizer: Any) -> int:
+    pad_id = tokenizer.pad_token_id
+    if pad_id is None:
+        # Padded positions are masked out everywhere; any valid id will do, and EOS always exists.
+        pad_id = tokenizer.eos_token_id
+    if pad_id is None:
+        raise ValueError("tokenizer has neither a pad token nor an EOS token to pad with")
+    return int(pad_id)
+
+
+def encode_record(
+    record: dict[str, Any], tokenizer: Any, run_context: str, cfg: DataConfig, *, index: int
+) -> dict[str, np.ndarray]:
+    """Renders one record's `[x]` and `[c|x]` views, left-padded to the fixed budgets of `cfg`.
+
+    The context is the record's own non-empty `context`, else `run_context`. `index` is the record's
+    position in the source list, carried through so the evaluator can find the verifier fields.
+    """
+    where = _where(index, record)
+    _check_record(record, where)
+    context = record.get("context") or run_context
+    pad_id = _pad_id(tokenizer)
+    views = {}
+    for name, ctx, key in (
+        ("prompt", "", "max_prompt_tokens"),
+        ("ctx_prompt", context, "max_context_prompt_tokens"),
+    ):
+        ids = render_chat(tokenizer, ctx, record["prompt"])
+        budget = getattr(cfg, key)
+        if len(ids) > budget:
+            raise ValueError(
+                f"{where}: the rendered {'[c|x]' if ctx else '[x]'} view has {len(ids)} tokens, "
+                f"more than data.{key}={budget}; raise data.{key} or shorten the record"
+            )
+        ids_1xL, mask_1xL = pad_left([ids], budget, pad_id)
+        views[f"{name}_ids"] = ids_1xL[0]
+        views[f"{name}_mask"] = mask_1xL[0]
+    views["index"] = np.int32(index)
+    return views
+
+
+# ----------------------------------------------------------------------------------------------
+# Pipelines
+
+
+@dataclasses.dataclass(frozen=True, eq=False)  # eq=False: hashed by identity, records unhashed
+class _Encode:
+    """Index -> encoded record; a plain picklable object so grain worker processes can run it."""
+
+    records: Sequence[dict[str, Any]]
+    tokenizer: Any
+    run_context: str
+    cfg: DataConfig
+
+    def __call__(self, index: int) -> dict[str, np.ndarray]:
+        index = int(index)
+        record = self.records[index]
+        return encode_record(record, self.tokenizer, self.run_context, self.cfg, index=index)
+
+
+def shard_indices(num_records: int, shard_index: int, shard_count: int) -> range:
+    """Source positions of one host's shard: every `shard_count`-th record from `shard_index`.
+
+    The `num_records % shard_count` trailing records are dropped so all hosts hold the same number
+    of records and step in lockstep (a host with one batch more would hang the collectives).
+    """
+    if shard_count < 1 or not 0 <= shard_index < shard_count:
+        raise ValueError(f"need 0 <= shard_index < shard_count, got {shard_index}, {shard_count}")
+    usable = num_records - num_records % shard_count
+    return range(shard_index, usable, shard_count)
+
+
+def make_iterator(
+    records: Sequence[dict[str, Any]],
+    tokenizer: Any,
+    cfg: DataConfig,
+    *,
+    num_epochs: int | None = None,
+    shard_index: int = 0,
+    shard_count: int = 1,
+) -> Any:
+    """A checkpointable grain iterator of batches `{prompt_ids [B,P], prompt_mask [B,P],
+    ctx_prompt_ids [B,Q], ctx_prompt_mask [B,Q], index [B]}` (numpy).
+
+    Pipeline: this host's shard -> seeded shuffle (a new order each epoch) -> repeat `num_epochs`
+    times (None: forever) -> encode -> batch with the remainder dropped. Batches may straddle an
+    epoch boundary. `it.get_state()` / `it.set_state(state)` on a fresh iterator built with the same
+    arguments resumes with exactly the same batches. Pass `jax.process_index()` /
+    `jax.process_count()` as `shard_index` / `shard_count` on multi-host runs.
+    """
+    import grain
+
+    if num_epochs is not None and num_epochs < 1:
+        raise ValueError(f"num_epochs must be >= 1 or None, got {num_epochs}")
+    positions = shard_indices(len(records), shard_index, shard_count)
+    if not positions:
+        raise ValueError(
+            f"shard {shard_index} of {shard_count} holds no records ({len(records)} records in all)"
+        )
+    if num_epochs is not None and len(positions) * num_epochs < cfg.batch_size:
+        raise ValueError(
+            f"{len(positions)} records x {num_epochs} epochs is less than one batch of "
+            f"data.batch_size={cfg.batch_size}"
+        )
+    encode = _Encode(records, tokenizer, resolve_context(cfg), cfg)
+    ds = grain.MapDataset.source(positions)
+    if cfg.shuffle:
+        ds = ds.shuffle(seed=cfg.seed)  # before repeat, so each epoch is a fresh permutation
+    ds = ds.repeat(num_epochs).map(encode).batch(cfg.batch_size, drop_remainder=True)
+    # The records are already in memory and encoding holds the GIL, so reader threads would only
+    # contend; parallelism, when wanted, comes from worker processes instead.
+    iter_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
+    if cfg.worker_count > 0:
+        from absl import flags
+
+        # grain reads its `--grain_*` absl flags when it starts workers; outside `absl.app.run`
+        # nobody parsed them and reading raises, so take their defaults.
+        if not flags.FLAGS.is_parsed():
+            flags.FLAGS.mark_as_parsed()
+        iter_ds = iter_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.worker_count))
+    return iter(iter_ds)
