@@ -1,0 +1,405 @@
+"""System-prompt QA from JSONL files: multiple choice and math word problems.
+
+File formats (one JSON object per line; blank lines are skipped):
+- multiple choice (MedMCQA-style): `{"question": str, "options": [str, ...] or {"A": str, ...},
+  "answer": "B" or 1}` -- a letter, or a 0-based index into the options.
+- math (GSM8K-style): `{"question": str, "answer": "... #### 42"}` -- the final answer is the number
+  after `####` (a plain number, as a string or JSON number, is accepted too).
+A malformed line raises ValueError naming the file and the 1-based line number.
+
+The context is a system prompt (regime "nudge": it does not change the right answer). Records carry
+the expected output as `answer` (the letter; the worked solution ending in `#### N`) and what the
+verifier needs (`options` and `answer_index`; `target`). Answer extraction is deliberately lenient
+(see `extract_choice`, `extract_number`) so that the metric measures knowledge, not formatting.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import zlib
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+from ctxjax.tasks.common import (
+    answer_line,
+    check_count,
+    check_fraction,
+    seeded_rng,
+    strip_special,
+)
+
+DATA_DIR = Path(__file__).parent / "data"
+MCQ_SAMPLE = DATA_DIR / "mcq_sample.jsonl"
+MATH_SAMPLE = DATA_DIR / "math_sample.jsonl"
+LETTERS = "ABCDEFGHIJ"
+
+DEFAULT_MCQ_SYSTEM = "You are a careful expert. Answer with the letter of the correct option."
+DEFAULT_MATH_SYSTEM = "Solve the problem step by step, then write the final answer after ####."
+
+
+@dataclass(frozen=True)
+class MCQItem:
+    """One multiple-choice question; `answer` is a 0-based index into `options`."""
+
+    question: str
+    options: tuple[str, ...]
+    answer: int
+
+
+@dataclass(frozen=True)
+class MathItem:
+    """One word problem: the worked `solution` (ends in `#### target`) and the final number."""
+
+    question: str
+    solution: str
+    target: str
+
+
+# ---------------------------------------------------------------------------------------------
+# Numbers
+
+# A number: optional minus (not after a word character or ")" -- "5-3" is no negative), optional
+# "$", digits with thousands commas ("1,234") or without, optional decimals ("3.50").
+_NUMBER_RE = re.compile(r"(?:(?<![\w)])(-))?\$?(\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?)")
+_HASHES_RE = re.compile(r"####\s*" + _NUMBER_RE.pattern)
+
+
+def parse_number(text: str) -> Fraction:
+    """A number string ("1,234", "-7", "3.50", "$12") as an exact Fraction; ValueError otherwise."""
+    match = _NUMBER_RE.fullmatch(text.strip())
+    if match is None:
+        raise ValueError(f"not a number: {text!r}")
+    return _match_value(match)
+
+
+def _match_value(match: re.Match[str]) -> Fraction:
+    sign, digits = match.group(1), match.group(2)
+    return Fraction(digits.replace(",", "")) * (-1 if sign else 1)
+
+
+def extract_number(response: str) -> Fraction | None:
+    """The final answer of a math response: the number after the first `####`, else the last
+    number in the response; None when there is no number. Exact, so "3.50" equals "3.5"."""
+    text = strip_special(response)
+    hashed = _HASHES_RE.search(text)
+    if hashed is not None:
+        return _match_value(hashed)
+    numbers = list(_NUMBER_RE.finditer(text))
+    return _match_value(numbers[-1]) if numbers else None
+
+
+# ---------------------------------------------------------------------------------------------
+# Choices
+
+# "Answer: B", "the answer is (C)", "answer is B because": an upper-case letter not followed by a
+# letter. A lower-case letter counts only before punctuation or the end ("the answer is b."), so
+# "the answer is a bird" is no answer "A".
+_ANSWER_UPPER_RE = re.compile(r"(?i:answer)\s*(?:(?i:is)\s*)?[:=\-]?\s*\(?([A-J])\)?(?![A-Za-z])")
+_ANSWER_LOWER_RE = re.compile(
+    r"(?i:answer)\s*(?:(?i:is)\s*)?[:=\-]?\s*\(?([a-j])\)?(?=\s*$|[.,;:!)\]])"
+)
+_LONE_LETTER_RE = re.compile(r"[\s(\[]*([A-Ja-j])[\s.):\]]*")
+_LEADING_LETTER_RE = re.compile(r"[(\[]?([A-J])[.):\]]")
+
+
+def _words(text: str) -> str:
+    return " ".join(re.findall(r"[a-z0-9]+(?:\.[0-9]+)?", text.lower()))
+
+
+def extract_choice(response: str, options: list[str] | tuple[str, ...]) -> int | None:
+    """The 0-based option a response picks, or None when it picks none (or several).
+
+    Tried in order: an explicit "answer (is) X" anywhere; the first line being a lone letter
+    ("B", "(B)", "b."); the first line starting with a letter and a mark ("B) Paris"); the first
+    line naming exactly one option's text (whole words, case-insensitive). Letters beyond the
+    number of options are ignored.
+    """
+    valid = LETTERS[: len(options)]
+    text = strip_special(response)
+    for pattern in (_ANSWER_UPPER_RE, _ANSWER_LOWER_RE):
+        for match in pattern.finditer(text):
+            letter = match.group(1).upper()
+            if letter in valid:
+                return valid.index(letter)
+    line = answer_line(text)
+    for match in (_LONE_LETTER_RE.fullmatch(line), _LEADING_LETTER_RE.match(line)):
+        if match is not None and match.group(1).upper() in valid:
+            return valid.index(match.group(1).upper())
+    said = f" {_words(line)} "
+    named = [i for i, opt in enumerate(options) if _words(opt) and f" {_words(opt)} " in said]
+    # "14" names the option "14" and, as a word, not "4"; but "New York" also contains "York":
+    # keep the options whose text is not inside another named option's text.
+    named = [
+        i for i in named
+        if not any(j != i and f" {_words(options[i])} " in f" {_words(options[j])} " for j in named)
+    ]
+    return named[0] if len(named) == 1 else None
+
+
+# ---------------------------------------------------------------------------------------------
+# Loaders
+
+
+def _read_jsonl(path: str | os.PathLike[str]) -> list[tuple[int, dict[str, Any]]]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"QA file not found: {path}")
+    rows = []
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: malformed JSON: {e.msg}") from e
+            if not isinstance(row, dict):
+                kind = type(row).__name__
+                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {kind}")
+            rows.append((lineno, row))
+    if not rows:
+        raise ValueError(f"{path}: no records")
+    return rows
+
+
+def _require(path: Any, lineno: int, row: dict[str, Any], key: str, kind: type) -> Any:
+    if key not in row:
+        raise ValueError(f"{path}:{lineno}: missing key {key!r}")
+    value = row[key]
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise ValueError(f"{path}:{lineno}: {key!r} must be {kind.__name__}, got {value!r}")
+    return value
+
+
+def _question(path: Any, lineno: int, row: dict[str, Any]) -> str:
+    question = _require(path, lineno, row, "question", str).strip()
+    if not question:
+        raise ValueError(f"{path}:{lineno}: 'question' is empty")
+    return question
+
+
+def _mcq_options(path: Any, lineno: int, row: dict[str, Any]) -> tuple[str, ...]:
+    if "options" not in row:
+        raise ValueError(f"{path}:{lineno}: missing key 'options'")
+    raw = row["options"]
+    if isinstance(raw, dict):
+        keys = sorted(str(k).upper() for k in raw)
+        if keys != list(LETTERS[: len(keys)]):
+            raise ValueError(f"{path}:{lineno}: option keys must be A, B, C, ... got {list(raw)}")
+        by_letter = {str(k).upper(): v for k, v in raw.items()}
+        raw = [by_letter[k] for k in keys]
+    if not isinstance(raw, list) or not all(isinstance(o, str) and o.strip() for o in raw):
+        raise ValueError(f"{path}:{lineno}: 'options' must be non-empty strings (list or dict)")
+    if not 2 <= len(raw) <= len(LETTERS):
+        raise ValueError(f"{path}:{lineno}: need 2 to {len(LETTERS)} options, got {len(raw)}")
+    return tuple(o.strip() for o in raw)
+
+
+def _mcq_answer(path: Any, lineno: int, row: dict[str, Any], n_options: int) -> int:
+    if "answer" not in row:
+        raise ValueError(f"{path}:{lineno}: missing key 'answer'")
+    raw = row["answer"]
+    letter = raw.strip().upper() if isinstance(raw, str) else ""
+    if len(letter) == 1 and letter in LETTERS[:n_options]:
+        return LETTERS.index(letter)
+    if isinstance(raw, int) and not isinstance(raw, bool) and 0 <= raw < n_options:
+        return raw
+    raise ValueError(
+        f"{path}:{lineno}: 'answer' must be a letter A-{LETTERS[n_options - 1]} or a 0-based "
+        f"index < {n_options}, got {raw!r}"
+    )
+
+
+def load_mcq_jsonl(path: str | os.PathLike[str]) -> list[MCQItem]:
+    """Multiple-choice items from a JSONL file (format in the module docstring)."""
+    items = []
+    for lineno, row in _read_jsonl(path):
+        question = _question(path, lineno, row)
+        options = _mcq_options(path, lineno, row)
+        items.append(MCQItem(question, options, _mcq_answer(path, lineno, row, len(options))))
+    return items
+
+
+def _math_target(path: Any, lineno: int, raw: Any) -> tuple[str, str]:
+    """(solution, target) from a math line's answer."""
+    if isinstance(raw, (int, float)) and not isinstance(raw, bool):
+        raw = str(raw)  # then checked as a number string below ("1e-05" is refused)
+    if not isinstance(raw, str):
+        raise ValueError(f"{path}:{lineno}: 'answer' must be a string or number, got {raw!r}")
+    hashed = _HASHES_RE.search(raw)
+    if hashed is not None:
+        number = (hashed.group(1) or "") + hashed.group(2).replace(",", "")
+        return raw.strip(), number
+    try:
+        parse_number(raw)
+    except ValueError:
+        raise ValueError(f"{path}:{lineno}: 'answer' has no '#### <number>': {raw!r}") from None
+    number = raw.strip().replace(",", "").replace("$", "")
+    return f"#### {number}", number
+
+
+def load_math_jsonl(path: str | os.PathLike[str]) -> list[MathItem]:
+    """Math word problems from a JSONL file (format in the module docstring)."""
+    items = []
+    for lineno, row in _read_jsonl(path):
+        question = _question(path, lineno, row)
+        if "answer" not in row:
+            raise ValueError(f"{path}:{lineno}: missing key 'answer'")
+        solution, target = _math_target(path, lineno, row["answer"])
+        items.append(MathItem(question, solution, target))
+    return items
+
+
+# ---------------------------------------------------------------------------------------------
+# Tasks
+
+
+@dataclass(frozen=True)
+class _QATask:
+    """Shared split and sampling logic.
+
+    eval_fraction: share of the items (fixed by a hash of the question, not by the seed) that
+      `eval_records` draws from; `sft_records` draws from the rest. 0 puts every item in both.
+    sft_context_share: share of `sft_records` that carry the system prompt.
+    """
+
+    path: str | None = None
+    system_prompt: str = ""
+    eval_fraction: float = 0.25
+    sft_context_share: float = 0.5
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.system_prompt.strip():
+            raise ValueError("system_prompt must be a non-empty text")
+        check_fraction("eval_fraction", self.eval_fraction, closed_right=False)
+        check_fraction("sft_context_share", self.sft_context_share)
+        items = self._load(Path(self.path) if self.path else self._sample_path())
+        if self.eval_fraction == 0.0:
+            eval_items, train_items = items, items
+        else:
+            ranked = sorted(items, key=lambda it: zlib.crc32(it.question.encode()))
+            n_eval = max(1, round(self.eval_fraction * len(items)))
+            if n_eval >= len(items):
+                raise ValueError(
+                    f"{self.path or self._sample_path()}: {len(items)} items are too few for "
+                    f"eval_fraction={self.eval_fraction} (no training items would be left)"
+                )
+            eval_items, train_items = ranked[:n_eval], ranked[n_eval:]
+        object.__setattr__(self, "_eval_items", tuple(eval_items))
+        object.__setattr__(self, "_train_items", tuple(train_items))
+
+    def contexts(self) -> dict[str, str]:
+        """`{"system": <system prompt>}`."""
+        return {"system": self.system_prompt}
+
+    def regime(self, context_name: str) -> str:
+        """"nudge": the system prompt does not change the right answer."""
+        self._check_context(context_name)
+        return "nudge"
+
+    def eval_records(self, context_name: str, n: int, seed: int) -> list[dict[str, Any]]:
+        """`n` records from the eval items with the system prompt as context.
+
+        Items are drawn without replacement in a seeded order; past the pool size a new shuffled
+        pass starts (so n may exceed the number of eval items, and items then repeat).
+        """
+        self._check_context(context_name)
+        rng = seeded_rng(seed, self.name, "eval", context_name)
+        items = self._draw(rng, self._eval_items, check_count(n))
+        return [self._record(item, self.system_prompt) for item in items]
+
+    def train_records(self, context_name: str, n: int, seed: int) -> list[dict[str, Any]]:
+        """Like `eval_records` but from the training items: the questions distillation trains on."""
+        self._check_context(context_name)
+        rng = seeded_rng(seed, self.name, "train", context_name)
+        items = self._draw(rng, self._train_items, check_count(n))
+        return [self._record(item, self.system_prompt) for item in items]
+
+    def sft_records(self, n: int, seed: int) -> list[dict[str, Any]]:
+        """`n` training records, the answer in the expected format, with the system prompt on a
+        `sft_context_share` of them and no context on the rest."""
+        rng = seeded_rng(seed, self.name, "sft")
+        items = self._draw(rng, self._train_items, check_count(n))
+        return [
+            self._record(item, self.system_prompt if rng.random() < self.sft_context_share else "")
+            for item in items
+        ]
+
+    @staticmethod
+    def _draw(rng: Any, pool: tuple[Any, ...], n: int) -> list[Any]:
+        out: list[Any] = []
+        while len(out) < n:
+            out.extend(pool[int(i)] for i in rng.permutation(len(pool)))
+        return out[:n]
+
+    def _check_context(self, context_name: str) -> None:
+        if context_name not in self.contexts():
+            raise ValueError(f"unknown context {context_name!r}; valid: {sorted(self.contexts())}")
+
+    def _load(self, path: Path) -> list[Any]:
+        raise NotImplementedError
+
+    def _sample_path(self) -> Path:
+        raise NotImplementedError
+
+    def _record(self, item: Any, context: str) -> dict[str, Any]:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class MCQTask(_QATask):
+    """Multiple-choice QA. The prompt lists the options as "A. ...", the answer is the letter."""
+
+    system_prompt: str = DEFAULT_MCQ_SYSTEM
+    name: str = "mcq"
+
+    def verify(self, record: dict[str, Any], response: str) -> bool:
+        """Whether the option extracted from `response` is the record's answer."""
+        return extract_choice(response, record["options"]) == record["answer_index"]
+
+    def _load(self, path: Path) -> list[MCQItem]:
+        return load_mcq_jsonl(path)
+
+    def _sample_path(self) -> Path:
+        return MCQ_SAMPLE
+
+    def _record(self, item: MCQItem, context: str) -> dict[str, Any]:
+        lines = [item.question] + [f"{LETTERS[i]}. {o}" for i, o in enumerate(item.options)]
+        return {
+            "context": context,
+            "prompt": "\n".join(lines),
+            "answer": LETTERS[item.answer],
+            "options": list(item.options),
+            "answer_index": item.answer,
+        }
+
+
+@dataclass(frozen=True)
+class MathTask(_QATask):
+    """Math word problems; the answer is the worked solution ending in `#### N`."""
+
+    system_prompt: str = DEFAULT_MATH_SYSTEM
+    name: str = "math"
+
+    def verify(self, record: dict[str, Any], response: str) -> bool:
+        """Whether the number extracted from `response` equals the record's target exactly."""
+        got = extract_number(response)
+        return got is not None and got == parse_number(record["target"])
+
+    def _load(self, path: Path) -> list[MathItem]:
+        return load_math_jsonl(path)
+
+    def _sample_path(self) -> Path:
+        return MATH_SAMPLE
+
+    def _record(self, item: MathItem, context: str) -> dict[str, Any]:
+        return {
+            "context": context,
+            "prompt": item.question,
+            "answer": item.solution,
+            "target": item.target,
+        }
