@@ -94,7 +94,9 @@ class KVCache:
   Left-padded batches share slot numbers across rows, so one scalar `index` serves the batch.
   """
 
-  k: tuple[jax.Array, ...]  # num_layers x [B, S, K, Dh]
+  # Slots on the third axis, [B, K, S, Dh]: the attention einsums read it without a transpose,
+  # whereas [B, S, K, Dh] made XLA copy every layer's whole cache at every decode step.
+  k: tuple[jax.Array, ...]  # num_layers x [B, K, S, Dh]
   v: tuple[jax.Array, ...]
   mask_BxS: jax.Array  # bool: slot holds a real (non-padding) token
   index: jax.Array  # int32 scalar: first slot not yet written
@@ -107,7 +109,7 @@ class KVCache:
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: Any | None = None) -> KVCache:
   """An empty cache of `max_len` slots; `dtype` defaults to the compute dtype."""
   dtype = dtype or DTYPES[cfg.compute_dtype]
-  shape = (batch, max_len, cfg.num_kv_heads, cfg.resolved_head_dim)
+  shape = (batch, cfg.num_kv_heads, max_len, cfg.resolved_head_dim)
   zeros = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))
   return KVCache(k=zeros, v=zeros, mask_BxS=jnp.zeros((batch, max_len), bool),
                  index=jnp.zeros((), jnp.int32))
@@ -191,27 +193,31 @@ class Attention(nnx.Module):
     k_BxLxKxDh = apply_rope(k_BxLxKxDh, positions_BxL, inv_freq)
 
     if cache_kv is None:  # keys are exactly this call's tokens
-      keys_BxSxKxDh, values_BxSxKxDh, new_kv = k_BxLxKxDh, v_BxLxKxDh, None
+      keys_BxKxSxDh = k_BxLxKxDh.transpose(0, 2, 1, 3)
+      values_BxKxSxDh = v_BxLxKxDh.transpose(0, 2, 1, 3)
+      new_kv = None
     else:  # write this call's tokens at slots [index, index + L) and attend over the whole cache
       cache_k, cache_v, index = cache_kv
-      start = (0, index, 0, 0)
-      keys_BxSxKxDh = jax.lax.dynamic_update_slice(cache_k, k_BxLxKxDh.astype(cache_k.dtype), start)
-      values_BxSxKxDh = jax.lax.dynamic_update_slice(cache_v, v_BxLxKxDh.astype(cache_v.dtype), start)
-      new_kv = (keys_BxSxKxDh, values_BxSxKxDh)
+      start = (0, 0, index, 0)
+      keys_BxKxSxDh = jax.lax.dynamic_update_slice(
+          cache_k, k_BxLxKxDh.transpose(0, 2, 1, 3).astype(cache_k.dtype), start)
+      values_BxKxSxDh = jax.lax.dynamic_update_slice(
+          cache_v, v_BxLxKxDh.transpose(0, 2, 1, 3).astype(cache_v.dtype), start)
+      new_kv = (keys_BxKxSxDh, values_BxKxSxDh)
 
-    s = keys_BxSxKxDh.shape[1]
+    s = keys_BxKxSxDh.shape[2]
     g = h // k
     q_BxLxKxGxDh = q_BxLxHxDh.reshape(b, l, k, g, dh)
-    scores_BxKxGxLxS = jnp.einsum("blkgd,bskd->bkgls", q_BxLxKxGxDh,
-                                  keys_BxSxKxDh.astype(q_BxLxKxGxDh.dtype),
+    scores_BxKxGxLxS = jnp.einsum("blkgd,bksd->bkgls", q_BxLxKxGxDh,
+                                  keys_BxKxSxDh.astype(q_BxLxKxGxDh.dtype),
                                   preferred_element_type=jnp.float32) / math.sqrt(dh)
     causal_LxS = jnp.arange(s)[None, :] <= query_slots_L[:, None]
     allowed_BxLxS = causal_LxS[None] & keys_mask_BxS[:, None, :]
     # A finite floor instead of -inf: padding queries see no key at all and must stay NaN-free.
     scores_BxKxGxLxS = jnp.where(allowed_BxLxS[:, None, None], scores_BxKxGxLxS, -1e30)
     probs_BxKxGxLxS = jax.nn.softmax(scores_BxKxGxLxS, axis=-1)
-    out_BxLxKxGxDh = jnp.einsum("bkgls,bskd->blkgd", probs_BxKxGxLxS.astype(values_BxSxKxDh.dtype),
-                                values_BxSxKxDh)
+    out_BxLxKxGxDh = jnp.einsum("bkgls,bksd->blkgd", probs_BxKxGxLxS.astype(values_BxKxSxDh.dtype),
+                                values_BxKxSxDh)
     out_BxLxD = self.o_proj(out_BxLxKxGxDh.reshape(b, l, h * dh).astype(x_BxLxD.dtype))
     return out_BxLxD, new_kv
 
