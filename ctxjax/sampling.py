@@ -30,6 +30,7 @@ import numpy as np
 from flax import nnx
 from flax import struct
 
+from ctxjax.data import bucket_length, pad_left
 from ctxjax.model import Transformer, init_cache
 
 _MIN_BUCKET = 8
@@ -238,11 +239,6 @@ def sample(model: Transformer, prompt_ids_BxP: jax.Array, prompt_mask_BxP: jax.A
 # --------------------------------------------------------------------------------------------------
 
 
-def bucket_length(n: int, minimum: int = _MIN_BUCKET) -> int:
-  """The next power of two >= n, at least `minimum` (prompt widths and token budgets)."""
-  return max(minimum, 1 << max(0, int(n) - 1).bit_length())
-
-
 def bucket_batch(n: int) -> int:
   """Batch sizes: powers of two up to 8, then multiples of 8 (at most 7 wasted rows past 8)."""
   return bucket_length(n, minimum=1) if n <= _MIN_BUCKET else -(-n // _MIN_BUCKET) * _MIN_BUCKET
@@ -258,11 +254,7 @@ def _generate_jit(graphdef, state, prompt_ids_BxP, prompt_mask_BxP, rng, budget,
 
 
 def _left_pad(prompts: Sequence[Sequence[int]], width: int, rows: int, pad_id: int):
-  ids_BxP = np.full((rows, width), pad_id, np.int32)
-  mask_BxP = np.zeros((rows, width), bool)
-  for i, prompt in enumerate(prompts):
-    ids_BxP[i, width - len(prompt):] = prompt
-    mask_BxP[i, width - len(prompt):] = True
+  ids_BxP, mask_BxP = pad_left(list(prompts) + [[]] * (rows - len(prompts)), width, pad_id)
   # Batch-padding rows get one real token (id 0, always in the vocabulary) so that no row attends to
   # nothing; they start finished.
   ids_BxP[len(prompts):, -1] = 0
