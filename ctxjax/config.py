@@ -69,7 +69,7 @@ class LossConfig:
 class OptimConfig:
   """AdamW with linear warmup then cosine decay to `min_lr_ratio * learning_rate`."""
 
-  learning_rate: float = 1e-4
+  learning_rate: float = 3e-4
   warmup_steps: int = 10
   min_lr_ratio: float = 0.1
   weight_decay: float = 0.0
@@ -113,7 +113,9 @@ class MeshConfig:
 class EvalConfig:
   examples: int = 128  # records per evaluated context
   batch_size: int = 64
-  temperature: float = 0.0  # 0: greedy answers
+  # Sampled answers (as in the paper): a nudge context changes how *reliably* the model answers,
+  # which greedy decoding hides. 0 gives greedy answers.
+  temperature: float = 1.0
   max_new_tokens: int = 16
   seed: int = 1234
 
@@ -127,7 +129,7 @@ class EvalConfig:
 class BaseModelConfig:
   """The tiny context-following base model built (or reused) when `student` is empty."""
 
-  sft_steps: int = 1500
+  sft_steps: int = 600
   sft_examples: int = 20000
   batch_size: int = 64
   learning_rate: float = 3e-3
@@ -139,12 +141,15 @@ class BaseModelConfig:
 class TaskConfig:
   name: str = "synthetic"  # a name in ctxjax.tasks.TASKS, or "jsonl" for data.train_file
   context: str = "careful"  # the context distilled (a name in task.contexts())
-  options: dict = dataclasses.field(default_factory=dict)  # keyword arguments of the task
+  # Keyword arguments of the task; a preset's `options` replaces these as a whole. The default
+  # world: `seq` prompts (flip rules, formats) and `max` prompts (the nudges), 3-5 digits.
+  options: dict = dataclasses.field(
+      default_factory=lambda: {"families": ["seq", "max"], "max_len": 5})
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-  steps: int = 150
+  steps: int = 100
   seed: int = 0
   micro_batches: int = 1  # gradient accumulation: the batch is split into this many parts
   log_every: int = 10
