@@ -37,7 +37,7 @@ def base_key(task_name: str, task_options: dict, model_cfg: ModelConfig,
              base_cfg: BaseModelConfig, seed: int) -> str:
   blob = json.dumps(dict(task=task_name, options=task_options, model=dataclasses.asdict(model_cfg),
                          base={k: v for k, v in dataclasses.asdict(base_cfg).items()
-                               if k != "cache_dir"}, seed=seed, version=1),
+                               if k not in ("cache_dir", "seed")}, seed=seed, version=1),
                     sort_keys=True, default=list)
   return f"{task_name}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
 

@@ -135,6 +135,7 @@ class BaseModelConfig:
   learning_rate: float = 3e-3
   vocab_size: int = 320  # byte-level BPE: 256 bytes + 3 specials + merges
   cache_dir: str = "runs/base"
+  seed: int = 0  # the base model's own seed: OPD seeds (train.seed) share one base model
 
 
 @dataclasses.dataclass(frozen=True)

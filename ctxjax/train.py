@@ -51,7 +51,7 @@ def resolve_student(cfg: RunConfig, progress: bool = True) -> str:
   if cfg.student:
     return cfg.student
   return build_or_reuse_base(cfg.task.name, dict(cfg.task.options), cfg.model, cfg.base,
-                             seed=cfg.train.seed, progress=progress)
+                             seed=cfg.base.seed, progress=progress)
 
 
 def training_records(cfg: RunConfig, task: Any) -> list[dict]:
@@ -87,6 +87,9 @@ def setup(cfg: RunConfig, progress: bool = True, mesh=None) -> Run:
   eos_ids, pad_id = eos_and_pad(tokenizer)
   dtype = dict(param_dtype=cfg.model.param_dtype, compute_dtype=cfg.model.compute_dtype)
   student = hf.load_model(student_path, **dtype)
+  # `model` describes the base model to build; a loaded student has its own architecture. Record
+  # the real one, so config.json, the summary and the checkpoints' architecture check see it.
+  cfg = dataclasses.replace(cfg, model=dataclasses.replace(student.cfg, remat=cfg.model.remat))
   if cfg.model.remat:
     student = _with_remat(student)
   graphdef, params = nnx.split(student, nnx.Param)
