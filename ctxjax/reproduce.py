@@ -1,0 +1,254 @@
+"""The paper's comparison at CPU scale: plain OPD vs OPD + NCA, ablations and a beta sweep.
+
+Every run is an ordinary `ctxjax.train.run` with dotted overrides; its `summary.json` is the record.
+Finished runs are skipped when the script is started again, so an interrupted reproduction resumes.
+`write_results` turns the summaries into `docs/results.md` with tables and plots, including a plain
+list of the cells where NCA did not help.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import time
+
+import numpy as np
+
+from ctxjax.config import load_config
+from ctxjax.report import compare_table
+
+log = logging.getLogger(__name__)
+
+# Two model sizes for the CPU base models (vocabulary from the default config).
+SIZES = {
+    "small": ["model.num_layers=2", "model.hidden_size=48", "model.intermediate_size=192",
+              "model.num_heads=4", "model.num_kv_heads=2"],
+    "medium": ["model.num_layers=4", "model.hidden_size=64", "model.intermediate_size=256",
+               "model.num_heads=4", "model.num_kv_heads=2"],
+}
+SYNTHETIC = ["task.name=synthetic", "task.options={families: [seq, max], max_len: 5}"]
+FROZENLAKE = ["task.name=frozenlake", "task.options={}", "data.max_prompt_tokens=64",
+              "data.max_context_prompt_tokens=96", "rollout.max_new_tokens=24",
+              "eval.max_new_tokens=24", "base.sft_steps=800"]
+# (task overrides, context) cells of the headline table; each is crossed with both sizes.
+CELLS = [
+    ("synthetic", SYNTHETIC, "careful"),  # nudge
+    ("synthetic", SYNTHETIC, "hint"),  # nudge
+    ("synthetic", SYNTHETIC, "rev"),  # flip
+    ("synthetic", SYNTHETIC, "sort"),  # flip
+    ("synthetic", SYNTHETIC, "words"),  # format
+    ("synthetic", SYNTHETIC, "pirate"),  # format
+    ("frozenlake", FROZENLAKE, "tips"),  # nudge, planning
+]
+ABLATION_CELLS = [("synthetic", "careful", "medium"), ("synthetic", "rev", "medium")]
+VARIANTS = {
+    "opd": ["loss.beta=0.0"],
+    "nca": ["loss.beta=0.5", "loss.consistency=nca"],
+    "dual_opd": ["loss.beta=0.5", "loss.consistency=dual_opd"],
+    "sym_kl": ["loss.beta=0.5", "loss.consistency=sym_kl"],
+    "nca_b0.1": ["loss.beta=0.1", "loss.consistency=nca"],
+    "nca_b1.0": ["loss.beta=1.0", "loss.consistency=nca"],
+}
+METRICS = ("acc_x", "acc_xc", "harm", "both_correct", "delta_len", "retention_mean")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSpec:
+  task: str
+  context: str
+  size: str
+  variant: str
+  seed: int
+  overrides: tuple[str, ...]
+
+  @property
+  def name(self) -> str:
+    return f"{self.task}-{self.context}-{self.size}-{self.variant}-s{self.seed}"
+
+  @property
+  def cell(self) -> str:
+    return f"{self.task}/{self.context}/{self.size}"
+
+
+def plan(*, quick: bool = False, seeds: int = 2, steps: int = 60, examples: int = 96) -> list[RunSpec]:
+  """Every run of the reproduction, headline first."""
+  common = [f"train.steps={steps}", f"eval.examples={examples}", "train.checkpoint_every=0",
+            "train.log_every=20"]
+  if quick:  # a CI-sized smoke version of the same pipeline: one cell, one seed, tiny budgets
+    common = ["train.steps=6", "eval.examples=8", "train.checkpoint_every=0", "base.sft_steps=40",
+              "base.sft_examples=2000", "data.batch_size=8", "rollout.max_new_tokens=8",
+              "eval.max_new_tokens=8"]
+    cells, sizes, seed_list = [CELLS[0]], ["small"], [0]
+  else:
+    cells, sizes, seed_list = CELLS, list(SIZES), list(range(seeds))
+  by_task = {task: over for task, over, _ in CELLS}
+  specs = []
+  def add(task, context, size, variant, seed):
+    over = (*common, *by_task[task], f"task.context={context}", *SIZES[size], *VARIANTS[variant],
+            f"train.seed={seed}")
+    specs.append(RunSpec(task, context, size, variant, seed, tuple(over)))
+  for task, _, context in cells:
+    for size in sizes:
+      for seed in seed_list:
+        for variant in ("opd", "nca"):
+          add(task, context, size, variant, seed)
+  if not quick:
+    for task, context, size in ABLATION_CELLS:
+      for variant in ("dual_opd", "sym_kl", "nca_b0.1", "nca_b1.0"):
+        add(task, context, size, variant, 0)
+  return specs
+
+
+def run_all(specs: list[RunSpec], out_dir: str, *, progress: bool = False) -> list[dict]:
+  """Runs each spec (skipping those with a summary already) and returns their records."""
+  from ctxjax.train import run as train_run
+
+  records = []
+  for i, spec in enumerate(specs):
+    run_dir = os.path.join(out_dir, spec.name)
+    path = os.path.join(run_dir, "summary.json")
+    if not os.path.exists(path):
+      t0 = time.time()
+      cfg = load_config(None, [*spec.overrides, f"train.out_dir={run_dir}",
+                               f"base.cache_dir={os.path.join(out_dir, 'base')}"])
+      train_run(cfg, progress=progress)
+      log.info("[%d/%d] %s done in %.0fs", i + 1, len(specs), spec.name, time.time() - t0)
+    with open(path) as f:
+      summary = json.load(f)
+    records.append(dict(spec=dataclasses.asdict(spec), name=spec.name, cell=spec.cell,
+                        before=_metrics(summary.get("before")), after=_metrics(summary.get("after"))))
+  return records
+
+
+def _metrics(result: dict | None) -> dict:
+  result = result or {}
+  out = {k: result.get(k) for k in METRICS}
+  out["layer_cosine"] = result.get("layer_cosine")
+  return out
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+  values = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+  if not values:
+    return float("nan"), float("nan")
+  return float(np.mean(values)), float(np.std(values))
+
+
+def aggregate(records: list[dict]) -> dict:
+  """cell -> variant -> metric -> (mean, std, n) over seeds; plus the base model as 'base'."""
+  table: dict = {}
+  for rec in records:
+    cell, variant = rec["cell"], rec["spec"]["variant"]
+    table.setdefault(cell, {}).setdefault(variant, []).append(rec["after"])
+    if variant == "opd":
+      table[cell].setdefault("base", []).append(rec["before"])
+  out = {}
+  for cell, variants in table.items():
+    out[cell] = {}
+    for variant, rows in variants.items():
+      out[cell][variant] = {k: (*_mean_std([r.get(k) for r in rows]), len(rows)) for k in METRICS}
+  return out
+
+
+def _fmt(mean_std_n) -> str:
+  mean, std, n = mean_std_n
+  if math.isnan(mean):
+    return "-"
+  return f"{mean:.3f} ± {std:.3f}" if n > 1 else f"{mean:.3f}"
+
+
+def where_nca_did_not_help(agg: dict, tol: float = 0.02) -> list[str]:
+  """Cells where NCA's Harm was not lower than OPD's, or NCA cost accuracy without context."""
+  notes = []
+  for cell, variants in sorted(agg.items()):
+    if "opd" not in variants or "nca" not in variants:
+      continue
+    opd, nca = variants["opd"], variants["nca"]
+    if not nca["harm"][0] < opd["harm"][0] - tol:
+      notes.append(f"{cell}: Harm {nca['harm'][0]:.3f} with NCA vs {opd['harm'][0]:.3f} with "
+                   f"plain OPD (no reduction larger than {tol})")
+    if nca["acc_x"][0] < opd["acc_x"][0] - 0.05:
+      notes.append(f"{cell}: Acc_x {nca['acc_x'][0]:.3f} with NCA vs {opd['acc_x'][0]:.3f} with "
+                   f"plain OPD (NCA held back what OPD learned)")
+  return notes
+
+
+def write_results(records: list[dict], path: str, *, quick: bool = False,
+                  seconds: float | None = None) -> str:
+  """`docs/results.md` (tables, plots next to it in `figures/`)."""
+  agg = aggregate(records)
+  fig_dir = os.path.join(os.path.dirname(path) or ".", "figures")
+  os.makedirs(fig_dir, exist_ok=True)
+  lines = ["# Results: OPD vs OPD + NCA at CPU scale", ""]
+  lines += [f"Written by `python scripts/reproduce.py{' --quick' if quick else ''}` from "
+            f"{len(records)} runs" + (f" in {seconds / 60:.1f} minutes" if seconds else "") +
+            ". Each cell: a tiny base model trained here to follow the task's contexts, then "
+            "distilled on one context with plain OPD (`beta=0`) or OPD + NCA (`beta=0.5`); "
+            "mean ± std over seeds. Evaluation samples answers at temperature 1.", ""]
+  if quick:
+    lines += ["**Quick mode**: a CI smoke run with tiny budgets; the numbers say nothing about the "
+              "method.", ""]
+  rows = []
+  for cell, variants in sorted(agg.items()):
+    for variant in ("base", "opd", "nca"):
+      if variant in variants:
+        rows.append({"cell": cell, "model": variant,
+                     **{k: _fmt(variants[variant][k]) for k in METRICS}})
+  lines += ["## Headline", "", compare_table(rows, ["cell", "model", *METRICS]), ""]
+  extra = [{"cell": cell, "model": v, **{k: _fmt(variants[v][k]) for k in METRICS}}
+           for cell, variants in sorted(agg.items())
+           for v in ("opd", "nca", "dual_opd", "sym_kl", "nca_b0.1", "nca_b1.0")
+           if v in variants and any(x in variants for x in ("dual_opd", "sym_kl"))]
+  if extra:
+    lines += ["## Ablations and beta sweep", "",
+              "DualOPD pulls the with-context view to the teacher; SymKL is a symmetric KL between "
+              "the two student views with no stop-gradient; `nca_bX` is NCA with beta = X.", "",
+              compare_table(extra, ["cell", "model", *METRICS]), ""]
+  figure = _plot_harm(agg, os.path.join(fig_dir, "harm_opd_vs_nca.png"))
+  if figure:
+    lines += ["## Harm by cell", "", f"![Harm, plain OPD vs NCA]({os.path.relpath(figure, os.path.dirname(path) or '.')})", ""]
+  notes = where_nca_did_not_help(agg)
+  lines += ["## Where NCA did not help", ""]
+  lines += [f"- {n}" for n in notes] if notes else ["- In every cell NCA lowered Harm and kept Acc_x."]
+  lines.append("")
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  with open(path, "w") as f:
+    f.write("\n".join(lines))
+  with open(os.path.splitext(path)[0] + ".json", "w") as f:
+    json.dump(dict(records=records, aggregate=agg), f, indent=1, default=float)
+  return path
+
+
+def _plot_harm(agg: dict, path: str) -> str | None:
+  cells = [c for c in sorted(agg) if "opd" in agg[c] and "nca" in agg[c]]
+  if not cells:
+    return None
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  x = np.arange(len(cells))
+  fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(cells)), 4))
+  for offset, variant, label in ((-0.2, "opd", "plain OPD"), (0.2, "nca", "OPD + NCA")):
+    mean = [agg[c][variant]["harm"][0] for c in cells]
+    std = [agg[c][variant]["harm"][1] for c in cells]
+    ax.bar(x + offset, mean, 0.4, yerr=std, label=label)
+  ax.set_xticks(x, cells, rotation=45, ha="right", fontsize=8)
+  ax.set_ylabel("Harm = P(wrong with c | right without c)")
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return path
+
+
+def reproduce(out_dir: str = "runs/reproduce", results_path: str = "docs/results.md", *,
+              quick: bool = False, seeds: int = 2) -> str:
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+  t0 = time.time()
+  specs = plan(quick=quick, seeds=seeds)
+  log.info("%d runs planned", len(specs))
+  records = run_all(specs, out_dir)
+  return write_results(records, results_path, quick=quick, seconds=time.time() - t0)
