@@ -1,0 +1,58 @@
+"""The reproduction's plan, its aggregation, and `scripts/reproduce.py --quick` end to end."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from ctxjax import reproduce
+from ctxjax.config import load_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_plan_covers_the_issue():
+  specs = reproduce.plan()
+  cells = {s.cell for s in specs}
+  assert len(cells) >= 12
+  for cell in cells:
+    variants = {(s.variant, s.seed) for s in specs if s.cell == cell}
+    assert {("opd", 0), ("opd", 1), ("nca", 0), ("nca", 1)} <= variants
+  for task, context, size in reproduce.ABLATION_CELLS:
+    cell = f"{task}/{context}/{size}"
+    assert {"dual_opd", "sym_kl", "nca_b0.1", "nca_b1.0"} <= {s.variant for s in specs
+                                                             if s.cell == cell}
+  names = [s.name for s in specs]
+  assert len(names) == len(set(names))
+  for spec in specs:  # every run's overrides are a valid config
+    load_config(None, list(spec.overrides))
+
+
+def _record(cell, variant, seed, **after):
+  return dict(cell=cell, spec=dict(variant=variant, seed=seed),
+              before=dict(acc_x=0.5, acc_xc=0.9, harm=0.0), after=after)
+
+
+def test_aggregate_and_where_nca_did_not_help():
+  recs = [_record("a", "opd", 0, acc_x=0.9, harm=0.30), _record("a", "opd", 1, acc_x=0.9, harm=0.10),
+          _record("a", "nca", 0, acc_x=0.9, harm=0.0), _record("a", "nca", 1, acc_x=0.9, harm=0.02),
+          _record("b", "opd", 0, acc_x=0.9, harm=0.1), _record("b", "nca", 0, acc_x=0.5, harm=0.1)]
+  agg = reproduce.aggregate(recs)
+  mean, std, n = agg["a"]["opd"]["harm"]
+  assert (mean, n) == (pytest.approx(0.2), 2) and std == pytest.approx(0.1)
+  assert agg["a"]["base"]["acc_xc"][0] == pytest.approx(0.9)
+  notes = reproduce.where_nca_did_not_help(agg)
+  assert len(notes) == 2 and all(n.startswith("b:") for n in notes)
+
+
+@pytest.mark.slow
+def test_reproduce_quick_end_to_end(tmp_path):
+  out = tmp_path / "rep"
+  proc = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "reproduce.py"), "--quick",
+                         "--out", str(out)], capture_output=True, text=True, timeout=900, cwd=ROOT)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  text = (out / "results.md").read_text()
+  assert "| cell | model | acc_x |" in text and "## Where NCA did not help" in text
+  assert (out / "figures" / "harm_opd_vs_nca.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  for variant in ("opd", "nca"):
+    assert (out / f"synthetic-careful-small-{variant}-s0" / "summary.json").exists()
