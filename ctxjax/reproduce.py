@@ -16,18 +16,15 @@ import time
 
 import numpy as np
 
+from ctxjax.base import MODEL_SIZES
 from ctxjax.config import load_config
 from ctxjax.report import compare_table
 
 log = logging.getLogger(__name__)
 
-# Two model sizes for the CPU base models (vocabulary from the default config).
-SIZES = {
-    "small": ["model.num_layers=2", "model.hidden_size=48", "model.intermediate_size=192",
-              "model.num_heads=4", "model.num_kv_heads=2"],
-    "medium": ["model.num_layers=4", "model.hidden_size=64", "model.intermediate_size=256",
-               "model.num_heads=4", "model.num_kv_heads=2"],
-}
+# The two CPU model sizes, as overrides (one definition: ctxjax.base.MODEL_SIZES).
+SIZES = {size: [f"model.{k}={v}" for k, v in fields.items()]
+         for size, fields in MODEL_SIZES.items()}
 SYNTHETIC = ["task.name=synthetic", "task.options={families: [seq, max], max_len: 5}"]
 FROZENLAKE = ["task.name=frozenlake", "task.options={}", "data.max_prompt_tokens=64",
               "data.max_context_prompt_tokens=96", "rollout.max_new_tokens=24",
@@ -101,7 +98,8 @@ def plan(*, quick: bool = False, seeds: int = 2, steps: int = 60, examples: int 
   return specs
 
 
-def run_all(specs: list[RunSpec], out_dir: str, *, progress: bool = False) -> list[dict]:
+def run_all(specs: list[RunSpec], out_dir: str, *, base_cache: str,
+            progress: bool = False) -> list[dict]:
   """Runs each spec (skipping those with a summary already) and returns their records."""
   from ctxjax.train import run as train_run
 
@@ -112,7 +110,7 @@ def run_all(specs: list[RunSpec], out_dir: str, *, progress: bool = False) -> li
     if not os.path.exists(path):
       t0 = time.time()
       cfg = load_config(None, [*spec.overrides, f"train.out_dir={run_dir}",
-                               f"base.cache_dir={os.path.join(out_dir, 'base')}"])
+                               f"base.cache_dir={base_cache}"])
       train_run(cfg, progress=progress)
       log.info("[%d/%d] %s done in %.0fs", i + 1, len(specs), spec.name, time.time() - t0)
     with open(path) as f:
@@ -250,5 +248,8 @@ def reproduce(out_dir: str = "runs/reproduce", results_path: str = "docs/results
   t0 = time.time()
   specs = plan(quick=quick, seeds=seeds)
   log.info("%d runs planned", len(specs))
-  records = run_all(specs, out_dir)
+  # The full run shares base models with `scripts/train.py` and `scripts/build_base.py`; the quick
+  # one keeps its throw-away tiny ones beside its runs.
+  base_cache = os.path.join(out_dir, "base") if quick else "runs/base"
+  records = run_all(specs, out_dir, base_cache=base_cache)
   return write_results(records, results_path, quick=quick, seconds=time.time() - t0)
