@@ -213,7 +213,7 @@ def make_train_step(graphdef, teacher_graphdef, tx: optax.GradientTransformation
     params = optax.apply_updates(state.params, updates)
     metrics = dict(
         loss=loss, l_opd=opd_sum / count, l_consistency=cons_sum / count,
-        reverse_kl=rkl_sum / count, beta=beta, grad_norm=optax.global_norm(grads),
+        reverse_kl=rkl_sum / count, beta=beta, grad_norm=optax.tree.norm(grads),
         lr=learning_rate_at(cfg.optim, cfg.total_steps, state.step),
         response_len=rollout.lengths_B.astype(jnp.float32).mean(),
         response_tokens=rollout.mask_BxN.sum())
