@@ -289,7 +289,18 @@ def load_config(path: str | None = None, overrides: list[str] = ()) -> RunConfig
       raise ValueError(f"config file {path} is not valid YAML: {e}") from None
     if not isinstance(values, dict):
       raise ValueError(f"config file {path} must hold a mapping at the top level")
-  values = _deep_merge(values, parse_overrides(list(overrides)), "")
+  # Task options: a preset's `options` (or `task.options={...}`) replaces the defaults as a whole,
+  # while `task.options.key=value` changes one option of whatever options are in force.
+  option_edits = [o for o in overrides if o.split("=", 1)[0].strip().startswith("task.options.")]
+  others = [o for o in overrides if o not in option_edits]
+  values = _deep_merge(values, parse_overrides(others), "")
+  if option_edits:
+    task = values.setdefault("task", {})
+    if not isinstance(task, dict):
+      raise TypeError(f"config key 'task' is a section; expected a mapping, got {task!r}")
+    current = task.get("options", TaskConfig().options)
+    edits = parse_overrides(option_edits)["task"]["options"]
+    task["options"] = {**dict(current or {}), **edits}
   try:
     return from_dict(RunConfig, values)
   except (KeyError, TypeError, ValueError) as e:
