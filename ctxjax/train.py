@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -144,6 +145,29 @@ def evaluate_student(run: Run, params=None, retention: bool = True) -> dict | No
                           seed=cfg.eval.seed, retention=retention)
 
 
+def evaluate_start(run: Run) -> dict | None:
+  """The starting student's evaluation, cached beside it: runs that share a base model (OPD vs
+  NCA, seeds) share this number instead of recomputing it. The key holds everything it depends on."""
+  cfg = run.cfg
+  if cfg.student:  # only the built base models carry a cache; a user's checkpoint stays untouched
+    return evaluate_student(run)
+  key = hashlib.sha256(json.dumps(dict(task=cfg.task.name, options=cfg.task.options,
+                                       context=cfg.task.context, eval=dataclasses.asdict(cfg.eval),
+                                       version=1), sort_keys=True, default=list).encode())
+  path = os.path.join(run.student_path, "ctxjax_eval", key.hexdigest()[:16] + ".json")
+  if os.path.exists(path):
+    with open(path) as f:
+      return json.load(f)
+  result = evaluate_student(run)
+  try:  # a read-only student folder just means no cache
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+      json.dump(result, f, default=float)
+  except OSError:
+    pass
+  return result
+
+
 class MetricsLog:
   """Progress bar, JSONL file and TensorBoard, fed host-side numbers."""
 
@@ -208,7 +232,7 @@ def train(run: Run, *, resume: bool = False, progress: bool = True,
     log.info("resumed from step %d", start)
   summary: dict = {"config": cfg_dict, "student": run.student_path}
   if start == 0 and run.task is not None:
-    summary["before"] = evaluate_student(run)
+    summary["before"] = evaluate_start(run)
   base_rng = jax.random.key(cfg.train.seed)
   mlog = MetricsLog(out_dir, cfg.train.steps, start, progress)
   pending = None  # metrics of the previous step, fetched one step late to keep dispatch async
