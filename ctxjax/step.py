@@ -39,24 +39,21 @@ class TrainState:
   opt_state: Any
 
 
-def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransformation:
-  """AdamW, linear warmup then cosine decay, global-norm clipping."""
-  warmup = min(cfg.warmup_steps, max(total_steps - 1, 0))
-  schedule = optax.warmup_cosine_decay_schedule(
-      init_value=0.0 if warmup else cfg.learning_rate, peak_value=cfg.learning_rate,
-      warmup_steps=warmup, decay_steps=max(total_steps, warmup + 1),
-      end_value=cfg.learning_rate * cfg.min_lr_ratio)
-  parts = [optax.clip_by_global_norm(cfg.grad_clip)] if cfg.grad_clip > 0 else []
-  parts.append(optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay))
-  return optax.chain(*parts)
-
-
-def learning_rate_at(cfg: OptimConfig, total_steps: int, step) -> jax.Array:
+def lr_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
+  """Linear warmup to the peak, then cosine decay to `min_lr_ratio * learning_rate`."""
   warmup = min(cfg.warmup_steps, max(total_steps - 1, 0))
   return optax.warmup_cosine_decay_schedule(
       init_value=0.0 if warmup else cfg.learning_rate, peak_value=cfg.learning_rate,
       warmup_steps=warmup, decay_steps=max(total_steps, warmup + 1),
-      end_value=cfg.learning_rate * cfg.min_lr_ratio)(step)
+      end_value=cfg.learning_rate * cfg.min_lr_ratio)
+
+
+def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransformation:
+  """AdamW on `lr_schedule`, with global-norm clipping."""
+  parts = [optax.clip_by_global_norm(cfg.grad_clip)] if cfg.grad_clip > 0 else []
+  parts.append(optax.adamw(lr_schedule(cfg, total_steps), b1=cfg.b1, b2=cfg.b2,
+                           weight_decay=cfg.weight_decay))
+  return optax.chain(*parts)
 
 
 def beta_at(cfg: LossConfig, step: jax.Array) -> jax.Array:
@@ -214,7 +211,7 @@ def make_train_step(graphdef, teacher_graphdef, tx: optax.GradientTransformation
     metrics = dict(
         loss=loss, l_opd=opd_sum / count, l_consistency=cons_sum / count,
         reverse_kl=rkl_sum / count, beta=beta, grad_norm=optax.tree.norm(grads),
-        lr=learning_rate_at(cfg.optim, cfg.total_steps, state.step),
+        lr=lr_schedule(cfg.optim, cfg.total_steps)(state.step),
         response_len=rollout.lengths_B.astype(jnp.float32).mean(),
         response_tokens=rollout.mask_BxN.sum())
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics

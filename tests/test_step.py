@@ -22,7 +22,7 @@ from ctxjax.config import LossConfig, OptimConfig, RolloutConfig
 from ctxjax.model import ModelConfig, create_model
 from ctxjax.sampling import SamplingParams, sample
 from ctxjax.step import (StepConfig, beta_at, distill_loss, init_state, jit_train_step,
-                         learning_rate_at, make_optimizer, make_train_step, response_hidden)
+                         lr_schedule, make_optimizer, make_train_step, response_hidden)
 
 CFG = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
                   num_kv_heads=2)
@@ -516,7 +516,7 @@ def test_learning_rate_warmup_then_cosine(warmup, total, want_warmup):
                     grad_clip=0.0)
   # Warmup longer than the run is clamped to total - 1 steps, so the peak is reached.
   want = [_hand_lr(t, 1e-2, want_warmup, total, 1e-3) for t in range(total + 1)]
-  got = [float(learning_rate_at(cfg, total, t)) for t in range(total + 1)]
+  got = [float(lr_schedule(cfg, total)(t)) for t in range(total + 1)]
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-9)
   # The optimizer applies that schedule: with a constant gradient Adam's bias-corrected step is
   # exactly 1 per unit of learning rate, so each update is -lr(t).
