@@ -180,7 +180,7 @@ class RunConfig:
   base: BaseModelConfig = BaseModelConfig()
   task: TaskConfig = TaskConfig()
   data: DataConfig = DataConfig(batch_size=32, max_prompt_tokens=32,
-                                max_context_prompt_tokens=48)
+                                max_context_prompt_tokens=64)
   rollout: RolloutConfig = RolloutConfig()
   loss: LossConfig = LossConfig()
   optim: OptimConfig = OptimConfig()

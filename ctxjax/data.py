@@ -192,6 +192,14 @@ class _Encode:
         return encode_record(record, self.tokenizer, self.run_context, self.cfg, index=index)
 
 
+def check_budgets(records: Sequence[dict[str, Any]], tokenizer: Any, cfg: DataConfig) -> None:
+    """Encodes every record once, so a record over its token budget fails at start-up with its
+    index and file:line, not thousands of steps into a run when its batch comes up."""
+    run_context = resolve_context(cfg)
+    for index, record in enumerate(records):
+        encode_record(record, tokenizer, run_context, cfg, index=index)
+
+
 def shard_indices(num_records: int, shard_index: int, shard_count: int) -> range:
     """Source positions of one host's shard: every `shard_count`-th record from `shard_index`.
 

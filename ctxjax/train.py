@@ -20,7 +20,7 @@ from ctxjax import hf, sharding
 from ctxjax.base import build_or_reuse_base
 from ctxjax.checkpoint import Checkpointer, config_dict
 from ctxjax.config import RunConfig, to_json
-from ctxjax.data import load_jsonl, make_iterator, resolve_context
+from ctxjax.data import check_budgets, load_jsonl, make_iterator
 from ctxjax.evaluate import eos_and_pad, evaluate_context
 from ctxjax.step import StepConfig, init_state, jit_train_step, make_optimizer, make_train_step
 from ctxjax.tasks import get_task
@@ -117,6 +117,7 @@ def setup(cfg: RunConfig, progress: bool = True, mesh=None) -> Run:
   step_fn = jit_train_step(make_train_step(graphdef, teacher_graphdef, tx, step_cfg),
                            state_shardings)
   records = training_records(cfg, task)
+  check_budgets(records, tokenizer, cfg.data)
   data_cfg = dataclasses.replace(cfg.data, seed=cfg.data.seed + cfg.train.seed)
   data_iter = make_iterator(records, tokenizer, data_cfg, shard_index=jax.process_index(),
                             shard_count=jax.process_count())

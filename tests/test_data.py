@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from ctxjax.data import (
+    check_budgets,
     DataConfig,
     bucket_length,
     encode_record,
@@ -395,3 +396,11 @@ def test_worker_processes_give_the_same_batches_and_resume(tokenizer):
         assert _same_batches(_take(resumed, 3), expected[4:])
     finally:
         resumed.close()
+
+
+def test_check_budgets_finds_the_long_record_up_front(tokenizer):
+    cfg = _cfg(max_prompt_tokens=16, max_context_prompt_tokens=32)
+    records = [{"prompt": "add 1 2"}] * 3 + [{"prompt": "the quick brown fox jumps over the lazy dog"}]
+    check_budgets(records[:3], tokenizer, cfg)  # all fit: no error
+    with pytest.raises(ValueError, match=r"record 3: .*data\.max_prompt_tokens=16"):
+        check_budgets(records, tokenizer, cfg)
