@@ -112,11 +112,17 @@ def run_all(specs: list[RunSpec], out_dir: str, *, base_cache: str,
       cfg = load_config(None, [*spec.overrides, f"train.out_dir={run_dir}",
                                f"base.cache_dir={base_cache}"])
       train_run(cfg, progress=progress)
-      log.info("[%d/%d] %s done in %.0fs", i + 1, len(specs), spec.name, time.time() - t0)
+      seconds = time.time() - t0
+      with open(os.path.join(run_dir, "timing.json"), "w") as f:
+        json.dump({"seconds": seconds}, f)
+      log.info("[%d/%d] %s done in %.0fs", i + 1, len(specs), spec.name, seconds)
     with open(path) as f:
       summary = json.load(f)
+    timing = os.path.join(run_dir, "timing.json")
+    seconds = json.load(open(timing))["seconds"] if os.path.exists(timing) else None
     records.append(dict(spec=dataclasses.asdict(spec), name=spec.name, cell=spec.cell,
-                        before=_metrics(summary.get("before")), after=_metrics(summary.get("after"))))
+                        seconds=seconds, before=_metrics(summary.get("before")),
+                        after=_metrics(summary.get("after"))))
   return records
 
 
@@ -180,8 +186,13 @@ def write_results(records: list[dict], path: str, *, quick: bool = False,
   fig_dir = os.path.join(os.path.dirname(path) or ".", "figures")
   os.makedirs(fig_dir, exist_ok=True)
   lines = ["# Results: OPD vs OPD + NCA at CPU scale", ""]
+  run_seconds = [r["seconds"] for r in records if r.get("seconds") is not None]
+  timing = (f"; the runs took {sum(run_seconds) / 60:.1f} minutes in all" if run_seconds else "")
+  if len(run_seconds) < len(records):
+    timing += f" ({len(records) - len(run_seconds)} runs without a recorded time)"
   lines += [f"Written by `python scripts/reproduce.py{' --quick' if quick else ''}` from "
-            f"{len(records)} runs" + (f" in {seconds / 60:.1f} minutes" if seconds else "") +
+            f"{len(records)} runs{timing}, base models not included" +
+            (f" (this invocation: {seconds / 60:.1f} minutes)" if seconds else "") +
             ". Each cell: a tiny base model trained here to follow the task's contexts, then "
             "distilled on one context with plain OPD (`beta=0`) or OPD + NCA (`beta=0.5`); "
             "mean ± std over seeds. Evaluation samples answers at temperature 1.", ""]
