@@ -299,8 +299,12 @@ class Transformer(nnx.Module):
     for i, block in enumerate(self.layers):
       cache_kv = None if cache is None else (cache.k[i], cache.v[i], cache.index)
       if cfg.remat and cache is None:
-        x_BxLxD, kv = nnx.remat(lambda blk, *a: blk(*a))(block, x_BxLxD, positions_BxL, inv_freq,
-                                                          keys_mask_BxS, query_slots_L, None)
+        # Plain jax.checkpoint over the block's state: `nnx.remat` refuses to run on a module
+        # merged inside an outer jax.grad (the train step), a pure function works everywhere.
+        block_def, block_state = nnx.split(block)
+        run = lambda st, *a: nnx.merge(block_def, st)(*a, None)  # noqa: E731
+        x_BxLxD, kv = jax.checkpoint(run)(block_state, x_BxLxD, positions_BxL, inv_freq,
+                                          keys_mask_BxS, query_slots_L)
       else:
         x_BxLxD, kv = block(x_BxLxD, positions_BxL, inv_freq, keys_mask_BxS, query_slots_L, cache_kv)
       if kv is not None:

@@ -232,3 +232,28 @@ def test_unknown_rope_scaling_is_an_error():
     cfg = ModelConfig(**{**BASE, "rope_scaling": ("yarn", 4.0, 1.0, 4.0, 16)})
     with pytest.raises(ValueError, match="'yarn'.*'llama3'"):
         rope_inv_freq(cfg)
+
+
+def test_remat_inside_grad_of_a_merged_model_matches_plain():
+    """The train step's pattern: inside `jax.jit`, a `jax.grad` whose loss also runs a model merged
+    from outer-trace (non-differentiated) params, like the teacher. `nnx.remat` raised
+    TraceContextError there; the model must rematerialize and give the same gradients."""
+    import dataclasses
+
+    cfg = ModelConfig(vocab_size=40, hidden_size=32, intermediate_size=64, num_layers=2,
+                      num_heads=4, num_kv_heads=2)
+    ids = jnp.asarray(np.random.RandomState(0).randint(0, 40, (2, 6)))
+    grads = []
+    for remat in (False, True):
+        model = Transformer(dataclasses.replace(cfg, remat=remat), rngs=nnx.Rngs(0))
+        graphdef, params = nnx.split(model, nnx.Param)
+        def loss(p, frozen):
+            teacher = nnx.merge(graphdef, frozen)
+            return (nnx.merge(graphdef, p, copy=True)(ids) * teacher(ids)).sum()
+
+        grad_fn = jax.jit(lambda p, frozen: jax.grad(loss)(p, frozen))
+        jaxpr = str(jax.make_jaxpr(grad_fn)(params, params))
+        assert ("checkpoint" in jaxpr or "remat" in jaxpr) == remat
+        grads.append(grad_fn(params, params))
+    for a, b in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1])):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
