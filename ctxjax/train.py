@@ -91,8 +91,8 @@ def setup(cfg: RunConfig, progress: bool = True, mesh=None) -> Run:
   # `model` describes the base model to build; a loaded student has its own architecture. Record
   # the real one, so config.json, the summary and the checkpoints' architecture check see it.
   cfg = dataclasses.replace(cfg, model=dataclasses.replace(student.cfg, remat=cfg.model.remat))
-  if cfg.model.remat:
-    student = _with_remat(student)
+  # The blocks read `cfg.remat` when called, so switching it needs no rebuilt module.
+  student.cfg = cfg.model
   graphdef, params = nnx.split(student, nnx.Param)
   params = sharding.shard_params(params, mesh)
   if cfg.teacher:
@@ -125,14 +125,6 @@ def setup(cfg: RunConfig, progress: bool = True, mesh=None) -> Run:
              graphdef=graphdef, teacher_graphdef=teacher_graphdef,
              teacher_params=teacher_params, state=state, step_fn=step_fn, data_iter=data_iter,
              student_path=student_path)
-
-
-def _with_remat(model):
-  cfg = dataclasses.replace(model.cfg, remat=True)
-  graphdef, state = nnx.split(model)
-  fresh = nnx.eval_shape(lambda: type(model)(cfg, rngs=nnx.Rngs(0)))
-  fresh_graphdef, _ = nnx.split(fresh)
-  return nnx.merge(fresh_graphdef, state)
 
 
 def evaluate_student(run: Run, params=None, retention: bool = True) -> dict | None:
