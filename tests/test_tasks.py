@@ -1,6 +1,7 @@
 """Task generators and verifiers: hand-written answers, self-consistency, determinism, splits."""
 import itertools
 import json
+import re
 from fractions import Fraction
 
 import numpy as np
@@ -22,10 +23,12 @@ from ctxjax.tasks.qa import (
     MCQTask,
     extract_choice,
     extract_number,
+    generated_mcq_items,
     MATH_SAMPLE,
     MCQ_SAMPLE,
     load_math_jsonl,
     load_mcq_jsonl,
+    parse_number,
 )
 from ctxjax.tasks.synthetic import CONTEXTS, SyntheticTask, default_answer
 
@@ -523,3 +526,48 @@ def test_qa_task_options_and_split(tmp_path):
         MCQTask(path=str(_write(tmp_path, lines[:1], "one.jsonl")))
     with pytest.raises(ValueError, match="system_prompt"):
         MathTask(system_prompt="")
+
+
+@pytest.mark.parametrize("cls,n", [(MCQTask, 300), (MathTask, 600)])
+def test_generated_qa_items_are_right_and_split(cls, n):
+    task = cls(generated=n, eval_fraction=0.25)
+    train = {r["prompt"] for r in task.train_records("system", 2000, seed=0)}
+    held = {r["prompt"] for r in task.eval_records("system", 2000, seed=0)}
+    assert len(train) + len(held) == n and not train & held
+    for r in task.eval_records("system", 50, seed=1):
+        a, op, b = re.search(r"(\d+) (?:\+|-|x) (\d+)", r["answer"] if cls is MathTask
+                             else r["prompt"]).group(0).split()
+        truth = {"+": int(a) + int(b), "-": int(a) - int(b), "x": int(a) * int(b)}[op]
+        if cls is MCQTask:
+            assert r["options"][r["answer_index"]] == str(truth) and len(set(r["options"])) == 4
+        else:
+            assert r["target"] == str(truth) and r["answer"].endswith(f"#### {truth}")
+        assert task.verify(r, r["answer"])
+    with pytest.raises(ValueError, match="either path"):
+        cls(generated=10, path="x.jsonl")
+    with pytest.raises(ValueError, match="distinct"):
+        generated_mcq_items(10_000)
+
+
+@pytest.mark.parametrize("cls", [MCQTask, MathTask])
+def test_qa_sloppy_rate_makes_only_no_context_answers_wrong(cls):
+    task = cls(generated=300, sloppy_rate=0.5)
+    records = task.sft_records(600, seed=0)
+    with_ctx = [r for r in records if r["context"]]
+    without = [r for r in records if not r["context"]]
+    assert all(task.verify(r, r["answer"]) for r in with_ctx)
+    wrong = [r for r in without if not task.verify(r, r["answer"])]
+    assert abs(len(wrong) / len(without) - 0.5) < 0.1
+    assert all(r.get("sloppy") for r in wrong)
+    assert all(task.verify(r, r["answer"]) for r in without if not r.get("sloppy"))
+    # The default stays exact everywhere.
+    assert all(cls(generated=300).verify(r, r["answer"])
+               for r in cls(generated=300).sft_records(200, seed=0))
+
+
+def test_math_sloppy_answer_changes_every_stated_result():
+    task = MathTask(generated=50, sloppy_rate=1.0, sft_context_share=0.0)
+    for r in task.sft_records(40, seed=3):
+        target = r["target"]
+        assert f"= {target}\n" not in r["answer"] and not r["answer"].endswith(f"#### {target}")
+        assert extract_number(r["answer"]) != parse_number(target)

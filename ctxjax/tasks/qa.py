@@ -11,6 +11,15 @@ The context is a system prompt (regime "nudge": it does not change the right ans
 the expected output as `answer` (the letter; the worked solution ending in `#### N`) and what the
 verifier needs (`options` and `answer_index`; `target`). Answer extraction is deliberately lenient
 (see `extract_choice`, `extract_number`) so that the metric measures knowledge, not formatting.
+
+CPU-scale base models. A tiny model trained from scratch cannot generalize from 30 hand-written
+items, and trained on the same answers with and without the system prompt it has no reason to read
+the prompt at all. Two task options make a base model that really uses its context, as the synthetic
+nudge contexts do: `generated=N` replaces the file by N procedurally generated one-step arithmetic
+items of the same shape (`generated_mcq_items`, `generated_math_items`: a held-out question is new
+but learnable), and `sloppy_rate` answers that share of the no-context SFT records wrong (another
+letter; the worked solution with a wrong result), so the model learns to be exact only when the
+system prompt is in front.
 """
 from __future__ import annotations
 
@@ -254,6 +263,70 @@ def load_math_jsonl(path: str | os.PathLike[str]) -> list[MathItem]:
 
 
 # ---------------------------------------------------------------------------------------------
+# Generated items (CPU-scale base models)
+
+_OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "x": lambda a, b: a * b}
+_NAMES = ("Tom", "Sara", "Ali", "Mia", "Ben", "Lea", "Sam", "Ada")
+_THINGS = ("apples", "pens", "coins", "cards", "eggs", "books")
+
+
+def _operands(rng: Any) -> tuple[int, str, int, int]:
+    """A one-step problem with small operands: (a, op, b, result), never negative."""
+    op = "+-x"[int(rng.integers(3))]
+    if op == "x":
+        a, b = int(rng.integers(2, 10)), int(rng.integers(2, 6))
+    else:
+        a, b = int(rng.integers(1, 20)), int(rng.integers(1, 10))
+        if op == "-" and b > a:
+            a, b = b, a
+    return a, op, b, _OPS[op](a, b)
+
+
+def generated_mcq_items(n: int, seed: int = 0) -> list[MCQItem]:
+    """`n` distinct "What is a op b?" items with 4 options: the result and 3 near misses."""
+    rng = seeded_rng(seed, "generated_mcq")
+    items: dict[str, MCQItem] = {}
+    for _ in range(100 * max(n, 1)):
+        if len(items) == n:
+            break
+        a, op, b, result = _operands(rng)
+        question = f"What is {a} {op} {b}?"
+        if question in items:
+            continue
+        wrong = sorted({result + d for d in (-2, -1, 1, 2, 10, -10) if result + d >= 0} - {result})
+        picks = [wrong[int(i)] for i in rng.permutation(len(wrong))[:3]]
+        answer = int(rng.integers(4))
+        options = picks[:answer] + [result] + picks[answer:]
+        items[question] = MCQItem(question, tuple(str(o) for o in options), answer)
+    if len(items) < n:
+        raise ValueError(f"generated={n}: only {len(items)} distinct arithmetic items exist")
+    return list(items.values())
+
+
+def generated_math_items(n: int, seed: int = 0) -> list[MathItem]:
+    """`n` distinct one-step word problems ("Sara has 7 pens and buys 5 more. ...")."""
+    rng = seeded_rng(seed, "generated_math")
+    items: dict[str, MathItem] = {}
+    for _ in range(100 * max(n, 1)):
+        if len(items) == n:
+            break
+        a, op, b, result = _operands(rng)
+        name = _NAMES[int(rng.integers(len(_NAMES)))]
+        thing = _THINGS[int(rng.integers(len(_THINGS)))]
+        question = {
+            "+": f"{name} has {a} {thing} and buys {b} more. How many {thing} now?",
+            "-": f"{name} has {a} {thing} and gives away {b}. How many {thing} are left?",
+            "x": f"{name} has {a} bags of {b} {thing}. How many {thing} in all?",
+        }[op]
+        if question in items:
+            continue
+        items[question] = MathItem(question, f"{a} {op} {b} = {result}\n#### {result}", str(result))
+    if len(items) < n:
+        raise ValueError(f"generated={n}: only {len(items)} distinct word problems exist")
+    return list(items.values())
+
+
+# ---------------------------------------------------------------------------------------------
 # Tasks
 
 
@@ -261,15 +334,21 @@ def load_math_jsonl(path: str | os.PathLike[str]) -> list[MathItem]:
 class _QATask:
     """Shared split and sampling logic.
 
+    path: a JSONL file of items; None: the shipped sample file (or generated items, below).
     eval_fraction: share of the items (fixed by a hash of the question, not by the seed) that
       `eval_records` draws from; `sft_records` draws from the rest. 0 puts every item in both.
     sft_context_share: share of `sft_records` that carry the system prompt.
+    sloppy_rate: probability that a no-context `sft_records` answer is wrong (`_sloppy`); records
+      with the system prompt are always right.
+    generated: N > 0 uses N generated arithmetic items instead of a file (`path` must be None).
     """
 
     path: str | None = None
     system_prompt: str = ""
     eval_fraction: float = 0.25
     sft_context_share: float = 0.5
+    sloppy_rate: float = 0.0
+    generated: int = 0
     name: str = ""
 
     def __post_init__(self) -> None:
@@ -277,7 +356,13 @@ class _QATask:
             raise ValueError("system_prompt must be a non-empty text")
         check_fraction("eval_fraction", self.eval_fraction, closed_right=False)
         check_fraction("sft_context_share", self.sft_context_share)
-        items = self._load(Path(self.path) if self.path else self._sample_path())
+        check_fraction("sloppy_rate", self.sloppy_rate)
+        if self.generated:
+            if self.path:
+                raise ValueError("set either path (a JSONL file) or generated (a count), not both")
+            items = self._generate(check_count(self.generated))
+        else:
+            items = self._load(Path(self.path) if self.path else self._sample_path())
         if self.eval_fraction == 0.0:
             eval_items, train_items = items, items
         else:
@@ -321,13 +406,19 @@ class _QATask:
 
     def sft_records(self, n: int, seed: int) -> list[dict[str, Any]]:
         """`n` training records, the answer in the expected format, with the system prompt on a
-        `sft_context_share` of them and no context on the rest."""
+        `sft_context_share` of them and no context on the rest; a `sloppy_rate` share of the
+        no-context ones is answered wrong."""
         rng = seeded_rng(seed, self.name, "sft")
         items = self._draw(rng, self._train_items, check_count(n))
-        return [
-            self._record(item, self.system_prompt if rng.random() < self.sft_context_share else "")
-            for item in items
-        ]
+        records = []
+        for item in items:
+            if rng.random() < self.sft_context_share:
+                records.append(self._record(item, self.system_prompt))
+            elif rng.random() < self.sloppy_rate:
+                records.append(self._sloppy(self._record(item, ""), rng))
+            else:
+                records.append(self._record(item, ""))
+        return records
 
     @staticmethod
     def _draw(rng: Any, pool: tuple[Any, ...], n: int) -> list[Any]:
@@ -349,6 +440,12 @@ class _QATask:
     def _record(self, item: Any, context: str) -> dict[str, Any]:
         raise NotImplementedError
 
+    def _generate(self, n: int) -> list[Any]:
+        raise NotImplementedError
+
+    def _sloppy(self, record: dict[str, Any], rng: Any) -> dict[str, Any]:
+        raise NotImplementedError
+
 
 @dataclass(frozen=True)
 class MCQTask(_QATask):
@@ -366,6 +463,14 @@ class MCQTask(_QATask):
 
     def _sample_path(self) -> Path:
         return MCQ_SAMPLE
+
+    def _generate(self, n: int) -> list[MCQItem]:
+        return generated_mcq_items(n)
+
+    def _sloppy(self, record: dict[str, Any], rng: Any) -> dict[str, Any]:
+        """Another option's letter."""
+        others = [i for i in range(len(record["options"])) if i != record["answer_index"]]
+        return dict(record, answer=LETTERS[others[int(rng.integers(len(others)))]], sloppy=True)
 
     def _record(self, item: MCQItem, context: str) -> dict[str, Any]:
         lines = [item.question] + [f"{LETTERS[i]}. {o}" for i, o in enumerate(item.options)]
@@ -395,6 +500,21 @@ class MathTask(_QATask):
 
     def _sample_path(self) -> Path:
         return MATH_SAMPLE
+
+    def _generate(self, n: int) -> list[MathItem]:
+        return generated_math_items(n)
+
+    def _sloppy(self, record: dict[str, Any], rng: Any) -> dict[str, Any]:
+        """The worked solution with a wrong result: the target, wherever the solution states it
+        as a result (after "=" or "####"), replaced by a near miss."""
+        target = parse_number(record["target"])
+        wrong = target + (1 if rng.random() < 0.5 else -1) * int(rng.integers(1, 3))
+        wrong_text = str(wrong.numerator) if wrong.denominator == 1 else str(float(wrong))
+        pattern = re.compile(r"((?:=|####)\s*)" + re.escape(record["target"]) + r"(?![\d.,])")
+        answer = pattern.sub(lambda m: m.group(1) + wrong_text, record["answer"])
+        if answer == record["answer"]:  # the solution never states the target: append the miss
+            answer += f"\n#### {wrong_text}"
+        return dict(record, answer=answer, sloppy=True)
 
     def _record(self, item: MathItem, context: str) -> dict[str, Any]:
         return {
