@@ -244,12 +244,13 @@ def bucket_batch(n: int) -> int:
   return bucket_length(n, minimum=1) if n <= _MIN_BUCKET else -(-n // _MIN_BUCKET) * _MIN_BUCKET
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "params", "eos_ids",
-                                             "pad_id"))
-def _generate_jit(graphdef, state, prompt_ids_BxP, prompt_mask_BxP, rng, budget, active_B, *,
+@functools.partial(jax.jit, static_argnames=("max_new_tokens", "params", "eos_ids", "pad_id"))
+def _generate_jit(model, prompt_ids_BxP, prompt_mask_BxP, rng, budget, active_B, *,
                   max_new_tokens, params, eos_ids, pad_id):
-  # The weights (`state`) are a traced argument, so new weights reuse the compiled loop.
-  return _sample(nnx.merge(graphdef, state), prompt_ids_BxP, prompt_mask_BxP, rng, budget, active_B,
+  # The model goes in as a pytree (NNX modules are ones): its weights are traced leaves, so new
+  # weights or another instance of the same architecture reuse the compiled loop, and jax flattens
+  # it in C++ (about 0.2 ms here against 3 ms for `nnx.split` on every call).
+  return _sample(model, prompt_ids_BxP, prompt_mask_BxP, rng, budget, active_B,
                  max_new_tokens=max_new_tokens, params=params, eos_ids=eos_ids, pad_id=pad_id)
 
 
@@ -293,8 +294,7 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], *, max_new_to
   width = bucket_length(max(len(p) for p in prompts))
   ids_BxP, mask_BxP = _left_pad(prompts, width, bucket_batch(rows), pad_id)
   active_B = np.arange(ids_BxP.shape[0]) < rows
-  graphdef, state = nnx.split(model)
-  out = _generate_jit(graphdef, state, ids_BxP, mask_BxP, jax.random.key(seed),
+  out = _generate_jit(model, ids_BxP, mask_BxP, jax.random.key(seed),
                       np.int32(max_new_tokens), active_B,
                       max_new_tokens=bucket_length(max_new_tokens), params=params,
                       eos_ids=tuple(int(e) for e in eos_ids), pad_id=int(pad_id))
