@@ -8,6 +8,7 @@ list of the cells where NCA did not help.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import math
@@ -68,6 +69,13 @@ class RunSpec:
   def cell(self) -> str:
     return f"{self.task}/{self.context}/{self.size}"
 
+  @property
+  def run_dir_name(self) -> str:
+    """The name plus a hash of the overrides: a run made under other settings (another base
+    model's SFT budget, other steps) is never mistaken for this one and reused."""
+    digest = hashlib.sha256("\n".join(self.overrides).encode()).hexdigest()[:8]
+    return f"{self.name}-{digest}"
+
 
 def plan(*, quick: bool = False, seeds: int = 2, steps: int = 60, examples: int = 96) -> list[RunSpec]:
   """Every run of the reproduction, headline first."""
@@ -105,7 +113,7 @@ def run_all(specs: list[RunSpec], out_dir: str, *, base_cache: str,
 
   records = []
   for i, spec in enumerate(specs):
-    run_dir = os.path.join(out_dir, spec.name)
+    run_dir = os.path.join(out_dir, spec.run_dir_name)
     path = os.path.join(run_dir, "summary.json")
     if not os.path.exists(path):
       t0 = time.time()

@@ -24,6 +24,9 @@ def test_plan_covers_the_issue():
                                                              if s.cell == cell}
   names = [s.name for s in specs]
   assert len(names) == len(set(names))
+  # Run folders are keyed by the overrides too: other settings never reuse a finished run.
+  changed = reproduce.RunSpec(**{**specs[0].__dict__, "overrides": specs[0].overrides + ("x=1",)})
+  assert changed.name == specs[0].name and changed.run_dir_name != specs[0].run_dir_name
   for spec in specs:  # every run's overrides are a valid config
     load_config(None, list(spec.overrides))
 
@@ -55,4 +58,5 @@ def test_reproduce_quick_end_to_end(tmp_path):
   assert "| cell | model | acc_x |" in text and "## Where NCA did not help" in text
   assert (out / "figures" / "harm_opd_vs_nca.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
   for variant in ("opd", "nca"):
-    assert (out / f"synthetic-careful-small-{variant}-s0" / "summary.json").exists()
+    [run] = out.glob(f"synthetic-careful-small-{variant}-s0-*")
+    assert (run / "summary.json").exists()
