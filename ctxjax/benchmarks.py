@@ -29,6 +29,49 @@ def _write_json(result: dict, out_json: str | None) -> None:
       json.dump(result, fh, indent=2)
 
 
+def weight_stream_rate(batch: int = 8, width: int = 256, mats: int = 16, reps: int = 100,
+                       calls: int = 5) -> float:
+  """Bytes/s at which a jitted loop of `x[batch, width] @ W[width, 4*width]` streams its weights.
+
+  `mats` distinct fp32 matrices (1 MiB each at width 256, 16 MiB in all: more than the caches of a
+  small CPU) are multiplied in turn, `reps` times inside one `fori_loop`, so the rate is that of the
+  decode step's own kind of matmul (a few rows against a large weight matrix), launch overheads
+  included. The median of `calls` timed calls.
+  """
+  import jax
+  import jax.numpy as jnp
+
+  rng = np.random.default_rng(0)
+  ws = [jnp.asarray(rng.normal(0, 0.01, (width, 4 * width)).astype(np.float32))
+        for _ in range(mats)]
+
+  @jax.jit
+  def loop(x, ws):
+    def body(_, x):
+      for w in ws:
+        x = x + (x @ w)[:, :width] * 1e-3
+      return x
+    return jax.lax.fori_loop(0, reps, body, x)
+
+  x = jnp.ones((batch, width), jnp.float32)
+  jax.block_until_ready(loop(x, ws))
+  times = []
+  for _ in range(calls):
+    t0 = time.perf_counter()
+    jax.block_until_ready(loop(x, ws))
+    times.append(time.perf_counter() - t0)
+  return mats * reps * ws[0].nbytes / statistics.median(times)
+
+
+def decode_bytes_per_step(cfg, batch: int, cache_slots: int) -> int:
+  """Bytes one decode step must read at least: every weight but the embedding table (one row of it
+  per token), and every layer's K and V cache over all slots (the attention reads the whole cache)."""
+  d, v = cfg.hidden_size, cfg.vocab_size
+  weights = cfg.num_params() - (0 if cfg.tie_embeddings else v * d)
+  kv = cfg.num_layers * 2 * batch * cfg.num_kv_heads * cache_slots * cfg.resolved_head_dim
+  return 4 * (weights + kv)  # float32
+
+
 def _timing(times_s: list[float], tokens: int) -> dict:
   median = statistics.median(times_s)
   return {"times_s": [round(t, 5) for t in times_s], "median_s": round(median, 5),
@@ -105,6 +148,13 @@ def bench_sample(out_json: str | None = None, *, batch: int = 8, prompt_len: int
   finally:
     torch.set_num_threads(default_threads)
 
+  # The floor memory traffic sets: bytes a decode step must read over the rate at which this
+  # machine streams weights into small-batch matmuls (measured here, same conditions as the timing).
+  from ctxjax.sampling import bucket_length
+  stream_bps = weight_stream_rate(batch=batch)
+  step_bytes = decode_bytes_per_step(ours_model.cfg, batch,
+                                     bucket_length(prompt_len) + bucket_length(new_tokens))
+  floor_step_s = step_bytes / stream_bps
   n_tok = batch * new_tokens
   ours = _timing(ours_times, n_tok)
   ours["compile_s"] = round(first_call_s - ours["median_s"], 3)
@@ -133,6 +183,13 @@ def bench_sample(out_json: str | None = None, *, batch: int = 8, prompt_len: int
       "speedup": round(ours["tokens_per_s"] / theirs["tokens_per_s"], 2),
       "tokens_identical": all(same.values()),
       "tokens_identical_by_threads": same,
+      # Decode-only floor (the prefill not counted, so the real ceiling is lower still).
+      "memory_floor": {"weight_stream_gb_per_s": round(stream_bps / 1e9, 2),
+                       "bytes_per_decode_step": step_bytes,
+                       "floor_ms_per_step": round(1e3 * floor_step_s, 3),
+                       "ctxjax_ms_per_step": round(1e3 * ours["median_s"] / new_tokens, 3),
+                       "floor_tokens_per_s": round(batch / floor_step_s, 1),
+                       "floor_speedup": round(batch / floor_step_s / theirs["tokens_per_s"], 2)},
   }
   print(f"sample: batch {batch}, prompt {prompt_len}, {new_tokens} new tokens, greedy, "
         f"median of {reps}; load avg {load_before:.2f} -> {load_after:.2f}")
@@ -148,6 +205,11 @@ def bench_sample(out_json: str | None = None, *, batch: int = 8, prompt_len: int
             f"{'-':>11s}")
   print(f"  speedup vs the fastest transformers setting ({best} thr): {result['speedup']}x; "
         f"identical tokens: {result['tokens_identical']}")
+  mf = result["memory_floor"]
+  print(f"  memory floor: {mf['bytes_per_decode_step'] / 2**20:.1f} MiB per decode step at "
+        f"{mf['weight_stream_gb_per_s']} GB/s = {mf['floor_ms_per_step']} ms/step "
+        f"(ours {mf['ctxjax_ms_per_step']} ms/token step, prefill included) -> at most "
+        f"{mf['floor_tokens_per_s']} tok/s, {mf['floor_speedup']}x transformers")
   _write_json(result, out_json)
   return result
 

@@ -75,3 +75,24 @@ def test_memory_figures(result):
   assert floats + b * n <= loss["0"]["argument_bytes"] <= floats + 5 * b * n
   # Unchunked, the loss holds at least the three passes' response logits at once.
   assert loss["0"]["temp_bytes"] >= mem["response_logits_bytes"]
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_decode_bytes_per_step_counts_every_read_weight_and_the_cache(tie):
+  from ctxjax.model import ModelConfig
+
+  cfg = ModelConfig(vocab_size=96, hidden_size=32, intermediate_size=80, num_layers=3, num_heads=4,
+                    num_kv_heads=2, tie_embeddings=tie, qk_norm=False)
+  # Counted by hand: per layer q/k/v/o, gate/up/down and two norms; the final norm; the
+  # unembedding (the tied table is read once as the unembedding; an untied table only a row per
+  # token, which is not counted, and its lm_head in full).
+  d, f, dh = 32, 80, 8
+  per_layer = d * (4 + 2 * 2) * dh + 4 * dh * d + 3 * d * f + 2 * d
+  read_params = 3 * per_layer + d + d * 96
+  kv = 3 * 2 * 5 * 2 * 40 * 8  # layers x (K, V) x batch x kv heads x slots x head dim
+  assert benchmarks.decode_bytes_per_step(cfg, batch=5, cache_slots=40) == 4 * (read_params + kv)
+
+
+def test_weight_stream_rate_is_a_plausible_bandwidth():
+  rate = benchmarks.weight_stream_rate(width=64, mats=4, reps=10, calls=3)
+  assert 1e8 < rate < 1e13  # 0.1 GB/s .. 10 TB/s: a real measurement, not a constant
