@@ -26,7 +26,10 @@ log = logging.getLogger(__name__)
 # The two CPU model sizes, as overrides (one definition: ctxjax.base.MODEL_SIZES).
 SIZES = {size: [f"model.{k}={v}" for k, v in fields.items()]
          for size, fields in MODEL_SIZES.items()}
-SYNTHETIC = ["task.name=synthetic", "task.options={families: [seq, max], max_len: 5}"]
+# 2000 SFT steps: at 600 the base models followed the nudges but hardly the flip rules rev/sort or
+# the words format (Acc_xc <= 0.3), which left those cells measuring nothing (docs/base_models.md).
+SYNTHETIC = ["task.name=synthetic", "task.options={families: [seq, max], max_len: 5}",
+             "base.sft_steps=2000"]
 FROZENLAKE = ["task.name=frozenlake", "task.options={}", "data.max_prompt_tokens=64",
               "data.max_context_prompt_tokens=96", "rollout.max_new_tokens=24",
               "eval.max_new_tokens=24", "base.sft_steps=800"]
@@ -48,6 +51,10 @@ VARIANTS = {
     "sym_kl": ["loss.beta=0.5", "loss.consistency=sym_kl"],
     "nca_b0.1": ["loss.beta=0.1", "loss.consistency=nca"],
     "nca_b1.0": ["loss.beta=1.0", "loss.consistency=nca"],
+    # The anchor switched on halfway: in the flip regime NCA from step 0 pins the with-context view
+    # to the no-context answer before OPD has taught the student anything.
+    "nca_late": ["loss.beta=0.5", "loss.consistency=nca", "loss.beta_schedule=delayed",
+                 "loss.beta_start_step=30"],
 }
 METRICS = ("acc_x", "acc_xc", "harm", "both_correct", "delta_len", "retention_mean")
 
@@ -101,7 +108,7 @@ def plan(*, quick: bool = False, seeds: int = 2, steps: int = 60, examples: int 
           add(task, context, size, variant, seed)
   if not quick:
     for task, context, size in ABLATION_CELLS:
-      for variant in ("dual_opd", "sym_kl", "nca_b0.1", "nca_b1.0"):
+      for variant in ("dual_opd", "sym_kl", "nca_b0.1", "nca_b1.0", "nca_late"):
         add(task, context, size, variant, 0)
   return specs
 
@@ -216,12 +223,13 @@ def write_results(records: list[dict], path: str, *, quick: bool = False,
   lines += ["## Headline", "", compare_table(rows, ["cell", "model", *METRICS]), ""]
   extra = [{"cell": cell, "model": v, **{k: _fmt(variants[v][k]) for k in METRICS}}
            for cell, variants in sorted(agg.items())
-           for v in ("opd", "nca", "dual_opd", "sym_kl", "nca_b0.1", "nca_b1.0")
+           for v in ("opd", "nca", "dual_opd", "sym_kl", "nca_b0.1", "nca_b1.0", "nca_late")
            if v in variants and any(x in variants for x in ("dual_opd", "sym_kl"))]
   if extra:
     lines += ["## Ablations and beta sweep", "",
               "DualOPD pulls the with-context view to the teacher; SymKL is a symmetric KL between "
-              "the two student views with no stop-gradient; `nca_bX` is NCA with beta = X.", "",
+              "the two student views with no stop-gradient; `nca_bX` is NCA with beta = X; `nca_late` is "
+              "NCA (beta 0.5) switched on at step 30 of 60.", "",
               compare_table(extra, ["cell", "model", *METRICS]), ""]
   figure = _plot_harm(agg, os.path.join(fig_dir, "harm_opd_vs_nca.png"))
   if figure:

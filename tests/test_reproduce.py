@@ -60,3 +60,33 @@ def test_reproduce_quick_end_to_end(tmp_path):
   for variant in ("opd", "nca"):
     [run] = out.glob(f"synthetic-careful-small-{variant}-s0-*")
     assert (run / "summary.json").exists()
+
+
+def test_base_models_yaml_builds_the_bases_reproduce_distills():
+  """configs/base_models.yaml is valid (tasks construct, budgets are BaseModelConfig fields) and its
+  synthetic and frozenlake entries are exactly the base models reproduce.py's cells start from."""
+  import dataclasses
+
+  import yaml
+
+  from ctxjax.base import MODEL_SIZES, base_key
+  from ctxjax.config import BaseModelConfig
+  from ctxjax.model import ModelConfig
+  from ctxjax.tasks import get_task
+
+  with open(os.path.join(ROOT, "configs", "base_models.yaml")) as f:
+    spec = yaml.safe_load(f)
+  keys = set()
+  for task_name, task_spec in spec["tasks"].items():
+    get_task(task_name, **(task_spec.get("options") or {}))
+    base_cfg = dataclasses.replace(BaseModelConfig(), cache_dir=spec["cache_dir"],
+                                   **{k: v for k, v in task_spec.items() if k != "options"})
+    for size in spec["sizes"]:
+      model_cfg = dataclasses.replace(ModelConfig(vocab_size=base_cfg.vocab_size),
+                                      **MODEL_SIZES[size])
+      keys.add(base_key(task_name, dict(task_spec.get("options") or {}), model_cfg, base_cfg,
+                        base_cfg.seed))
+  for s in reproduce.plan():
+    cfg = load_config(None, list(s.overrides))
+    assert base_key(cfg.task.name, dict(cfg.task.options), cfg.model, cfg.base,
+                    cfg.base.seed) in keys, s.name
