@@ -178,6 +178,20 @@ def _fmt(mean_std_n) -> str:
   return f"{mean:.3f} ± {std:.3f}" if n > 1 else f"{mean:.3f}"
 
 
+REGIME_ORDER = ("nudge", "flip", "format")
+
+
+def cell_regime(cell: str) -> str:
+  """The regime of a "task/context/size" cell's context, from the task with default options."""
+  from ctxjax.tasks import get_task
+
+  task, context = cell.split("/")[:2]
+  try:
+    return get_task(task).regime(context)
+  except (KeyError, ValueError):
+    return "other"
+
+
 def where_nca_did_not_help(agg: dict, tol: float = 0.02) -> list[str]:
   """Cells where NCA's Harm was not lower than OPD's, or NCA cost accuracy without context."""
   notes = []
@@ -214,13 +228,20 @@ def write_results(records: list[dict], path: str, *, quick: bool = False,
   if quick:
     lines += ["**Quick mode**: a CI smoke run with tiny budgets; the numbers say nothing about the "
               "method.", ""]
-  rows = []
+  lines += ["## Headline", "",
+             "By regime (`ctxjax/tasks/synthetic.py`): a *nudge* context keeps the right answer and "
+             "makes the model reliable, a *flip* rule changes the right answer, a *format* "
+             "instruction changes its form. `base` is the model before distillation.", ""]
+  by_regime: dict[str, list[dict]] = {}
   for cell, variants in sorted(agg.items()):
     for variant in ("base", "opd", "nca"):
       if variant in variants:
-        rows.append({"cell": cell, "model": variant,
-                     **{k: _fmt(variants[variant][k]) for k in METRICS}})
-  lines += ["## Headline", "", compare_table(rows, ["cell", "model", *METRICS]), ""]
+        by_regime.setdefault(cell_regime(cell), []).append(
+            {"cell": cell, "model": variant, **{k: _fmt(variants[variant][k]) for k in METRICS}})
+  for regime in sorted(by_regime, key=lambda r: (REGIME_ORDER.index(r) if r in REGIME_ORDER
+                                                  else len(REGIME_ORDER), r)):
+    lines += [f"### {regime}", "", compare_table(by_regime[regime], ["cell", "model", *METRICS]),
+              ""]
   extra = [{"cell": cell, "model": v, **{k: _fmt(variants[v][k]) for k in METRICS}}
            for cell, variants in sorted(agg.items())
            for v in ("opd", "nca", "dual_opd", "sym_kl", "nca_b0.1", "nca_b1.0", "nca_late")

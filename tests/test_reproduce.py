@@ -90,3 +90,13 @@ def test_base_models_yaml_builds_the_bases_reproduce_distills():
     cfg = load_config(None, list(s.overrides))
     assert base_key(cfg.task.name, dict(cfg.task.options), cfg.model, cfg.base,
                     cfg.base.seed) in keys, s.name
+
+
+def test_write_results_groups_cells_by_regime(tmp_path):
+  recs = [_record(cell, v, s, acc_x=0.9, acc_xc=0.8, harm=h)
+          for cell in ("synthetic/rev/small", "synthetic/careful/small")
+          for v, h in (("opd", 0.2), ("nca", 0.0)) for s in (0, 1)]
+  text = open(reproduce.write_results(recs, str(tmp_path / "results.md"))).read()
+  nudge, flip = text.index("### nudge"), text.index("### flip")
+  assert nudge < text.index("synthetic/careful/small") < flip < text.index("synthetic/rev/small")
+  assert "In every cell NCA lowered Harm" in text
