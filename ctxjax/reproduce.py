@@ -33,7 +33,11 @@ SYNTHETIC = ["task.name=synthetic", "task.options={families: [seq, max], max_len
 FROZENLAKE = ["task.name=frozenlake", "task.options={}", "data.max_prompt_tokens=64",
               "data.max_context_prompt_tokens=96", "rollout.max_new_tokens=24",
               "eval.max_new_tokens=24", "base.sft_steps=800"]
-# (task overrides, context) cells of the headline table; each is crossed with both sizes.
+# The same world on the 600-step base models (the train.py default): they are less reliable with
+# the context (Acc_xc about 0.9 instead of 1.0), and that is where plain OPD's Harm on nudges shows.
+SYNTHETIC_600 = ["task.name=synthetic", "task.options={families: [seq, max], max_len: 5}",
+                 "base.sft_steps=600"]
+# (label, task overrides, context) cells of the headline table; each is crossed with both sizes.
 CELLS = [
     ("synthetic", SYNTHETIC, "careful"),  # nudge
     ("synthetic", SYNTHETIC, "hint"),  # nudge
@@ -42,6 +46,8 @@ CELLS = [
     ("synthetic", SYNTHETIC, "words"),  # format
     ("synthetic", SYNTHETIC, "pirate"),  # format
     ("frozenlake", FROZENLAKE, "tips"),  # nudge, planning
+    ("synthetic600", SYNTHETIC_600, "careful"),  # nudge, 600-step base
+    ("synthetic600", SYNTHETIC_600, "hint"),  # nudge, 600-step base
 ]
 ABLATION_CELLS = [("synthetic", "careful", "medium"), ("synthetic", "rev", "medium")]
 VARIANTS = {
@@ -185,9 +191,11 @@ def cell_regime(cell: str) -> str:
   """The regime of a "task/context/size" cell's context, from the task with default options."""
   from ctxjax.tasks import get_task
 
-  task, context = cell.split("/")[:2]
+  label, context = cell.split("/")[:2]
+  names = [o.split("=", 1)[1] for lbl, over, _ in CELLS if lbl == label for o in over
+           if o.startswith("task.name=")]
   try:
-    return get_task(task).regime(context)
+    return get_task(names[0] if names else label).regime(context)
   except (KeyError, ValueError):
     return "other"
 
