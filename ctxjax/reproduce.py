@@ -213,6 +213,10 @@ def where_nca_did_not_help(agg: dict, tol: float = 0.02) -> list[str]:
     if nca["acc_x"][0] < opd["acc_x"][0] - 0.05:
       notes.append(f"{cell}: Acc_x {nca['acc_x'][0]:.3f} with NCA vs {opd['acc_x'][0]:.3f} with "
                    f"plain OPD (NCA held back what OPD learned)")
+    if nca["acc_xc"][0] < opd["acc_xc"][0] - 0.1:
+      notes.append(f"{cell}: Acc_xc {nca['acc_xc'][0]:.3f} with NCA vs {opd['acc_xc'][0]:.3f} with "
+                   f"plain OPD (the anchor pulled the with-context view onto a no-context answer "
+                   f"that was still wrong: the student stopped following the context)")
   return notes
 
 
@@ -239,7 +243,10 @@ def write_results(records: list[dict], path: str, *, quick: bool = False,
   lines += ["## Headline", "",
              "By regime (`ctxjax/tasks/synthetic.py`): a *nudge* context keeps the right answer and "
              "makes the model reliable, a *flip* rule changes the right answer, a *format* "
-             "instruction changes its form. `base` is the model before distillation.", ""]
+             "instruction changes its form. `base` is the model before distillation. Harm is "
+             "conditioned on the questions answered right without the context: where Acc_x is "
+             "near 0 (most flip and format cells) it rests on a handful of questions and says "
+             "little; read Acc_xc there.", ""]
   by_regime: dict[str, list[dict]] = {}
   for cell, variants in sorted(agg.items()):
     for variant in ("base", "opd", "nca"):

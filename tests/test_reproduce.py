@@ -46,6 +46,11 @@ def test_aggregate_and_where_nca_did_not_help():
   assert agg["a"]["base"]["acc_xc"][0] == pytest.approx(0.9)
   notes = reproduce.where_nca_did_not_help(agg)
   assert len(notes) == 2 and all(n.startswith("b:") for n in notes)
+  # A cell where NCA erased the with-context behaviour is named as such.
+  erased = reproduce.aggregate([_record("c", "opd", 0, acc_x=0.0, acc_xc=0.8, harm=0.0),
+                                _record("c", "nca", 0, acc_x=0.0, acc_xc=0.0, harm=0.0)])
+  [note] = [n for n in reproduce.where_nca_did_not_help(erased) if "Acc_xc" in n]
+  assert note.startswith("c: Acc_xc 0.000 with NCA vs 0.800")
 
 
 @pytest.mark.slow
