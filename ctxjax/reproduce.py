@@ -241,12 +241,12 @@ def write_results(records: list[dict], path: str, *, quick: bool = False,
     lines += ["**Quick mode**: a CI smoke run with tiny budgets; the numbers say nothing about the "
               "method.", ""]
   lines += ["## Headline", "",
-             "By regime (`ctxjax/tasks/synthetic.py`): a *nudge* context keeps the right answer and "
+             ("By regime (`ctxjax/tasks/synthetic.py`): a *nudge* context keeps the right answer and "
              "makes the model reliable, a *flip* rule changes the right answer, a *format* "
              "instruction changes its form. `base` is the model before distillation. Harm is "
              "conditioned on the questions answered right without the context: where Acc_x is "
              "near 0 (most flip and format cells) it rests on a handful of questions and says "
-             "little; read Acc_xc there.", ""]
+             "little; read Acc_xc there."), ""]
   by_regime: dict[str, list[dict]] = {}
   for cell, variants in sorted(agg.items()):
     for variant in ("base", "opd", "nca"):
@@ -263,9 +263,9 @@ def write_results(records: list[dict], path: str, *, quick: bool = False,
            if v in variants and any(x in variants for x in ("dual_opd", "sym_kl"))]
   if extra:
     lines += ["## Ablations and beta sweep", "",
-              "DualOPD pulls the with-context view to the teacher; SymKL is a symmetric KL between "
-              "the two student views with no stop-gradient; `nca_bX` is NCA with beta = X; `nca_late` is "
-              "NCA (beta 0.5) switched on at step 30 of 60.", "",
+              ("DualOPD pulls the with-context view to the teacher; SymKL is a symmetric KL "
+               "between the two student views with no stop-gradient; `nca_bX` is NCA with beta = X; "
+               "`nca_late` is NCA (beta 0.5) switched on at step 30 of 60."), "",
               compare_table(extra, ["cell", "model", *METRICS]), ""]
   figure = _plot_harm(agg, os.path.join(fig_dir, "harm_opd_vs_nca.png"))
   if figure:
