@@ -51,11 +51,16 @@ DEFAULT_MATH_SYSTEM = "Solve the problem step by step, then write the final answ
 
 @dataclass(frozen=True)
 class MCQItem:
-    """One multiple-choice question; `answer` is a 0-based index into `options`."""
+    """One multiple-choice question; `answer` is a 0-based index into `options`.
+
+    `work`: an expression whose value is the right option ("19 + 6"), for generated items; the
+    expected output then works it out before the letter ("19 + 6 = 25. The answer is B.").
+    """
 
     question: str
     options: tuple[str, ...]
     answer: int
+    work: str = ""
 
 
 @dataclass(frozen=True)
@@ -270,26 +275,30 @@ _NAMES = ("Tom", "Sara", "Ali", "Mia", "Ben", "Lea", "Sam", "Ada")
 _THINGS = ("apples", "pens", "coins", "cards", "eggs", "books")
 
 
-def _operands(rng: Any) -> tuple[int, str, int, int]:
+def _operands(rng: Any, max_a: int = 19, max_b: int = 9) -> tuple[int, str, int, int]:
     """A one-step problem with small operands: (a, op, b, result), never negative."""
     op = "+-x"[int(rng.integers(3))]
     if op == "x":
         a, b = int(rng.integers(2, 10)), int(rng.integers(2, 6))
     else:
-        a, b = int(rng.integers(1, 20)), int(rng.integers(1, 10))
+        a, b = int(rng.integers(1, max_a + 1)), int(rng.integers(1, max_b + 1))
         if op == "-" and b > a:
             a, b = b, a
     return a, op, b, _OPS[op](a, b)
 
 
 def generated_mcq_items(n: int, seed: int = 0) -> list[MCQItem]:
-    """`n` distinct "What is a op b?" items with 4 options: the result and 3 near misses."""
+    """`n` distinct "What is a op b?" items with 4 options: the result and 3 near misses.
+
+    Wider operands than the word problems (up to 49 + 19, about 1,800 distinct questions): with
+    only a few hundred, a tiny model memorizes the training questions and cannot do a new one.
+    """
     rng = seeded_rng(seed, "generated_mcq")
     items: dict[str, MCQItem] = {}
     for _ in range(100 * max(n, 1)):
         if len(items) == n:
             break
-        a, op, b, result = _operands(rng)
+        a, op, b, result = _operands(rng, max_a=49, max_b=19)
         question = f"What is {a} {op} {b}?"
         if question in items:
             continue
@@ -297,7 +306,8 @@ def generated_mcq_items(n: int, seed: int = 0) -> list[MCQItem]:
         picks = [wrong[int(i)] for i in rng.permutation(len(wrong))[:3]]
         answer = int(rng.integers(4))
         options = picks[:answer] + [result] + picks[answer:]
-        items[question] = MCQItem(question, tuple(str(o) for o in options), answer)
+        items[question] = MCQItem(question, tuple(str(o) for o in options), answer,
+                                  work=f"{a} {op} {b}")
     if len(items) < n:
         raise ValueError(f"generated={n}: only {len(items)} distinct arithmetic items exist")
     return list(items.values())
@@ -468,19 +478,28 @@ class MCQTask(_QATask):
         return generated_mcq_items(n)
 
     def _sloppy(self, record: dict[str, Any], rng: Any) -> dict[str, Any]:
-        """Another option's letter."""
+        """Another option (its letter, worked out to its value when the item has `work`)."""
         others = [i for i in range(len(record["options"])) if i != record["answer_index"]]
-        return dict(record, answer=LETTERS[others[int(rng.integers(len(others)))]], sloppy=True)
+        wrong = others[int(rng.integers(len(others)))]
+        return dict(record, answer=_mcq_output(record["work"], record["options"], wrong),
+                    sloppy=True)
 
     def _record(self, item: MCQItem, context: str) -> dict[str, Any]:
         lines = [item.question] + [f"{LETTERS[i]}. {o}" for i, o in enumerate(item.options)]
         return {
             "context": context,
             "prompt": "\n".join(lines),
-            "answer": LETTERS[item.answer],
+            "answer": _mcq_output(item.work, item.options, item.answer),
             "options": list(item.options),
             "answer_index": item.answer,
+            "work": item.work,
         }
+
+
+def _mcq_output(work: str, options: Any, index: int) -> str:
+    """The expected output choosing option `index`: its letter, after the worked value if any."""
+    letter = LETTERS[index]
+    return f"{work} = {options[index]}. The answer is {letter}." if work else letter
 
 
 @dataclass(frozen=True)
