@@ -27,6 +27,7 @@ import json
 import os
 import re
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -287,6 +288,23 @@ def _operands(rng: Any, max_a: int = 19, max_b: int = 9) -> tuple[int, str, int,
     return a, op, b, _OPS[op](a, b)
 
 
+def _distinct_items(n: int, draw: Callable[[], tuple[str, Callable[[], Any]]],
+                    what: str) -> list[Any]:
+    """`n` items with distinct questions, in draw order; a ValueError when `n` distinct ones do not
+    turn up in 100 draws per item. `draw()` gives a question and a function building its item,
+    called only for a new question (so a repeat draws nothing more from the generator)."""
+    items: dict[str, Any] = {}
+    for _ in range(100 * max(n, 1)):
+        if len(items) == n:
+            break
+        question, build = draw()
+        if question not in items:
+            items[question] = build()
+    if len(items) < n:
+        raise ValueError(f"generated={n}: only {len(items)} distinct {what} exist")
+    return list(items.values())
+
+
 def generated_mcq_items(n: int, seed: int = 0) -> list[MCQItem]:
     """`n` distinct "What is a op b?" items with 4 options: the result and 3 near misses.
 
@@ -294,32 +312,29 @@ def generated_mcq_items(n: int, seed: int = 0) -> list[MCQItem]:
     only a few hundred, a tiny model memorizes the training questions and cannot do a new one.
     """
     rng = seeded_rng(seed, "generated_mcq")
-    items: dict[str, MCQItem] = {}
-    for _ in range(100 * max(n, 1)):
-        if len(items) == n:
-            break
+
+    def draw() -> tuple[str, Callable[[], MCQItem]]:
         a, op, b, result = _operands(rng, max_a=49, max_b=19)
         question = f"What is {a} {op} {b}?"
-        if question in items:
-            continue
-        wrong = sorted({result + d for d in (-2, -1, 1, 2, 10, -10) if result + d >= 0} - {result})
-        picks = [wrong[int(i)] for i in rng.permutation(len(wrong))[:3]]
-        answer = int(rng.integers(4))
-        options = picks[:answer] + [result] + picks[answer:]
-        items[question] = MCQItem(question, tuple(str(o) for o in options), answer,
-                                  work=f"{a} {op} {b}")
-    if len(items) < n:
-        raise ValueError(f"generated={n}: only {len(items)} distinct arithmetic items exist")
-    return list(items.values())
+
+        def build() -> MCQItem:
+            wrong = sorted({result + d for d in (-2, -1, 1, 2, 10, -10) if result + d >= 0}
+                           - {result})
+            picks = [wrong[int(i)] for i in rng.permutation(len(wrong))[:3]]
+            answer = int(rng.integers(4))
+            options = picks[:answer] + [result] + picks[answer:]
+            return MCQItem(question, tuple(str(o) for o in options), answer, work=f"{a} {op} {b}")
+
+        return question, build
+
+    return _distinct_items(n, draw, "arithmetic items")
 
 
 def generated_math_items(n: int, seed: int = 0) -> list[MathItem]:
     """`n` distinct one-step word problems ("Sara has 7 pens and buys 5 more. ...")."""
     rng = seeded_rng(seed, "generated_math")
-    items: dict[str, MathItem] = {}
-    for _ in range(100 * max(n, 1)):
-        if len(items) == n:
-            break
+
+    def draw() -> tuple[str, Callable[[], MathItem]]:
         a, op, b, result = _operands(rng)
         name = _NAMES[int(rng.integers(len(_NAMES)))]
         thing = _THINGS[int(rng.integers(len(_THINGS)))]
@@ -328,12 +343,10 @@ def generated_math_items(n: int, seed: int = 0) -> list[MathItem]:
             "-": f"{name} has {a} {thing} and gives away {b}. How many {thing} are left?",
             "x": f"{name} has {a} bags of {b} {thing}. How many {thing} in all?",
         }[op]
-        if question in items:
-            continue
-        items[question] = MathItem(question, f"{a} {op} {b} = {result}\n#### {result}", str(result))
-    if len(items) < n:
-        raise ValueError(f"generated={n}: only {len(items)} distinct word problems exist")
-    return list(items.values())
+        solution = f"{a} {op} {b} = {result}\n#### {result}"
+        return question, lambda: MathItem(question, solution, str(result))
+
+    return _distinct_items(n, draw, "word problems")
 
 
 # ---------------------------------------------------------------------------------------------
