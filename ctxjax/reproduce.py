@@ -249,10 +249,10 @@ def write_results(records: list[dict], path: str, *, quick: bool = False,
              "little; read Acc_xc there."), ""]
   by_regime: dict[str, list[dict]] = {}
   for cell, variants in sorted(agg.items()):
-    for variant in ("base", "opd", "nca"):
-      if variant in variants:
-        by_regime.setdefault(cell_regime(cell), []).append(
-            {"cell": cell, "model": variant, **{k: _fmt(variants[variant][k]) for k in METRICS}})
+    rows = [{"cell": cell, "model": v, **{k: _fmt(variants[v][k]) for k in METRICS}}
+            for v in ("base", "opd", "nca") if v in variants]
+    if rows:  # one task lookup per cell, not per row
+      by_regime.setdefault(cell_regime(cell), []).extend(rows)
   for regime in sorted(by_regime, key=lambda r: (REGIME_ORDER.index(r) if r in REGIME_ORDER
                                                   else len(REGIME_ORDER), r)):
     lines += [f"### {regime}", "", compare_table(by_regime[regime], ["cell", "model", *METRICS]),
