@@ -19,6 +19,9 @@ from ctxjax.tasks.gridworld import (
     solve_sokoban,
 )
 from ctxjax.tasks.qa import (
+    DEFAULT_MCQ_SYSTEM,
+    DEFAULT_MCQ_TEXT_SYSTEM,
+    LETTERS,
     MathTask,
     MCQTask,
     extract_choice,
@@ -400,6 +403,26 @@ def test_extract_choice_prefers_whole_numbers_and_longest_names():
 
 
 @pytest.mark.parametrize(
+    "response, options, expected",
+    [
+        ("The answer is London.", OPTIONS, 1),
+        ("answer: berlin, surely", OPTIONS, 3),
+        ("38 + 17 = 55. The answer is 55.", ["53", "55", "57", "45"], 1),
+        # The first operand is an option too: the text after "answer is" decides, not the line.
+        ("9 + 1 = 10. The answer is 10.", ["9", "10", "11", "12"], 1),
+        ("The answer is 5, not 55", ["55", "5"], 1),
+        ("The answer is New York.", ["New", "New York", "York"], 1),
+        # An option's text that starts with a letter is not read as that letter.
+        ("The answer is B12 deficiency.", ["B12 deficiency", "Iron", "Folate"], 0),
+        ("The answer is (C) Rome, because", OPTIONS, 2),
+        ("The answer is 56.", ["53", "55", "57", "45"], None),
+    ],
+)
+def test_extract_choice_answer_by_option_text(response, options, expected):
+    assert extract_choice(response, options) == expected
+
+
+@pytest.mark.parametrize(
     "response, expected",
     [
         ("3 + 4 = 7\n#### 7", Fraction(7)),
@@ -563,6 +586,29 @@ def test_qa_sloppy_rate_makes_only_no_context_answers_wrong(cls):
     # The default stays exact everywhere.
     assert all(cls(generated=300).verify(r, r["answer"])
                for r in cls(generated=300).sft_records(200, seed=0))
+
+
+def test_mcq_text_answer_style():
+    task = MCQTask(generated=200, sloppy_rate=1.0, sft_context_share=0.5, answer_style="text")
+    assert task.system_prompt == DEFAULT_MCQ_TEXT_SYSTEM and MCQTask().system_prompt == DEFAULT_MCQ_SYSTEM
+    records = task.sft_records(200, seed=0)
+    for r in records:
+        chosen = re.fullmatch(r"(\d+) . (\d+) = (\d+)\. The answer is (\d+)\.", r["answer"])
+        assert chosen is not None and chosen.group(3) == chosen.group(4) in r["options"], r["answer"]
+        # Right exactly when the record carries the system prompt (sloppy_rate 1 elsewhere).
+        assert task.verify(r, r["answer"]) == bool(r["context"])
+    assert {bool(r["context"]) for r in records} == {True, False}
+    # The same items and split as the letter style; only the way the answer names the option differs.
+    letter = MCQTask(generated=200).eval_records("system", 5, seed=0)
+    text = MCQTask(generated=200, answer_style="text").eval_records("system", 5, seed=0)
+    for lr, tr in zip(letter, text):
+        assert lr["prompt"] == tr["prompt"] and lr["answer_index"] == tr["answer_index"]
+        assert tr["answer"].endswith(f"The answer is {tr['options'][tr['answer_index']]}.")
+        assert lr["answer"].endswith(f"The answer is {LETTERS[lr['answer_index']]}.")
+    file_item = MCQTask(answer_style="text").eval_records("system", 1, seed=0)[0]
+    assert file_item["answer"] == f"The answer is {file_item['options'][file_item['answer_index']]}."
+    with pytest.raises(ValueError, match="answer_style"):
+        MCQTask(answer_style="number")
 
 
 def test_math_sloppy_answer_changes_every_stated_result():

@@ -19,7 +19,10 @@ nudge contexts do: `generated=N` replaces the file by N procedurally generated o
 items of the same shape (`generated_mcq_items`, `generated_math_items`: a held-out question is new
 but learnable), and `sloppy_rate` answers that share of the no-context SFT records wrong (another
 letter; the worked solution with a wrong result), so the model learns to be exact only when the
-system prompt is in front.
+system prompt is in front. MCQ's `answer_style="text"` names the chosen option by its text ("The
+answer is 55.") instead of its letter: the tiny bases work the value out but never learned to find
+which letter holds it (they stayed at chance on letters after 1500-3000 SFT steps), while an answer
+by text is verified by the same `extract_choice`.
 """
 from __future__ import annotations
 
@@ -47,6 +50,8 @@ MATH_SAMPLE = DATA_DIR / "math_sample.jsonl"
 LETTERS = "ABCDEFGHIJ"
 
 DEFAULT_MCQ_SYSTEM = "You are a careful expert. Answer with the letter of the correct option."
+DEFAULT_MCQ_TEXT_SYSTEM = "You are a careful expert. Answer with the correct option."
+ANSWER_STYLES = ("letter", "text")
 DEFAULT_MATH_SYSTEM = "Solve the problem step by step, then write the final answer after ####."
 
 
@@ -116,6 +121,8 @@ _ANSWER_UPPER_RE = re.compile(r"(?i:answer)\s*(?:(?i:is)\s*)?[:=\-]?\s*\(?([A-J]
 _ANSWER_LOWER_RE = re.compile(
     r"(?i:answer)\s*(?:(?i:is)\s*)?[:=\-]?\s*\(?([a-j])\)?(?=\s*$|[.,;:!)\]])"
 )
+# "the answer is <text>": what follows, to be compared word by word with the options' texts.
+_ANSWER_TEXT_RE = re.compile(r"(?i:answer)\s*(?:(?i:is)\s*)?[:=\-]?\s*(.*)")
 _LONE_LETTER_RE = re.compile(r"[\s(\[]*([A-Ja-j])[\s.):\]]*")
 _LEADING_LETTER_RE = re.compile(r"[(\[]?([A-J])[.):\]]")
 
@@ -124,16 +131,36 @@ def _words(text: str) -> str:
     return " ".join(re.findall(r"[a-z0-9]+(?:\.[0-9]+)?", text.lower()))
 
 
+def _answer_names_option(text: str, options: list[str] | tuple[str, ...]) -> int | None:
+    """The option whose whole text (word by word, case-insensitive) starts what follows the first
+    "answer (is)" of `text`; the longest when several do ("New York" over "New"); else None."""
+    match = _ANSWER_TEXT_RE.search(text)
+    if match is None:
+        return None
+    said = _words(match.group(1)).split()
+    named = [(len(w), i) for i, w in enumerate(_words(o).split() for o in options)
+             if w and said[: len(w)] == w]
+    if not named:
+        return None
+    longest = max(named)[0]
+    best = [i for n, i in named if n == longest]
+    return best[0] if len(best) == 1 else None
+
+
 def extract_choice(response: str, options: list[str] | tuple[str, ...]) -> int | None:
     """The 0-based option a response picks, or None when it picks none (or several).
 
-    Tried in order: an explicit "answer (is) X" anywhere; the first line being a lone letter
-    ("B", "(B)", "b."); the first line starting with a letter and a mark ("B) Paris"); the first
-    line naming exactly one option's text (whole words, case-insensitive). Letters beyond the
-    number of options are ignored.
+    Tried in order: "answer (is)" followed by an option's whole text ("The answer is 55.", "answer:
+    B12 deficiency" -- before the letter rule, which would read that as "B"); an explicit "answer
+    (is) X" anywhere; the first line being a lone letter ("B", "(B)", "b."); the first line
+    starting with a letter and a mark ("B) Paris"); the first line naming exactly one option's text
+    (whole words, case-insensitive). Letters beyond the number of options are ignored.
     """
     valid = LETTERS[: len(options)]
     text = strip_special(response)
+    by_text = _answer_names_option(text, options)
+    if by_text is not None:
+        return by_text
     for pattern in (_ANSWER_UPPER_RE, _ANSWER_LOWER_RE):
         for match in pattern.finditer(text):
             letter = match.group(1).upper()
@@ -472,10 +499,25 @@ class _QATask:
 
 @dataclass(frozen=True)
 class MCQTask(_QATask):
-    """Multiple-choice QA. The prompt lists the options as "A. ...", the answer is the letter."""
+    """Multiple-choice QA. The prompt lists the options as "A. ...".
 
-    system_prompt: str = DEFAULT_MCQ_SYSTEM
+    answer_style: how the expected output names the right option: "letter" ("B", or "19 + 6 = 25.
+      The answer is B." for a generated item) or "text" ("The answer is Paris.", "19 + 6 = 25. The
+      answer is 25."). The verifier accepts either way whatever the style (`extract_choice`).
+    system_prompt: "" picks the style's default (`DEFAULT_MCQ_SYSTEM`, `DEFAULT_MCQ_TEXT_SYSTEM`).
+    """
+
+    system_prompt: str = ""
+    answer_style: str = "letter"
     name: str = "mcq"
+
+    def __post_init__(self) -> None:
+        if self.answer_style not in ANSWER_STYLES:
+            raise ValueError(f"answer_style must be one of {ANSWER_STYLES}, got {self.answer_style!r}")
+        if self.system_prompt == "":
+            default = DEFAULT_MCQ_SYSTEM if self.answer_style == "letter" else DEFAULT_MCQ_TEXT_SYSTEM
+            object.__setattr__(self, "system_prompt", default)
+        super().__post_init__()
 
     def verify(self, record: dict[str, Any], response: str) -> bool:
         """Whether the option extracted from `response` is the record's answer."""
@@ -494,25 +536,29 @@ class MCQTask(_QATask):
         """Another option (its letter, worked out to its value when the item has `work`)."""
         others = [i for i in range(len(record["options"])) if i != record["answer_index"]]
         wrong = others[int(rng.integers(len(others)))]
-        return dict(record, answer=_mcq_output(record["work"], record["options"], wrong),
-                    sloppy=True)
+        answer = _mcq_output(record["work"], record["options"], wrong, self.answer_style)
+        return dict(record, answer=answer, sloppy=True)
 
     def _record(self, item: MCQItem, context: str) -> dict[str, Any]:
         lines = [item.question] + [f"{LETTERS[i]}. {o}" for i, o in enumerate(item.options)]
         return {
             "context": context,
             "prompt": "\n".join(lines),
-            "answer": _mcq_output(item.work, item.options, item.answer),
+            "answer": _mcq_output(item.work, item.options, item.answer, self.answer_style),
             "options": list(item.options),
             "answer_index": item.answer,
             "work": item.work,
         }
 
 
-def _mcq_output(work: str, options: Any, index: int) -> str:
-    """The expected output choosing option `index`: its letter, after the worked value if any."""
-    letter = LETTERS[index]
-    return f"{work} = {options[index]}. The answer is {letter}." if work else letter
+def _mcq_output(work: str, options: Any, index: int, style: str) -> str:
+    """The expected output choosing option `index` (its letter or its text, by `style`), after the
+    worked value when the item has one."""
+    if style == "text":
+        chosen = f"The answer is {options[index]}."
+    else:
+        chosen = f"The answer is {LETTERS[index]}." if work else LETTERS[index]
+    return f"{work} = {options[index]}. {chosen}" if work else chosen
 
 
 @dataclass(frozen=True)
