@@ -33,6 +33,13 @@ SYNTHETIC = ["task.name=synthetic", "task.options={families: [seq, max], max_len
 FROZENLAKE = ["task.name=frozenlake", "task.options={}", "data.max_prompt_tokens=64",
               "data.max_context_prompt_tokens=96", "rollout.max_new_tokens=24",
               "eval.max_new_tokens=24", "base.sft_steps=800"]
+# System-prompt QA (the paper's setting) on generated arithmetic items, the bases of
+# configs/base_models.yaml: the no-context SFT answers were half wrong, so the prompt matters.
+_QA_LENGTHS = ["data.max_prompt_tokens=48", "data.max_context_prompt_tokens=80",
+               "rollout.max_new_tokens=24", "eval.max_new_tokens=24", "base.sft_steps=1500"]
+MCQ = ["task.name=mcq", "task.options={generated: 1500, sloppy_rate: 0.5, answer_style: text}",
+       *_QA_LENGTHS]
+MATH = ["task.name=math", "task.options={generated: 1000, sloppy_rate: 0.5}", *_QA_LENGTHS]
 # The same world on the 600-step base models (the train.py default): they are less reliable with
 # the context (Acc_xc about 0.9 instead of 1.0), and that is where plain OPD's Harm on nudges shows.
 SYNTHETIC_600 = ["task.name=synthetic", "task.options={families: [seq, max], max_len: 5}",
@@ -46,6 +53,8 @@ CELLS = [
     ("synthetic", SYNTHETIC, "words"),  # format
     ("synthetic", SYNTHETIC, "pirate"),  # format
     ("frozenlake", FROZENLAKE, "tips"),  # nudge, planning
+    ("mcq", MCQ, "system"),  # nudge, system-prompt QA
+    ("math", MATH, "system"),  # nudge, system-prompt QA
     ("synthetic600", SYNTHETIC_600, "careful"),  # nudge, 600-step base
     ("synthetic600", SYNTHETIC_600, "hint"),  # nudge, 600-step base
 ]
