@@ -416,6 +416,8 @@ def test_extract_choice_prefers_whole_numbers_and_longest_names():
         ("The answer is B12 deficiency.", ["B12 deficiency", "Iron", "Folate"], 0),
         ("The answer is (C) Rome, because", OPTIONS, 2),
         ("The answer is 56.", ["53", "55", "57", "45"], None),
+        # The "answer" that names an option counts, not the first "answer" of the text.
+        ("Answer in steps: 9 + 1 = 10. The answer is 10.", ["9", "10", "11", "12"], 1),
     ],
 )
 def test_extract_choice_answer_by_option_text(response, options, expected):

@@ -122,7 +122,8 @@ _ANSWER_LOWER_RE = re.compile(
     r"(?i:answer)\s*(?:(?i:is)\s*)?[:=\-]?\s*\(?([a-j])\)?(?=\s*$|[.,;:!)\]])"
 )
 # "the answer is <text>": what follows, to be compared word by word with the options' texts.
-_ANSWER_TEXT_RE = re.compile(r"(?i:answer)\s*(?:(?i:is)\s*)?[:=\-]?\s*(.*)")
+# (A lookahead, so that every "answer" of a text is a match of its own.)
+_ANSWER_TEXT_RE = re.compile(r"(?i:answer)\s*(?:(?i:is)\s*)?[:=\-]?\s*(?=(.*))")
 _LONE_LETTER_RE = re.compile(r"[\s(\[]*([A-Ja-j])[\s.):\]]*")
 _LEADING_LETTER_RE = re.compile(r"[(\[]?([A-J])[.):\]]")
 
@@ -132,19 +133,18 @@ def _words(text: str) -> str:
 
 
 def _answer_names_option(text: str, options: list[str] | tuple[str, ...]) -> int | None:
-    """The option whose whole text (word by word, case-insensitive) starts what follows the first
-    "answer (is)" of `text`; the longest when several do ("New York" over "New"); else None."""
-    match = _ANSWER_TEXT_RE.search(text)
-    if match is None:
-        return None
-    said = _words(match.group(1)).split()
-    named = [(len(w), i) for i, w in enumerate(_words(o).split() for o in options)
-             if w and said[: len(w)] == w]
-    if not named:
-        return None
-    longest = max(named)[0]
-    best = [i for n, i in named if n == longest]
-    return best[0] if len(best) == 1 else None
+    """The option whose whole text (word by word, case-insensitive) starts what follows an "answer
+    (is)" of `text`, the first such "answer" that names one; the longest option when several do
+    ("New York" over "New"); else None."""
+    option_words = [_words(o).split() for o in options]
+    for match in _ANSWER_TEXT_RE.finditer(text):
+        said = _words(match.group(1)).split()
+        named = [(len(w), i) for i, w in enumerate(option_words) if w and said[: len(w)] == w]
+        if named:
+            longest = max(named)[0]
+            best = [i for n, i in named if n == longest]
+            return best[0] if len(best) == 1 else None
+    return None
 
 
 def extract_choice(response: str, options: list[str] | tuple[str, ...]) -> int | None:
