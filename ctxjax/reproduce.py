@@ -241,8 +241,10 @@ def write_results(records: list[dict], path: str, *, quick: bool = False,
   if len(run_seconds) < len(records):
     timing += f" ({len(records) - len(run_seconds)} runs without a recorded time)"
   lines += [f"Written by `python scripts/reproduce.py{' --quick' if quick else ''}` from "
-            f"{len(records)} runs{timing}, base models not included" +
-            (f" (this invocation: {seconds / 60:.1f} minutes)" if seconds else "") +
+            f"{len(records)} runs{timing}, counting any base model a run had to build first" +
+            # A rewrite from finished runs alone would print "0.0 minutes": say nothing then.
+            (f" (this invocation: {seconds / 60:.1f} minutes)" if seconds and seconds >= 30
+             else "") +
             ". Each cell: a tiny base model trained here to follow the task's contexts, then "
             "distilled on one context with plain OPD (`beta=0`) or OPD + NCA (`beta=0.5`); "
             "mean ± std over seeds. Evaluation samples answers at temperature 1.", ""]
