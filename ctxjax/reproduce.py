@@ -35,11 +35,11 @@ FROZENLAKE = ["task.name=frozenlake", "task.options={}", "data.max_prompt_tokens
               "eval.max_new_tokens=24", "base.sft_steps=800"]
 # System-prompt QA (the paper's setting) on generated arithmetic items, the bases of
 # configs/base_models.yaml: the no-context SFT answers were half wrong, so the prompt matters.
-_QA_LENGTHS = ["data.max_prompt_tokens=48", "data.max_context_prompt_tokens=80",
-               "rollout.max_new_tokens=24", "eval.max_new_tokens=24", "base.sft_steps=1500"]
+_QA_SHARED = ["data.max_prompt_tokens=48", "data.max_context_prompt_tokens=80",
+              "rollout.max_new_tokens=24", "eval.max_new_tokens=24", "base.sft_steps=1500"]
 MCQ = ["task.name=mcq", "task.options={generated: 1500, sloppy_rate: 0.5, answer_style: text}",
-       *_QA_LENGTHS]
-MATH = ["task.name=math", "task.options={generated: 1000, sloppy_rate: 0.5}", *_QA_LENGTHS]
+       *_QA_SHARED]
+MATH = ["task.name=math", "task.options={generated: 1000, sloppy_rate: 0.5}", *_QA_SHARED]
 # The same world on the 600-step base models (the train.py default): they are less reliable with
 # the context (Acc_xc about 0.9 instead of 1.0), and that is where plain OPD's Harm on nudges shows.
 SYNTHETIC_600 = ["task.name=synthetic", "task.options={families: [seq, max], max_len: 5}",
@@ -137,7 +137,8 @@ def run_all(specs: list[RunSpec], out_dir: str, *, base_cache: str,
   for i, spec in enumerate(specs):
     run_dir = os.path.join(out_dir, spec.run_dir_name)
     path = os.path.join(run_dir, "summary.json")
-    if not os.path.exists(path):
+    ran = not os.path.exists(path)
+    if ran:
       t0 = time.time()
       cfg = load_config(None, [*spec.overrides, f"train.out_dir={run_dir}",
                                f"base.cache_dir={base_cache}"])
@@ -151,7 +152,7 @@ def run_all(specs: list[RunSpec], out_dir: str, *, base_cache: str,
     timing = os.path.join(run_dir, "timing.json")
     seconds = json.load(open(timing))["seconds"] if os.path.exists(timing) else None
     records.append(dict(spec=dataclasses.asdict(spec), name=spec.name, cell=spec.cell,
-                        seconds=seconds, before=_metrics(summary.get("before")),
+                        seconds=seconds, ran=ran, before=_metrics(summary.get("before")),
                         after=_metrics(summary.get("after"))))
   return records
 
@@ -242,9 +243,7 @@ def write_results(records: list[dict], path: str, *, quick: bool = False,
     timing += f" ({len(records) - len(run_seconds)} runs without a recorded time)"
   lines += [f"Written by `python scripts/reproduce.py{' --quick' if quick else ''}` from "
             f"{len(records)} runs{timing}, counting any base model a run had to build first" +
-            # A rewrite from finished runs alone would print "0.0 minutes": say nothing then.
-            (f" (this invocation: {seconds / 60:.1f} minutes)" if seconds and seconds >= 30
-             else "") +
+            (f" (this invocation: {seconds / 60:.1f} minutes)" if seconds else "") +
             ". Each cell: a tiny base model trained here to follow the task's contexts, then "
             "distilled on one context with plain OPD (`beta=0`) or OPD + NCA (`beta=0.5`); "
             "mean ± std over seeds. Evaluation samples answers at temperature 1.", ""]
@@ -326,4 +325,6 @@ def reproduce(out_dir: str = "runs/reproduce", results_path: str = "docs/results
   # one keeps its throw-away tiny ones beside its runs.
   base_cache = os.path.join(out_dir, "base") if quick else "runs/base"
   records = run_all(specs, out_dir, base_cache=base_cache)
-  return write_results(records, results_path, quick=quick, seconds=time.time() - t0)
+  # An invocation that only rewrites the page from finished runs has no time worth reporting.
+  seconds = time.time() - t0 if any(r["ran"] for r in records) else None
+  return write_results(records, results_path, quick=quick, seconds=seconds)
