@@ -117,13 +117,12 @@ def extract_number(response: str) -> Fraction | None:
 # "Answer: B", "the answer is (C)", "answer is B because": an upper-case letter not followed by a
 # letter. A lower-case letter counts only before punctuation or the end ("the answer is b."), so
 # "the answer is a bird" is no answer "A".
-_ANSWER_UPPER_RE = re.compile(r"(?i:answer)\s*(?:(?i:is)\s*)?[:=\-]?\s*\(?([A-J])\)?(?![A-Za-z])")
-_ANSWER_LOWER_RE = re.compile(
-    r"(?i:answer)\s*(?:(?i:is)\s*)?[:=\-]?\s*\(?([a-j])\)?(?=\s*$|[.,;:!)\]])"
-)
+_ANSWER = r"(?i:answer)\s*(?:(?i:is)\s*)?[:=\-]?\s*"  # "answer", "Answer:", "the answer is"
+_ANSWER_UPPER_RE = re.compile(_ANSWER + r"\(?([A-J])\)?(?![A-Za-z])")
+_ANSWER_LOWER_RE = re.compile(_ANSWER + r"\(?([a-j])\)?(?=\s*$|[.,;:!)\]])")
 # "the answer is <text>": what follows, to be compared word by word with the options' texts.
 # (A lookahead, so that every "answer" of a text is a match of its own.)
-_ANSWER_TEXT_RE = re.compile(r"(?i:answer)\s*(?:(?i:is)\s*)?[:=\-]?\s*(?=(.*))")
+_ANSWER_TEXT_RE = re.compile(_ANSWER + r"(?=(.*))")
 _LONE_LETTER_RE = re.compile(r"[\s(\[]*([A-Ja-j])[\s.):\]]*")
 _LEADING_LETTER_RE = re.compile(r"[(\[]?([A-J])[.):\]]")
 
