@@ -5,6 +5,7 @@ context), so that the model's answers depend on its context the way a real instr
 do. The result is an ordinary HF folder (config.json, model.safetensors, tokenizer files), cached
 under `cache_dir/<key>` where the key hashes everything that determines it.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -34,149 +35,214 @@ DONE_FILE = "ctxjax_base.json"
 
 # The CPU model sizes, as `model.*` overrides of the run config (vocabulary from the config).
 MODEL_SIZES = {
-    "small": dict(num_layers=2, hidden_size=48, intermediate_size=192, num_heads=4,
-                  num_kv_heads=2),
-    "medium": dict(num_layers=4, hidden_size=64, intermediate_size=256, num_heads=4,
-                   num_kv_heads=2),
+    "small": dict(num_layers=2, hidden_size=48, intermediate_size=192, num_heads=4, num_kv_heads=2),
+    "medium": dict(
+        num_layers=4, hidden_size=64, intermediate_size=256, num_heads=4, num_kv_heads=2
+    ),
 }
 
 
-def base_key(task_name: str, task_options: dict, model_cfg: ModelConfig,
-             base_cfg: BaseModelConfig, seed: int) -> str:
-  blob = json.dumps(dict(task=task_name, options=task_options, model=dataclasses.asdict(model_cfg),
-                         base={k: v for k, v in dataclasses.asdict(base_cfg).items()
-                               if k not in ("cache_dir", "seed")}, seed=seed, version=1),
-                    sort_keys=True, default=list)
-  return f"{task_name}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
+def base_key(
+    task_name: str, task_options: dict, model_cfg: ModelConfig, base_cfg: BaseModelConfig, seed: int
+) -> str:
+    blob = json.dumps(
+        dict(
+            task=task_name,
+            options=task_options,
+            model=dataclasses.asdict(model_cfg),
+            base={
+                k: v
+                for k, v in dataclasses.asdict(base_cfg).items()
+                if k not in ("cache_dir", "seed")
+            },
+            seed=seed,
+            version=1,
+        ),
+        sort_keys=True,
+        default=list,
+    )
+    return f"{task_name}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
 
 
 def tokenizer_corpus(task: Any, records: list[dict]) -> list[str]:
-  texts = list(task.contexts().values())
-  for r in records:
-    texts += [r["prompt"], r.get("answer", ""), r.get("context", "")]
-  return texts
+    texts = list(task.contexts().values())
+    for r in records:
+        texts += [r["prompt"], r.get("answer", ""), r.get("context", "")]
+    return texts
 
 
 def encode_sft(tokenizer: Any, records: list[dict], max_len: int | None = None):
-  """`[c | x | answer EOS]` left-padded, with a loss mask on the answer and its EOS."""
-  seqs, loss_masks = [], []
-  for r in records:
-    prompt = hf.render_chat(tokenizer, r.get("context", ""), r["prompt"])
-    answer = tokenizer(r["answer"], add_special_tokens=False)["input_ids"]
-    answer = answer + [tokenizer.eos_token_id]
-    seqs.append(prompt + answer)
-    loss_masks.append([0] * len(prompt) + [1] * len(answer))
-  width = max_len or max(map(len, seqs))
-  if max(map(len, seqs)) > width:
-    raise ValueError(f"an SFT sequence is longer than {width} tokens")
-  ids, mask = pad_left(seqs, width, tokenizer.pad_token_id)
-  loss_mask, _ = pad_left(loss_masks, width, 0)
-  return ids, mask, loss_mask.astype(bool)
+    """`[c | x | answer EOS]` left-padded, with a loss mask on the answer and its EOS."""
+    seqs, loss_masks = [], []
+    for r in records:
+        prompt = hf.render_chat(tokenizer, r.get("context", ""), r["prompt"])
+        answer = tokenizer(r["answer"], add_special_tokens=False)["input_ids"]
+        answer = answer + [tokenizer.eos_token_id]
+        seqs.append(prompt + answer)
+        loss_masks.append([0] * len(prompt) + [1] * len(answer))
+    width = max_len or max(map(len, seqs))
+    if max(map(len, seqs)) > width:
+        raise ValueError(f"an SFT sequence is longer than {width} tokens")
+    ids, mask = pad_left(seqs, width, tokenizer.pad_token_id)
+    loss_mask, _ = pad_left(loss_masks, width, 0)
+    return ids, mask, loss_mask.astype(bool)
 
 
 def _sft_step(graphdef, tx):
-  @jax.jit
-  def step(params, opt_state, ids, mask, loss_mask):
-    def loss_fn(p):
-      model = nnx.merge(graphdef, p, copy=True)
-      logits = model(ids[:, :-1], attention_mask=mask[:, :-1])
-      logp = jax.nn.log_softmax(logits, axis=-1)
-      nll = -jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1)[..., 0]
-      m = loss_mask[:, 1:].astype(jnp.float32)
-      return (nll * m).sum() / jnp.maximum(m.sum(), 1.0)
-    loss, grads = jax.value_and_grad(loss_fn)(params)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
-  return step
+    @jax.jit
+    def step(params, opt_state, ids, mask, loss_mask):
+        def loss_fn(p):
+            model = nnx.merge(graphdef, p, copy=True)
+            logits = model(ids[:, :-1], attention_mask=mask[:, :-1])
+            logp = jax.nn.log_softmax(logits, axis=-1)
+            nll = -jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1)[..., 0]
+            m = loss_mask[:, 1:].astype(jnp.float32)
+            return (nll * m).sum() / jnp.maximum(m.sum(), 1.0)
+
+        loss, grads = jax.value_and_grad(loss_fn)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    return step
 
 
-def train_base(task: Any, model_cfg: ModelConfig, base_cfg: BaseModelConfig, out_dir: str,
-               seed: int = 0, progress: bool = True) -> dict:
-  """Trains the base model from scratch on the task's SFT mixture and saves an HF folder."""
-  t0 = time.time()
-  records = task.sft_records(base_cfg.sft_examples, seed)
-  tokenizer = build_tokenizer(tokenizer_corpus(task, records), vocab_size=base_cfg.vocab_size)
-  if len(tokenizer) > model_cfg.vocab_size:
-    raise ValueError(f"the task's tokenizer has {len(tokenizer)} tokens but model.vocab_size is "
-                     f"{model_cfg.vocab_size}; raise model.vocab_size")
-  ids, mask, loss_mask = encode_sft(tokenizer, records)
-  model = create_model(model_cfg, seed=seed)
-  graphdef, params = nnx.split(model, nnx.Param)
-  tx = make_optimizer(OptimConfig(learning_rate=base_cfg.learning_rate, warmup_steps=50,
-                                  weight_decay=0.01, grad_clip=1.0), base_cfg.sft_steps)
-  opt_state = tx.init(params)
-  step = _sft_step(graphdef, tx)
-  rng = np.random.default_rng(seed)
-  losses = []
-  iterator = range(base_cfg.sft_steps)
-  if progress:
-    from tqdm import tqdm
-    iterator = tqdm(iterator, desc="base model SFT", mininterval=2.0)
-  lengths = mask.sum(axis=1)
-  for i in iterator:
-    idx = rng.integers(0, len(records), base_cfg.batch_size)
-    # Rows are left-padded to the longest record; cut each batch to its own longest row rounded
-    # up to a multiple of 16: short batches cost less, and only a few widths ever compile.
-    width = min(ids.shape[1], -(-int(lengths[idx].max()) // 16) * 16)
-    cut = slice(ids.shape[1] - width, None)
-    params, opt_state, loss = step(params, opt_state, ids[idx, cut], mask[idx, cut],
-                                   loss_mask[idx, cut])
-    if i % 100 == 0 or i == base_cfg.sft_steps - 1:
-      losses.append(float(loss))
-  model = nnx.merge(graphdef, params)
-  os.makedirs(out_dir, exist_ok=True)
-  hf.save_model(model, out_dir)
-  tokenizer.save_pretrained(out_dir)
-  info = dict(task=task.name, sft_steps=base_cfg.sft_steps, final_sft_loss=losses[-1],
-              sft_loss_curve=losses, seconds=round(time.time() - t0, 1),
-              num_params=model_cfg.num_params())
-  # Written last: a folder without it is an interrupted build and is rebuilt.
-  with open(os.path.join(out_dir, DONE_FILE), "w") as f:
-    json.dump(info, f, indent=2)
-  return info
+def train_base(
+    task: Any,
+    model_cfg: ModelConfig,
+    base_cfg: BaseModelConfig,
+    out_dir: str,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict:
+    """Trains the base model from scratch on the task's SFT mixture and saves an HF folder."""
+    t0 = time.time()
+    records = task.sft_records(base_cfg.sft_examples, seed)
+    tokenizer = build_tokenizer(tokenizer_corpus(task, records), vocab_size=base_cfg.vocab_size)
+    if len(tokenizer) > model_cfg.vocab_size:
+        raise ValueError(
+            f"the task's tokenizer has {len(tokenizer)} tokens but model.vocab_size is "
+            f"{model_cfg.vocab_size}; raise model.vocab_size"
+        )
+    ids, mask, loss_mask = encode_sft(tokenizer, records)
+    model = create_model(model_cfg, seed=seed)
+    graphdef, params = nnx.split(model, nnx.Param)
+    tx = make_optimizer(
+        OptimConfig(
+            learning_rate=base_cfg.learning_rate, warmup_steps=50, weight_decay=0.01, grad_clip=1.0
+        ),
+        base_cfg.sft_steps,
+    )
+    opt_state = tx.init(params)
+    step = _sft_step(graphdef, tx)
+    rng = np.random.default_rng(seed)
+    losses = []
+    iterator = range(base_cfg.sft_steps)
+    if progress:
+        from tqdm import tqdm
+
+        iterator = tqdm(iterator, desc="base model SFT", mininterval=2.0)
+    lengths = mask.sum(axis=1)
+    for i in iterator:
+        idx = rng.integers(0, len(records), base_cfg.batch_size)
+        # Rows are left-padded to the longest record; cut each batch to its own longest row rounded
+        # up to a multiple of 16: short batches cost less, and only a few widths ever compile.
+        width = min(ids.shape[1], -(-int(lengths[idx].max()) // 16) * 16)
+        cut = slice(ids.shape[1] - width, None)
+        params, opt_state, loss = step(
+            params, opt_state, ids[idx, cut], mask[idx, cut], loss_mask[idx, cut]
+        )
+        if i % 100 == 0 or i == base_cfg.sft_steps - 1:
+            losses.append(float(loss))
+    model = nnx.merge(graphdef, params)
+    os.makedirs(out_dir, exist_ok=True)
+    hf.save_model(model, out_dir)
+    tokenizer.save_pretrained(out_dir)
+    info = dict(
+        task=task.name,
+        sft_steps=base_cfg.sft_steps,
+        final_sft_loss=losses[-1],
+        sft_loss_curve=losses,
+        seconds=round(time.time() - t0, 1),
+        num_params=model_cfg.num_params(),
+    )
+    # Written last: a folder without it is an interrupted build and is rebuilt.
+    with open(os.path.join(out_dir, DONE_FILE), "w") as f:
+        json.dump(info, f, indent=2)
+    return info
 
 
-def build_or_reuse_base(task_name: str, task_options: dict, model_cfg: ModelConfig,
-                        base_cfg: BaseModelConfig, seed: int = 0, progress: bool = True) -> str:
-  """The cached base model's folder for this task and architecture, trained if missing."""
-  path = os.path.join(base_cfg.cache_dir,
-                      base_key(task_name, task_options, model_cfg, base_cfg, seed))
-  if os.path.exists(os.path.join(path, DONE_FILE)):
-    log.info("reusing base model %s", path)
+def build_or_reuse_base(
+    task_name: str,
+    task_options: dict,
+    model_cfg: ModelConfig,
+    base_cfg: BaseModelConfig,
+    seed: int = 0,
+    progress: bool = True,
+) -> str:
+    """The cached base model's folder for this task and architecture, trained if missing."""
+    path = os.path.join(
+        base_cfg.cache_dir, base_key(task_name, task_options, model_cfg, base_cfg, seed)
+    )
+    if os.path.exists(os.path.join(path, DONE_FILE)):
+        log.info("reusing base model %s", path)
+        return path
+    task = get_task(task_name, **task_options)
+    info = train_base(task, model_cfg, base_cfg, path, seed=seed, progress=progress)
+    log.info(
+        "built base model %s in %.0fs (final SFT loss %.3f)",
+        path,
+        info["seconds"],
+        info["final_sft_loss"],
+    )
     return path
-  task = get_task(task_name, **task_options)
-  info = train_base(task, model_cfg, base_cfg, path, seed=seed, progress=progress)
-  log.info("built base model %s in %.0fs (final SFT loss %.3f)", path, info["seconds"],
-           info["final_sft_loss"])
-  return path
 
 
 def build_all(spec: dict, *, progress: bool = True) -> list[dict]:
-  """Builds (or reuses) a base model per task x size of `spec` (configs/base_models.yaml) and
-  measures whether it reads each context: Acc_x vs Acc_xc on every context of its task."""
-  from ctxjax.evaluate import evaluate_context
+    """Builds (or reuses) a base model per task x size of `spec` (configs/base_models.yaml) and
+    measures whether it reads each context: Acc_x vs Acc_xc on every context of its task."""
+    from ctxjax.evaluate import evaluate_context
 
-  cache_dir = spec.get("cache_dir", "runs/base")
-  ev = spec.get("eval", {})
-  rows = []
-  for task_name, task_spec in spec["tasks"].items():
-    options = dict(task_spec.get("options") or {})
-    base_cfg = dataclasses.replace(BaseModelConfig(), cache_dir=cache_dir,
-                                   **{k: v for k, v in task_spec.items() if k != "options"})
-    for size in spec.get("sizes", list(MODEL_SIZES)):
-      if size not in MODEL_SIZES:
-        raise KeyError(f"unknown model size {size!r}; valid: {sorted(MODEL_SIZES)}")
-      model_cfg = dataclasses.replace(ModelConfig(vocab_size=base_cfg.vocab_size),
-                                      **MODEL_SIZES[size])
-      path = build_or_reuse_base(task_name, options, model_cfg, base_cfg, progress=progress)
-      model, tokenizer = hf.load_model(path), hf.load_tokenizer(path)
-      task = get_task(task_name, **options)
-      for context in task.contexts():
-        res = evaluate_context(model, tokenizer, task, context, examples=ev.get("examples", 64),
-                               max_new_tokens=ev.get("max_new_tokens", 24),
-                               temperature=ev.get("temperature", 1.0), retention=False,
-                               with_cosine=False)
-        rows.append(dict(task=task_name, size=size, context=context,
-                         regime=task.regime(context), acc_x=res["acc_x"], acc_xc=res["acc_xc"],
-                         delta_len=res["delta_len"], path=path))
-  return rows
+    cache_dir = spec.get("cache_dir", "runs/base")
+    ev = spec.get("eval", {})
+    rows = []
+    for task_name, task_spec in spec["tasks"].items():
+        options = dict(task_spec.get("options") or {})
+        base_cfg = dataclasses.replace(
+            BaseModelConfig(),
+            cache_dir=cache_dir,
+            **{k: v for k, v in task_spec.items() if k != "options"},
+        )
+        for size in spec.get("sizes", list(MODEL_SIZES)):
+            if size not in MODEL_SIZES:
+                raise KeyError(f"unknown model size {size!r}; valid: {sorted(MODEL_SIZES)}")
+            model_cfg = dataclasses.replace(
+                ModelConfig(vocab_size=base_cfg.vocab_size), **MODEL_SIZES[size]
+            )
+            path = build_or_reuse_base(task_name, options, model_cfg, base_cfg, progress=progress)
+            model, tokenizer = hf.load_model(path), hf.load_tokenizer(path)
+            task = get_task(task_name, **options)
+            for context in task.contexts():
+                res = evaluate_context(
+                    model,
+                    tokenizer,
+                    task,
+                    context,
+                    examples=ev.get("examples", 64),
+                    max_new_tokens=ev.get("max_new_tokens", 24),
+                    temperature=ev.get("temperature", 1.0),
+                    retention=False,
+                    with_cosine=False,
+                )
+                rows.append(
+                    dict(
+                        task=task_name,
+                        size=size,
+                        context=context,
+                        regime=task.regime(context),
+                        acc_x=res["acc_x"],
+                        acc_xc=res["acc_xc"],
+                        delta_len=res["delta_len"],
+                        path=path,
+                    )
+                )
+    return rows

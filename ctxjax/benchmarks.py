@@ -3,6 +3,7 @@
 torch and transformers are imported inside the functions that compare against them: they are
 test/bench-only dependencies, never needed to train or sample.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -16,202 +17,261 @@ import time
 import numpy as np
 
 # bench_sample: a tiny Llama, big enough that the decode step is real work on a CPU.
-SAMPLE_MODEL = dict(vocab_size=512, hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
-                    num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512)
+SAMPLE_MODEL = dict(
+    vocab_size=512,
+    hidden_size=256,
+    intermediate_size=1024,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    max_position_embeddings=512,
+)
 # Random weights at HF's std 0.02 give near-uniform logits whose argmax flips on float rounding;
 # std 0.1 spreads the logits over several units so the two implementations can agree token for token.
 SAMPLE_INIT_STD = 0.1
 
 
 def _write_json(result: dict, out_json: str | None) -> None:
-  if out_json:
-    with open(out_json, "w") as fh:
-      json.dump(result, fh, indent=2)
+    if out_json:
+        with open(out_json, "w") as fh:
+            json.dump(result, fh, indent=2)
 
 
-def weight_stream_rate(batch: int = 8, width: int = 256, mats: int = 16, reps: int = 100,
-                       calls: int = 5) -> float:
-  """Bytes/s at which a jitted loop of `x[batch, width] @ W[width, 4*width]` streams its weights.
+def weight_stream_rate(
+    batch: int = 8, width: int = 256, mats: int = 16, reps: int = 100, calls: int = 5
+) -> float:
+    """Bytes/s at which a jitted loop of `x[batch, width] @ W[width, 4*width]` streams its weights.
 
-  `mats` distinct fp32 matrices (1 MiB each at width 256, 16 MiB in all: more than the caches of a
-  small CPU) are multiplied in turn, `reps` times inside one `fori_loop`, so the rate is that of the
-  decode step's own kind of matmul (a few rows against a large weight matrix), launch overheads
-  included. The median of `calls` timed calls.
-  """
-  import jax
-  import jax.numpy as jnp
+    `mats` distinct fp32 matrices (1 MiB each at width 256, 16 MiB in all: more than the caches of a
+    small CPU) are multiplied in turn, `reps` times inside one `fori_loop`, so the rate is that of the
+    decode step's own kind of matmul (a few rows against a large weight matrix), launch overheads
+    included. The median of `calls` timed calls.
+    """
+    import jax
+    import jax.numpy as jnp
 
-  rng = np.random.default_rng(0)
-  ws = [jnp.asarray(rng.normal(0, 0.01, (width, 4 * width)).astype(np.float32))
-        for _ in range(mats)]
+    rng = np.random.default_rng(0)
+    ws = [
+        jnp.asarray(rng.normal(0, 0.01, (width, 4 * width)).astype(np.float32)) for _ in range(mats)
+    ]
 
-  @jax.jit
-  def loop(x, ws):
-    def body(_, x):
-      for w in ws:
-        x = x + (x @ w)[:, :width] * 1e-3
-      return x
-    return jax.lax.fori_loop(0, reps, body, x)
+    @jax.jit
+    def loop(x, ws):
+        def body(_, x):
+            for w in ws:
+                x = x + (x @ w)[:, :width] * 1e-3
+            return x
 
-  x = jnp.ones((batch, width), jnp.float32)
-  jax.block_until_ready(loop(x, ws))
-  times = []
-  for _ in range(calls):
-    t0 = time.perf_counter()
+        return jax.lax.fori_loop(0, reps, body, x)
+
+    x = jnp.ones((batch, width), jnp.float32)
     jax.block_until_ready(loop(x, ws))
-    times.append(time.perf_counter() - t0)
-  return mats * reps * ws[0].nbytes / statistics.median(times)
+    times = []
+    for _ in range(calls):
+        t0 = time.perf_counter()
+        jax.block_until_ready(loop(x, ws))
+        times.append(time.perf_counter() - t0)
+    return mats * reps * ws[0].nbytes / statistics.median(times)
 
 
 def decode_bytes_per_step(cfg, batch: int, cache_slots: int) -> int:
-  """Bytes one decode step must read at least: every weight but the embedding table (one row of it
-  per token), and every layer's K and V cache over all slots (the attention reads the whole cache)."""
-  d, v = cfg.hidden_size, cfg.vocab_size
-  weights = cfg.num_params() - (0 if cfg.tie_embeddings else v * d)
-  kv = cfg.num_layers * 2 * batch * cfg.num_kv_heads * cache_slots * cfg.resolved_head_dim
-  return 4 * (weights + kv)  # float32
+    """Bytes one decode step must read at least: every weight but the embedding table (one row of it
+    per token), and every layer's K and V cache over all slots (the attention reads the whole cache)."""
+    d, v = cfg.hidden_size, cfg.vocab_size
+    weights = cfg.num_params() - (0 if cfg.tie_embeddings else v * d)
+    kv = cfg.num_layers * 2 * batch * cfg.num_kv_heads * cache_slots * cfg.resolved_head_dim
+    return 4 * (weights + kv)  # float32
 
 
 def _timing(times_s: list[float], tokens: int) -> dict:
-  median = statistics.median(times_s)
-  return {"times_s": [round(t, 5) for t in times_s], "median_s": round(median, 5),
-          "best_s": round(min(times_s), 5), "tokens_per_s": round(tokens / median, 1)}
+    median = statistics.median(times_s)
+    return {
+        "times_s": [round(t, 5) for t in times_s],
+        "median_s": round(median, 5),
+        "best_s": round(min(times_s), 5),
+        "tokens_per_s": round(tokens / median, 1),
+    }
 
 
-def bench_sample(out_json: str | None = None, *, batch: int = 8, prompt_len: int = 16,
-                 new_tokens: int = 64, reps: int = 5, seed: int = 0,
-                 hf_threads: tuple[int, ...] | None = None, hf_skip_s: float = 10.0) -> dict:
-  """Greedy decoding tokens/s: `ctxjax.sampling.generate` vs transformers `generate()` (torch CPU).
+def bench_sample(
+    out_json: str | None = None,
+    *,
+    batch: int = 8,
+    prompt_len: int = 16,
+    new_tokens: int = 64,
+    reps: int = 5,
+    seed: int = 0,
+    hf_threads: tuple[int, ...] | None = None,
+    hf_skip_s: float = 10.0,
+) -> dict:
+    """Greedy decoding tokens/s: `ctxjax.sampling.generate` vs transformers `generate()` (torch CPU).
 
-  Both run the same random HF Llama (saved with `save_pretrained`, loaded by `ctxjax.hf.load_model`)
-  on the same prompts (no padding, no EOS, `min_new_tokens` so HF cannot stop early). Each side is
-  warmed up once (ours: the compile, reported as `compile_s` = first call minus the median call),
-  then timed `reps` times, alternating ours / theirs so that load from other processes hits both
-  alike. Tokens/s counts generated tokens (batch x new_tokens) over the median wall time of a call.
+    Both run the same random HF Llama (saved with `save_pretrained`, loaded by `ctxjax.hf.load_model`)
+    on the same prompts (no padding, no EOS, `min_new_tokens` so HF cannot stop early). Each side is
+    warmed up once (ours: the compile, reported as `compile_s` = first call minus the median call),
+    then timed `reps` times, alternating ours / theirs so that load from other processes hits both
+    alike. Tokens/s counts generated tokens (batch x new_tokens) over the median wall time of a call.
 
-  torch runs at each thread count in `hf_threads` (default: 1 and torch's default). On a shared CPU
-  torch's multi-threaded kernels can be ~50x slower than single-threaded (its threads wait on a
-  descheduled peer), so the transformers baseline is the *fastest* setting (the ratio is the
-  conservative one); a setting whose warm-up call exceeds `hf_skip_s` seconds is reported, not timed.
-  """
-  import jax
-  import torch
-  import transformers
+    torch runs at each thread count in `hf_threads` (default: 1 and torch's default). On a shared CPU
+    torch's multi-threaded kernels can be ~50x slower than single-threaded (its threads wait on a
+    descheduled peer), so the transformers baseline is the *fastest* setting (the ratio is the
+    conservative one); a setting whose warm-up call exceeds `hf_skip_s` seconds is reported, not timed.
+    """
+    import jax
+    import torch
+    import transformers
 
-  from ctxjax import hf
-  from ctxjax.sampling import generate
+    from ctxjax import hf
+    from ctxjax.sampling import generate
 
-  default_threads = torch.get_num_threads()
-  hf_threads = tuple(dict.fromkeys(hf_threads or (1, default_threads)))
-  rng = np.random.default_rng(seed)
-  prompts = rng.integers(0, SAMPLE_MODEL["vocab_size"], (batch, prompt_len))
-  with tempfile.TemporaryDirectory() as tmp:
-    # eos_token_id None: no EOS anywhere, so neither side can end a row early.
-    hf_cfg = transformers.LlamaConfig(**SAMPLE_MODEL, initializer_range=SAMPLE_INIT_STD,
-                                      tie_word_embeddings=False, eos_token_id=None,
-                                      bos_token_id=None, pad_token_id=0)
-    torch.manual_seed(seed)
-    hf_model = transformers.LlamaForCausalLM(hf_cfg).eval()
-    hf_model.save_pretrained(tmp)
-    ours_model = hf.load_model(tmp)
+    default_threads = torch.get_num_threads()
+    hf_threads = tuple(dict.fromkeys(hf_threads or (1, default_threads)))
+    rng = np.random.default_rng(seed)
+    prompts = rng.integers(0, SAMPLE_MODEL["vocab_size"], (batch, prompt_len))
+    with tempfile.TemporaryDirectory() as tmp:
+        # eos_token_id None: no EOS anywhere, so neither side can end a row early.
+        hf_cfg = transformers.LlamaConfig(
+            **SAMPLE_MODEL,
+            initializer_range=SAMPLE_INIT_STD,
+            tie_word_embeddings=False,
+            eos_token_id=None,
+            bos_token_id=None,
+            pad_token_id=0,
+        )
+        torch.manual_seed(seed)
+        hf_model = transformers.LlamaForCausalLM(hf_cfg).eval()
+        hf_model.save_pretrained(tmp)
+        ours_model = hf.load_model(tmp)
 
-  def run_ours():
-    return generate(ours_model, prompts.tolist(), max_new_tokens=new_tokens).tokens_BxN
+    def run_ours():
+        return generate(ours_model, prompts.tolist(), max_new_tokens=new_tokens).tokens_BxN
 
-  ids = torch.from_numpy(prompts.astype(np.int64))
+    ids = torch.from_numpy(prompts.astype(np.int64))
 
-  @torch.no_grad()
-  def run_hf(threads):
-    torch.set_num_threads(threads)
-    out = hf_model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                            max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=0)
-    return out[:, prompt_len:].numpy()
+    @torch.no_grad()
+    def run_hf(threads):
+        torch.set_num_threads(threads)
+        out = hf_model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            do_sample=False,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            pad_token_id=0,
+        )
+        return out[:, prompt_len:].numpy()
 
-  def timed(fn, *args):
-    t0 = time.perf_counter()
-    out = fn(*args)
-    return out, time.perf_counter() - t0
+    def timed(fn, *args):
+        t0 = time.perf_counter()
+        out = fn(*args)
+        return out, time.perf_counter() - t0
 
-  try:
-    ours_tokens, first_call_s = timed(run_ours)
-    hf_tokens, hf_warmup = {}, {}
+    try:
+        ours_tokens, first_call_s = timed(run_ours)
+        hf_tokens, hf_warmup = {}, {}
+        for th in hf_threads:
+            hf_tokens[th], hf_warmup[th] = timed(run_hf, th)
+        timed_threads = [th for th in hf_threads if hf_warmup[th] <= hf_skip_s]
+        load_before = os.getloadavg()[0]
+        ours_times, hf_times = [], {th: [] for th in timed_threads}
+        for _ in range(reps):
+            ours_times.append(timed(run_ours)[1])
+            for th in timed_threads:
+                hf_times[th].append(timed(run_hf, th)[1])
+        load_after = os.getloadavg()[0]
+    finally:
+        torch.set_num_threads(default_threads)
+
+    # The floor memory traffic sets: bytes a decode step must read over the rate at which this
+    # machine streams weights into small-batch matmuls (measured here, same conditions as the timing).
+    from ctxjax.sampling import bucket_length
+
+    stream_bps = weight_stream_rate(batch=batch)
+    step_bytes = decode_bytes_per_step(
+        ours_model.cfg, batch, bucket_length(prompt_len) + bucket_length(new_tokens)
+    )
+    floor_step_s = step_bytes / stream_bps
+    n_tok = batch * new_tokens
+    ours = _timing(ours_times, n_tok)
+    ours["compile_s"] = round(first_call_s - ours["median_s"], 3)
+    per_threads = {}
     for th in hf_threads:
-      hf_tokens[th], hf_warmup[th] = timed(run_hf, th)
-    timed_threads = [th for th in hf_threads if hf_warmup[th] <= hf_skip_s]
-    load_before = os.getloadavg()[0]
-    ours_times, hf_times = [], {th: [] for th in timed_threads}
-    for _ in range(reps):
-      ours_times.append(timed(run_ours)[1])
-      for th in timed_threads:
-        hf_times[th].append(timed(run_hf, th)[1])
-    load_after = os.getloadavg()[0]
-  finally:
-    torch.set_num_threads(default_threads)
-
-  # The floor memory traffic sets: bytes a decode step must read over the rate at which this
-  # machine streams weights into small-batch matmuls (measured here, same conditions as the timing).
-  from ctxjax.sampling import bucket_length
-  stream_bps = weight_stream_rate(batch=batch)
-  step_bytes = decode_bytes_per_step(ours_model.cfg, batch,
-                                     bucket_length(prompt_len) + bucket_length(new_tokens))
-  floor_step_s = step_bytes / stream_bps
-  n_tok = batch * new_tokens
-  ours = _timing(ours_times, n_tok)
-  ours["compile_s"] = round(first_call_s - ours["median_s"], 3)
-  per_threads = {}
-  for th in hf_threads:
-    per_threads[str(th)] = (_timing(hf_times[th], n_tok) if th in hf_times else
-                            {"skipped": f"warm-up call took {hf_warmup[th]:.1f} s > {hf_skip_s} s"})
-  if not timed_threads:
-    raise RuntimeError(f"every transformers setting was skipped: {per_threads}")
-  best = min(timed_threads, key=lambda th: per_threads[str(th)]["median_s"])
-  theirs = dict(per_threads[str(best)], torch_threads=best)
-  same = {str(th): bool(np.array_equal(ours_tokens, hf_tokens[th])) for th in hf_threads}
-  result = {
-      "benchmark": "sample",
-      "setup": {"model": SAMPLE_MODEL, "init_std": SAMPLE_INIT_STD, "batch": batch,
-                "prompt_len": prompt_len, "new_tokens": new_tokens, "reps": reps,
-                "decoding": "greedy", "jax_backend": jax.default_backend(),
-                "cpu_count": os.cpu_count(), "transformers": transformers.__version__,
-                "torch": torch.__version__, "jax": jax.__version__,
-                # Other processes on the machine skew both sides; the 1-minute load average
-                # before and after the timed loop says how busy it was.
-                "load_avg_1min": [round(load_before, 2), round(load_after, 2)]},
-      "ctxjax": ours,
-      "transformers": theirs,
-      "transformers_by_threads": per_threads,
-      "speedup": round(ours["tokens_per_s"] / theirs["tokens_per_s"], 2),
-      "tokens_identical": all(same.values()),
-      "tokens_identical_by_threads": same,
-      # Decode-only floor (the prefill not counted, so the real ceiling is lower still).
-      "memory_floor": {"weight_stream_gb_per_s": round(stream_bps / 1e9, 2),
-                       "bytes_per_decode_step": step_bytes,
-                       "floor_ms_per_step": round(1e3 * floor_step_s, 3),
-                       "ctxjax_ms_per_step": round(1e3 * ours["median_s"] / new_tokens, 3),
-                       "floor_tokens_per_s": round(batch / floor_step_s, 1),
-                       "floor_speedup": round(batch / floor_step_s / theirs["tokens_per_s"], 2)},
-  }
-  print(f"sample: batch {batch}, prompt {prompt_len}, {new_tokens} new tokens, greedy, "
-        f"median of {reps}; load avg {load_before:.2f} -> {load_after:.2f}")
-  print(f"  {'':22s}{'tokens/s':>10s}{'median s':>10s}{'best s':>10s}{'compile s':>11s}")
-  print(f"  {'ctxjax':22s}{ours['tokens_per_s']:10.1f}{ours['median_s']:10.4f}"
-        f"{ours['best_s']:10.4f}{ours['compile_s']:11.2f}")
-  for th, row in per_threads.items():
-    name = f"transformers ({th} thr)"
-    if "skipped" in row:
-      print(f"  {name:22s}  skipped: {row['skipped']}")
-    else:
-      print(f"  {name:22s}{row['tokens_per_s']:10.1f}{row['median_s']:10.4f}{row['best_s']:10.4f}"
-            f"{'-':>11s}")
-  print(f"  speedup vs the fastest transformers setting ({best} thr): {result['speedup']}x; "
-        f"identical tokens: {result['tokens_identical']}")
-  mf = result["memory_floor"]
-  print(f"  memory floor: {mf['bytes_per_decode_step'] / 2**20:.1f} MiB per decode step at "
+        per_threads[str(th)] = (
+            _timing(hf_times[th], n_tok)
+            if th in hf_times
+            else {"skipped": f"warm-up call took {hf_warmup[th]:.1f} s > {hf_skip_s} s"}
+        )
+    if not timed_threads:
+        raise RuntimeError(f"every transformers setting was skipped: {per_threads}")
+    best = min(timed_threads, key=lambda th: per_threads[str(th)]["median_s"])
+    theirs = dict(per_threads[str(best)], torch_threads=best)
+    same = {str(th): bool(np.array_equal(ours_tokens, hf_tokens[th])) for th in hf_threads}
+    result = {
+        "benchmark": "sample",
+        "setup": {
+            "model": SAMPLE_MODEL,
+            "init_std": SAMPLE_INIT_STD,
+            "batch": batch,
+            "prompt_len": prompt_len,
+            "new_tokens": new_tokens,
+            "reps": reps,
+            "decoding": "greedy",
+            "jax_backend": jax.default_backend(),
+            "cpu_count": os.cpu_count(),
+            "transformers": transformers.__version__,
+            "torch": torch.__version__,
+            "jax": jax.__version__,
+            # Other processes on the machine skew both sides; the 1-minute load average
+            # before and after the timed loop says how busy it was.
+            "load_avg_1min": [round(load_before, 2), round(load_after, 2)],
+        },
+        "ctxjax": ours,
+        "transformers": theirs,
+        "transformers_by_threads": per_threads,
+        "speedup": round(ours["tokens_per_s"] / theirs["tokens_per_s"], 2),
+        "tokens_identical": all(same.values()),
+        "tokens_identical_by_threads": same,
+        # Decode-only floor (the prefill not counted, so the real ceiling is lower still).
+        "memory_floor": {
+            "weight_stream_gb_per_s": round(stream_bps / 1e9, 2),
+            "bytes_per_decode_step": step_bytes,
+            "floor_ms_per_step": round(1e3 * floor_step_s, 3),
+            "ctxjax_ms_per_step": round(1e3 * ours["median_s"] / new_tokens, 3),
+            "floor_tokens_per_s": round(batch / floor_step_s, 1),
+            "floor_speedup": round(batch / floor_step_s / theirs["tokens_per_s"], 2),
+        },
+    }
+    print(
+        f"sample: batch {batch}, prompt {prompt_len}, {new_tokens} new tokens, greedy, "
+        f"median of {reps}; load avg {load_before:.2f} -> {load_after:.2f}"
+    )
+    print(f"  {'':22s}{'tokens/s':>10s}{'median s':>10s}{'best s':>10s}{'compile s':>11s}")
+    print(
+        f"  {'ctxjax':22s}{ours['tokens_per_s']:10.1f}{ours['median_s']:10.4f}"
+        f"{ours['best_s']:10.4f}{ours['compile_s']:11.2f}"
+    )
+    for th, row in per_threads.items():
+        name = f"transformers ({th} thr)"
+        if "skipped" in row:
+            print(f"  {name:22s}  skipped: {row['skipped']}")
+        else:
+            print(
+                f"  {name:22s}{row['tokens_per_s']:10.1f}{row['median_s']:10.4f}{row['best_s']:10.4f}"
+                f"{'-':>11s}"
+            )
+    print(
+        f"  speedup vs the fastest transformers setting ({best} thr): {result['speedup']}x; "
+        f"identical tokens: {result['tokens_identical']}"
+    )
+    mf = result["memory_floor"]
+    print(
+        f"  memory floor: {mf['bytes_per_decode_step'] / 2**20:.1f} MiB per decode step at "
         f"{mf['weight_stream_gb_per_s']} GB/s = {mf['floor_ms_per_step']} ms/step "
         f"(ours {mf['ctxjax_ms_per_step']} ms/token step, prefill included) -> at most "
-        f"{mf['floor_tokens_per_s']} tok/s, {mf['floor_speedup']}x transformers")
-  _write_json(result, out_json)
-  return result
+        f"{mf['floor_tokens_per_s']} tok/s, {mf['floor_speedup']}x transformers"
+    )
+    _write_json(result, out_json)
+    return result
 
 
 # --------------------------------------------------------------------------------------------------
@@ -221,416 +281,629 @@ def bench_sample(out_json: str | None = None, *, batch: int = 8, prompt_len: int
 # Part 1 (timing). "small" is the CPU default run (`RunConfig`'s model and data sizes); rollouts run
 # the full budget (no EOS) so every step does the same work.
 TRAIN_PRESETS = {
-    "quick": dict(model=dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_layers=1,
-                             num_heads=4, num_kv_heads=2),
-                  batch=4, prompt_len=8, ctx_prompt_len=12, new_tokens=4),
-    "small": dict(model=dict(vocab_size=320, hidden_size=64, intermediate_size=256, num_layers=4,
-                             num_heads=4, num_kv_heads=2),
-                  batch=32, prompt_len=32, ctx_prompt_len=48, new_tokens=16),
-    "medium": dict(model=dict(vocab_size=2048, hidden_size=128, intermediate_size=512,
-                              num_layers=4, num_heads=4, num_kv_heads=2),
-                   batch=32, prompt_len=64, ctx_prompt_len=96, new_tokens=32),
+    "quick": dict(
+        model=dict(
+            vocab_size=128,
+            hidden_size=32,
+            intermediate_size=64,
+            num_layers=1,
+            num_heads=4,
+            num_kv_heads=2,
+        ),
+        batch=4,
+        prompt_len=8,
+        ctx_prompt_len=12,
+        new_tokens=4,
+    ),
+    "small": dict(
+        model=dict(
+            vocab_size=320,
+            hidden_size=64,
+            intermediate_size=256,
+            num_layers=4,
+            num_heads=4,
+            num_kv_heads=2,
+        ),
+        batch=32,
+        prompt_len=32,
+        ctx_prompt_len=48,
+        new_tokens=16,
+    ),
+    "medium": dict(
+        model=dict(
+            vocab_size=2048,
+            hidden_size=128,
+            intermediate_size=512,
+            num_layers=4,
+            num_heads=4,
+            num_kv_heads=2,
+        ),
+        batch=32,
+        prompt_len=64,
+        ctx_prompt_len=96,
+        new_tokens=32,
+    ),
 }
 # Part 2 (memory). The vocabulary is what matters: a narrow model with a 32k vocabulary, so the
 # [B, N, V] logits dwarf the transformer's own activations.
 TRAIN_MEMORY = {
-    "full": dict(model=dict(vocab_size=32768, hidden_size=256, intermediate_size=1024,
-                            num_layers=2, num_heads=4, num_kv_heads=4),
-                 batch=4, context_len=128, prompt_len=128, new_tokens=256,
-                 step_chunks=(0, 32, 64), loss_chunks=(0, 16, 32, 64)),
-    "quick": dict(model=dict(vocab_size=2048, hidden_size=32, intermediate_size=64,
-                             num_layers=1, num_heads=2, num_kv_heads=2),
-                  batch=2, context_len=8, prompt_len=8, new_tokens=32,
-                  # No whole-step compile (the costliest item, ~5-10 s on 2 shared cores): quick
-                  # mode exists for a < 30 s test.
-                  step_chunks=(), loss_chunks=(0, 8)),
+    "full": dict(
+        model=dict(
+            vocab_size=32768,
+            hidden_size=256,
+            intermediate_size=1024,
+            num_layers=2,
+            num_heads=4,
+            num_kv_heads=4,
+        ),
+        batch=4,
+        context_len=128,
+        prompt_len=128,
+        new_tokens=256,
+        step_chunks=(0, 32, 64),
+        loss_chunks=(0, 16, 32, 64),
+    ),
+    "quick": dict(
+        model=dict(
+            vocab_size=2048,
+            hidden_size=32,
+            intermediate_size=64,
+            num_layers=1,
+            num_heads=2,
+            num_kv_heads=2,
+        ),
+        batch=2,
+        context_len=8,
+        prompt_len=8,
+        new_tokens=32,
+        # No whole-step compile (the costliest item, ~5-10 s on 2 shared cores): quick
+        # mode exists for a < 30 s test.
+        step_chunks=(),
+        loss_chunks=(0, 8),
+    ),
 }
 # Quick mode compiles with XLA's cheap backend settings: compiling is nearly all of its cost, and
 # these LLVM options change neither the HLO nor its buffer assignment (so not the memory figures).
-QUICK_COMPILER_OPTIONS = {"xla_backend_optimization_level": 0,
-                          "xla_llvm_disable_expensive_passes": True}
+QUICK_COMPILER_OPTIONS = {
+    "xla_backend_optimization_level": 0,
+    "xla_llvm_disable_expensive_passes": True,
+}
 MATMUL_PEAK_SHAPE = (1024, 1024, 1024)  # M, N, K of the fp32 matmul that measures the CPU's peak
 LOSS_MEMORY_TARGET = 1 / 3  # loss temporaries at most this fraction of the full fp32 logits
 
 
 def _block(tree):
-  import jax
-  return jax.tree.map(lambda x: x.block_until_ready(), tree)
+    import jax
+
+    return jax.tree.map(lambda x: x.block_until_ready(), tree)
 
 
 def _time_call(fn, *args) -> tuple[object, float]:
-  t0 = time.perf_counter()
-  out = _block(fn(*args))
-  return out, time.perf_counter() - t0
+    t0 = time.perf_counter()
+    out = _block(fn(*args))
+    return out, time.perf_counter() - t0
 
 
 def _xla_flops(compiled) -> float:
-  """XLA's cost-analysis FLOPs (a dict, or a one-element list of dicts in older jax).
+    """XLA's cost-analysis FLOPs (a dict, or a one-element list of dicts in older jax).
 
-  XLA counts a while/scan body once, not once per trip: loops must be corrected by the caller.
-  """
-  cost = compiled.cost_analysis()
-  if isinstance(cost, (list, tuple)):
-    cost = cost[0] if cost else {}
-  return float((cost or {}).get("flops", float("nan")))
+    XLA counts a while/scan body once, not once per trip: loops must be corrected by the caller.
+    """
+    cost = compiled.cost_analysis()
+    if isinstance(cost, (list, tuple)):
+        cost = cost[0] if cost else {}
+    return float((cost or {}).get("flops", float("nan")))
 
 
 def _memory(compiled, full_logits_bytes: int) -> dict:
-  m = compiled.memory_analysis()
-  return {"temp_bytes": int(m.temp_size_in_bytes), "argument_bytes": int(m.argument_size_in_bytes),
-          "output_bytes": int(m.output_size_in_bytes), "alias_bytes": int(m.alias_size_in_bytes),
-          "temp_over_full_logits": round(m.temp_size_in_bytes / full_logits_bytes, 4)}
+    m = compiled.memory_analysis()
+    return {
+        "temp_bytes": int(m.temp_size_in_bytes),
+        "argument_bytes": int(m.argument_size_in_bytes),
+        "output_bytes": int(m.output_size_in_bytes),
+        "alias_bytes": int(m.alias_size_in_bytes),
+        "temp_over_full_logits": round(m.temp_size_in_bytes / full_logits_bytes, 4),
+    }
 
 
-def _train_batch(rng: np.random.Generator, vocab: int, batch: int, prompt_len: int,
-                 ctx_prompt_len: int) -> dict:
-  """Left-padded random `[x]` and `[c|x]` (uneven lengths, so padding is exercised)."""
-  def pad(seqs, width):
-    ids, mask = np.zeros((batch, width), np.int32), np.zeros((batch, width), bool)
-    for i, s in enumerate(seqs):
-      ids[i, width - len(s):], mask[i, width - len(s):] = s, True
-    return ids, mask
+def _train_batch(
+    rng: np.random.Generator, vocab: int, batch: int, prompt_len: int, ctx_prompt_len: int
+) -> dict:
+    """Left-padded random `[x]` and `[c|x]` (uneven lengths, so padding is exercised)."""
 
-  prompts = [rng.integers(1, vocab, rng.integers(max(1, prompt_len // 2), prompt_len + 1))
-             for _ in range(batch)]
-  ctx = [np.concatenate([rng.integers(1, vocab, rng.integers(1, ctx_prompt_len - len(x) + 1)), x])
-         for x in prompts]
-  (ids_x, mask_x), (ids_c, mask_c) = pad(prompts, prompt_len), pad(ctx, ctx_prompt_len)
-  return dict(prompt_ids=ids_x, prompt_mask=mask_x, ctx_prompt_ids=ids_c, ctx_prompt_mask=mask_c)
+    def pad(seqs, width):
+        ids, mask = np.zeros((batch, width), np.int32), np.zeros((batch, width), bool)
+        for i, s in enumerate(seqs):
+            ids[i, width - len(s) :], mask[i, width - len(s) :] = s, True
+        return ids, mask
+
+    prompts = [
+        rng.integers(1, vocab, rng.integers(max(1, prompt_len // 2), prompt_len + 1))
+        for _ in range(batch)
+    ]
+    ctx = [
+        np.concatenate([rng.integers(1, vocab, rng.integers(1, ctx_prompt_len - len(x) + 1)), x])
+        for x in prompts
+    ]
+    (ids_x, mask_x), (ids_c, mask_c) = pad(prompts, prompt_len), pad(ctx, ctx_prompt_len)
+    return dict(prompt_ids=ids_x, prompt_mask=mask_x, ctx_prompt_ids=ids_c, ctx_prompt_mask=mask_c)
 
 
 def _student_loss(params, data: dict, h_t, w_t, graphdef, loss_cfg, beta, count):
-  """`step.distill_loss` with the teacher's hidden states given: the two student passes + loss."""
-  import jax.numpy as jnp
-  from flax import nnx
+    """`step.distill_loss` with the teacher's hidden states given: the two student passes + loss."""
+    import jax.numpy as jnp
+    from flax import nnx
 
-  from ctxjax.step import per_token_losses, response_hidden
+    from ctxjax.step import per_token_losses, response_hidden
 
-  model = nnx.merge(graphdef, params, copy=True)
-  h_nc = response_hidden(model, data["prompt_ids"], data["prompt_mask"], data["resp"], data["mask"])
-  h_c = (response_hidden(model, data["ctx_prompt_ids"], data["ctx_prompt_mask"], data["resp"],
-                         data["mask"]) if loss_cfg.uses_consistency else None)
-  opd, cons, rkl = per_token_losses(loss_cfg, loss_cfg.uses_consistency, h_nc, h_c, h_t,
-                                    model.unembed_matrix(), w_t, data["resp"])
-  m = data["mask"].astype(jnp.float32)
-  loss = ((opd * m).sum() + beta * (cons * m).sum()) / count
-  return loss, (rkl * m).sum()
+    model = nnx.merge(graphdef, params, copy=True)
+    h_nc = response_hidden(
+        model, data["prompt_ids"], data["prompt_mask"], data["resp"], data["mask"]
+    )
+    h_c = (
+        response_hidden(
+            model, data["ctx_prompt_ids"], data["ctx_prompt_mask"], data["resp"], data["mask"]
+        )
+        if loss_cfg.uses_consistency
+        else None
+    )
+    opd, cons, rkl = per_token_losses(
+        loss_cfg,
+        loss_cfg.uses_consistency,
+        h_nc,
+        h_c,
+        h_t,
+        model.unembed_matrix(),
+        w_t,
+        data["resp"],
+    )
+    m = data["mask"].astype(jnp.float32)
+    loss = ((opd * m).sum() + beta * (cons * m).sum()) / count
+    return loss, (rkl * m).sum()
 
 
 def _forward_flops(cfg, rows: int, queries: int, keys: int, projected: int) -> int:
-  """Matmul FLOPs of one forward: `queries` slots per row attending to `keys` slots (the model
-  computes every query x key score, masked or not), `projected` positions per row unembedded."""
-  d, f, h, k, dh = (cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads,
-                    cfg.resolved_head_dim)
-  per_token = 2 * (d * h * dh + 2 * d * k * dh + h * dh * d) + 2 * 3 * d * f + 4 * h * dh * keys
-  return rows * (cfg.num_layers * queries * per_token + projected * 2 * d * cfg.vocab_size)
+    """Matmul FLOPs of one forward: `queries` slots per row attending to `keys` slots (the model
+    computes every query x key score, masked or not), `projected` positions per row unembedded."""
+    d, f, h, k, dh = (
+        cfg.hidden_size,
+        cfg.intermediate_size,
+        cfg.num_heads,
+        cfg.num_kv_heads,
+        cfg.resolved_head_dim,
+    )
+    per_token = 2 * (d * h * dh + 2 * d * k * dh + h * dh * d) + 2 * 3 * d * f + 4 * h * dh * keys
+    return rows * (cfg.num_layers * queries * per_token + projected * 2 * d * cfg.vocab_size)
 
 
 def _step_flops_analytic(cfg, b: int, p: int, q: int, n: int, loss_cfg) -> dict:
-  """Matmul FLOPs of one train step by part (backward = 2x forward; embedding gathers, softmaxes
-  and the optimizer's elementwise work are left out)."""
-  sample = _forward_flops(cfg, b, p, p + n, 1) + (n - 1) * _forward_flops(cfg, b, 1, p + n, 1)
-  proj = 2 * b * n * cfg.hidden_size * cfg.vocab_size  # one [B, N, D] x [D, V] projection
-  remat = 1 if 0 < loss_cfg.chunk_size < n else 0  # chunked loss recomputes its logits
-  views = 2 if loss_cfg.uses_consistency else 1
-  teacher = _forward_flops(cfg, b, q + n, q + n, 0) + (1 + remat) * proj
-  student = (3 * (_forward_flops(cfg, b, p + n, p + n, 0)
-                  + (_forward_flops(cfg, b, q + n, q + n, 0) if views == 2 else 0))
-             + views * (3 + remat) * proj)
-  return {"sample": sample, "teacher": teacher, "student": student,
-          "total": sample + teacher + student}
+    """Matmul FLOPs of one train step by part (backward = 2x forward; embedding gathers, softmaxes
+    and the optimizer's elementwise work are left out)."""
+    sample = _forward_flops(cfg, b, p, p + n, 1) + (n - 1) * _forward_flops(cfg, b, 1, p + n, 1)
+    proj = 2 * b * n * cfg.hidden_size * cfg.vocab_size  # one [B, N, D] x [D, V] projection
+    remat = 1 if 0 < loss_cfg.chunk_size < n else 0  # chunked loss recomputes its logits
+    views = 2 if loss_cfg.uses_consistency else 1
+    teacher = _forward_flops(cfg, b, q + n, q + n, 0) + (1 + remat) * proj
+    student = (
+        3
+        * (
+            _forward_flops(cfg, b, p + n, p + n, 0)
+            + (_forward_flops(cfg, b, q + n, q + n, 0) if views == 2 else 0)
+        )
+        + views * (3 + remat) * proj
+    )
+    return {
+        "sample": sample,
+        "teacher": teacher,
+        "student": student,
+        "total": sample + teacher + student,
+    }
 
 
 def _peak_matmul(reps: int) -> dict:
-  import jax
-  import jax.numpy as jnp
+    import jax
+    import jax.numpy as jnp
 
-  m, n, k = MATMUL_PEAK_SHAPE
-  a = jax.random.normal(jax.random.key(0), (m, k), jnp.float32)
-  b = jax.random.normal(jax.random.key(1), (k, n), jnp.float32)
-  matmul = jax.jit(jnp.matmul)
-  _time_call(matmul, a, b)
-  times = [_time_call(matmul, a, b)[1] for _ in range(reps)]
-  median = statistics.median(times)
-  return {"shape_mnk": [m, n, k], "times_s": [round(t, 5) for t in times],
-          "median_s": round(median, 5), "flops_per_s": 2 * m * n * k / median,
-          "best_flops_per_s": 2 * m * n * k / min(times)}
+    m, n, k = MATMUL_PEAK_SHAPE
+    a = jax.random.normal(jax.random.key(0), (m, k), jnp.float32)
+    b = jax.random.normal(jax.random.key(1), (k, n), jnp.float32)
+    matmul = jax.jit(jnp.matmul)
+    _time_call(matmul, a, b)
+    times = [_time_call(matmul, a, b)[1] for _ in range(reps)]
+    median = statistics.median(times)
+    return {
+        "shape_mnk": [m, n, k],
+        "times_s": [round(t, 5) for t in times],
+        "median_s": round(median, 5),
+        "flops_per_s": 2 * m * n * k / median,
+        "best_flops_per_s": 2 * m * n * k / min(times),
+    }
 
 
 def _train_parts(graphdef, teacher_graphdef, tx, new_tokens: int, sampling, copts: dict | None):
-  """The step's parts, each its own jitted function: sampling, the teacher's hidden states and
-  logits, value_and_grad of the student passes + loss (`_student_loss`), the optax update."""
-  import jax
-  import optax
-  from flax import nnx
+    """The step's parts, each its own jitted function: sampling, the teacher's hidden states and
+    logits, value_and_grad of the student passes + loss (`_student_loss`), the optax update."""
+    import jax
+    import optax
+    from flax import nnx
 
-  from ctxjax.sampling import sample
-  from ctxjax.step import response_hidden
+    from ctxjax.sampling import sample
+    from ctxjax.step import response_hidden
 
-  @functools.partial(jax.jit, compiler_options=copts)
-  def sample_part(params, ids, mask, rng):
-    return sample(nnx.merge(graphdef, params), ids, mask, rng, max_new_tokens=new_tokens,
-                  params=sampling, eos_ids=(), pad_id=0)
+    @functools.partial(jax.jit, compiler_options=copts)
+    def sample_part(params, ids, mask, rng):
+        return sample(
+            nnx.merge(graphdef, params),
+            ids,
+            mask,
+            rng,
+            max_new_tokens=new_tokens,
+            params=sampling,
+            eos_ids=(),
+            pad_id=0,
+        )
 
-  @functools.partial(jax.jit, compiler_options=copts)
-  def teacher_part(teacher_params, data):
-    teacher = nnx.merge(teacher_graphdef, teacher_params)
-    h_t = response_hidden(teacher, data["ctx_prompt_ids"], data["ctx_prompt_mask"], data["resp"],
-                          data["mask"])
-    return h_t, teacher.unembed_matrix(), teacher.logits(h_t)
+    @functools.partial(jax.jit, compiler_options=copts)
+    def teacher_part(teacher_params, data):
+        teacher = nnx.merge(teacher_graphdef, teacher_params)
+        h_t = response_hidden(
+            teacher, data["ctx_prompt_ids"], data["ctx_prompt_mask"], data["resp"], data["mask"]
+        )
+        return h_t, teacher.unembed_matrix(), teacher.logits(h_t)
 
-  student_part = jax.jit(jax.value_and_grad(_student_loss, has_aux=True), static_argnums=(4, 5),
-                         compiler_options=copts)
+    student_part = jax.jit(
+        jax.value_and_grad(_student_loss, has_aux=True),
+        static_argnums=(4, 5),
+        compiler_options=copts,
+    )
 
-  @functools.partial(jax.jit, compiler_options=copts)
-  def optimizer_part(grads, opt_state, params):
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state
+    @functools.partial(jax.jit, compiler_options=copts)
+    def optimizer_part(grads, opt_state, params):
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
 
-  return sample_part, teacher_part, student_part, optimizer_part
+    return sample_part, teacher_part, student_part, optimizer_part
 
 
 def _time_train_step(preset: dict, reps: int, seed: int, copts: dict | None) -> dict:
-  """Part 1: the jitted step and its parts, each jitted on its own, timed in turn each rep."""
-  import jax
-  import jax.numpy as jnp
-  from flax import nnx
+    """Part 1: the jitted step and its parts, each jitted on its own, timed in turn each rep."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
 
-  from ctxjax.config import LossConfig, OptimConfig, RolloutConfig
-  from ctxjax.model import ModelConfig, create_model, init_cache
-  from ctxjax.sampling import SamplingParams
-  from ctxjax.step import StepConfig, init_state, jit_train_step, make_optimizer, make_train_step
+    from ctxjax.config import LossConfig, OptimConfig, RolloutConfig
+    from ctxjax.model import ModelConfig, create_model, init_cache
+    from ctxjax.sampling import SamplingParams
+    from ctxjax.step import StepConfig, init_state, jit_train_step, make_optimizer, make_train_step
 
-  cfg = ModelConfig(**preset["model"])
-  b, p, q, n = preset["batch"], preset["prompt_len"], preset["ctx_prompt_len"], preset["new_tokens"]
-  loss_cfg = LossConfig()
-  rollout = RolloutConfig(max_new_tokens=n, temperature=1.0)
-  step_cfg = StepConfig(loss=loss_cfg, optim=OptimConfig(), rollout=rollout, total_steps=1000,
-                        micro_batches=1, eos_ids=(), pad_id=0)
-  tx = make_optimizer(step_cfg.optim, step_cfg.total_steps)
-  graphdef, state = init_state(create_model(cfg, seed), tx)
-  teacher_graphdef, teacher_params = nnx.split(create_model(cfg, seed + 1), nnx.Param)
-  batch = {k: jnp.asarray(v) for k, v in
-           _train_batch(np.random.default_rng(seed), cfg.vocab_size, b, p, q).items()}
-  # The parts get their own copy: the whole step donates (and so consumes) its state.
-  params, opt_state = jax.tree.map(jnp.copy, (state.params, state.opt_state))
-  step = jit_train_step(make_train_step(graphdef, teacher_graphdef, tx, step_cfg))
-  sampling = SamplingParams(temperature=rollout.temperature)
+    cfg = ModelConfig(**preset["model"])
+    b, p, q, n = (
+        preset["batch"],
+        preset["prompt_len"],
+        preset["ctx_prompt_len"],
+        preset["new_tokens"],
+    )
+    loss_cfg = LossConfig()
+    rollout = RolloutConfig(max_new_tokens=n, temperature=1.0)
+    step_cfg = StepConfig(
+        loss=loss_cfg,
+        optim=OptimConfig(),
+        rollout=rollout,
+        total_steps=1000,
+        micro_batches=1,
+        eos_ids=(),
+        pad_id=0,
+    )
+    tx = make_optimizer(step_cfg.optim, step_cfg.total_steps)
+    graphdef, state = init_state(create_model(cfg, seed), tx)
+    teacher_graphdef, teacher_params = nnx.split(create_model(cfg, seed + 1), nnx.Param)
+    batch = {
+        k: jnp.asarray(v)
+        for k, v in _train_batch(np.random.default_rng(seed), cfg.vocab_size, b, p, q).items()
+    }
+    # The parts get their own copy: the whole step donates (and so consumes) its state.
+    params, opt_state = jax.tree.map(jnp.copy, (state.params, state.opt_state))
+    step = jit_train_step(make_train_step(graphdef, teacher_graphdef, tx, step_cfg))
+    sampling = SamplingParams(temperature=rollout.temperature)
 
-  sample_part, teacher_part, student_part, optimizer_part = _train_parts(
-      graphdef, teacher_graphdef, tx, n, sampling, copts)
+    sample_part, teacher_part, student_part, optimizer_part = _train_parts(
+        graphdef, teacher_graphdef, tx, n, sampling, copts
+    )
 
-  rng = jax.random.key(seed)
-  rollout_out, sample_first = _time_call(sample_part, params, batch["prompt_ids"],
-                                         batch["prompt_mask"], rng)
-  data = dict(batch, resp=rollout_out.tokens_BxN, mask=rollout_out.mask_BxN)
-  count = jnp.maximum(data["mask"].sum(), 1).astype(jnp.float32)
-  beta = jnp.float32(loss_cfg.beta)
-  (h_t, w_t, _), teacher_first = _time_call(teacher_part, teacher_params, data)
-  student_args = (params, data, h_t, w_t, graphdef, loss_cfg, beta, count)
-  (_, grads), student_first = _time_call(student_part, *student_args)
-  _, optimizer_first = _time_call(optimizer_part, grads, opt_state, params)
-  # Compiled ahead of time (and called as such) for XLA's FLOPs; calls donate `state`.
-  t0 = time.perf_counter()
-  step = step.lower(state, teacher_params, batch, rng).compile(compiler_options=copts)
-  step_compile_s = time.perf_counter() - t0
+    rng = jax.random.key(seed)
+    rollout_out, sample_first = _time_call(
+        sample_part, params, batch["prompt_ids"], batch["prompt_mask"], rng
+    )
+    data = dict(batch, resp=rollout_out.tokens_BxN, mask=rollout_out.mask_BxN)
+    count = jnp.maximum(data["mask"].sum(), 1).astype(jnp.float32)
+    beta = jnp.float32(loss_cfg.beta)
+    (h_t, w_t, _), teacher_first = _time_call(teacher_part, teacher_params, data)
+    student_args = (params, data, h_t, w_t, graphdef, loss_cfg, beta, count)
+    (_, grads), student_first = _time_call(student_part, *student_args)
+    _, optimizer_first = _time_call(optimizer_part, grads, opt_state, params)
+    # Compiled ahead of time (and called as such) for XLA's FLOPs; calls donate `state`.
+    t0 = time.perf_counter()
+    step = step.lower(state, teacher_params, batch, rng).compile(compiler_options=copts)
+    step_compile_s = time.perf_counter() - t0
 
-  @jax.jit
-  def decode_step(params, cache, tokens_B, positions_B):  # one trip of the sampler's while loop
-    model = nnx.merge(graphdef, params)
-    out = model.forward(tokens_B[:, None], positions_BxL=positions_B[:, None], cache=cache)
-    return model.logits(out.hidden_BxLxD[:, 0])
+    @jax.jit
+    def decode_step(params, cache, tokens_B, positions_B):  # one trip of the sampler's while loop
+        model = nnx.merge(graphdef, params)
+        out = model.forward(tokens_B[:, None], positions_BxL=positions_B[:, None], cache=cache)
+        return model.logits(out.hidden_BxLxD[:, 0])
 
-  zeros_B = jnp.zeros(b, jnp.int32)
-  decode_flops = _xla_flops(decode_step.lower(params, init_cache(cfg, b, p + n), zeros_B,
-                                              zeros_B).compile(compiler_options=copts))
-  state, _ = _block(step(state, teacher_params, batch, rng))  # warm-up
+    zeros_B = jnp.zeros(b, jnp.int32)
+    decode_flops = _xla_flops(
+        decode_step.lower(params, init_cache(cfg, b, p + n), zeros_B, zeros_B).compile(
+            compiler_options=copts
+        )
+    )
+    state, _ = _block(step(state, teacher_params, batch, rng))  # warm-up
 
-  parts = {"sample": (sample_part, (params, batch["prompt_ids"], batch["prompt_mask"], rng)),
-           "teacher": (teacher_part, (teacher_params, data)),
-           "student": (student_part, student_args),
-           "optimizer": (optimizer_part, (grads, opt_state, params))}
-  firsts = {"sample": sample_first, "teacher": teacher_first,
-            "student": student_first, "optimizer": optimizer_first}
-  times = {name: [] for name in ("step", *parts)}
-  load_before = os.getloadavg()[0]
-  for rep in range(reps):
-    (state, _), dt = _time_call(step, state, teacher_params, batch, jax.random.fold_in(rng, rep))
-    times["step"].append(dt)
-    for name, (fn, args) in parts.items():
-      times[name].append(_time_call(fn, *args)[1])
-  load_after = os.getloadavg()[0]
+    parts = {
+        "sample": (sample_part, (params, batch["prompt_ids"], batch["prompt_mask"], rng)),
+        "teacher": (teacher_part, (teacher_params, data)),
+        "student": (student_part, student_args),
+        "optimizer": (optimizer_part, (grads, opt_state, params)),
+    }
+    firsts = {
+        "sample": sample_first,
+        "teacher": teacher_first,
+        "student": student_first,
+        "optimizer": optimizer_first,
+    }
+    times = {name: [] for name in ("step", *parts)}
+    load_before = os.getloadavg()[0]
+    for rep in range(reps):
+        (state, _), dt = _time_call(
+            step, state, teacher_params, batch, jax.random.fold_in(rng, rep)
+        )
+        times["step"].append(dt)
+        for name, (fn, args) in parts.items():
+            times[name].append(_time_call(fn, *args)[1])
+    load_after = os.getloadavg()[0]
 
-  tokens = b * n
-  timing = {name: _timing(ts, tokens) for name, ts in times.items()}
-  for name, row in timing.items():
-    # The parts compile on their first call; the step was compiled ahead of time.
-    compile_s = step_compile_s if name == "step" else firsts[name] - row["median_s"]
-    row["compile_s"] = round(compile_s, 3)
-    row["share_of_step"] = round(row["median_s"] / timing["step"]["median_s"], 4)
-  for name in parts:  # tokens/s is a whole-step figure
-    del timing[name]["tokens_per_s"]
-  flops = {"analytic": _step_flops_analytic(cfg, b, p, q, n, loss_cfg),
-           "xla_raw": _xla_flops(step), "xla_decode_step": decode_flops}
-  # The decode while loop runs n - 1 times but XLA counts its body once (Part 1 does not chunk the
-  # loss, so there is no scan to correct for).
-  flops["xla_loop_corrected"] = flops["xla_raw"] + (n - 2) * decode_flops
-  return {"setup": {"model": preset["model"], "batch": b, "prompt_len": p, "ctx_prompt_len": q,
-                    "new_tokens": n, "temperature": rollout.temperature, "eos": None,
-                    "loss": dataclasses.asdict(loss_cfg), "reps": reps,
-                    "num_params": cfg.num_params(),
-                    "load_avg_1min": [round(load_before, 2), round(load_after, 2)]},
-          "timing": timing,
-          "sum_of_parts_s": round(sum(timing[k]["median_s"] for k in parts), 5),
-          "flops": flops}
+    tokens = b * n
+    timing = {name: _timing(ts, tokens) for name, ts in times.items()}
+    for name, row in timing.items():
+        # The parts compile on their first call; the step was compiled ahead of time.
+        compile_s = step_compile_s if name == "step" else firsts[name] - row["median_s"]
+        row["compile_s"] = round(compile_s, 3)
+        row["share_of_step"] = round(row["median_s"] / timing["step"]["median_s"], 4)
+    for name in parts:  # tokens/s is a whole-step figure
+        del timing[name]["tokens_per_s"]
+    flops = {
+        "analytic": _step_flops_analytic(cfg, b, p, q, n, loss_cfg),
+        "xla_raw": _xla_flops(step),
+        "xla_decode_step": decode_flops,
+    }
+    # The decode while loop runs n - 1 times but XLA counts its body once (Part 1 does not chunk the
+    # loss, so there is no scan to correct for).
+    flops["xla_loop_corrected"] = flops["xla_raw"] + (n - 2) * decode_flops
+    return {
+        "setup": {
+            "model": preset["model"],
+            "batch": b,
+            "prompt_len": p,
+            "ctx_prompt_len": q,
+            "new_tokens": n,
+            "temperature": rollout.temperature,
+            "eos": None,
+            "loss": dataclasses.asdict(loss_cfg),
+            "reps": reps,
+            "num_params": cfg.num_params(),
+            "load_avg_1min": [round(load_before, 2), round(load_after, 2)],
+        },
+        "timing": timing,
+        "sum_of_parts_s": round(sum(timing[k]["median_s"] for k in parts), 5),
+        "flops": flops,
+    }
 
 
 def _loss_memory(mem: dict, full_logits_bytes: int, copts: dict | None) -> dict:
-  """Part 2 (b): value_and_grad of the loss alone, given [B, N, D] hidden states."""
-  import jax
-  import jax.numpy as jnp
+    """Part 2 (b): value_and_grad of the loss alone, given [B, N, D] hidden states."""
+    import jax
+    import jax.numpy as jnp
 
-  from ctxjax import losses
-  from ctxjax.config import LossConfig
-  from ctxjax.step import per_token_losses
+    from ctxjax import losses
+    from ctxjax.config import LossConfig
+    from ctxjax.step import per_token_losses
 
-  b, n = mem["batch"], mem["new_tokens"]
-  d, v = mem["model"]["hidden_size"], mem["model"]["vocab_size"]
-  out = {}
-  for chunk in mem["loss_chunks"]:
-    loss_cfg = LossConfig(chunk_size=chunk)
+    b, n = mem["batch"], mem["new_tokens"]
+    d, v = mem["model"]["hidden_size"], mem["model"]["vocab_size"]
+    out = {}
+    for chunk in mem["loss_chunks"]:
+        loss_cfg = LossConfig(chunk_size=chunk)
 
-    def loss(h_nc, h_c, h_t, w_s, w_t, tokens, mask, loss_cfg=loss_cfg):
-      opd, cons, rkl = per_token_losses(loss_cfg, True, h_nc, h_c, h_t, w_s, w_t, tokens)
-      return (losses.masked_mean(opd + loss_cfg.beta * cons, mask),
-              losses.masked_sum(rkl, mask))  # the step logs the reverse KL: keep it alive
+        def loss(h_nc, h_c, h_t, w_s, w_t, tokens, mask, loss_cfg=loss_cfg):
+            opd, cons, rkl = per_token_losses(loss_cfg, True, h_nc, h_c, h_t, w_s, w_t, tokens)
+            return (
+                losses.masked_mean(opd + loss_cfg.beta * cons, mask),
+                losses.masked_sum(rkl, mask),
+            )  # the step logs the reverse KL: keep it alive
 
-    spec = jax.ShapeDtypeStruct
-    args = ((spec((b, n, d), jnp.float32),) * 3 + (spec((d, v), jnp.float32),) * 2
-            + (spec((b, n), jnp.int32), spec((b, n), bool)))
-    fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 3), has_aux=True))
-    out[str(chunk)] = _memory(fn.lower(*args).compile(compiler_options=copts), full_logits_bytes)
-  return out
+        spec = jax.ShapeDtypeStruct
+        args = (
+            (spec((b, n, d), jnp.float32),) * 3
+            + (spec((d, v), jnp.float32),) * 2
+            + (spec((b, n), jnp.int32), spec((b, n), bool))
+        )
+        fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 3), has_aux=True))
+        out[str(chunk)] = _memory(
+            fn.lower(*args).compile(compiler_options=copts), full_logits_bytes
+        )
+    return out
 
 
 def _step_memory(mem: dict, full_logits_bytes: int, seed: int, copts: dict | None) -> dict:
-  """Part 2 (a): the compiled whole train step (rollout of `new_tokens`) at each chunk size."""
-  import jax
-  import jax.numpy as jnp
-  from flax import nnx
+    """Part 2 (a): the compiled whole train step (rollout of `new_tokens`) at each chunk size."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
 
-  from ctxjax.config import LossConfig, OptimConfig, RolloutConfig
-  from ctxjax.model import ModelConfig, create_model
-  from ctxjax.step import StepConfig, init_state, jit_train_step, make_optimizer, make_train_step
+    from ctxjax.config import LossConfig, OptimConfig, RolloutConfig
+    from ctxjax.model import ModelConfig, create_model
+    from ctxjax.step import StepConfig, init_state, jit_train_step, make_optimizer, make_train_step
 
-  cfg = ModelConfig(**mem["model"])
-  b, c, p, n = mem["batch"], mem["context_len"], mem["prompt_len"], mem["new_tokens"]
-  tx = make_optimizer(OptimConfig(), 1000)
-  graphdef, state = init_state(create_model(cfg, seed), tx)
-  teacher_graphdef, teacher_params = nnx.split(create_model(cfg, seed + 1), nnx.Param)
-  batch = dict(prompt_ids=jnp.ones((b, p), jnp.int32), prompt_mask=jnp.ones((b, p), bool),
-               ctx_prompt_ids=jnp.ones((b, c + p), jnp.int32),
-               ctx_prompt_mask=jnp.ones((b, c + p), bool))
-  out = {}
-  for chunk in mem["step_chunks"]:
-    step_cfg = StepConfig(loss=LossConfig(chunk_size=chunk), optim=OptimConfig(),
-                          rollout=RolloutConfig(max_new_tokens=n), total_steps=1000,
-                          micro_batches=1, eos_ids=(), pad_id=0)
-    step = jit_train_step(make_train_step(graphdef, teacher_graphdef, tx, step_cfg))
-    compiled = step.lower(state, teacher_params, batch, jax.random.key(seed)).compile(
-        compiler_options=copts)
-    out[str(chunk)] = _memory(compiled, full_logits_bytes)
-  return out
+    cfg = ModelConfig(**mem["model"])
+    b, c, p, n = mem["batch"], mem["context_len"], mem["prompt_len"], mem["new_tokens"]
+    tx = make_optimizer(OptimConfig(), 1000)
+    graphdef, state = init_state(create_model(cfg, seed), tx)
+    teacher_graphdef, teacher_params = nnx.split(create_model(cfg, seed + 1), nnx.Param)
+    batch = dict(
+        prompt_ids=jnp.ones((b, p), jnp.int32),
+        prompt_mask=jnp.ones((b, p), bool),
+        ctx_prompt_ids=jnp.ones((b, c + p), jnp.int32),
+        ctx_prompt_mask=jnp.ones((b, c + p), bool),
+    )
+    out = {}
+    for chunk in mem["step_chunks"]:
+        step_cfg = StepConfig(
+            loss=LossConfig(chunk_size=chunk),
+            optim=OptimConfig(),
+            rollout=RolloutConfig(max_new_tokens=n),
+            total_steps=1000,
+            micro_batches=1,
+            eos_ids=(),
+            pad_id=0,
+        )
+        step = jit_train_step(make_train_step(graphdef, teacher_graphdef, tx, step_cfg))
+        compiled = step.lower(state, teacher_params, batch, jax.random.key(seed)).compile(
+            compiler_options=copts
+        )
+        out[str(chunk)] = _memory(compiled, full_logits_bytes)
+    return out
 
 
 def _print_train(r: dict) -> None:
-  t, f, s = r["time"], r["time"]["flops"], r["time"]["setup"]
-  peak = r["peak_matmul"]["flops_per_s"]
-  step_s = t["timing"]["step"]["median_s"]
-  print(f"train step: model {s['model']}, batch {s['batch']}, [x] {s['prompt_len']} / [c|x] "
+    t, f, s = r["time"], r["time"]["flops"], r["time"]["setup"]
+    peak = r["peak_matmul"]["flops_per_s"]
+    step_s = t["timing"]["step"]["median_s"]
+    print(
+        f"train step: model {s['model']}, batch {s['batch']}, [x] {s['prompt_len']} / [c|x] "
         f"{s['ctx_prompt_len']} slots, {s['new_tokens']} new tokens at T={s['temperature']} "
         f"(no EOS), "
         f"loss {s['loss']['opd']}+{s['loss']['consistency']}; median of {s['reps']}; "
-        f"load avg {s['load_avg_1min'][0]:.2f} -> {s['load_avg_1min'][1]:.2f}")
-  print(f"  {'part':12s}{'median s':>10s}{'best s':>10s}{'share':>8s}{'compile s':>11s}")
-  for name, row in t["timing"].items():
-    print(f"  {name:12s}{row['median_s']:10.4f}{row['best_s']:10.4f}{row['share_of_step']:8.2f}"
-          f"{row['compile_s']:11.2f}")
-  print(f"  sum of parts {t['sum_of_parts_s']:.4f} s; {t['timing']['step']['tokens_per_s']:.1f} "
-        f"response tokens/s")
-  print(f"  peak fp32 matmul {r['peak_matmul']['shape_mnk']}: {peak / 1e9:.2f} GFLOP/s")
-  for name, flops in (("analytic", f["analytic"]["total"]), ("XLA, loop-corrected",
-                                                              f["xla_loop_corrected"]),
-                      ("XLA raw (loop body once)", f["xla_raw"])):
-    print(f"  step FLOPs {name:26s}{flops / 1e9:9.3f} GFLOP -> {flops / step_s / 1e9:7.2f} "
-          f"GFLOP/s = {flops / step_s / peak:6.1%} of peak")
-  m = r["memory"]
-  ms = m["setup"]
-  mib = lambda x: f"{x / 2**20:.1f} MiB"
-  print(f"loss memory: vocab {ms['model']['vocab_size']}, batch {ms['batch']}, "
+        f"load avg {s['load_avg_1min'][0]:.2f} -> {s['load_avg_1min'][1]:.2f}"
+    )
+    print(f"  {'part':12s}{'median s':>10s}{'best s':>10s}{'share':>8s}{'compile s':>11s}")
+    for name, row in t["timing"].items():
+        print(
+            f"  {name:12s}{row['median_s']:10.4f}{row['best_s']:10.4f}{row['share_of_step']:8.2f}"
+            f"{row['compile_s']:11.2f}"
+        )
+    print(
+        f"  sum of parts {t['sum_of_parts_s']:.4f} s; {t['timing']['step']['tokens_per_s']:.1f} "
+        f"response tokens/s"
+    )
+    print(f"  peak fp32 matmul {r['peak_matmul']['shape_mnk']}: {peak / 1e9:.2f} GFLOP/s")
+    for name, flops in (
+        ("analytic", f["analytic"]["total"]),
+        ("XLA, loop-corrected", f["xla_loop_corrected"]),
+        ("XLA raw (loop body once)", f["xla_raw"]),
+    ):
+        print(
+            f"  step FLOPs {name:26s}{flops / 1e9:9.3f} GFLOP -> {flops / step_s / 1e9:7.2f} "
+            f"GFLOP/s = {flops / step_s / peak:6.1%} of peak"
+        )
+    m = r["memory"]
+    ms = m["setup"]
+    mib = lambda x: f"{x / 2**20:.1f} MiB"
+    print(
+        f"loss memory: vocab {ms['model']['vocab_size']}, batch {ms['batch']}, "
         f"c {ms['context_len']} + x {ms['prompt_len']} + y {ms['new_tokens']}; full fp32 logits of "
         f"the three passes {mib(m['full_logits_bytes'])} (response slots only "
-        f"{mib(m['response_logits_bytes'])}); target temp <= {LOSS_MEMORY_TARGET:.3f} x full")
-  print(f"  {'program':22s}{'chunk':>6s}{'temp MiB':>10s}{'args MiB':>10s}{'out MiB':>9s}"
-        f"{'temp/full':>10s}")
-  for prog in ("train_step", "loss_only"):
-    for chunk, row in m[prog].items():
-      print(f"  {prog:22s}{chunk:>6s}{row['temp_bytes'] / 2**20:10.1f}"
-            f"{row['argument_bytes'] / 2**20:10.1f}{row['output_bytes'] / 2**20:9.1f}"
-            f"{row['temp_over_full_logits']:10.3f}")
-  print(f"  loss-only target met at chunk sizes: {m['target_met_chunks']}")
+        f"{mib(m['response_logits_bytes'])}); target temp <= {LOSS_MEMORY_TARGET:.3f} x full"
+    )
+    print(
+        f"  {'program':22s}{'chunk':>6s}{'temp MiB':>10s}{'args MiB':>10s}{'out MiB':>9s}"
+        f"{'temp/full':>10s}"
+    )
+    for prog in ("train_step", "loss_only"):
+        for chunk, row in m[prog].items():
+            print(
+                f"  {prog:22s}{chunk:>6s}{row['temp_bytes'] / 2**20:10.1f}"
+                f"{row['argument_bytes'] / 2**20:10.1f}{row['output_bytes'] / 2**20:9.1f}"
+                f"{row['temp_over_full_logits']:10.3f}"
+            )
+    print(f"  loss-only target met at chunk sizes: {m['target_met_chunks']}")
 
 
-def bench_train(out_json: str | None = None, *, preset: str = "small", quick: bool = False,
-                reps: int = 5, seed: int = 0) -> dict:
-  """Where one OPD + NCA train step spends its time, and how much memory its loss needs.
+def bench_train(
+    out_json: str | None = None,
+    *,
+    preset: str = "small",
+    quick: bool = False,
+    reps: int = 5,
+    seed: int = 0,
+) -> dict:
+    """Where one OPD + NCA train step spends its time, and how much memory its loss needs.
 
-  Part 1 (`preset`, "small" = the CPU default run): the whole jitted `train_step` and each part
-  jitted alone on the same inputs (sampling; teacher hidden states + logits; value_and_grad of the
-  two student passes and the loss with the teacher's hidden states given; the optax update), timed
-  in turn `reps` times after a warm-up; the median call, its share of the step's median, response
-  tokens/s of the step, and the step's FLOPs (analytic matmul count and XLA's cost analysis) as a
-  fraction of this machine's measured fp32 matmul rate.
+    Part 1 (`preset`, "small" = the CPU default run): the whole jitted `train_step` and each part
+    jitted alone on the same inputs (sampling; teacher hidden states + logits; value_and_grad of the
+    two student passes and the loss with the teacher's hidden states given; the optax update), timed
+    in turn `reps` times after a warm-up; the median call, its share of the step's median, response
+    tokens/s of the step, and the step's FLOPs (analytic matmul count and XLA's cost analysis) as a
+    fraction of this machine's measured fp32 matmul rate.
 
-  Part 2 (`TRAIN_MEMORY`): XLA's memory analysis of the compiled whole step and of the loss alone
-  (given hidden states) with and without chunking, against the bytes of full fp32 logits of the
-  three passes (`4 * B * V * (|c|+|x|+|y| + |x|+|y| + |c|+|x|+|y|)`).
+    Part 2 (`TRAIN_MEMORY`): XLA's memory analysis of the compiled whole step and of the loss alone
+    (given hidden states) with and without chunking, against the bytes of full fp32 logits of the
+    three passes (`4 * B * V * (|c|+|x|+|y| + |x|+|y| + |c|+|x|+|y|)`).
 
-  `quick` shrinks everything for a test (seconds, not minutes).
-  """
-  import jax
+    `quick` shrinks everything for a test (seconds, not minutes).
+    """
+    import jax
 
-  if quick:
-    preset = "quick"
-  if preset not in TRAIN_PRESETS:
-    raise ValueError(f"unknown preset {preset!r}; valid: {sorted(TRAIN_PRESETS)}")
-  reps = 2 if quick else reps
-  mem = TRAIN_MEMORY["quick" if quick else "full"]
-  copts = QUICK_COMPILER_OPTIONS if quick else None
-  timed = _time_train_step(TRAIN_PRESETS[preset], reps, seed, copts)
-  peak = _peak_matmul(reps=3 if quick else 10)
-  step_s = timed["timing"]["step"]["median_s"]
-  for name in ("analytic", "xla_loop_corrected"):
-    flops = timed["flops"][name]["total"] if name == "analytic" else timed["flops"][name]
-    timed["flops"][f"fraction_of_peak_{name}"] = round(flops / step_s / peak["flops_per_s"], 5)
+    if quick:
+        preset = "quick"
+    if preset not in TRAIN_PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; valid: {sorted(TRAIN_PRESETS)}")
+    reps = 2 if quick else reps
+    mem = TRAIN_MEMORY["quick" if quick else "full"]
+    copts = QUICK_COMPILER_OPTIONS if quick else None
+    timed = _time_train_step(TRAIN_PRESETS[preset], reps, seed, copts)
+    peak = _peak_matmul(reps=3 if quick else 10)
+    step_s = timed["timing"]["step"]["median_s"]
+    for name in ("analytic", "xla_loop_corrected"):
+        flops = timed["flops"][name]["total"] if name == "analytic" else timed["flops"][name]
+        timed["flops"][f"fraction_of_peak_{name}"] = round(flops / step_s / peak["flops_per_s"], 5)
 
-  b, c, p, n, v = (mem["batch"], mem["context_len"], mem["prompt_len"], mem["new_tokens"],
-                   mem["model"]["vocab_size"])
-  full_logits = 4 * b * v * ((c + p + n) + (p + n) + (c + p + n))
-  memory = {"setup": {k: list(x) if isinstance(x, tuple) else x for k, x in mem.items()},
-            "full_logits_bytes": full_logits,
-            "response_logits_bytes": 3 * 4 * b * n * v,  # the three passes, response slots only
-            "target_ratio": round(LOSS_MEMORY_TARGET, 4),
-            "train_step": _step_memory(mem, full_logits, seed, copts),
-            "loss_only": _loss_memory(mem, full_logits, copts)}
-  memory["target_met_chunks"] = [int(k) for k, row in memory["loss_only"].items()
-                                 if int(k) and row["temp_over_full_logits"] <= LOSS_MEMORY_TARGET]
-  result = {"benchmark": "train", "preset": preset, "quick": quick,
-            "environment": {"jax_backend": jax.default_backend(), "cpu_count": os.cpu_count(),
-                            "compiler_options": copts or {},
-                            "jax": jax.__version__,
-                            "load_avg_1min_end": round(os.getloadavg()[0], 2)},
-            "time": timed, "peak_matmul": peak, "memory": memory}
-  _print_train(result)
-  _write_json(result, out_json)
-  return result
+    b, c, p, n, v = (
+        mem["batch"],
+        mem["context_len"],
+        mem["prompt_len"],
+        mem["new_tokens"],
+        mem["model"]["vocab_size"],
+    )
+    full_logits = 4 * b * v * ((c + p + n) + (p + n) + (c + p + n))
+    memory = {
+        "setup": {k: list(x) if isinstance(x, tuple) else x for k, x in mem.items()},
+        "full_logits_bytes": full_logits,
+        "response_logits_bytes": 3 * 4 * b * n * v,  # the three passes, response slots only
+        "target_ratio": round(LOSS_MEMORY_TARGET, 4),
+        "train_step": _step_memory(mem, full_logits, seed, copts),
+        "loss_only": _loss_memory(mem, full_logits, copts),
+    }
+    memory["target_met_chunks"] = [
+        int(k)
+        for k, row in memory["loss_only"].items()
+        if int(k) and row["temp_over_full_logits"] <= LOSS_MEMORY_TARGET
+    ]
+    result = {
+        "benchmark": "train",
+        "preset": preset,
+        "quick": quick,
+        "environment": {
+            "jax_backend": jax.default_backend(),
+            "cpu_count": os.cpu_count(),
+            "compiler_options": copts or {},
+            "jax": jax.__version__,
+            "load_avg_1min_end": round(os.getloadavg()[0], 2),
+        },
+        "time": timed,
+        "peak_matmul": peak,
+        "memory": memory,
+    }
+    _print_train(result)
+    _write_json(result, out_json)
+    return result

@@ -4,6 +4,7 @@ state and the run config, kept N at a time, written asynchronously.
 No rng is stored: step `i` uses `fold_in(key(train.seed), i)`, so a resumed run draws the same
 samples as an uninterrupted one.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -16,61 +17,85 @@ import orbax.checkpoint as ocp
 
 
 class Checkpointer:
-  """Thin wrapper over `ocp.CheckpointManager` with the items one run needs."""
+    """Thin wrapper over `ocp.CheckpointManager` with the items one run needs."""
 
-  def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True):
-    self.directory = os.path.abspath(directory)
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep,
-                                           enable_async_checkpointing=async_save,
-                                           create=True)
-    self.manager = ocp.CheckpointManager(self.directory, options=options)
+    def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True):
+        self.directory = os.path.abspath(directory)
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep, enable_async_checkpointing=async_save, create=True
+        )
+        self.manager = ocp.CheckpointManager(self.directory, options=options)
 
-  def latest_step(self) -> int | None:
-    return self.manager.latest_step()
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
 
-  def save(self, step: int, state: Any, data_iter: Any, config: dict, *,
-           force: bool = False) -> None:
-    args = ocp.args.Composite(
-        state=ocp.args.StandardSave(state),
-        data=grain.checkpoint.CheckpointSave(data_iter),
-        config=ocp.args.JsonSave(config))
-    self.manager.save(step, args=args, force=force)
+    def save(
+        self, step: int, state: Any, data_iter: Any, config: dict, *, force: bool = False
+    ) -> None:
+        args = ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            data=grain.checkpoint.CheckpointSave(data_iter),
+            config=ocp.args.JsonSave(config),
+        )
+        self.manager.save(step, args=args, force=force)
 
-  def restore(self, abstract_state: Any, data_iter: Any, config: dict,
-              step: int | None = None) -> tuple[Any, int]:
-    """Restores the latest (or given) step into `abstract_state`'s structure and shardings.
+    def restore(
+        self, abstract_state: Any, data_iter: Any, config: dict, step: int | None = None
+    ) -> tuple[Any, int]:
+        """Restores the latest (or given) step into `abstract_state`'s structure and shardings.
 
-    Refuses a checkpoint written for a different model architecture, naming what differs.
-    """
-    step = self.manager.latest_step() if step is None else step
-    if step is None:
-      raise FileNotFoundError(f"no checkpoint to resume from in {self.directory}")
-    saved_config = self.manager.restore(
-        step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
-    _check_same_model(saved_config, config, f"{self.directory}/{step}")
-    restored = self.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state),
-        data=grain.checkpoint.CheckpointRestore(data_iter)))
-    return restored["state"], step
+        Refuses a checkpoint written for a different model architecture, naming what differs.
+        """
+        step = self.manager.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint to resume from in {self.directory}")
+        saved_config = self.manager.restore(
+            step, args=ocp.args.Composite(config=ocp.args.JsonRestore())
+        )["config"]
+        _check_same_model(saved_config, config, f"{self.directory}/{step}")
+        restored = self.manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_state),
+                data=grain.checkpoint.CheckpointRestore(data_iter),
+            ),
+        )
+        return restored["state"], step
 
-  def wait(self) -> None:
-    self.manager.wait_until_finished()
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
 
-  def close(self) -> None:
-    self.manager.wait_until_finished()
-    self.manager.close()
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
 
 
 def _check_same_model(saved: dict, current: dict, where: str) -> None:
-  saved_model, current_model = saved.get("model", {}), current.get("model", {})
-  keys = ("family", "vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
-          "num_kv_heads", "head_dim", "tie_embeddings", "qkv_bias", "qk_norm")
-  diff = {k: (saved_model.get(k), current_model.get(k)) for k in keys
-          if saved_model.get(k) != current_model.get(k)}
-  if diff:
-    detail = ", ".join(f"model.{k}: checkpoint {a!r} vs this run {b!r}" for k, (a, b) in diff.items())
-    raise ValueError(f"checkpoint {where} was written for another model ({detail})")
+    saved_model, current_model = saved.get("model", {}), current.get("model", {})
+    keys = (
+        "family",
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "num_layers",
+        "num_heads",
+        "num_kv_heads",
+        "head_dim",
+        "tie_embeddings",
+        "qkv_bias",
+        "qk_norm",
+    )
+    diff = {
+        k: (saved_model.get(k), current_model.get(k))
+        for k in keys
+        if saved_model.get(k) != current_model.get(k)
+    }
+    if diff:
+        detail = ", ".join(
+            f"model.{k}: checkpoint {a!r} vs this run {b!r}" for k, (a, b) in diff.items()
+        )
+        raise ValueError(f"checkpoint {where} was written for another model ({detail})")
 
 
 def config_dict(cfg: Any) -> dict:
-  return json.loads(json.dumps(dataclasses.asdict(cfg), default=list))
+    return json.loads(json.dumps(dataclasses.asdict(cfg), default=list))

@@ -4,6 +4,7 @@
 Every key is checked against the dataclass fields: an unknown or mistyped key is an error that names
 the valid keys at that level, and a value of the wrong type is an error that names the key.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -23,294 +24,304 @@ BETA_SCHEDULES = ("constant", "delayed", "linear")
 
 
 def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
-  if value not in choices:
-    raise ValueError(f"{key} must be one of {list(choices)}, got {value!r}")
+    if value not in choices:
+        raise ValueError(f"{key} must be one of {list(choices)}, got {value!r}")
 
 
 def _check_range(key: str, value, minimum) -> None:
-  if value < minimum:
-    raise ValueError(f"{key} must be >= {minimum}, got {value}")
+    if value < minimum:
+        raise ValueError(f"{key} must be >= {minimum}, got {value}")
 
 
 @dataclasses.dataclass(frozen=True)
 class LossConfig:
-  """L = L_OPD + beta(step) * L_consistency, per response token, masked mean."""
+    """L = L_OPD + beta(step) * L_consistency, per response token, masked mean."""
 
-  opd: str = "reverse_kl_topk"
-  top_k: int = 256  # student's top-k, renormalized (the published default)
-  jsd_beta: float = 0.5  # only for opd="jsd"
-  consistency: str = "nca"  # "nca" | "dual_opd" | "sym_kl"
-  beta: float = 0.5  # 0 turns the consistency term (and its forward pass) off: plain OPD
-  beta_schedule: str = "constant"  # "constant" | "delayed" (0 before start) | "linear" (ramp)
-  beta_start_step: int = 0  # "delayed"/"linear": first step with a non-zero beta
-  beta_ramp_steps: int = 0  # "linear": steps from 0 to beta after beta_start_step
-  chunk_size: int = 0  # >0: response positions per chunk of the loss (rematerialized); 0: whole
+    opd: str = "reverse_kl_topk"
+    top_k: int = 256  # student's top-k, renormalized (the published default)
+    jsd_beta: float = 0.5  # only for opd="jsd"
+    consistency: str = "nca"  # "nca" | "dual_opd" | "sym_kl"
+    beta: float = 0.5  # 0 turns the consistency term (and its forward pass) off: plain OPD
+    beta_schedule: str = "constant"  # "constant" | "delayed" (0 before start) | "linear" (ramp)
+    beta_start_step: int = 0  # "delayed"/"linear": first step with a non-zero beta
+    beta_ramp_steps: int = 0  # "linear": steps from 0 to beta after beta_start_step
+    chunk_size: int = 0  # >0: response positions per chunk of the loss (rematerialized); 0: whole
 
-  def __post_init__(self):
-    _check_choice("loss.opd", self.opd, OPD_LOSSES)
-    _check_choice("loss.consistency", self.consistency, CONSISTENCY_LOSSES)
-    _check_choice("loss.beta_schedule", self.beta_schedule, BETA_SCHEDULES)
-    _check_range("loss.top_k", self.top_k, 1)
-    _check_range("loss.beta", self.beta, 0.0)
-    _check_range("loss.beta_start_step", self.beta_start_step, 0)
-    _check_range("loss.beta_ramp_steps", self.beta_ramp_steps, 0)
-    _check_range("loss.chunk_size", self.chunk_size, 0)
-    if not 0.0 <= self.jsd_beta <= 1.0:
-      raise ValueError(f"loss.jsd_beta must be in [0, 1], got {self.jsd_beta}")
-    if self.beta_schedule == "linear" and self.beta_ramp_steps == 0:
-      raise ValueError("loss.beta_schedule='linear' needs loss.beta_ramp_steps >= 1")
+    def __post_init__(self):
+        _check_choice("loss.opd", self.opd, OPD_LOSSES)
+        _check_choice("loss.consistency", self.consistency, CONSISTENCY_LOSSES)
+        _check_choice("loss.beta_schedule", self.beta_schedule, BETA_SCHEDULES)
+        _check_range("loss.top_k", self.top_k, 1)
+        _check_range("loss.beta", self.beta, 0.0)
+        _check_range("loss.beta_start_step", self.beta_start_step, 0)
+        _check_range("loss.beta_ramp_steps", self.beta_ramp_steps, 0)
+        _check_range("loss.chunk_size", self.chunk_size, 0)
+        if not 0.0 <= self.jsd_beta <= 1.0:
+            raise ValueError(f"loss.jsd_beta must be in [0, 1], got {self.jsd_beta}")
+        if self.beta_schedule == "linear" and self.beta_ramp_steps == 0:
+            raise ValueError("loss.beta_schedule='linear' needs loss.beta_ramp_steps >= 1")
 
-  @property
-  def uses_consistency(self) -> bool:
-    return self.beta > 0.0
+    @property
+    def uses_consistency(self) -> bool:
+        return self.beta > 0.0
 
 
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
-  """AdamW with linear warmup then cosine decay to `min_lr_ratio * learning_rate`."""
+    """AdamW with linear warmup then cosine decay to `min_lr_ratio * learning_rate`."""
 
-  learning_rate: float = 3e-4
-  warmup_steps: int = 10
-  min_lr_ratio: float = 0.1
-  weight_decay: float = 0.0
-  b1: float = 0.9
-  b2: float = 0.95
-  grad_clip: float = 1.0  # global-norm clipping; 0 disables
+    learning_rate: float = 3e-4
+    warmup_steps: int = 10
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.0
+    b1: float = 0.9
+    b2: float = 0.95
+    grad_clip: float = 1.0  # global-norm clipping; 0 disables
 
-  def __post_init__(self):
-    _check_range("optim.learning_rate", self.learning_rate, 0.0)
-    _check_range("optim.warmup_steps", self.warmup_steps, 0)
-    _check_range("optim.weight_decay", self.weight_decay, 0.0)
-    _check_range("optim.grad_clip", self.grad_clip, 0.0)
-    if not 0.0 <= self.min_lr_ratio <= 1.0:
-      raise ValueError(f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+    def __post_init__(self):
+        _check_range("optim.learning_rate", self.learning_rate, 0.0)
+        _check_range("optim.warmup_steps", self.warmup_steps, 0)
+        _check_range("optim.weight_decay", self.weight_decay, 0.0)
+        _check_range("optim.grad_clip", self.grad_clip, 0.0)
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
 
 
 @dataclasses.dataclass(frozen=True)
 class RolloutConfig:
-  """How the student samples its own answers during training (no context in front)."""
+    """How the student samples its own answers during training (no context in front)."""
 
-  max_new_tokens: int = 16
-  temperature: float = 1.0
-  top_k: int | None = None
-  top_p: float | None = None
+    max_new_tokens: int = 16
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
 
-  def __post_init__(self):
-    _check_range("rollout.max_new_tokens", self.max_new_tokens, 1)
-    _check_range("rollout.temperature", self.temperature, 0.0)
+    def __post_init__(self):
+        _check_range("rollout.max_new_tokens", self.max_new_tokens, 1)
+        _check_range("rollout.temperature", self.temperature, 0.0)
 
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
-  """Device mesh: data x fsdp x tensor. -1 on one axis takes the remaining devices."""
+    """Device mesh: data x fsdp x tensor. -1 on one axis takes the remaining devices."""
 
-  data: int = -1
-  fsdp: int = 1
-  tensor: int = 1
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
 
 
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
-  examples: int = 128  # records per evaluated context
-  batch_size: int = 64
-  # Sampled answers (as in the paper): a nudge context changes how *reliably* the model answers,
-  # which greedy decoding hides. 0 gives greedy answers.
-  temperature: float = 1.0
-  max_new_tokens: int = 16
-  seed: int = 1234
+    examples: int = 128  # records per evaluated context
+    batch_size: int = 64
+    # Sampled answers (as in the paper): a nudge context changes how *reliably* the model answers,
+    # which greedy decoding hides. 0 gives greedy answers.
+    temperature: float = 1.0
+    max_new_tokens: int = 16
+    seed: int = 1234
 
-  def __post_init__(self):
-    _check_range("eval.examples", self.examples, 1)
-    _check_range("eval.batch_size", self.batch_size, 1)
-    _check_range("eval.max_new_tokens", self.max_new_tokens, 1)
+    def __post_init__(self):
+        _check_range("eval.examples", self.examples, 1)
+        _check_range("eval.batch_size", self.batch_size, 1)
+        _check_range("eval.max_new_tokens", self.max_new_tokens, 1)
 
 
 @dataclasses.dataclass(frozen=True)
 class BaseModelConfig:
-  """The tiny context-following base model built (or reused) when `student` is empty."""
+    """The tiny context-following base model built (or reused) when `student` is empty."""
 
-  sft_steps: int = 600
-  sft_examples: int = 20000
-  batch_size: int = 64
-  learning_rate: float = 3e-3
-  vocab_size: int = 320  # byte-level BPE: 256 bytes + 3 specials + merges
-  cache_dir: str = "runs/base"
-  seed: int = 0  # the base model's own seed: OPD seeds (train.seed) share one base model
+    sft_steps: int = 600
+    sft_examples: int = 20000
+    batch_size: int = 64
+    learning_rate: float = 3e-3
+    vocab_size: int = 320  # byte-level BPE: 256 bytes + 3 specials + merges
+    cache_dir: str = "runs/base"
+    seed: int = 0  # the base model's own seed: OPD seeds (train.seed) share one base model
 
 
 @dataclasses.dataclass(frozen=True)
 class TaskConfig:
-  name: str = "synthetic"  # a name in ctxjax.tasks.TASKS, or "jsonl" for data.train_file
-  context: str = "careful"  # the context distilled (a name in task.contexts())
-  # Keyword arguments of the task; a preset's `options` replaces these as a whole. The default
-  # world: `seq` prompts (flip rules, formats) and `max` prompts (the nudges), 3-5 digits.
-  options: dict = dataclasses.field(
-      default_factory=lambda: {"families": ["seq", "max"], "max_len": 5})
+    name: str = "synthetic"  # a name in ctxjax.tasks.TASKS, or "jsonl" for data.train_file
+    context: str = "careful"  # the context distilled (a name in task.contexts())
+    # Keyword arguments of the task; a preset's `options` replaces these as a whole. The default
+    # world: `seq` prompts (flip rules, formats) and `max` prompts (the nudges), 3-5 digits.
+    options: dict = dataclasses.field(
+        default_factory=lambda: {"families": ["seq", "max"], "max_len": 5}
+    )
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-  steps: int = 100
-  seed: int = 0
-  micro_batches: int = 1  # gradient accumulation: the batch is split into this many parts
-  log_every: int = 10
-  eval_every: int = 0  # 0: evaluate only before and after training
-  checkpoint_every: int = 50  # 0: no checkpoints
-  keep_checkpoints: int = 3
-  out_dir: str = "runs/default"
+    steps: int = 100
+    seed: int = 0
+    micro_batches: int = 1  # gradient accumulation: the batch is split into this many parts
+    log_every: int = 10
+    eval_every: int = 0  # 0: evaluate only before and after training
+    checkpoint_every: int = 50  # 0: no checkpoints
+    keep_checkpoints: int = 3
+    out_dir: str = "runs/default"
 
-  def __post_init__(self):
-    _check_range("train.steps", self.steps, 0)
-    _check_range("train.micro_batches", self.micro_batches, 1)
-    _check_range("train.log_every", self.log_every, 1)
-    _check_range("train.eval_every", self.eval_every, 0)
-    _check_range("train.checkpoint_every", self.checkpoint_every, 0)
-    _check_range("train.keep_checkpoints", self.keep_checkpoints, 1)
+    def __post_init__(self):
+        _check_range("train.steps", self.steps, 0)
+        _check_range("train.micro_batches", self.micro_batches, 1)
+        _check_range("train.log_every", self.log_every, 1)
+        _check_range("train.eval_every", self.eval_every, 0)
+        _check_range("train.checkpoint_every", self.checkpoint_every, 0)
+        _check_range("train.keep_checkpoints", self.keep_checkpoints, 1)
 
 
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
-  # HF folder of the student; "" builds/reuses the tiny base model for `task` (CPU default).
-  student: str = ""
-  # HF folder of a teacher sharing the tokenizer (cross-size distillation); "" = frozen student copy.
-  teacher: str = ""
-  tokenizer: str = ""  # HF tokenizer folder; "" = the student's folder
-  model: ModelConfig = ModelConfig(vocab_size=320, hidden_size=64, intermediate_size=256,
-                                   num_layers=4, num_heads=4, num_kv_heads=2)
-  base: BaseModelConfig = BaseModelConfig()
-  task: TaskConfig = TaskConfig()
-  data: DataConfig = DataConfig(batch_size=32, max_prompt_tokens=32,
-                                max_context_prompt_tokens=64)
-  rollout: RolloutConfig = RolloutConfig()
-  loss: LossConfig = LossConfig()
-  optim: OptimConfig = OptimConfig()
-  mesh: MeshConfig = MeshConfig()
-  eval: EvalConfig = EvalConfig()
-  train: TrainConfig = TrainConfig()
+    # HF folder of the student; "" builds/reuses the tiny base model for `task` (CPU default).
+    student: str = ""
+    # HF folder of a teacher sharing the tokenizer (cross-size distillation); "" = frozen student copy.
+    teacher: str = ""
+    tokenizer: str = ""  # HF tokenizer folder; "" = the student's folder
+    model: ModelConfig = ModelConfig(
+        vocab_size=320,
+        hidden_size=64,
+        intermediate_size=256,
+        num_layers=4,
+        num_heads=4,
+        num_kv_heads=2,
+    )
+    base: BaseModelConfig = BaseModelConfig()
+    task: TaskConfig = TaskConfig()
+    data: DataConfig = DataConfig(batch_size=32, max_prompt_tokens=32, max_context_prompt_tokens=64)
+    rollout: RolloutConfig = RolloutConfig()
+    loss: LossConfig = LossConfig()
+    optim: OptimConfig = OptimConfig()
+    mesh: MeshConfig = MeshConfig()
+    eval: EvalConfig = EvalConfig()
+    train: TrainConfig = TrainConfig()
 
 
 def _coerce(key: str, value: Any, hint: Any) -> Any:
-  """Checks (and mildly converts: int -> float, list -> tuple) a leaf value against its type."""
-  origin = typing.get_origin(hint)
-  if origin in (typing.Union, types.UnionType):
-    args = typing.get_args(hint)
-    if value is None and type(None) in args:
-      return None
-    for arg in args:
-      if arg is type(None):
-        continue
-      try:
-        return _coerce(key, value, arg)
-      except TypeError:
-        pass
-    raise TypeError(f"config key {key!r} expects {hint}, got {value!r}")
-  if hint is float and isinstance(value, int) and not isinstance(value, bool):
-    return float(value)
-  if hint is float and isinstance(value, str):
-    try:  # YAML 1.1 reads "3e-4" (no dot) as a string
-      return float(value)
-    except ValueError:
-      raise TypeError(f"config key {key!r} expects float, got {value!r}") from None
-  if hint is tuple or origin is tuple:
-    if isinstance(value, (list, tuple)):
-      return tuple(value)
-    raise TypeError(f"config key {key!r} expects a list, got {value!r}")
-  if hint is dict or origin is dict:
-    if isinstance(value, dict):
-      return dict(value)
-    raise TypeError(f"config key {key!r} expects a mapping, got {value!r}")
-  if hint in (int, float, str, bool):
-    if isinstance(value, hint) and not (hint is int and isinstance(value, bool)):
-      return value
-    raise TypeError(f"config key {key!r} expects {hint.__name__}, got {value!r}")
-  return value
+    """Checks (and mildly converts: int -> float, list -> tuple) a leaf value against its type."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(key, value, arg)
+            except TypeError:
+                pass
+        raise TypeError(f"config key {key!r} expects {hint}, got {value!r}")
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is float and isinstance(value, str):
+        try:  # YAML 1.1 reads "3e-4" (no dot) as a string
+            return float(value)
+        except ValueError:
+            raise TypeError(f"config key {key!r} expects float, got {value!r}") from None
+    if hint is tuple or origin is tuple:
+        if isinstance(value, (list, tuple)):
+            return tuple(value)
+        raise TypeError(f"config key {key!r} expects a list, got {value!r}")
+    if hint is dict or origin is dict:
+        if isinstance(value, dict):
+            return dict(value)
+        raise TypeError(f"config key {key!r} expects a mapping, got {value!r}")
+    if hint in (int, float, str, bool):
+        if isinstance(value, hint) and not (hint is int and isinstance(value, bool)):
+            return value
+        raise TypeError(f"config key {key!r} expects {hint.__name__}, got {value!r}")
+    return value
 
 
 def from_dict(cls: type, values: dict, prefix: str = "") -> Any:
-  """Builds dataclass `cls` from a nested dict, starting from its defaults; strict about keys."""
-  hints = typing.get_type_hints(cls)
-  fields = {f.name: f for f in dataclasses.fields(cls)}
-  base = cls()
-  kwargs = {}
-  for key, value in values.items():
-    full = f"{prefix}{key}"
-    if key not in fields:
-      raise KeyError(f"unknown config key {full!r}; valid keys{' under ' + prefix[:-1] if prefix else ''}: "
-                     f"{sorted(fields)}")
-    hint = hints[key]
-    if dataclasses.is_dataclass(hint):
-      if not isinstance(value, dict):
-        raise TypeError(f"config key {full!r} is a section; expected a mapping, got {value!r}")
-      current = dataclasses.asdict(getattr(base, key))
-      kwargs[key] = from_dict(hint, _deep_merge(current, value, full), prefix=full + ".")
-    else:
-      kwargs[key] = _coerce(full, value, hint)
-  return dataclasses.replace(base, **kwargs)
+    """Builds dataclass `cls` from a nested dict, starting from its defaults; strict about keys."""
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    base = cls()
+    kwargs = {}
+    for key, value in values.items():
+        full = f"{prefix}{key}"
+        if key not in fields:
+            raise KeyError(
+                f"unknown config key {full!r}; valid keys{' under ' + prefix[:-1] if prefix else ''}: "
+                f"{sorted(fields)}"
+            )
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            if not isinstance(value, dict):
+                raise TypeError(
+                    f"config key {full!r} is a section; expected a mapping, got {value!r}"
+                )
+            current = dataclasses.asdict(getattr(base, key))
+            kwargs[key] = from_dict(hint, _deep_merge(current, value, full), prefix=full + ".")
+        else:
+            kwargs[key] = _coerce(full, value, hint)
+    return dataclasses.replace(base, **kwargs)
 
 
 def _deep_merge(base: dict, update: dict, where: str) -> dict:
-  out = dict(base)
-  for key, value in update.items():
-    if isinstance(value, dict) and isinstance(out.get(key), dict) and key != "options":
-      out[key] = _deep_merge(out[key], value, f"{where}.{key}")
-    else:
-      out[key] = value
-  return out
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and key != "options":
+            out[key] = _deep_merge(out[key], value, f"{where}.{key}")
+        else:
+            out[key] = value
+    return out
 
 
 def parse_overrides(overrides: list[str]) -> dict:
-  """`["loss.beta=0.1", "task.options.sloppy=0.4"]` -> nested dict; values parsed as YAML scalars."""
-  tree: dict = {}
-  for item in overrides:
-    if "=" not in item:
-      raise ValueError(f"override {item!r} must look like key.subkey=value")
-    key, raw = item.split("=", 1)
-    value = yaml.safe_load(raw) if raw != "" else ""
-    node = tree
-    parts = key.strip().split(".")
-    for part in parts[:-1]:
-      node = node.setdefault(part, {})
-      if not isinstance(node, dict):
-        raise ValueError(f"override {item!r} sets a key below a value")
-    node[parts[-1]] = value
-  return tree
+    """`["loss.beta=0.1", "task.options.sloppy=0.4"]` -> nested dict; values parsed as YAML scalars."""
+    tree: dict = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} must look like key.subkey=value")
+        key, raw = item.split("=", 1)
+        value = yaml.safe_load(raw) if raw != "" else ""
+        node = tree
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"override {item!r} sets a key below a value")
+        node[parts[-1]] = value
+    return tree
 
 
 def load_config(path: str | None = None, overrides: list[str] = ()) -> RunConfig:
-  """Defaults, then the YAML preset at `path`, then the dotted overrides, each strictly checked."""
-  values: dict = {}
-  if path:
+    """Defaults, then the YAML preset at `path`, then the dotted overrides, each strictly checked."""
+    values: dict = {}
+    if path:
+        try:
+            with open(path) as f:
+                values = yaml.safe_load(f) or {}
+        except FileNotFoundError:
+            raise FileNotFoundError(f"config file not found: {path}") from None
+        except yaml.YAMLError as e:
+            raise ValueError(f"config file {path} is not valid YAML: {e}") from None
+        if not isinstance(values, dict):
+            raise ValueError(f"config file {path} must hold a mapping at the top level")
+    # Task options: a preset's `options` (or `task.options={...}`) replaces the defaults as a whole,
+    # while `task.options.key=value` changes one option of whatever options are in force.
+    option_edits = [o for o in overrides if o.split("=", 1)[0].strip().startswith("task.options.")]
+    others = [o for o in overrides if o not in option_edits]
+    values = _deep_merge(values, parse_overrides(others), "")
+    if option_edits:
+        task = values.setdefault("task", {})
+        if not isinstance(task, dict):
+            raise TypeError(f"config key 'task' is a section; expected a mapping, got {task!r}")
+        current = task.get("options", TaskConfig().options)
+        edits = parse_overrides(option_edits)["task"]["options"]
+        task["options"] = {**dict(current or {}), **edits}
     try:
-      with open(path) as f:
-        values = yaml.safe_load(f) or {}
-    except FileNotFoundError:
-      raise FileNotFoundError(f"config file not found: {path}") from None
-    except yaml.YAMLError as e:
-      raise ValueError(f"config file {path} is not valid YAML: {e}") from None
-    if not isinstance(values, dict):
-      raise ValueError(f"config file {path} must hold a mapping at the top level")
-  # Task options: a preset's `options` (or `task.options={...}`) replaces the defaults as a whole,
-  # while `task.options.key=value` changes one option of whatever options are in force.
-  option_edits = [o for o in overrides if o.split("=", 1)[0].strip().startswith("task.options.")]
-  others = [o for o in overrides if o not in option_edits]
-  values = _deep_merge(values, parse_overrides(others), "")
-  if option_edits:
-    task = values.setdefault("task", {})
-    if not isinstance(task, dict):
-      raise TypeError(f"config key 'task' is a section; expected a mapping, got {task!r}")
-    current = task.get("options", TaskConfig().options)
-    edits = parse_overrides(option_edits)["task"]["options"]
-    task["options"] = {**dict(current or {}), **edits}
-  try:
-    return from_dict(RunConfig, values)
-  except (KeyError, TypeError, ValueError) as e:
-    where = f" (in {path} or the command line)" if path else ""
-    raise type(e)(f"{e.args[0]}{where}") from None
+        return from_dict(RunConfig, values)
+    except (KeyError, TypeError, ValueError) as e:
+        where = f" (in {path} or the command line)" if path else ""
+        raise type(e)(f"{e.args[0]}{where}") from None
 
 
 def to_dict(cfg: Any) -> dict:
-  return dataclasses.asdict(cfg)
+    return dataclasses.asdict(cfg)
 
 
 def to_json(cfg: Any) -> str:
-  return json.dumps(to_dict(cfg), indent=2, sort_keys=True, default=list)
+    return json.dumps(to_dict(cfg), indent=2, sort_keys=True, default=list)

@@ -4,6 +4,7 @@ Each record becomes two left-padded views of one chat turn: `[x]` (no context, w
 samples from) and `[c|x]` (context as the system message, what the teacher and the NCA pass see).
 Budgets are fixed per run so the jitted train step compiles once; nothing here imports jax.
 """
+
 from __future__ import annotations
 
 import dataclasses

@@ -5,6 +5,7 @@ BothCorrect, Help, Δlen, per-layer cosine similarity of hidden states at the re
 the no-context answer under the two views, and retention (Acc_xc under every *other* context of the
 task: a distilled model that can no longer read any context has lost more than one prompt's worth).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -25,125 +26,176 @@ from ctxjax.sampling import generate
 
 @dataclasses.dataclass(frozen=True)
 class ViewAnswers:
-  """Decoded answers to the same records under one view."""
+    """Decoded answers to the same records under one view."""
 
-  texts: list[str]
-  lengths: np.ndarray  # [N] tokens generated, EOS included
-  tokens: list[list[int]]  # generated ids, through EOS
+    texts: list[str]
+    lengths: np.ndarray  # [N] tokens generated, EOS included
+    tokens: list[list[int]]  # generated ids, through EOS
 
 
 def eos_and_pad(tokenizer: Any) -> tuple[tuple[int, ...], int]:
-  eos = tokenizer.eos_token_id
-  if eos is None:
-    raise ValueError("the tokenizer has no eos_token_id; set one (generation needs a stop token)")
-  pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-  return (int(eos),), int(pad)
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ValueError(
+            "the tokenizer has no eos_token_id; set one (generation needs a stop token)"
+        )
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    return (int(eos),), int(pad)
 
 
-def answer_view(model: Transformer, tokenizer: Any, records: list[dict], *, with_context: bool,
-                max_new_tokens: int, temperature: float = 0.0, batch_size: int = 64,
-                seed: int = 0) -> ViewAnswers:
-  """Generates an answer for every record, with its context in front or without it."""
-  eos_ids, pad_id = eos_and_pad(tokenizer)
-  texts, lengths, tokens = [], [], []
-  for start in range(0, len(records), batch_size):
-    chunk = records[start:start + batch_size]
-    prompts = [render_chat(tokenizer, r.get("context", "") if with_context else "", r["prompt"])
-               for r in chunk]
-    out = generate(model, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
-                   eos_ids=eos_ids, seed=seed + start, pad_id=pad_id)
-    for row in range(len(chunk)):
-      n = int(out.lengths_B[row])
-      ids = [int(t) for t in out.tokens_BxN[row, :n]]
-      tokens.append(ids)
-      lengths.append(n)
-      texts.append(tokenizer.decode([t for t in ids if t not in eos_ids],
-                                    skip_special_tokens=True).strip())
-  return ViewAnswers(texts=texts, lengths=np.asarray(lengths), tokens=tokens)
+def answer_view(
+    model: Transformer,
+    tokenizer: Any,
+    records: list[dict],
+    *,
+    with_context: bool,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    batch_size: int = 64,
+    seed: int = 0,
+) -> ViewAnswers:
+    """Generates an answer for every record, with its context in front or without it."""
+    eos_ids, pad_id = eos_and_pad(tokenizer)
+    texts, lengths, tokens = [], [], []
+    for start in range(0, len(records), batch_size):
+        chunk = records[start : start + batch_size]
+        prompts = [
+            render_chat(tokenizer, r.get("context", "") if with_context else "", r["prompt"])
+            for r in chunk
+        ]
+        out = generate(
+            model,
+            prompts,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            eos_ids=eos_ids,
+            seed=seed + start,
+            pad_id=pad_id,
+        )
+        for row in range(len(chunk)):
+            n = int(out.lengths_B[row])
+            ids = [int(t) for t in out.tokens_BxN[row, :n]]
+            tokens.append(ids)
+            lengths.append(n)
+            texts.append(
+                tokenizer.decode(
+                    [t for t in ids if t not in eos_ids], skip_special_tokens=True
+                ).strip()
+            )
+    return ViewAnswers(texts=texts, lengths=np.asarray(lengths), tokens=tokens)
 
 
 @partial(jax.jit, static_argnums=0)
 def _layer_cosines(graphdef, state, ids_x, mask_x, ids_c, mask_c, resp_x, resp_c):
-  """[layers+1, B, n] cosine between the two views at the response slots `resp_*` ([B, n])."""
-  model = nnx.merge(graphdef, state)
-  def hidden(ids, mask, resp):
-    layers = model.forward(ids, mask_BxL=mask, return_layer_hidden=True).layer_hidden
-    # Gather the response slots of each layer before stacking: stacking first would hold
-    # [layers+1, B, L, D] at once, which for a real model and long prompts is gigabytes.
-    # Response tokens are right-aligned in both sequences, so the same column index of `resp`
-    # picks the same response position.
-    return jnp.stack([jnp.take_along_axis(h.astype(jnp.float32), resp[:, :, None], axis=1)
-                      for h in layers])
-  h_x, h_c = hidden(ids_x, mask_x, resp_x), hidden(ids_c, mask_c, resp_c)
-  # The norm product is floored, not offset (as in `metrics.cosine_by_layer`): identical vectors
-  # then give 1 up to rounding, whatever their scale (a +1e-8 offset biases small-norm layers).
-  norms = jnp.linalg.norm(h_x, axis=-1) * jnp.linalg.norm(h_c, axis=-1)
-  return (h_x * h_c).sum(-1) / jnp.maximum(norms, 1e-8)
+    """[layers+1, B, n] cosine between the two views at the response slots `resp_*` ([B, n])."""
+    model = nnx.merge(graphdef, state)
+
+    def hidden(ids, mask, resp):
+        layers = model.forward(ids, mask_BxL=mask, return_layer_hidden=True).layer_hidden
+        # Gather the response slots of each layer before stacking: stacking first would hold
+        # [layers+1, B, L, D] at once, which for a real model and long prompts is gigabytes.
+        # Response tokens are right-aligned in both sequences, so the same column index of `resp`
+        # picks the same response position.
+        return jnp.stack(
+            [jnp.take_along_axis(h.astype(jnp.float32), resp[:, :, None], axis=1) for h in layers]
+        )
+
+    h_x, h_c = hidden(ids_x, mask_x, resp_x), hidden(ids_c, mask_c, resp_c)
+    # The norm product is floored, not offset (as in `metrics.cosine_by_layer`): identical vectors
+    # then give 1 up to rounding, whatever their scale (a +1e-8 offset biases small-norm layers).
+    norms = jnp.linalg.norm(h_x, axis=-1) * jnp.linalg.norm(h_c, axis=-1)
+    return (h_x * h_c).sum(-1) / jnp.maximum(norms, 1e-8)
 
 
-def layer_cosine(model: Transformer, tokenizer: Any, records: list[dict],
-                 answers_x: ViewAnswers, batch_size: int = 64) -> np.ndarray:
-  """Mean cosine similarity per layer (embeddings first) between the hidden states of the
-  no-context answer's tokens read under `[x | y]` and under `[c | x | y]`."""
-  _, pad_id = eos_and_pad(tokenizer)
-  graphdef, state = nnx.split(model)
-  total, count = None, 0
-  for start in range(0, len(records), batch_size):
-    chunk = records[start:start + batch_size]
-    seqs_x, seqs_c, resp_len = [], [], []
-    for r, y in zip(chunk, answers_x.tokens[start:start + batch_size]):
-      y = y or [pad_id]
-      seqs_x.append(render_chat(tokenizer, "", r["prompt"]) + y)
-      seqs_c.append(render_chat(tokenizer, r.get("context", ""), r["prompt"]) + y)
-      resp_len.append(len(y))
-    width_x = bucket_length(max(map(len, seqs_x)))
-    width_c = bucket_length(max(map(len, seqs_c)))
-    ids_x, mask_x = pad_left(seqs_x, width_x, pad_id)
-    ids_c, mask_c = pad_left(seqs_c, width_c, pad_id)
-    n = bucket_length(max(resp_len), minimum=1)
-    cols = np.arange(n)[None, :]
-    valid = cols < np.asarray(resp_len)[:, None]
-    # Column j of the last `len(y)` slots; padded columns repeat the last slot and are masked out.
-    resp_x = np.where(valid, width_x - np.asarray(resp_len)[:, None] + cols, width_x - 1)
-    resp_c = np.where(valid, width_c - np.asarray(resp_len)[:, None] + cols, width_c - 1)
-    cos = _layer_cosines(graphdef, state, ids_x, mask_x, ids_c, mask_c, resp_x, resp_c)
-    cos = np.asarray(cos) * valid[None]
-    summed = cos.sum(axis=(1, 2))
-    total = summed if total is None else total + summed
-    count += int(valid.sum())
-  return total / max(count, 1)
+def layer_cosine(
+    model: Transformer,
+    tokenizer: Any,
+    records: list[dict],
+    answers_x: ViewAnswers,
+    batch_size: int = 64,
+) -> np.ndarray:
+    """Mean cosine similarity per layer (embeddings first) between the hidden states of the
+    no-context answer's tokens read under `[x | y]` and under `[c | x | y]`."""
+    _, pad_id = eos_and_pad(tokenizer)
+    graphdef, state = nnx.split(model)
+    total, count = None, 0
+    for start in range(0, len(records), batch_size):
+        chunk = records[start : start + batch_size]
+        seqs_x, seqs_c, resp_len = [], [], []
+        for r, y in zip(chunk, answers_x.tokens[start : start + batch_size]):
+            y = y or [pad_id]
+            seqs_x.append(render_chat(tokenizer, "", r["prompt"]) + y)
+            seqs_c.append(render_chat(tokenizer, r.get("context", ""), r["prompt"]) + y)
+            resp_len.append(len(y))
+        width_x = bucket_length(max(map(len, seqs_x)))
+        width_c = bucket_length(max(map(len, seqs_c)))
+        ids_x, mask_x = pad_left(seqs_x, width_x, pad_id)
+        ids_c, mask_c = pad_left(seqs_c, width_c, pad_id)
+        n = bucket_length(max(resp_len), minimum=1)
+        cols = np.arange(n)[None, :]
+        valid = cols < np.asarray(resp_len)[:, None]
+        # Column j of the last `len(y)` slots; padded columns repeat the last slot and are masked out.
+        resp_x = np.where(valid, width_x - np.asarray(resp_len)[:, None] + cols, width_x - 1)
+        resp_c = np.where(valid, width_c - np.asarray(resp_len)[:, None] + cols, width_c - 1)
+        cos = _layer_cosines(graphdef, state, ids_x, mask_x, ids_c, mask_c, resp_x, resp_c)
+        cos = np.asarray(cos) * valid[None]
+        summed = cos.sum(axis=(1, 2))
+        total = summed if total is None else total + summed
+        count += int(valid.sum())
+    return total / max(count, 1)
 
 
-def evaluate_context(model: Transformer, tokenizer: Any, task: Any, context_name: str, *,
-                     examples: int, max_new_tokens: int, temperature: float = 0.0,
-                     batch_size: int = 64, seed: int = 1234, retention: bool = True,
-                     with_cosine: bool = True) -> dict:
-  """All removability metrics for one context of a task; JSON-ready."""
-  records = task.eval_records(context_name, examples, seed)
-  kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, batch_size=batch_size,
-            seed=seed)
-  ans_x = answer_view(model, tokenizer, records, with_context=False, **kw)
-  ans_c = answer_view(model, tokenizer, records, with_context=True, **kw)
-  correct_x = np.array([task.verify(r, y) for r, y in zip(records, ans_x.texts)])
-  correct_c = np.array([task.verify(r, y) for r, y in zip(records, ans_c.texts)])
-  result = dict(context=context_name, **metrics_lib.removability_metrics(
-      correct_x, correct_c, ans_x.lengths, ans_c.lengths))
-  if with_cosine:
-    result["layer_cosine"] = [float(c) for c in layer_cosine(model, tokenizer, records, ans_x,
-                                                             batch_size)]
-  if retention:
-    others = {}
-    for name in task.contexts():
-      if name == context_name:
-        continue
-      other = task.eval_records(name, examples, seed + 1)
-      ans = answer_view(model, tokenizer, other, with_context=True, **kw)
-      others[name] = float(np.mean([task.verify(r, y) for r, y in zip(other, ans.texts)]))
-    result["retention"] = others
-    result["retention_mean"] = float(np.mean(list(others.values()))) if others else float("nan")
-  result["samples"] = [dict(prompt=r["prompt"], context=r.get("context", ""),
-                            answer=r.get("answer", ""), y_x=a, y_xc=b)
-                       for r, a, b in list(zip(records, ans_x.texts, ans_c.texts))[:8]]
-  result["lengths_x"] = ans_x.lengths.tolist()
-  result["lengths_xc"] = ans_c.lengths.tolist()
-  return result
+def evaluate_context(
+    model: Transformer,
+    tokenizer: Any,
+    task: Any,
+    context_name: str,
+    *,
+    examples: int,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    batch_size: int = 64,
+    seed: int = 1234,
+    retention: bool = True,
+    with_cosine: bool = True,
+) -> dict:
+    """All removability metrics for one context of a task; JSON-ready."""
+    records = task.eval_records(context_name, examples, seed)
+    kw = dict(
+        max_new_tokens=max_new_tokens, temperature=temperature, batch_size=batch_size, seed=seed
+    )
+    ans_x = answer_view(model, tokenizer, records, with_context=False, **kw)
+    ans_c = answer_view(model, tokenizer, records, with_context=True, **kw)
+    correct_x = np.array([task.verify(r, y) for r, y in zip(records, ans_x.texts)])
+    correct_c = np.array([task.verify(r, y) for r, y in zip(records, ans_c.texts)])
+    result = dict(
+        context=context_name,
+        **metrics_lib.removability_metrics(correct_x, correct_c, ans_x.lengths, ans_c.lengths),
+    )
+    if with_cosine:
+        result["layer_cosine"] = [
+            float(c) for c in layer_cosine(model, tokenizer, records, ans_x, batch_size)
+        ]
+    if retention:
+        others = {}
+        for name in task.contexts():
+            if name == context_name:
+                continue
+            other = task.eval_records(name, examples, seed + 1)
+            ans = answer_view(model, tokenizer, other, with_context=True, **kw)
+            others[name] = float(np.mean([task.verify(r, y) for r, y in zip(other, ans.texts)]))
+        result["retention"] = others
+        result["retention_mean"] = float(np.mean(list(others.values()))) if others else float("nan")
+    result["samples"] = [
+        dict(
+            prompt=r["prompt"],
+            context=r.get("context", ""),
+            answer=r.get("answer", ""),
+            y_x=a,
+            y_xc=b,
+        )
+        for r, a, b in list(zip(records, ans_x.texts, ans_c.texts))[:8]
+    ]
+    result["lengths_x"] = ans_x.lengths.tolist()
+    result["lengths_xc"] = ans_c.lengths.tolist()
+    return result

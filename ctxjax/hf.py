@@ -8,6 +8,7 @@ Loading is strict (Tunix's loader only warns on unmapped keys; a silently random
 failure a parity test can miss): every checkpoint tensor must be consumed and every ctxjax parameter
 filled, or the load fails listing the leftovers on both sides.
 """
+
 from __future__ import annotations
 
 import json
@@ -27,8 +28,11 @@ from safetensors.numpy import save_file
 from ctxjax.model import DTYPES, ModelConfig, Transformer
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
-_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                  "qwen3": "Qwen3ForCausalLM"}
+_ARCHITECTURES = {
+    "llama": "LlamaForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+}
 _SUPPORTED_ROPE_TYPES = ("default", "llama3")
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -67,8 +71,10 @@ def _rope_from_hf(hf_cfg: dict) -> tuple[float, tuple | None]:
     """
     rope = hf_cfg.get("rope_scaling") or hf_cfg.get("rope_parameters") or {}
     if any(isinstance(v, dict) for v in rope.values()):
-        raise ValueError("per-layer-type rope_parameters are not supported (llama/qwen2/qwen3 "
-                         f"use one rope for all layers), got keys {sorted(rope)}")
+        raise ValueError(
+            "per-layer-type rope_parameters are not supported (llama/qwen2/qwen3 "
+            f"use one rope for all layers), got keys {sorted(rope)}"
+        )
     theta = float(rope.get("rope_theta", hf_cfg.get("rope_theta", 10000.0)))
     partial = rope.get("partial_rotary_factor", hf_cfg.get("partial_rotary_factor", 1.0))
     if partial not in (None, 1, 1.0):
@@ -83,11 +89,18 @@ def _rope_from_hf(hf_cfg: dict) -> tuple[float, tuple | None]:
         raise ValueError(f"llama3 rope_parameters lack {missing}")
     # Same fallback order as HF's `standardize_rope_params`: a top-level value wins (Phi3 legacy),
     # then the rope dict's, then max_position_embeddings.
-    orig = (hf_cfg.get("original_max_position_embeddings")
-            or rope.get("original_max_position_embeddings")
-            or _max_positions(hf_cfg))
-    return theta, ("llama3", float(rope["factor"]), float(rope["low_freq_factor"]),
-                   float(rope["high_freq_factor"]), int(orig))
+    orig = (
+        hf_cfg.get("original_max_position_embeddings")
+        or rope.get("original_max_position_embeddings")
+        or _max_positions(hf_cfg)
+    )
+    return theta, (
+        "llama3",
+        float(rope["factor"]),
+        float(rope["low_freq_factor"]),
+        float(rope["high_freq_factor"]),
+        int(orig),
+    )
 
 
 def _check_full_attention(hf_cfg: dict, family: str) -> None:
@@ -98,13 +111,15 @@ def _check_full_attention(hf_cfg: dict, family: str) -> None:
         return
     layer_types = hf_cfg.get("layer_types") or [
         "sliding_attention" if i >= hf_cfg.get("max_window_layers", 28) else "full_attention"
-        for i in range(_need(hf_cfg, "num_hidden_layers"))]
+        for i in range(_need(hf_cfg, "num_hidden_layers"))
+    ]
     if "sliding_attention" in layer_types:
         raise ValueError("sliding-window attention (use_sliding_window=true) is not supported")
 
 
-def config_from_hf(hf_cfg: dict, *, param_dtype: str = "float32",
-                   compute_dtype: str | None = None) -> ModelConfig:
+def config_from_hf(
+    hf_cfg: dict, *, param_dtype: str = "float32", compute_dtype: str | None = None
+) -> ModelConfig:
     """Maps an HF `config.json` dict (llama / qwen2 / qwen3) to a `ModelConfig`.
 
     Biases follow the transformers modeling code, not the config keys alone: Llama and Qwen3 put
@@ -159,8 +174,10 @@ def _check_exportable(cfg: ModelConfig) -> None:
     }[fam]
     for name, value in wanted.items():
         if getattr(cfg, name) != value:
-            raise ValueError(f"cannot export to HF {fam!r}: transformers' {fam} needs "
-                             f"model.{name}={value}, got {getattr(cfg, name)}")
+            raise ValueError(
+                f"cannot export to HF {fam!r}: transformers' {fam} needs "
+                f"model.{name}={value}, got {getattr(cfg, name)}"
+            )
 
 
 def config_to_hf(cfg: ModelConfig) -> dict:
@@ -169,8 +186,13 @@ def config_to_hf(cfg: ModelConfig) -> dict:
     rope = {"rope_type": "default", "rope_theta": float(cfg.rope_theta)}
     if cfg.rope_scaling is not None:
         kind, factor, low_ff, high_ff, orig = cfg.rope_scaling
-        rope.update(rope_type=kind, factor=float(factor), low_freq_factor=float(low_ff),
-                    high_freq_factor=float(high_ff), original_max_position_embeddings=int(orig))
+        rope.update(
+            rope_type=kind,
+            factor=float(factor),
+            low_freq_factor=float(low_ff),
+            high_freq_factor=float(high_ff),
+            original_max_position_embeddings=int(orig),
+        )
     hf_cfg = {
         "architectures": [_ARCHITECTURES[cfg.family]],
         "model_type": cfg.family,
@@ -227,8 +249,10 @@ def _compile(template: str) -> re.Pattern:
     return re.compile(pattern)
 
 
-_RULES = tuple((_compile(hf), hf, None if ours is None else _compile(ours), ours, t)
-               for hf, ours, t in _NAME_TABLE)
+_RULES = tuple(
+    (_compile(hf), hf, None if ours is None else _compile(ours), ours, t)
+    for hf, ours, t in _NAME_TABLE
+)
 
 
 def hf_to_ctxjax_name(hf_name: str) -> tuple[str | None, bool] | None:
@@ -313,8 +337,9 @@ class _Checkpoint:
             header, start = _read_header(file)
             for name, entry in header.items():
                 if name in self.entries:
-                    raise ValueError(f"tensor {name!r} appears in both {self.entries[name][0]} "
-                                     f"and {file}")
+                    raise ValueError(
+                        f"tensor {name!r} appears in both {self.entries[name][0]} and {file}"
+                    )
                 self.entries[name] = (file, entry, start)
         for name, shard in (weight_map or {}).items():
             if name not in self.entries or os.path.basename(self.entries[name][0]) != shard:
@@ -348,8 +373,9 @@ def read_hf_config(path: str | os.PathLike) -> dict:
         raise ValueError(f"corrupt {file}: {e}") from e
 
 
-def _plan(ckpt: _Checkpoint, expected: dict[str, tuple[int, ...]],
-          cfg: ModelConfig) -> dict[str, tuple[str, bool]]:
+def _plan(
+    ckpt: _Checkpoint, expected: dict[str, tuple[int, ...]], cfg: ModelConfig
+) -> dict[str, tuple[str, bool]]:
     """{ctxjax path: (HF name, transpose)}, or a ValueError listing what is left on each side."""
     plan, unused = {}, []
     for hf_name in sorted(ckpt.entries):
@@ -367,14 +393,17 @@ def _plan(ckpt: _Checkpoint, expected: dict[str, tuple[int, ...]],
         raise ValueError(
             "checkpoint does not match the model config:\n"
             f"  checkpoint tensors not used ({len(unused)}): {unused}\n"
-            f"  ctxjax params not filled, <- expected HF tensor ({len(missing)}): {missing}")
+            f"  ctxjax params not filled, <- expected HF tensor ({len(missing)}): {missing}"
+        )
     for path, (hf_name, transpose) in plan.items():
         shape = ckpt.shape(hf_name)
         got = shape[::-1] if transpose else shape
         if got != expected[path]:
             want = expected[path][::-1] if transpose else expected[path]
-            raise ValueError(f"tensor {hf_name!r} has shape {shape}, the config needs {want} "
-                             f"(ctxjax {path} {expected[path]})")
+            raise ValueError(
+                f"tensor {hf_name!r} has shape {shape}, the config needs {want} "
+                f"(ctxjax {path} {expected[path]})"
+            )
     return plan
 
 
@@ -383,13 +412,16 @@ def _tied_copy(ckpt: _Checkpoint) -> bool:
         return False
     head, embed = ckpt.read("lm_head.weight"), ckpt.read("model.embed_tokens.weight")
     if head.shape != embed.shape or not np.array_equal(head, embed):
-        raise ValueError("config says tie_word_embeddings=true but the checkpoint's lm_head.weight "
-                         "differs from model.embed_tokens.weight")
+        raise ValueError(
+            "config says tie_word_embeddings=true but the checkpoint's lm_head.weight "
+            "differs from model.embed_tokens.weight"
+        )
     return True
 
 
-def load_model(path: str | os.PathLike, *, param_dtype: str = "float32",
-               compute_dtype: str | None = None) -> Transformer:
+def load_model(
+    path: str | os.PathLike, *, param_dtype: str = "float32", compute_dtype: str | None = None
+) -> Transformer:
     """A ctxjax `Transformer` from an HF folder (`config.json` + safetensors, single or sharded).
 
     Strict: fails listing leftovers unless every checkpoint tensor fills exactly one parameter and
@@ -427,8 +459,9 @@ def save_model(model: Transformer, path: str | os.PathLike, *, dtype: str | None
     for p, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         hf_name, transpose = ctxjax_to_hf_name(".".join(map(str, p)))
         arr = np.asarray(jax.device_get(var[...]))
-        tensors[hf_name] = np.ascontiguousarray((arr.T if transpose else arr)
-                                                .astype(_NUMPY_DTYPES[dtype]))
+        tensors[hf_name] = np.ascontiguousarray(
+            (arr.T if transpose else arr).astype(_NUMPY_DTYPES[dtype])
+        )
     path = os.fspath(path)
     os.makedirs(path, exist_ok=True)
     with open(os.path.join(path, CONFIG_FILE), "w") as fh:

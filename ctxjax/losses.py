@@ -16,10 +16,11 @@ Gradient conventions (the point of this module; each is tested):
 Zero-probability vocabulary entries (a `-inf` logit, e.g. padded vocabulary rows masked out) follow
 `0 · log 0 = 0` and give finite values and gradients.
 """
+
 from __future__ import annotations
 
 import operator
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -97,7 +98,9 @@ def reverse_kl(student_logits_BxTxV: jax.Array, teacher_logits_BxTxV: jax.Array)
     Mode-seeking; the standard on-policy distillation objective. Teacher under stop_gradient.
     """
     _check_same_shape(student_logits_BxTxV, teacher_logits_BxTxV, "reverse_kl(student, teacher)")
-    return _kl_from_log_probs(_log_probs(student_logits_BxTxV), _log_probs(_teacher(teacher_logits_BxTxV)))
+    return _kl_from_log_probs(
+        _log_probs(student_logits_BxTxV), _log_probs(_teacher(teacher_logits_BxTxV))
+    )
 
 
 def reverse_kl_topk(
@@ -110,7 +113,9 @@ def reverse_kl_topk(
     logits), and the reverse KL is taken over them. `k >= V` is clamped to the full vocabulary and
     returns `reverse_kl` exactly. `k` must be a static Python int. Teacher under stop_gradient.
     """
-    _check_same_shape(student_logits_BxTxV, teacher_logits_BxTxV, "reverse_kl_topk(student, teacher)")
+    _check_same_shape(
+        student_logits_BxTxV, teacher_logits_BxTxV, "reverse_kl_topk(student, teacher)"
+    )
     k = operator.index(k)
     if k <= 0:
         raise ValueError(f"reverse_kl_topk: k must be >= 1, got {k}")
@@ -130,7 +135,9 @@ def forward_kl(student_logits_BxTxV: jax.Array, teacher_logits_BxTxV: jax.Array)
     Mode-covering (GKD's "supervised" direction). Teacher under stop_gradient.
     """
     _check_same_shape(student_logits_BxTxV, teacher_logits_BxTxV, "forward_kl(student, teacher)")
-    return _kl_from_log_probs(_log_probs(_teacher(teacher_logits_BxTxV)), _log_probs(student_logits_BxTxV))
+    return _kl_from_log_probs(
+        _log_probs(_teacher(teacher_logits_BxTxV)), _log_probs(student_logits_BxTxV)
+    )
 
 
 def generalized_jsd(
@@ -149,7 +156,9 @@ def generalized_jsd(
     (`JSD(β)/(1 − β) → KL(p_s ‖ p_t)` as β → 1). So the value jumps at the endpoints by the factor
     β or 1 − β; a loss that is silently zero for a valid setting would be worse.
     """
-    _check_same_shape(student_logits_BxTxV, teacher_logits_BxTxV, "generalized_jsd(student, teacher)")
+    _check_same_shape(
+        student_logits_BxTxV, teacher_logits_BxTxV, "generalized_jsd(student, teacher)"
+    )
     beta = float(beta)
     if not 0.0 <= beta <= 1.0:
         raise ValueError(f"generalized_jsd: beta must be in [0, 1], got {beta}")
@@ -184,7 +193,9 @@ def token_logprobs(logits_BxTxV: jax.Array, tokens_BxT: jax.Array) -> jax.Array:
             f"{logits_BxTxV.shape[:-1]}, got {tokens_BxT.shape}"
         )
     logits_BxTxV = logits_BxTxV.astype(jnp.float32)
-    picked_BxT = jnp.take_along_axis(logits_BxTxV, tokens_BxT[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    picked_BxT = jnp.take_along_axis(
+        logits_BxTxV, tokens_BxT[..., None].astype(jnp.int32), axis=-1
+    )[..., 0]
     return picked_BxT - jax.nn.logsumexp(logits_BxTxV, axis=-1)
 
 
@@ -249,10 +260,14 @@ def sym_kl(student_nc_logits_BxTxV: jax.Array, student_c_logits_BxTxV: jax.Array
     The sum (Jeffreys divergence), not the average, of the two directions, and no stop-gradient:
     both views are pulled toward each other.
     """
-    _check_same_shape(student_nc_logits_BxTxV, student_c_logits_BxTxV, "sym_kl(student_nc, student_c)")
+    _check_same_shape(
+        student_nc_logits_BxTxV, student_c_logits_BxTxV, "sym_kl(student_nc, student_c)"
+    )
     logp_nc_BxTxV = _log_probs(student_nc_logits_BxTxV)
     logp_c_BxTxV = _log_probs(student_c_logits_BxTxV)
-    return _kl_from_log_probs(logp_nc_BxTxV, logp_c_BxTxV) + _kl_from_log_probs(logp_c_BxTxV, logp_nc_BxTxV)
+    return _kl_from_log_probs(logp_nc_BxTxV, logp_c_BxTxV) + _kl_from_log_probs(
+        logp_c_BxTxV, logp_nc_BxTxV
+    )
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """Removability metrics (accuracy with and without the context, harm, help, length change) and
 per-layer hidden-state cosine similarity. Pure numpy; the inputs are host arrays.
 """
+
 from __future__ import annotations
 
 from typing import Any

@@ -5,6 +5,7 @@ their model-width dimension, gathered per layer by XLA), `tensor` (heads / MLP w
 Parameters get their layout from one table of (regex on the parameter path, PartitionSpec) rules;
 a dimension that the mesh axis does not divide is replicated instead (a tiny model on many devices).
 """
+
 from __future__ import annotations
 
 import logging
@@ -14,7 +15,8 @@ import re
 import jax
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")  # the batch dimension is split over both
@@ -37,117 +39,138 @@ log = logging.getLogger(__name__)
 
 
 def maybe_initialize_distributed() -> None:
-  """Starts JAX's multi-host runtime when the environment describes a multi-process job.
+    """Starts JAX's multi-host runtime when the environment describes a multi-process job.
 
-  On a single host nothing is needed and nothing happens. On TPU pods and SLURM/OpenMPI clusters
-  `jax.distributed.initialize()` discovers its peers by itself; elsewhere set
-  JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID.
-  """
-  multi = any(k in os.environ for k in ("JAX_COORDINATOR_ADDRESS", "SLURM_JOB_ID",
-                                        "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES",
-                                        "MEGASCALE_COORDINATOR_ADDRESS"))
-  if not multi or jax.distributed.is_initialized():
-    return
-  kwargs = {}
-  if "JAX_COORDINATOR_ADDRESS" in os.environ:
-    kwargs = dict(coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],
-                  num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
-                  process_id=int(os.environ["JAX_PROCESS_ID"]))
-  jax.distributed.initialize(**kwargs)
+    On a single host nothing is needed and nothing happens. On TPU pods and SLURM/OpenMPI clusters
+    `jax.distributed.initialize()` discovers its peers by itself; elsewhere set
+    JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID.
+    """
+    multi = any(
+        k in os.environ
+        for k in (
+            "JAX_COORDINATOR_ADDRESS",
+            "SLURM_JOB_ID",
+            "OMPI_COMM_WORLD_SIZE",
+            "TPU_WORKER_HOSTNAMES",
+            "MEGASCALE_COORDINATOR_ADDRESS",
+        )
+    )
+    if not multi or jax.distributed.is_initialized():
+        return
+    kwargs = {}
+    if "JAX_COORDINATOR_ADDRESS" in os.environ:
+        kwargs = dict(
+            coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],
+            num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
+            process_id=int(os.environ["JAX_PROCESS_ID"]),
+        )
+    jax.distributed.initialize(**kwargs)
 
 
-def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1,
-              devices: list | None = None) -> jax.sharding.Mesh:
-  """A (data, fsdp, tensor) mesh over all devices; one axis may be -1 (the rest of them)."""
-  devices = devices if devices is not None else jax.devices()
-  sizes = [data, fsdp, tensor]
-  n = len(devices)
-  if sizes.count(-1) > 1:
-    raise ValueError(f"at most one mesh axis may be -1, got mesh {dict(zip(AXES, sizes))}")
-  known = int(np.prod([s for s in sizes if s != -1]))
-  if -1 in sizes:
-    if n % known:
-      raise ValueError(f"mesh {dict(zip(AXES, sizes))} does not divide {n} devices")
-    sizes[sizes.index(-1)] = n // known
-  if int(np.prod(sizes)) != n:
-    raise ValueError(f"mesh {dict(zip(AXES, sizes))} needs {int(np.prod(sizes))} devices, "
-                     f"have {n}")
-  auto = (jax.sharding.AxisType.Auto,) * 3
-  return jax.make_mesh(tuple(sizes), AXES, axis_types=auto, devices=devices)
+def make_mesh(
+    data: int = -1, fsdp: int = 1, tensor: int = 1, devices: list | None = None
+) -> jax.sharding.Mesh:
+    """A (data, fsdp, tensor) mesh over all devices; one axis may be -1 (the rest of them)."""
+    devices = devices if devices is not None else jax.devices()
+    sizes = [data, fsdp, tensor]
+    n = len(devices)
+    if sizes.count(-1) > 1:
+        raise ValueError(f"at most one mesh axis may be -1, got mesh {dict(zip(AXES, sizes))}")
+    known = int(np.prod([s for s in sizes if s != -1]))
+    if -1 in sizes:
+        if n % known:
+            raise ValueError(f"mesh {dict(zip(AXES, sizes))} does not divide {n} devices")
+        sizes[sizes.index(-1)] = n // known
+    if int(np.prod(sizes)) != n:
+        raise ValueError(
+            f"mesh {dict(zip(AXES, sizes))} needs {int(np.prod(sizes))} devices, have {n}"
+        )
+    auto = (jax.sharding.AxisType.Auto,) * 3
+    return jax.make_mesh(tuple(sizes), AXES, axis_types=auto, devices=devices)
 
 
 def _path_str(path) -> str:
-  parts = []
-  for k in path:
-    key = getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))
-    parts.append(str(key))
-  # An nnx Variable flattens to one leaf under the attribute `value`; the rules name the variable
-  # itself (`.../q_proj/kernel`), so without this nothing but the catch-all would ever match.
-  if parts and parts[-1] == "value" and isinstance(path[-1], jax.tree_util.GetAttrKey):
-    parts.pop()
-  return "/".join(parts)
+    parts = []
+    for k in path:
+        key = getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))
+        parts.append(str(key))
+    # An nnx Variable flattens to one leaf under the attribute `value`; the rules name the variable
+    # itself (`.../q_proj/kernel`), so without this nothing but the catch-all would ever match.
+    if parts and parts[-1] == "value" and isinstance(path[-1], jax.tree_util.GetAttrKey):
+        parts.pop()
+    return "/".join(parts)
 
 
 def spec_for(path: str, shape: tuple[int, ...], mesh: jax.sharding.Mesh) -> P:
-  """The first matching rule's spec, with axes the dimension can't be split over dropped."""
-  for pattern, spec in PARTITION_RULES:
-    if re.search(pattern, path):
-      break
-  if len(spec) > len(shape):
-    spec = P()
-  fixed = []
-  for dim, axis in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
-    if axis is not None and dim % mesh.shape[axis]:
-      log.info("replicating %s dim %d (size %d) instead of splitting it over %s=%d",
-               path, len(fixed), dim, axis, mesh.shape[axis])
-      axis = None
-    fixed.append(axis)
-  return P(*fixed)
+    """The first matching rule's spec, with axes the dimension can't be split over dropped."""
+    for pattern, spec in PARTITION_RULES:
+        if re.search(pattern, path):
+            break
+    if len(spec) > len(shape):
+        spec = P()
+    fixed = []
+    for dim, axis in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+        if axis is not None and dim % mesh.shape[axis]:
+            log.info(
+                "replicating %s dim %d (size %d) instead of splitting it over %s=%d",
+                path,
+                len(fixed),
+                dim,
+                axis,
+                mesh.shape[axis],
+            )
+            axis = None
+        fixed.append(axis)
+    return P(*fixed)
 
 
 def param_shardings(state, mesh: jax.sharding.Mesh):
-  """NamedShardings for a params pytree (nnx.State or plain arrays / ShapeDtypeStructs)."""
-  def one(path, leaf):
-    return NamedSharding(mesh, spec_for(_path_str(path), tuple(leaf.shape), mesh))
-  return jax.tree_util.tree_map_with_path(one, state)
+    """NamedShardings for a params pytree (nnx.State or plain arrays / ShapeDtypeStructs)."""
+
+    def one(path, leaf):
+        return NamedSharding(mesh, spec_for(_path_str(path), tuple(leaf.shape), mesh))
+
+    return jax.tree_util.tree_map_with_path(one, state)
 
 
 def shard_params(state, mesh: jax.sharding.Mesh):
-  """Places an existing params pytree on the mesh by the rule table."""
-  return jax.device_put(state, param_shardings(state, mesh))
+    """Places an existing params pytree on the mesh by the rule table."""
+    return jax.device_put(state, param_shardings(state, mesh))
 
 
 def create_sharded(init_fn, mesh: jax.sharding.Mesh):
-  """Builds a module with its parameters born sharded (no full copy on one device first)."""
-  abstract = nnx.eval_shape(init_fn)
-  graphdef, abstract_state = nnx.split(abstract)
-  shardings = param_shardings(abstract_state, mesh)
+    """Builds a module with its parameters born sharded (no full copy on one device first)."""
+    abstract = nnx.eval_shape(init_fn)
+    graphdef, abstract_state = nnx.split(abstract)
+    shardings = param_shardings(abstract_state, mesh)
 
-  @jax.jit
-  def init():
-    return nnx.state(init_fn())
+    @jax.jit
+    def init():
+        return nnx.state(init_fn())
 
-  state = jax.jit(init, out_shardings=shardings)()
-  return nnx.merge(graphdef, state)
+    state = jax.jit(init, out_shardings=shardings)()
+    return nnx.merge(graphdef, state)
 
 
 def batch_sharding(mesh: jax.sharding.Mesh, ndim: int) -> NamedSharding:
-  return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
+    return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
 
 
 def place_batch(batch: dict, mesh: jax.sharding.Mesh) -> dict:
-  """Puts a host-local numpy batch on the mesh, split over (data, fsdp) along its first axis.
+    """Puts a host-local numpy batch on the mesh, split over (data, fsdp) along its first axis.
 
-  Each process passes its own slice of the global batch (grain shards records by process).
-  """
-  def put(x):
-    x = np.asarray(x)
-    sharding = batch_sharding(mesh, x.ndim)
-    if jax.process_count() == 1:
-      return jax.device_put(x, sharding)
-    return jax.make_array_from_process_local_data(sharding, x)
-  return {k: put(v) for k, v in batch.items()}
+    Each process passes its own slice of the global batch (grain shards records by process).
+    """
+
+    def put(x):
+        x = np.asarray(x)
+        sharding = batch_sharding(mesh, x.ndim)
+        if jax.process_count() == 1:
+            return jax.device_put(x, sharding)
+        return jax.make_array_from_process_local_data(sharding, x)
+
+    return {k: put(v) for k, v in batch.items()}
 
 
 def batch_divisor(mesh: jax.sharding.Mesh) -> int:
-  return int(mesh.shape["data"] * mesh.shape["fsdp"])
+    return int(mesh.shape["data"] * mesh.shape["fsdp"])

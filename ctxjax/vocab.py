@@ -1,4 +1,5 @@
 """Tiny byte-level BPE tokenizers for the CPU-sized synthetic tasks, with a ChatML chat template."""
+
 from __future__ import annotations
 
 import hashlib

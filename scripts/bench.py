@@ -1,9 +1,10 @@
 """Benchmarks.
 
-    python scripts/bench.py sample [--out bench_sample.json]   # ctxjax generate vs transformers
-    python scripts/bench.py train [--out bench_train.json] [--preset small|medium] [--reps 5]
-                                  # train-step time split, FLOPs vs matmul peak, loss memory
+python scripts/bench.py sample [--out bench_sample.json]   # ctxjax generate vs transformers
+python scripts/bench.py train [--out bench_train.json] [--preset small|medium] [--reps 5]
+                              # train-step time split, FLOPs vs matmul peak, loss memory
 """
+
 import argparse
 import sys
 
@@ -11,34 +12,47 @@ from ctxjax import benchmarks
 
 
 def _train_args(parser: argparse.ArgumentParser) -> None:
-  parser.add_argument("--preset", default="small", choices=sorted(benchmarks.TRAIN_PRESETS),
-                      help="model and batch sizes of the timing part (small = the CPU default run)")
-  parser.add_argument("--reps", type=int, default=5, help="timed calls per part (median reported)")
-  parser.add_argument("--quick", action="store_true", help="tiny sizes everywhere (a smoke test)")
+    parser.add_argument(
+        "--preset",
+        default="small",
+        choices=sorted(benchmarks.TRAIN_PRESETS),
+        help="model and batch sizes of the timing part (small = the CPU default run)",
+    )
+    parser.add_argument(
+        "--reps", type=int, default=5, help="timed calls per part (median reported)"
+    )
+    parser.add_argument("--quick", action="store_true", help="tiny sizes everywhere (a smoke test)")
 
 
 # subcommand -> (help, function(out_json, **options) -> dict, adds the subcommand's options or None)
 BENCHMARKS = {
-    "sample": ("greedy decoding tokens/s, ctxjax vs transformers (torch CPU)",
-               benchmarks.bench_sample, None),
-    "train": ("OPD+NCA train step: time per part, FLOPs vs matmul peak, loss memory",
-              benchmarks.bench_train, _train_args),
+    "sample": (
+        "greedy decoding tokens/s, ctxjax vs transformers (torch CPU)",
+        benchmarks.bench_sample,
+        None,
+    ),
+    "train": (
+        "OPD+NCA train step: time per part, FLOPs vs matmul peak, loss memory",
+        benchmarks.bench_train,
+        _train_args,
+    ),
 }
 
 
 def main(argv: list[str]) -> None:
-  parser = argparse.ArgumentParser(description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-  sub = parser.add_subparsers(dest="benchmark", required=True)
-  for name, (help_text, _, add_args) in BENCHMARKS.items():
-    p = sub.add_parser(name, help=help_text)
-    p.add_argument("--out", default=None, help="write the results as JSON to this file")
-    if add_args:
-      add_args(p)
-  args = vars(parser.parse_args(argv))
-  name, out = args.pop("benchmark"), args.pop("out")
-  BENCHMARKS[name][1](out, **args)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = parser.add_subparsers(dest="benchmark", required=True)
+    for name, (help_text, _, add_args) in BENCHMARKS.items():
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("--out", default=None, help="write the results as JSON to this file")
+        if add_args:
+            add_args(p)
+    args = vars(parser.parse_args(argv))
+    name, out = args.pop("benchmark"), args.pop("out")
+    BENCHMARKS[name][1](out, **args)
 
 
 if __name__ == "__main__":
-  main(sys.argv[1:])
+    main(sys.argv[1:])

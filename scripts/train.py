@@ -7,6 +7,7 @@
 With no `student`, a tiny context-following base model for `task.name` is built (or reused from
 `base.cache_dir`) first. Overrides are dotted `key=value` pairs checked against the config tree.
 """
+
 import argparse
 import sys
 
@@ -15,19 +16,20 @@ from ctxjax.train import run
 
 
 def main(argv: list[str]) -> None:
-  parser = argparse.ArgumentParser(description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--config", default=None, help="YAML preset (see configs/)")
-  parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
-  parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-  parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. loss.beta=0.0")
-  args = parser.parse_args(argv)
-  try:
-    cfg = load_config(args.config, args.overrides)
-  except (KeyError, TypeError, ValueError, FileNotFoundError) as e:
-    parser.exit(2, f"config error: {e.args[0] if e.args else e}\n")
-  run(cfg, resume=args.resume, progress=not args.no_progress)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--config", default=None, help="YAML preset (see configs/)")
+    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. loss.beta=0.0")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except (KeyError, TypeError, ValueError, FileNotFoundError) as e:
+        parser.exit(2, f"config error: {e.args[0] if e.args else e}\n")
+    run(cfg, resume=args.resume, progress=not args.no_progress)
 
 
 if __name__ == "__main__":
-  main(sys.argv[1:])
+    main(sys.argv[1:])

@@ -4,6 +4,7 @@ The only place the tests touch torch. Shared by the HF parity tests (`test_hf.py
 `generate` parity tests, so the helpers stay general: any family, tied or not, fp32 or bf16, any
 config override.
 """
+
 from __future__ import annotations
 
 import os
@@ -17,9 +18,16 @@ FAMILY_CONFIGS = {
     "qwen2": transformers.Qwen2Config,
     "qwen3": transformers.Qwen3Config,
 }
-TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-            rms_norm_eps=1e-6)
+TINY = dict(
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    rms_norm_eps=1e-6,
+)
 # Qwen3's head_dim is its own field: pick one that is not hidden_size // heads (= 16) so a loader
 # that derives it from the width fails.
 FAMILY_TINY = {"llama": {}, "qwen2": {}, "qwen3": {"head_dim": 24}}
@@ -52,8 +60,15 @@ def randomize_(model: torch.nn.Module, seed: int) -> None:
         p.copy_(value.to(p.dtype))
 
 
-def make_tiny_hf(family: str, path: str | os.PathLike, *, tie: bool = True, seed: int = 0,
-                 dtype: str = "float32", **overrides) -> str:
+def make_tiny_hf(
+    family: str,
+    path: str | os.PathLike,
+    *,
+    tie: bool = True,
+    seed: int = 0,
+    dtype: str = "float32",
+    **overrides,
+) -> str:
     """Saves a tiny random `<Family>ForCausalLM` to `path` (`save_pretrained`) and returns the path.
 
     `dtype` "bfloat16" stores bf16 weights (rounded from the fp32 random draw). `overrides` go to
@@ -70,8 +85,11 @@ def make_tiny_hf(family: str, path: str | os.PathLike, *, tie: bool = True, seed
 def load_hf(path: str | os.PathLike, dtype: str = "float32") -> transformers.PreTrainedModel:
     """An HF model from a local folder, eager attention, eval mode, weights upcast to `dtype`."""
     model = transformers.AutoModelForCausalLM.from_pretrained(
-        os.fspath(path), dtype=getattr(torch, dtype), attn_implementation="eager",
-        local_files_only=True)
+        os.fspath(path),
+        dtype=getattr(torch, dtype),
+        attn_implementation="eager",
+        local_files_only=True,
+    )
     return model.eval()
 
 
@@ -97,6 +115,9 @@ def hf_logits(path_or_model, ids, attention_mask=None) -> np.ndarray:
         model = load_hf(path_or_model)
     ids = np.asarray(ids, np.int64)
     mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask, np.int64)
-    out = model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
-                position_ids=torch.from_numpy(hf_positions(mask)))
+    out = model(
+        input_ids=torch.from_numpy(ids),
+        attention_mask=torch.from_numpy(mask),
+        position_ids=torch.from_numpy(hf_positions(mask)),
+    )
     return out.logits.float().numpy()

@@ -1,6 +1,7 @@
 """ctxjax.benchmarks.bench_train in its quick mode: the JSON it writes has every figure, and the
 figures are sane (positive times and FLOPs, memory sizes that add up, chunking that saves
 memory)."""
+
 import json
 
 import pytest
@@ -12,87 +13,98 @@ PARTS = ("step", "sample", "teacher", "student", "optimizer")
 
 @pytest.fixture(scope="module")
 def result(tmp_path_factory):
-  out = tmp_path_factory.mktemp("bench") / "bench_train.json"
-  returned = benchmarks.bench_train(str(out), quick=True)
-  written = json.loads(out.read_text())
-  assert written == json.loads(json.dumps(returned))  # the file is the returned dict
-  return written
+    out = tmp_path_factory.mktemp("bench") / "bench_train.json"
+    returned = benchmarks.bench_train(str(out), quick=True)
+    written = json.loads(out.read_text())
+    assert written == json.loads(json.dumps(returned))  # the file is the returned dict
+    return written
 
 
 def test_timing_parts_positive(result):
-  timing = result["time"]["timing"]
-  assert set(timing) == set(PARTS)
-  for name, row in timing.items():
-    assert len(row["times_s"]) == result["time"]["setup"]["reps"] == 2
-    assert all(t > 0 for t in row["times_s"]), name
-    assert row["best_s"] <= row["median_s"], name
-    assert row["share_of_step"] == pytest.approx(row["median_s"] / timing["step"]["median_s"],
-                                                 rel=1e-2, abs=1e-3)
-  setup = result["time"]["setup"]
-  tokens = setup["batch"] * setup["new_tokens"]
-  assert timing["step"]["tokens_per_s"] == pytest.approx(tokens / timing["step"]["median_s"],
-                                                         rel=1e-2)
+    timing = result["time"]["timing"]
+    assert set(timing) == set(PARTS)
+    for name, row in timing.items():
+        assert len(row["times_s"]) == result["time"]["setup"]["reps"] == 2
+        assert all(t > 0 for t in row["times_s"]), name
+        assert row["best_s"] <= row["median_s"], name
+        assert row["share_of_step"] == pytest.approx(
+            row["median_s"] / timing["step"]["median_s"], rel=1e-2, abs=1e-3
+        )
+    setup = result["time"]["setup"]
+    tokens = setup["batch"] * setup["new_tokens"]
+    assert timing["step"]["tokens_per_s"] == pytest.approx(
+        tokens / timing["step"]["median_s"], rel=1e-2
+    )
 
 
 def test_flops_and_peak(result):
-  flops, peak = result["time"]["flops"], result["peak_matmul"]
-  assert peak["flops_per_s"] > 1e8  # any CPU does >= 0.1 GFLOP/s on a 1024^3 fp32 matmul
-  analytic = flops["analytic"]
-  assert analytic["total"] == analytic["sample"] + analytic["teacher"] + analytic["student"]
-  assert min(analytic["sample"], analytic["teacher"], analytic["student"]) > 0
-  assert flops["xla_decode_step"] > 0
-  assert flops["xla_loop_corrected"] > flops["xla_raw"] > 0
-  # Matmuls dominate even the tiny model: XLA's count (which adds softmaxes, norms, the optimizer)
-  # is near the analytic matmul count, not off by an order of magnitude.
-  assert 0.5 < flops["xla_loop_corrected"] / analytic["total"] < 2.0
-  for key in ("fraction_of_peak_analytic", "fraction_of_peak_xla_loop_corrected"):
-    assert 0 < flops[key] < 1.5, key  # > 1 would mean a broken timer or FLOP count
+    flops, peak = result["time"]["flops"], result["peak_matmul"]
+    assert peak["flops_per_s"] > 1e8  # any CPU does >= 0.1 GFLOP/s on a 1024^3 fp32 matmul
+    analytic = flops["analytic"]
+    assert analytic["total"] == analytic["sample"] + analytic["teacher"] + analytic["student"]
+    assert min(analytic["sample"], analytic["teacher"], analytic["student"]) > 0
+    assert flops["xla_decode_step"] > 0
+    assert flops["xla_loop_corrected"] > flops["xla_raw"] > 0
+    # Matmuls dominate even the tiny model: XLA's count (which adds softmaxes, norms, the optimizer)
+    # is near the analytic matmul count, not off by an order of magnitude.
+    assert 0.5 < flops["xla_loop_corrected"] / analytic["total"] < 2.0
+    for key in ("fraction_of_peak_analytic", "fraction_of_peak_xla_loop_corrected"):
+        assert 0 < flops[key] < 1.5, key  # > 1 would mean a broken timer or FLOP count
 
 
 def test_memory_figures(result):
-  mem = result["memory"]
-  s = mem["setup"]
-  b, c, p, n = s["batch"], s["context_len"], s["prompt_len"], s["new_tokens"]
-  v = s["model"]["vocab_size"]
-  assert mem["full_logits_bytes"] == 4 * b * v * ((c + p + n) + (p + n) + (c + p + n))
-  assert mem["response_logits_bytes"] == 3 * 4 * b * n * v
-  # Quick mode skips the whole-step compile (`train_step` is empty); the full run fills it.
-  assert list(mem["train_step"]) == [str(k) for k in s["step_chunks"]]
-  assert list(mem["loss_only"]) == [str(k) for k in s["loss_chunks"]]
-  for prog in ("train_step", "loss_only"):
-    for chunk, row in mem[prog].items():
-      assert row["temp_bytes"] > 0 and row["argument_bytes"] > 0 and row["output_bytes"] > 0
-      assert row["temp_over_full_logits"] == pytest.approx(
-          row["temp_bytes"] / mem["full_logits_bytes"], abs=1e-4)
-  loss = mem["loss_only"]
-  for chunk, row in loss.items():
-    if chunk != "0":  # chunking the loss must cut its temporaries
-      assert row["temp_bytes"] < loss["0"]["temp_bytes"], chunk
-  # Arguments of the loss alone: three [B, N, D] hidden states, two [D, V] unembeddings, the mask
-  # (bool) and the tokens (int32; pruned by jit when the divergence does not read them).
-  d = s["model"]["hidden_size"]
-  floats = 4 * (3 * b * n * d + 2 * d * v)
-  assert floats + b * n <= loss["0"]["argument_bytes"] <= floats + 5 * b * n
-  # Unchunked, the loss holds at least the three passes' response logits at once.
-  assert loss["0"]["temp_bytes"] >= mem["response_logits_bytes"]
+    mem = result["memory"]
+    s = mem["setup"]
+    b, c, p, n = s["batch"], s["context_len"], s["prompt_len"], s["new_tokens"]
+    v = s["model"]["vocab_size"]
+    assert mem["full_logits_bytes"] == 4 * b * v * ((c + p + n) + (p + n) + (c + p + n))
+    assert mem["response_logits_bytes"] == 3 * 4 * b * n * v
+    # Quick mode skips the whole-step compile (`train_step` is empty); the full run fills it.
+    assert list(mem["train_step"]) == [str(k) for k in s["step_chunks"]]
+    assert list(mem["loss_only"]) == [str(k) for k in s["loss_chunks"]]
+    for prog in ("train_step", "loss_only"):
+        for chunk, row in mem[prog].items():
+            assert row["temp_bytes"] > 0 and row["argument_bytes"] > 0 and row["output_bytes"] > 0
+            assert row["temp_over_full_logits"] == pytest.approx(
+                row["temp_bytes"] / mem["full_logits_bytes"], abs=1e-4
+            )
+    loss = mem["loss_only"]
+    for chunk, row in loss.items():
+        if chunk != "0":  # chunking the loss must cut its temporaries
+            assert row["temp_bytes"] < loss["0"]["temp_bytes"], chunk
+    # Arguments of the loss alone: three [B, N, D] hidden states, two [D, V] unembeddings, the mask
+    # (bool) and the tokens (int32; pruned by jit when the divergence does not read them).
+    d = s["model"]["hidden_size"]
+    floats = 4 * (3 * b * n * d + 2 * d * v)
+    assert floats + b * n <= loss["0"]["argument_bytes"] <= floats + 5 * b * n
+    # Unchunked, the loss holds at least the three passes' response logits at once.
+    assert loss["0"]["temp_bytes"] >= mem["response_logits_bytes"]
 
 
 @pytest.mark.parametrize("tie", [True, False])
 def test_decode_bytes_per_step_counts_every_read_weight_and_the_cache(tie):
-  from ctxjax.model import ModelConfig
+    from ctxjax.model import ModelConfig
 
-  cfg = ModelConfig(vocab_size=96, hidden_size=32, intermediate_size=80, num_layers=3, num_heads=4,
-                    num_kv_heads=2, tie_embeddings=tie, qk_norm=False)
-  # Counted by hand: per layer q/k/v/o, gate/up/down and two norms; the final norm; the
-  # unembedding (the tied table is read once as the unembedding; an untied table only a row per
-  # token, which is not counted, and its lm_head in full).
-  d, f, dh = 32, 80, 8
-  per_layer = d * (4 + 2 * 2) * dh + 4 * dh * d + 3 * d * f + 2 * d
-  read_params = 3 * per_layer + d + d * 96
-  kv = 3 * 2 * 5 * 2 * 40 * 8  # layers x (K, V) x batch x kv heads x slots x head dim
-  assert benchmarks.decode_bytes_per_step(cfg, batch=5, cache_slots=40) == 4 * (read_params + kv)
+    cfg = ModelConfig(
+        vocab_size=96,
+        hidden_size=32,
+        intermediate_size=80,
+        num_layers=3,
+        num_heads=4,
+        num_kv_heads=2,
+        tie_embeddings=tie,
+        qk_norm=False,
+    )
+    # Counted by hand: per layer q/k/v/o, gate/up/down and two norms; the final norm; the
+    # unembedding (the tied table is read once as the unembedding; an untied table only a row per
+    # token, which is not counted, and its lm_head in full).
+    d, f, dh = 32, 80, 8
+    per_layer = d * (4 + 2 * 2) * dh + 4 * dh * d + 3 * d * f + 2 * d
+    read_params = 3 * per_layer + d + d * 96
+    kv = 3 * 2 * 5 * 2 * 40 * 8  # layers x (K, V) x batch x kv heads x slots x head dim
+    assert benchmarks.decode_bytes_per_step(cfg, batch=5, cache_slots=40) == 4 * (read_params + kv)
 
 
 def test_weight_stream_rate_is_a_plausible_bandwidth():
-  rate = benchmarks.weight_stream_rate(width=64, mats=4, reps=10, calls=3)
-  assert 1e8 < rate < 1e13  # 0.1 GB/s .. 10 TB/s: a real measurement, not a constant
+    rate = benchmarks.weight_stream_rate(width=64, mats=4, reps=10, calls=3)
+    assert 1e8 < rate < 1e13  # 0.1 GB/s .. 10 TB/s: a real measurement, not a constant

@@ -1,4 +1,5 @@
 """Tests for ctxjax.vocab (tiny BPE + ChatML) and ctxjax.data (records -> grain batches)."""
+
 import dataclasses
 import json
 import subprocess
@@ -8,9 +9,9 @@ import numpy as np
 import pytest
 
 from ctxjax.data import (
-    check_budgets,
     DataConfig,
     bucket_length,
+    check_budgets,
     encode_record,
     load_jsonl,
     make_iterator,
@@ -118,8 +119,15 @@ def test_chat_rendering_without_and_with_context(tokenizer):
 
 @pytest.mark.parametrize(
     "text",
-    ["The capital of France is Paris.", "  two  spaces ,  then . dots", "tabs\tand\nnewlines\n\n",
-     "unseen: Straße, 東京, 🙂, naïve", "", " leading space", "x" * 50],
+    [
+        "The capital of France is Paris.",
+        "  two  spaces ,  then . dots",
+        "tabs\tand\nnewlines\n\n",
+        "unseen: Straße, 東京, 🙂, naïve",
+        "",
+        " leading space",
+        "x" * 50,
+    ],
 )
 def test_decode_is_lossless(tokenizer, text):
     assert tokenizer.decode(tokenizer(text)["input_ids"]) == text
@@ -400,7 +408,9 @@ def test_worker_processes_give_the_same_batches_and_resume(tokenizer):
 
 def test_check_budgets_finds_the_long_record_up_front(tokenizer):
     cfg = _cfg(max_prompt_tokens=16, max_context_prompt_tokens=32)
-    records = [{"prompt": "add 1 2"}] * 3 + [{"prompt": "the quick brown fox jumps over the lazy dog"}]
+    records = [{"prompt": "add 1 2"}] * 3 + [
+        {"prompt": "the quick brown fox jumps over the lazy dog"}
+    ]
     check_budgets(records[:3], tokenizer, cfg)  # all fit: no error
     with pytest.raises(ValueError, match=r"record 3: .*data\.max_prompt_tokens=16"):
         check_budgets(records, tokenizer, cfg)

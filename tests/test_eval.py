@@ -2,6 +2,7 @@
 metric plumbing of `evaluate_context` recomputed from its own samples, `layer_cosine` against HF
 transformers run on each unpadded sequence, and `write_report`'s table parsed back against the
 dict it was given."""
+
 import importlib.util
 import json
 import math
@@ -26,283 +27,403 @@ from ctxjax.vocab import build_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "scripts", "eval.py")
-CFG = ModelConfig(vocab_size=320, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2,
-                  num_kv_heads=1)
+CFG = ModelConfig(
+    vocab_size=320, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2, num_kv_heads=1
+)
 # `sum` prompts only: the contexts are careful, hint and steps, so retention runs two contexts.
 TASK_OPTIONS = {"families": ("sum",)}
-METRIC_KEYS = ("acc_x", "acc_xc", "harm", "both_correct", "help", "delta_len", "n", "n_right_x",
-               "layer_cosine", "retention", "retention_mean", "samples", "lengths_x", "lengths_xc")
+METRIC_KEYS = (
+    "acc_x",
+    "acc_xc",
+    "harm",
+    "both_correct",
+    "help",
+    "delta_len",
+    "n",
+    "n_right_x",
+    "layer_cosine",
+    "retention",
+    "retention_mean",
+    "samples",
+    "lengths_x",
+    "lengths_xc",
+)
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 def _sharpened_model(seed: int):
-  """A random model with its matrices scaled up: the normal(0.02) init gives near-uniform logits,
-  so greedy decoding would repeat one token; scaled, answers vary with the prompt and context."""
-  model = create_model(CFG, seed=seed)
-  params = nnx.state(model, nnx.Param)
-  nnx.update(model, jax.tree.map(lambda x: x * 8.0 if x.ndim == 2 else x, params))
-  return model
+    """A random model with its matrices scaled up: the normal(0.02) init gives near-uniform logits,
+    so greedy decoding would repeat one token; scaled, answers vary with the prompt and context."""
+    model = create_model(CFG, seed=seed)
+    params = nnx.state(model, nnx.Param)
+    nnx.update(model, jax.tree.map(lambda x: x * 8.0 if x.ndim == 2 else x, params))
+    return model
 
 
 @pytest.fixture(scope="module")
 def tokenizer():
-  task = get_task("synthetic")
-  return build_tokenizer(tokenizer_corpus(task, task.sft_records(300, 0)), vocab_size=320)
+    task = get_task("synthetic")
+    return build_tokenizer(tokenizer_corpus(task, task.sft_records(300, 0)), vocab_size=320)
 
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory, tokenizer):
-  """Two tiny HF folders with the task's tokenizer: the model and a baseline."""
-  root = tmp_path_factory.mktemp("ckpt")
-  paths = []
-  for name, seed in (("model", 0), ("baseline", 1)):
-    path = str(root / name)
-    hf.save_model(_sharpened_model(seed), path)
-    tokenizer.save_pretrained(path)
-    paths.append(path)
-  return paths
+    """Two tiny HF folders with the task's tokenizer: the model and a baseline."""
+    root = tmp_path_factory.mktemp("ckpt")
+    paths = []
+    for name, seed in (("model", 0), ("baseline", 1)):
+        path = str(root / name)
+        hf.save_model(_sharpened_model(seed), path)
+        tokenizer.save_pretrained(path)
+        paths.append(path)
+    return paths
 
 
 @pytest.fixture(scope="module")
 def script_run(checkpoints, tmp_path_factory):
-  """`scripts/eval.py` on the tiny model with a baseline, started in the background so that it
-  overlaps the in-process tests (most of its time is imports and XLA compiles)."""
-  model, baseline = checkpoints
-  out = tmp_path_factory.mktemp("report")
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")  # one CPU device is enough
-  proc = subprocess.Popen(
-      [sys.executable, SCRIPT, "--model", model, "--baseline", baseline, "--task", "synthetic",
-       "--context", "careful", "--task-option", "families=[sum]", "--examples", "8",
-       "--max-new-tokens", "6", "--batch-size", "8", "--out", str(out)],
-      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
-  yield proc, out
-  if proc.poll() is None:
-    proc.kill()
-    proc.communicate()
+    """`scripts/eval.py` on the tiny model with a baseline, started in the background so that it
+    overlaps the in-process tests (most of its time is imports and XLA compiles)."""
+    model, baseline = checkpoints
+    out = tmp_path_factory.mktemp("report")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")  # one CPU device is enough
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            SCRIPT,
+            "--model",
+            model,
+            "--baseline",
+            baseline,
+            "--task",
+            "synthetic",
+            "--context",
+            "careful",
+            "--task-option",
+            "families=[sum]",
+            "--examples",
+            "8",
+            "--max-new-tokens",
+            "6",
+            "--batch-size",
+            "8",
+            "--out",
+            str(out),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=ROOT,
+    )
+    yield proc, out
+    if proc.poll() is None:
+        proc.kill()
+        proc.communicate()
 
 
 def _table(md: str) -> dict[str, list[str]]:
-  """{metric label: [cells after it]} of the first markdown table in `md`."""
-  rows = {}
-  for line in md.splitlines():
-    if not line.startswith("|"):
-      if rows:
-        break
-      continue
-    cells = [c.strip() for c in line.strip().strip("|").split("|")]
-    if cells[0] not in ("metric",) and not set(cells[0]) <= {"-"}:
-      rows[cells[0]] = cells[1:]
-  return rows
+    """{metric label: [cells after it]} of the first markdown table in `md`."""
+    rows = {}
+    for line in md.splitlines():
+        if not line.startswith("|"):
+            if rows:
+                break
+            continue
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if cells[0] not in ("metric",) and not set(cells[0]) <= {"-"}:
+            rows[cells[0]] = cells[1:]
+    return rows
 
 
 def _close(cell: str, value) -> bool:
-  if value is None or (isinstance(value, float) and math.isnan(value)):
-    return cell == "-"
-  return abs(float(cell) - value) <= 5e-4 + 1e-9  # rounded to 3 decimals
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return cell == "-"
+    return abs(float(cell) - value) <= 5e-4 + 1e-9  # rounded to 3 decimals
 
 
 class _ParityTask:
-  """The synthetic task with a stand-in verdict (an even number of characters): its exact-match
-  verifier seldom passes a random model's answer, which would leave harm and help untested."""
+    """The synthetic task with a stand-in verdict (an even number of characters): its exact-match
+    verifier seldom passes a random model's answer, which would leave harm and help untested."""
 
-  def __init__(self, inner):
-    self.inner, self.name = inner, inner.name
+    def __init__(self, inner):
+        self.inner, self.name = inner, inner.name
 
-  def __getattr__(self, attr):
-    return getattr(self.inner, attr)
+    def __getattr__(self, attr):
+        return getattr(self.inner, attr)
 
-  def verify(self, record, response):
-    return len(response) % 2 == 0
+    def verify(self, record, response):
+        return len(response) % 2 == 0
 
 
 @pytest.fixture(scope="module")
 def loaded(checkpoints, script_run):  # script_run: start the CLI run first, to overlap with these
-  return hf.load_model(checkpoints[0]), hf.load_tokenizer(checkpoints[0])
+    return hf.load_model(checkpoints[0]), hf.load_tokenizer(checkpoints[0])
 
 
 def test_evaluate_context_metrics_match_its_samples(loaded):
-  """Every metric recomputed with numpy from the returned answers (all 8 are in `samples`),
-  and the embeddings' cosine exactly 1: the same response tokens sit in both views."""
-  model, tokenizer = loaded
-  task = _ParityTask(get_task("synthetic", **TASK_OPTIONS))
-  result = evaluate_context(model, tokenizer, task, "careful", examples=8, max_new_tokens=6,
-                            batch_size=8, seed=3, retention=False)
-  samples = result["samples"]
-  assert result["n"] == len(samples) == 8
-  assert [s["prompt"] for s in samples] == [r["prompt"] for r in task.eval_records("careful", 8, 3)]
-  rx = np.array([len(s["y_x"]) % 2 == 0 for s in samples])
-  rc = np.array([len(s["y_xc"]) % 2 == 0 for s in samples])
-  assert 0 < rx.sum() < 8 or 0 < rc.sum() < 8  # the stand-in verdict is not constant
-  assert result["acc_x"] == rx.mean() and result["acc_xc"] == rc.mean()
-  assert result["both_correct"] == (rx & rc).mean() and result["n_right_x"] == rx.sum()
-  assert math.isclose(result["harm"], (rx & ~rc).sum() / rx.sum() if rx.any() else 0.0)
-  assert math.isclose(result["help"], (~rx & rc).sum() / (~rx).sum() if (~rx).any() else 0.0)
-  lx, lxc = np.array(result["lengths_x"]), np.array(result["lengths_xc"])
-  assert lx.shape == lxc.shape == (8,) and (lx >= 1).all() and (lx <= 6).all()
-  assert math.isclose(result["delta_len"], lxc.mean() / lx.mean() - 1)
-  assert result["both_correct"] <= min(result["acc_x"], result["acc_xc"])
-  assert 0.0 <= result["harm"] <= 1.0
-  assert "retention" not in result
-  cos = result["layer_cosine"]
-  assert len(cos) == CFG.num_layers + 1
-  assert abs(cos[0] - 1.0) < 1e-6
-  assert all(-1.0 - 1e-6 <= c <= 1.0 + 1e-6 for c in cos)
-  # The context changes this sharpened model's answers: otherwise harm/help would be trivial.
-  assert any(s["y_x"] != s["y_xc"] for s in samples)
+    """Every metric recomputed with numpy from the returned answers (all 8 are in `samples`),
+    and the embeddings' cosine exactly 1: the same response tokens sit in both views."""
+    model, tokenizer = loaded
+    task = _ParityTask(get_task("synthetic", **TASK_OPTIONS))
+    result = evaluate_context(
+        model,
+        tokenizer,
+        task,
+        "careful",
+        examples=8,
+        max_new_tokens=6,
+        batch_size=8,
+        seed=3,
+        retention=False,
+    )
+    samples = result["samples"]
+    assert result["n"] == len(samples) == 8
+    assert [s["prompt"] for s in samples] == [
+        r["prompt"] for r in task.eval_records("careful", 8, 3)
+    ]
+    rx = np.array([len(s["y_x"]) % 2 == 0 for s in samples])
+    rc = np.array([len(s["y_xc"]) % 2 == 0 for s in samples])
+    assert 0 < rx.sum() < 8 or 0 < rc.sum() < 8  # the stand-in verdict is not constant
+    assert result["acc_x"] == rx.mean() and result["acc_xc"] == rc.mean()
+    assert result["both_correct"] == (rx & rc).mean() and result["n_right_x"] == rx.sum()
+    assert math.isclose(result["harm"], (rx & ~rc).sum() / rx.sum() if rx.any() else 0.0)
+    assert math.isclose(result["help"], (~rx & rc).sum() / (~rx).sum() if (~rx).any() else 0.0)
+    lx, lxc = np.array(result["lengths_x"]), np.array(result["lengths_xc"])
+    assert lx.shape == lxc.shape == (8,) and (lx >= 1).all() and (lx <= 6).all()
+    assert math.isclose(result["delta_len"], lxc.mean() / lx.mean() - 1)
+    assert result["both_correct"] <= min(result["acc_x"], result["acc_xc"])
+    assert 0.0 <= result["harm"] <= 1.0
+    assert "retention" not in result
+    cos = result["layer_cosine"]
+    assert len(cos) == CFG.num_layers + 1
+    assert abs(cos[0] - 1.0) < 1e-6
+    assert all(-1.0 - 1e-6 <= c <= 1.0 + 1e-6 for c in cos)
+    # The context changes this sharpened model's answers: otherwise harm/help would be trivial.
+    assert any(s["y_x"] != s["y_xc"] for s in samples)
 
 
 def _hf_residual_streams(folder: str, sequences: list[list[int]]) -> list[np.ndarray]:
-  """Per sequence, [layers+1, len(ids), D]: HF transformers' embeddings and each decoder layer's
-  output (forward hooks; HF's `hidden_states[-1]` is after the final norm, ours is before it)."""
-  import torch
-  from transformers import AutoModelForCausalLM
+    """Per sequence, [layers+1, len(ids), D]: HF transformers' embeddings and each decoder layer's
+    output (forward hooks; HF's `hidden_states[-1]` is after the final norm, ours is before it)."""
+    import torch
+    from transformers import AutoModelForCausalLM
 
-  model = AutoModelForCausalLM.from_pretrained(folder).eval()
-  streams = []
-  for m in (model.model.embed_tokens, *model.model.layers):
-    m.register_forward_hook(
-        lambda mod, inp, out: streams.append((out[0] if isinstance(out, tuple) else out)[0]))
-  out = []
-  for ids in sequences:
-    streams.clear()
-    with torch.no_grad():
-      model(torch.tensor([ids]))  # one unpadded sequence: positions 0..len-1, no mask needed
-    out.append(np.stack([h.numpy() for h in streams]))
-  return out
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    streams = []
+    for m in (model.model.embed_tokens, *model.model.layers):
+        m.register_forward_hook(
+            lambda mod, inp, out: streams.append((out[0] if isinstance(out, tuple) else out)[0])
+        )
+    out = []
+    for ids in sequences:
+        streams.clear()
+        with torch.no_grad():
+            model(torch.tensor([ids]))  # one unpadded sequence: positions 0..len-1, no mask needed
+        out.append(np.stack([h.numpy() for h in streams]))
+    return out
 
 
 def test_layer_cosine_matches_hf_unpadded(checkpoints, loaded):
-  """`layer_cosine` (left-padded batch, right-aligned response slots) against HF transformers run
-  on each unpadded sequence alone, and `metrics.cosine_by_layer`: padding, positions and the slot
-  alignment are all checked against an independent implementation."""
-  model, tokenizer = loaded
-  records = get_task("synthetic", **TASK_OPTIONS).eval_records("careful", 8, 3)
-  # Distinct response tokens of different lengths, so a shifted slot would read another token.
-  responses = [[10 + 7 * i + j for j in range(1 + i % 6)] for i in range(len(records))]
-  answers = ViewAnswers(texts=[""] * 8, lengths=np.array([len(y) for y in responses]),
-                        tokens=responses)
-  got = layer_cosine(model, tokenizer, records, answers, batch_size=8)
+    """`layer_cosine` (left-padded batch, right-aligned response slots) against HF transformers run
+    on each unpadded sequence alone, and `metrics.cosine_by_layer`: padding, positions and the slot
+    alignment are all checked against an independent implementation."""
+    model, tokenizer = loaded
+    records = get_task("synthetic", **TASK_OPTIONS).eval_records("careful", 8, 3)
+    # Distinct response tokens of different lengths, so a shifted slot would read another token.
+    responses = [[10 + 7 * i + j for j in range(1 + i % 6)] for i in range(len(records))]
+    answers = ViewAnswers(
+        texts=[""] * 8, lengths=np.array([len(y) for y in responses]), tokens=responses
+    )
+    got = layer_cosine(model, tokenizer, records, answers, batch_size=8)
 
-  def response_streams(with_context: bool) -> np.ndarray:  # [layers+1, total response tokens, D]
-    seqs = [hf.render_chat(tokenizer, r["context"] if with_context else "", r["prompt"]) + y
-            for r, y in zip(records, responses)]
-    streams = _hf_residual_streams(checkpoints[0], seqs)
-    return np.concatenate([h[:, -len(y):] for h, y in zip(streams, responses)], axis=1)
+    def response_streams(with_context: bool) -> np.ndarray:  # [layers+1, total response tokens, D]
+        seqs = [
+            hf.render_chat(tokenizer, r["context"] if with_context else "", r["prompt"]) + y
+            for r, y in zip(records, responses)
+        ]
+        streams = _hf_residual_streams(checkpoints[0], seqs)
+        return np.concatenate([h[:, -len(y) :] for h, y in zip(streams, responses)], axis=1)
 
-  h_x, h_c = response_streams(False), response_streams(True)
-  want = metrics_lib.cosine_by_layer(h_x, h_c)
-  np.testing.assert_allclose(got, want, atol=1e-5)
-  assert abs(got[0] - 1.0) < 1e-6 and (want[1:] < 0.999).all()  # the context does reach the blocks
+    h_x, h_c = response_streams(False), response_streams(True)
+    want = metrics_lib.cosine_by_layer(h_x, h_c)
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    assert (
+        abs(got[0] - 1.0) < 1e-6 and (want[1:] < 0.999).all()
+    )  # the context does reach the blocks
 
 
 def _hand_result():
-  return {"context": "careful", "n": 40, "acc_x": 0.625, "acc_xc": 0.8, "harm": 0.12,
-          "both_correct": 0.55, "help": 0.6666667, "delta_len": float("nan"), "n_right_x": 25,
-          "n_wrong_x": 15, "layer_cosine": [1.0, 0.9, 0.75, 0.5],
-          "retention": {"hint": 0.45, "steps": 0.3125}, "retention_mean": 0.38125,
-          "samples": [{"prompt": "sum 1 2 3", "context": "system: be careful and exact",
-                       "answer": "6", "y_x": "7", "y_xc": "6 | 6"}],
-          "lengths_x": [2, 3, 3, 4], "lengths_xc": [2, 2, 5, 6]}
+    return {
+        "context": "careful",
+        "n": 40,
+        "acc_x": 0.625,
+        "acc_xc": 0.8,
+        "harm": 0.12,
+        "both_correct": 0.55,
+        "help": 0.6666667,
+        "delta_len": float("nan"),
+        "n_right_x": 25,
+        "n_wrong_x": 15,
+        "layer_cosine": [1.0, 0.9, 0.75, 0.5],
+        "retention": {"hint": 0.45, "steps": 0.3125},
+        "retention_mean": 0.38125,
+        "samples": [
+            {
+                "prompt": "sum 1 2 3",
+                "context": "system: be careful and exact",
+                "answer": "6",
+                "y_x": "7",
+                "y_xc": "6 | 6",
+            }
+        ],
+        "lengths_x": [2, 3, 3, 4],
+        "lengths_xc": [2, 2, 5, 6],
+    }
 
 
 def test_write_report_table_matches_dict(tmp_path):
-  result = _hand_result()
-  baseline = dict(result, acc_x=0.5, retention={"hint": 0.9, "pirate": 0.25}, retention_mean=0.575,
-                  layer_cosine=None)
-  paths = write_report(result, str(tmp_path), "hand", baseline=baseline)
-  assert set(paths) == {"json", "markdown", "accuracy", "layer_cosine", "lengths", "retention"}
-  md = open(paths["markdown"]).read()
-  assert md.startswith("# hand")
-  table = _table(md)
-  expected = {"n": (40, 40), "Acc_x": (0.625, 0.5), "Acc_xc": (0.8, 0.8), "Harm": (0.12, 0.12),
-              "BothCorrect": (0.55, 0.55), "Help": (0.6666667, 0.6666667),
-              "Δlen": (None, None), "retention: hint": (0.45, 0.9),
-              "retention: steps": (0.3125, None), "retention: pirate": (None, 0.25),
-              "retention mean": (0.38125, 0.575), "cosine mean (layers 1-3)": (0.7166667, None),
-              "cosine layer 1 (first block)": (0.9, None), "cosine layer 3 (last)": (0.5, None)}
-  assert set(table) == set(expected)
-  for label, (ours, theirs) in expected.items():
-    assert _close(table[label][0], ours) and _close(table[label][1], theirs), (label, table[label])
-  assert table["n"] == ["40", "40"]
-  assert "6 \\| 6" in md  # a `|` inside a sample answer does not split the cell
-  saved = json.load(open(paths["json"]))
-  assert saved["delta_len"] is None and saved["acc_x"] == 0.625  # strict JSON: NaN -> null
-  assert saved["baseline"]["retention"] == {"hint": 0.9, "pirate": 0.25}
-  for name in ("accuracy", "layer_cosine", "lengths", "retention"):
-    assert open(paths[name], "rb").read(8) == PNG_SIGNATURE
+    result = _hand_result()
+    baseline = dict(
+        result,
+        acc_x=0.5,
+        retention={"hint": 0.9, "pirate": 0.25},
+        retention_mean=0.575,
+        layer_cosine=None,
+    )
+    paths = write_report(result, str(tmp_path), "hand", baseline=baseline)
+    assert set(paths) == {"json", "markdown", "accuracy", "layer_cosine", "lengths", "retention"}
+    md = open(paths["markdown"]).read()
+    assert md.startswith("# hand")
+    table = _table(md)
+    expected = {
+        "n": (40, 40),
+        "Acc_x": (0.625, 0.5),
+        "Acc_xc": (0.8, 0.8),
+        "Harm": (0.12, 0.12),
+        "BothCorrect": (0.55, 0.55),
+        "Help": (0.6666667, 0.6666667),
+        "Δlen": (None, None),
+        "retention: hint": (0.45, 0.9),
+        "retention: steps": (0.3125, None),
+        "retention: pirate": (None, 0.25),
+        "retention mean": (0.38125, 0.575),
+        "cosine mean (layers 1-3)": (0.7166667, None),
+        "cosine layer 1 (first block)": (0.9, None),
+        "cosine layer 3 (last)": (0.5, None),
+    }
+    assert set(table) == set(expected)
+    for label, (ours, theirs) in expected.items():
+        assert _close(table[label][0], ours) and _close(table[label][1], theirs), (
+            label,
+            table[label],
+        )
+    assert table["n"] == ["40", "40"]
+    assert "6 \\| 6" in md  # a `|` inside a sample answer does not split the cell
+    saved = json.load(open(paths["json"]))
+    assert saved["delta_len"] is None and saved["acc_x"] == 0.625  # strict JSON: NaN -> null
+    assert saved["baseline"]["retention"] == {"hint": 0.9, "pirate": 0.25}
+    for name in ("accuracy", "layer_cosine", "lengths", "retention"):
+        assert open(paths[name], "rb").read(8) == PNG_SIGNATURE
 
 
 def test_write_report_skips_missing_plots(tmp_path):
-  result = {k: v for k, v in _hand_result().items()
-            if k not in ("retention", "retention_mean", "layer_cosine")}
-  paths = write_report(result, str(tmp_path))
-  assert set(paths) == {"json", "markdown", "accuracy", "lengths"}
-  assert not (tmp_path / "retention.png").exists()
-  assert "baseline" not in metrics_table(result)
+    result = {
+        k: v
+        for k, v in _hand_result().items()
+        if k not in ("retention", "retention_mean", "layer_cosine")
+    }
+    paths = write_report(result, str(tmp_path))
+    assert set(paths) == {"json", "markdown", "accuracy", "lengths"}
+    assert not (tmp_path / "retention.png").exists()
+    assert "baseline" not in metrics_table(result)
 
 
 def test_compare_table_formats_cells():
-  table = compare_table([{"name": "a", "x": 0.12345, "y": float("nan"), "k": 3},
-                         {"name": "b|c", "x": np.float32(2.0)}], ["name", "x", "y", "k"])
-  assert table.splitlines() == ["| name | x | y | k |", "|---|---|---|---|",
-                                "| a | 0.123 | - | 3 |", "| b\\|c | 2.000 | - | - |"]
-  assert format_cell(True) == "True" and format_cell(None) == "-"
-  assert format_cell("two\nlines") == "two lines"
+    table = compare_table(
+        [
+            {"name": "a", "x": 0.12345, "y": float("nan"), "k": 3},
+            {"name": "b|c", "x": np.float32(2.0)},
+        ],
+        ["name", "x", "y", "k"],
+    )
+    assert table.splitlines() == [
+        "| name | x | y | k |",
+        "|---|---|---|---|",
+        "| a | 0.123 | - | 3 |",
+        "| b\\|c | 2.000 | - | - |",
+    ]
+    assert format_cell(True) == "True" and format_cell(None) == "-"
+    assert format_cell("two\nlines") == "two lines"
 
 
 def _load_script():
-  spec = importlib.util.spec_from_file_location("eval_script", SCRIPT)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+    spec = importlib.util.spec_from_file_location("eval_script", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--model", "{missing}"], r"model folder not found: .*no_such_model"),
-    (["--model", "{model}", "--context", "pirate"],
-     r"unknown context 'pirate' for task 'synthetic'; valid: \['careful', 'hint', 'steps'\]"),
-    (["--model", "{model}", "--task", "chess"], r"unknown task 'chess'; valid: \["),
-    (["--model", "{model}", "--task-option", "colour=red"], r"unknown option\(s\) \['colour'\]"),
-    (["--model", "{model}", "--baseline", "{missing}"],
-     r"baseline model folder not found: .*no_such_model"),
-    (["--model", "{model}", "--examples", "0"], r"eval.examples must be >= 1"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--model", "{missing}"], r"model folder not found: .*no_such_model"),
+        (
+            ["--model", "{model}", "--context", "pirate"],
+            r"unknown context 'pirate' for task 'synthetic'; valid: \['careful', 'hint', 'steps'\]",
+        ),
+        (["--model", "{model}", "--task", "chess"], r"unknown task 'chess'; valid: \["),
+        (
+            ["--model", "{model}", "--task-option", "colour=red"],
+            r"unknown option\(s\) \['colour'\]",
+        ),
+        (
+            ["--model", "{model}", "--baseline", "{missing}"],
+            r"baseline model folder not found: .*no_such_model",
+        ),
+        (["--model", "{model}", "--examples", "0"], r"eval.examples must be >= 1"),
+    ],
+)
 def test_bad_input_exits_2_naming_it(checkpoints, tmp_path, capsys, args, message):
-  fill = {"missing": str(tmp_path / "no_such_model"), "model": checkpoints[0]}
-  argv = [a.format(**fill) for a in args] + ["--task-option", "families=[sum]",
-                                             "--out", str(tmp_path / "out")]
-  with pytest.raises(SystemExit) as exit_info:
-    _load_script().main(argv)
-  assert exit_info.value.code == 2
-  assert re.search(message, capsys.readouterr().err)
-  assert not (tmp_path / "out").exists()  # nothing evaluated, nothing written
+    fill = {"missing": str(tmp_path / "no_such_model"), "model": checkpoints[0]}
+    argv = [a.format(**fill) for a in args] + [
+        "--task-option",
+        "families=[sum]",
+        "--out",
+        str(tmp_path / "out"),
+    ]
+    with pytest.raises(SystemExit) as exit_info:
+        _load_script().main(argv)
+    assert exit_info.value.code == 2
+    assert re.search(message, capsys.readouterr().err)
+    assert not (tmp_path / "out").exists()  # nothing evaluated, nothing written
 
 
 def test_script_end_to_end_with_baseline(checkpoints, script_run):
-  model, baseline = checkpoints
-  proc, out = script_run
-  stdout, stderr = proc.communicate(timeout=300)
-  assert proc.returncode == 0, stderr[-3000:]
-  saved = json.loads((out / "eval.json").read_text())
-  for result in (saved, saved["baseline"]):
-    missing = [k for k in METRIC_KEYS if k not in result]
-    assert not missing, missing
-    assert result["n"] == 8
-    assert sorted(result["retention"]) == ["hint", "steps"]  # the other contexts of `sum`
-    assert len(result["layer_cosine"]) == CFG.num_layers + 1
-    assert abs(result["layer_cosine"][0] - 1.0) < 1e-6  # embeddings: same tokens in both views
-    assert result["both_correct"] <= min(result["acc_x"], result["acc_xc"])
-    assert 0.0 <= result["harm"] <= 1.0 and len(result["lengths_x"]) == 8
-  assert saved["task_options"] == {"families": ["sum"]}
-  assert saved["model"] == os.path.abspath(model)
-  assert saved["baseline"]["model"] == os.path.abspath(baseline)
-  md = (out / "eval.md").read_text()
-  assert "## Sample answers" in md
-  table = _table(md)
-  assert _close(table["Acc_x"][0], saved["acc_x"]) and _close(table["Acc_x"][1],
-                                                             saved["baseline"]["acc_x"])
-  assert _close(table["retention mean"][1], saved["baseline"]["retention_mean"])
-  assert "| metric | model | baseline |" in stdout  # the table is printed
-  for name in ("accuracy", "layer_cosine", "lengths", "retention"):
-    data = (out / f"{name}.png").read_bytes()
-    assert data.startswith(PNG_SIGNATURE) and len(data) > 5000, name
+    model, baseline = checkpoints
+    proc, out = script_run
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr[-3000:]
+    saved = json.loads((out / "eval.json").read_text())
+    for result in (saved, saved["baseline"]):
+        missing = [k for k in METRIC_KEYS if k not in result]
+        assert not missing, missing
+        assert result["n"] == 8
+        assert sorted(result["retention"]) == ["hint", "steps"]  # the other contexts of `sum`
+        assert len(result["layer_cosine"]) == CFG.num_layers + 1
+        assert abs(result["layer_cosine"][0] - 1.0) < 1e-6  # embeddings: same tokens in both views
+        assert result["both_correct"] <= min(result["acc_x"], result["acc_xc"])
+        assert 0.0 <= result["harm"] <= 1.0 and len(result["lengths_x"]) == 8
+    assert saved["task_options"] == {"families": ["sum"]}
+    assert saved["model"] == os.path.abspath(model)
+    assert saved["baseline"]["model"] == os.path.abspath(baseline)
+    md = (out / "eval.md").read_text()
+    assert "## Sample answers" in md
+    table = _table(md)
+    assert _close(table["Acc_x"][0], saved["acc_x"]) and _close(
+        table["Acc_x"][1], saved["baseline"]["acc_x"]
+    )
+    assert _close(table["retention mean"][1], saved["baseline"]["retention_mean"])
+    assert "| metric | model | baseline |" in stdout  # the table is printed
+    for name in ("accuracy", "layer_cosine", "lengths", "retention"):
+        data = (out / f"{name}.png").read_bytes()
+        assert data.startswith(PNG_SIGNATURE) and len(data) > 5000, name

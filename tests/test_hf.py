@@ -3,16 +3,17 @@
 Levanter's pattern: tiny random HF model -> save_pretrained -> load ours -> compare logits -> export
 back -> load with HF -> compare again. No network. HF logits come from torch (tests/hf_fixtures.py).
 """
+
 import json
 import os
 import shutil
 
+import hf_fixtures as F
 import numpy as np
 import pytest
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
-import hf_fixtures as F
 from ctxjax import hf
 from ctxjax.model import ModelConfig
 
@@ -27,8 +28,14 @@ CASES = [
     ("qwen3", True, {}),
     ("qwen3", False, {"attention_bias": True}),
 ]
-LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
-               "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "rope_theta": 10000.0,
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 64,
+}
 
 
 def _case_id(case):
@@ -127,8 +134,10 @@ def test_llama3_rope_scaling_matches_hf(ckpt, tmp_path):
 
     # The scaling changes these logits, so the parity above is not vacuous.
     unscaled_dir = _copy(path, tmp_path / "unscaled")
-    _edit_config(unscaled_dir, lambda c: c.update(rope_parameters={"rope_type": "default",
-                                                                   "rope_theta": 10000.0}))
+    _edit_config(
+        unscaled_dir,
+        lambda c: c.update(rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
+    )
     assert _max_diff(_ours(hf.load_model(unscaled_dir), ids, mask), ref, mask) > 1e-2
 
     out = hf.save_model(model, tmp_path / "export")
@@ -138,9 +147,18 @@ def test_llama3_rope_scaling_matches_hf(ckpt, tmp_path):
 
 def test_legacy_rope_fields_read_like_transformers():
     """Old configs: top-level rope_theta and a `rope_scaling` dict keyed `type`."""
-    legacy = dict(F.TINY, model_type="llama", rope_theta=500000.0,
-                  rope_scaling={"type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
-                                "high_freq_factor": 4.0, "original_max_position_embeddings": 64})
+    legacy = dict(
+        F.TINY,
+        model_type="llama",
+        rope_theta=500000.0,
+        rope_scaling={
+            "type": "llama3",
+            "factor": 32.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64,
+        },
+    )
     ours = hf.config_from_hf(legacy)
     assert ours.rope_theta == 500000.0
     assert ours.rope_scaling == ("llama3", 32.0, 1.0, 4.0, 64)
@@ -164,8 +182,9 @@ def test_bf16_checkpoint_loads(ckpt, tmp_path):
     assert m16.cfg.param_dtype == m16.cfg.compute_dtype == "bfloat16"
     q16 = m16.layers[0].self_attn.q_proj.kernel[...]
     assert q16.dtype == np.dtype("bfloat16")
-    np.testing.assert_array_equal(np.asarray(q16, np.float32),
-                                  np.asarray(m32.layers[0].self_attn.q_proj.kernel[...]))
+    np.testing.assert_array_equal(
+        np.asarray(q16, np.float32), np.asarray(m32.layers[0].self_attn.q_proj.kernel[...])
+    )
 
     out = hf.save_model(m32, tmp_path / "export", dtype="bfloat16")  # lossless: values are bf16
     with safe_open(os.path.join(out, hf.WEIGHTS_FILE), framework="numpy") as f:
@@ -183,8 +202,10 @@ def _shard(folder, names_per_shard):
         shard = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
         save_file({k: tensors[k] for k in names}, os.path.join(folder, shard), {"format": "pt"})
         weight_map.update({k: shard for k in names})
-    index = {"metadata": {"total_size": int(sum(t.nbytes for t in tensors.values()))},
-             "weight_map": weight_map}
+    index = {
+        "metadata": {"total_size": int(sum(t.nbytes for t in tensors.values()))},
+        "weight_map": weight_map,
+    }
     with open(os.path.join(folder, hf.WEIGHTS_INDEX_FILE), "w") as fh:
         json.dump(index, fh)
     return weight_map
@@ -226,21 +247,37 @@ def test_sharded_index_must_match_shards(ckpt, tmp_path):
 # ---------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("family, over, expected", [
-    ("llama", {}, dict(qkv_bias=False, o_bias=False, mlp_bias=False, qk_norm=False,
-                       resolved_head_dim=16)),
-    ("llama", {"attention_bias": True, "mlp_bias": True},
-     dict(qkv_bias=True, o_bias=True, mlp_bias=True, qk_norm=False)),
-    # Qwen2Attention hard-codes q/k/v bias on and o bias off; Qwen2MLP has no bias.
-    ("qwen2", {}, dict(qkv_bias=True, o_bias=False, mlp_bias=False, qk_norm=False,
-                       resolved_head_dim=16)),
-    ("qwen3", {}, dict(qkv_bias=False, o_bias=False, mlp_bias=False, qk_norm=True,
-                       resolved_head_dim=24)),
-    ("qwen3", {"attention_bias": True}, dict(qkv_bias=True, o_bias=True, qk_norm=True)),
-])
+@pytest.mark.parametrize(
+    "family, over, expected",
+    [
+        (
+            "llama",
+            {},
+            dict(qkv_bias=False, o_bias=False, mlp_bias=False, qk_norm=False, resolved_head_dim=16),
+        ),
+        (
+            "llama",
+            {"attention_bias": True, "mlp_bias": True},
+            dict(qkv_bias=True, o_bias=True, mlp_bias=True, qk_norm=False),
+        ),
+        # Qwen2Attention hard-codes q/k/v bias on and o bias off; Qwen2MLP has no bias.
+        (
+            "qwen2",
+            {},
+            dict(qkv_bias=True, o_bias=False, mlp_bias=False, qk_norm=False, resolved_head_dim=16),
+        ),
+        (
+            "qwen3",
+            {},
+            dict(qkv_bias=False, o_bias=False, mlp_bias=False, qk_norm=True, resolved_head_dim=24),
+        ),
+        ("qwen3", {"attention_bias": True}, dict(qkv_bias=True, o_bias=True, qk_norm=True)),
+    ],
+)
 def test_config_from_hf_follows_transformers_modeling(family, over, expected):
-    hf_cfg = F.tiny_hf_config(family, tie=False, rms_norm_eps=1e-5, num_key_value_heads=1,
-                              **over).to_dict()
+    hf_cfg = F.tiny_hf_config(
+        family, tie=False, rms_norm_eps=1e-5, num_key_value_heads=1, **over
+    ).to_dict()
     cfg = hf.config_from_hf(hf_cfg, param_dtype="bfloat16")
     for name, value in expected.items():
         assert getattr(cfg, name) == value, name
@@ -254,15 +291,28 @@ def test_config_from_hf_follows_transformers_modeling(family, over, expected):
 def test_qwen3_head_dim_defaults_to_128():
     """Qwen3Config's default head_dim is 128, not hidden_size // heads."""
     hf_cfg = dict(F.TINY, model_type="qwen3")
-    assert hf.config_from_hf(hf_cfg).resolved_head_dim == F.FAMILY_CONFIGS["qwen3"]().head_dim == 128
+    assert (
+        hf.config_from_hf(hf_cfg).resolved_head_dim == F.FAMILY_CONFIGS["qwen3"]().head_dim == 128
+    )
 
 
-@pytest.mark.parametrize("cfg", [
-    ModelConfig(family="llama", qkv_bias=True, o_bias=True, mlp_bias=True, tie_embeddings=False,
-                rope_scaling=("llama3", 8.0, 1.0, 4.0, 64), max_position_embeddings=256),
-    ModelConfig(family="qwen2", qkv_bias=True, rope_theta=1e6, rms_norm_eps=1e-5),
-    ModelConfig(family="qwen3", qk_norm=True, head_dim=24, num_kv_heads=1),
-], ids=["llama", "qwen2", "qwen3"])
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        ModelConfig(
+            family="llama",
+            qkv_bias=True,
+            o_bias=True,
+            mlp_bias=True,
+            tie_embeddings=False,
+            rope_scaling=("llama3", 8.0, 1.0, 4.0, 64),
+            max_position_embeddings=256,
+        ),
+        ModelConfig(family="qwen2", qkv_bias=True, rope_theta=1e6, rms_norm_eps=1e-5),
+        ModelConfig(family="qwen3", qk_norm=True, head_dim=24, num_kv_heads=1),
+    ],
+    ids=["llama", "qwen2", "qwen3"],
+)
 def test_config_round_trip_and_transformers_reads_it(cfg):
     hf_cfg = hf.config_to_hf(cfg)
     assert hf.config_from_hf(hf_cfg) == cfg
@@ -270,32 +320,53 @@ def test_config_round_trip_and_transformers_reads_it(cfg):
     assert hf.config_from_hf(via_hf.to_dict()) == cfg
 
 
-@pytest.mark.parametrize("cfg, field", [
-    (ModelConfig(family="llama", qk_norm=True), "qk_norm"),
-    (ModelConfig(family="llama", qkv_bias=True), "o_bias"),
-    (ModelConfig(family="qwen2"), "qkv_bias"),
-    (ModelConfig(family="qwen2", qkv_bias=True, o_bias=True), "o_bias"),
-    (ModelConfig(family="qwen3"), "qk_norm"),
-    (ModelConfig(family="qwen3", qk_norm=True, mlp_bias=True), "mlp_bias"),
-])
+@pytest.mark.parametrize(
+    "cfg, field",
+    [
+        (ModelConfig(family="llama", qk_norm=True), "qk_norm"),
+        (ModelConfig(family="llama", qkv_bias=True), "o_bias"),
+        (ModelConfig(family="qwen2"), "qkv_bias"),
+        (ModelConfig(family="qwen2", qkv_bias=True, o_bias=True), "o_bias"),
+        (ModelConfig(family="qwen3"), "qk_norm"),
+        (ModelConfig(family="qwen3", qk_norm=True, mlp_bias=True), "mlp_bias"),
+    ],
+)
 def test_config_to_hf_rejects_what_the_family_cannot_express(cfg, field):
     with pytest.raises(ValueError, match=f"model.{field}"):
         hf.config_to_hf(cfg)
 
 
-@pytest.mark.parametrize("edit, message", [
-    (lambda c: c.update(model_type="mistral"), r"'mistral'.*'llama', 'qwen2', 'qwen3'"),
-    (lambda c: c.update(rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}),
-     r"'yarn'"),
-    (lambda c: c.update(rope_parameters={"rope_type": "llama3", "rope_theta": 1e4}),
-     r"factor"),
-    (lambda c: c.update(hidden_act="gelu"), "hidden_act"),
-    (lambda c: c.update(use_sliding_window=True, sliding_window=4, max_window_layers=1,
-                        layer_types=None), "sliding"),
-    (lambda c: c.pop("hidden_size"), "hidden_size"),
-    (lambda c: c.update(rope_parameters={"rope_type": "default", "rope_theta": 1e4,
-                                         "partial_rotary_factor": 0.5}), "partial_rotary_factor"),
-])
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda c: c.update(model_type="mistral"), r"'mistral'.*'llama', 'qwen2', 'qwen3'"),
+        (
+            lambda c: c.update(
+                rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}
+            ),
+            r"'yarn'",
+        ),
+        (lambda c: c.update(rope_parameters={"rope_type": "llama3", "rope_theta": 1e4}), r"factor"),
+        (lambda c: c.update(hidden_act="gelu"), "hidden_act"),
+        (
+            lambda c: c.update(
+                use_sliding_window=True, sliding_window=4, max_window_layers=1, layer_types=None
+            ),
+            "sliding",
+        ),
+        (lambda c: c.pop("hidden_size"), "hidden_size"),
+        (
+            lambda c: c.update(
+                rope_parameters={
+                    "rope_type": "default",
+                    "rope_theta": 1e4,
+                    "partial_rotary_factor": 0.5,
+                }
+            ),
+            "partial_rotary_factor",
+        ),
+    ],
+)
 def test_config_errors_name_the_problem(edit, message):
     hf_cfg = F.tiny_hf_config("qwen2").to_dict()
     edit(hf_cfg)
@@ -324,9 +395,15 @@ def test_unsupported_model_type_folder(ckpt, tmp_path):
 
 def test_extra_tensor_is_an_error(ckpt, tmp_path):
     folder = _copy(ckpt("qwen2"), tmp_path / "m")
-    _edit_weights(folder, lambda t: t.update({"model.layers.0.mlp.extra.weight": np.zeros(3, "f4"),
-                                              "model.layers.0.self_attn.o_proj.bias":
-                                                  np.zeros(64, "f4")}))
+    _edit_weights(
+        folder,
+        lambda t: t.update(
+            {
+                "model.layers.0.mlp.extra.weight": np.zeros(3, "f4"),
+                "model.layers.0.self_attn.o_proj.bias": np.zeros(64, "f4"),
+            }
+        ),
+    )
     with pytest.raises(ValueError, match="not used") as err:
         hf.load_model(folder)
     # Both: the unknown name and the known name the config has no parameter for (qwen2: no o bias).
@@ -340,7 +417,8 @@ def test_missing_tensor_is_an_error(ckpt, tmp_path):
     with pytest.raises(ValueError, match="not filled") as err:
         hf.load_model(folder)
     assert "layers.1.self_attn.k_norm.weight <- model.layers.1.self_attn.k_norm.weight" in str(
-        err.value)
+        err.value
+    )
 
 
 def test_untied_config_needs_lm_head(ckpt, tmp_path):
@@ -362,23 +440,31 @@ def test_tied_checkpoint_may_carry_a_copy_of_the_head(ckpt, tmp_path):
     folder = _copy(path, tmp_path / "m")
     _edit_weights(folder, lambda t: t.update({"lm_head.weight": t["model.embed_tokens.weight"]}))
     ids, mask = _padded_batch()
-    assert _max_diff(_ours(hf.load_model(folder), ids, mask), F.hf_logits(path, ids, mask),
-                     mask) < ATOL
+    assert (
+        _max_diff(_ours(hf.load_model(folder), ids, mask), F.hf_logits(path, ids, mask), mask)
+        < ATOL
+    )
 
 
 def test_rotary_inv_freq_buffer_is_derived_not_loaded(ckpt, tmp_path):
     folder = _copy(ckpt("llama"), tmp_path / "m")
-    _edit_weights(folder, lambda t: t.update(
-        {"model.layers.0.self_attn.rotary_emb.inv_freq": np.ones(8, "f4")}))
+    _edit_weights(
+        folder,
+        lambda t: t.update({"model.layers.0.self_attn.rotary_emb.inv_freq": np.ones(8, "f4")}),
+    )
     hf.load_model(folder)
 
 
 def test_wrong_shape_names_tensor_and_shapes(ckpt, tmp_path):
     folder = _copy(ckpt("llama"), tmp_path / "m")
-    _edit_weights(folder, lambda t: t.update(
-        {"model.layers.0.mlp.up_proj.weight": np.zeros((100, 64), "f4")}))
-    with pytest.raises(ValueError, match=r"'model\.layers\.0\.mlp\.up_proj\.weight'.*"
-                                         r"\(100, 64\).*\(128, 64\)"):
+    _edit_weights(
+        folder, lambda t: t.update({"model.layers.0.mlp.up_proj.weight": np.zeros((100, 64), "f4")})
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"'model\.layers\.0\.mlp\.up_proj\.weight'.*"
+        r"\(100, 64\).*\(128, 64\)",
+    ):
         hf.load_model(folder)
 
 
@@ -422,8 +508,11 @@ def test_no_torch_on_the_load_path(ckpt, tmp_path):
     import subprocess
     import sys
 
-    code = (f"import sys; from ctxjax import hf; m = hf.load_model({ckpt('qwen3')!r}); "
-            f"hf.save_model(m, {str(tmp_path / 'out')!r}); "
-            "assert 'torch' not in sys.modules, 'torch imported'")
-    subprocess.run([sys.executable, "-c", code], check=True,
-                   env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    code = (
+        f"import sys; from ctxjax import hf; m = hf.load_model({ckpt('qwen3')!r}); "
+        f"hf.save_model(m, {str(tmp_path / 'out')!r}); "
+        "assert 'torch' not in sys.modules, 'torch imported'"
+    )
+    subprocess.run(
+        [sys.executable, "-c", code], check=True, env={**os.environ, "JAX_PLATFORMS": "cpu"}
+    )

@@ -1,4 +1,5 @@
 """ctxjax.losses against float64 numpy formulas written out here (never by calling the jax code)."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -52,9 +53,18 @@ REFERENCES = {
         lambda nc, c, t: losses.reverse_kl_topk(nc, t, k=4),
         lambda nc, c, t: np_topk_reverse_kl(nc, t, 4),
     ),
-    "jsd0.1": (lambda nc, c, t: losses.generalized_jsd(nc, t, 0.1), lambda nc, c, t: np_jsd(nc, t, 0.1)),
-    "jsd0.5": (lambda nc, c, t: losses.generalized_jsd(nc, t, 0.5), lambda nc, c, t: np_jsd(nc, t, 0.5)),
-    "jsd0.9": (lambda nc, c, t: losses.generalized_jsd(nc, t, 0.9), lambda nc, c, t: np_jsd(nc, t, 0.9)),
+    "jsd0.1": (
+        lambda nc, c, t: losses.generalized_jsd(nc, t, 0.1),
+        lambda nc, c, t: np_jsd(nc, t, 0.1),
+    ),
+    "jsd0.5": (
+        lambda nc, c, t: losses.generalized_jsd(nc, t, 0.5),
+        lambda nc, c, t: np_jsd(nc, t, 0.5),
+    ),
+    "jsd0.9": (
+        lambda nc, c, t: losses.generalized_jsd(nc, t, 0.9),
+        lambda nc, c, t: np_jsd(nc, t, 0.9),
+    ),
     "nca": (lambda nc, c, t: losses.nca(nc, c), lambda nc, c, t: np_kl(nc, c)),
     "sym_kl": (lambda nc, c, t: losses.sym_kl(nc, c), lambda nc, c, t: np_kl(nc, c) + np_kl(c, nc)),
     "dual_opd": (lambda nc, c, t: losses.dual_opd(c, t), lambda nc, c, t: np_kl(c, t)),
@@ -86,7 +96,9 @@ def test_masked_mean_and_sum_match_numpy():
     weights = (rng.random((B, T)) * mask).astype(np.float32)
     for m in (mask, weights):
         np.testing.assert_allclose(losses.masked_sum(x, m), (x * m).sum(), rtol=RTOL, atol=ATOL)
-        np.testing.assert_allclose(losses.masked_mean(x, m), np_masked_mean(x, m), rtol=RTOL, atol=ATOL)
+        np.testing.assert_allclose(
+            losses.masked_mean(x, m), np_masked_mean(x, m), rtol=RTOL, atol=ATOL
+        )
 
 
 def test_masked_mean_all_padding_is_zero_and_padding_garbage_does_not_leak():
@@ -176,7 +188,10 @@ def test_bf16_inputs_are_computed_in_fp32(views):
     tokens = np.arange(B * T).reshape(B, T) % V
     lp = losses.token_logprobs(nc16, tokens)
     assert lp.dtype == jnp.float32
-    assert losses.sampled_token_pg(lp.astype(jnp.bfloat16), lp.astype(jnp.bfloat16)).dtype == jnp.float32
+    assert (
+        losses.sampled_token_pg(lp.astype(jnp.bfloat16), lp.astype(jnp.bfloat16)).dtype
+        == jnp.float32
+    )
     assert losses.masked_mean(lp.astype(jnp.bfloat16), np.ones((B, T), bool)).dtype == jnp.float32
 
 
@@ -187,7 +202,9 @@ def test_any_leading_dims_and_jit():
     got = f(s, t)
     assert got.shape == (2, 3, 4)
     np.testing.assert_allclose(got, np_topk_reverse_kl(s, t, 5), rtol=RTOL, atol=ATOL)
-    np.testing.assert_allclose(losses.nca(s[0, 0], t[0, 0]), np_kl(s[0, 0], t[0, 0]), rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(
+        losses.nca(s[0, 0], t[0, 0]), np_kl(s[0, 0], t[0, 0]), rtol=RTOL, atol=ATOL
+    )
 
 
 def test_neg_inf_vocab_entries_count_zero_with_finite_gradients(views):
@@ -200,7 +217,11 @@ def test_neg_inf_vocab_entries_count_zero_with_finite_gradients(views):
     for name, (jax_fn, np_fn) in REFERENCES.items():
         got = jax_fn(nc_inf, c_inf, t_inf)
         np.testing.assert_allclose(
-            got, np_fn(nc[..., keep], c[..., keep], t[..., keep]), rtol=RTOL, atol=ATOL, err_msg=name
+            got,
+            np_fn(nc[..., keep], c[..., keep], t[..., keep]),
+            rtol=RTOL,
+            atol=ATOL,
+            err_msg=name,
         )
         for arg in range(3):
             g = jax.grad(lambda *xs: jax_fn(*xs).sum(), argnums=arg)(nc_inf, c_inf, t_inf)
@@ -228,7 +249,9 @@ def test_jsd_endpoints_and_dual_opd_give_teacher_zero_gradient(views):
     _, c, t, _ = views
     for beta in (0.0, 1.0):
         assert np.all(_grad(lambda s, t: losses.generalized_jsd(s, t, beta), 1, c, t) == 0.0)
-    assert np.all(_grad(lambda c, t: losses.consistency_divergence("dual_opd", c, c, t), 1, c, t) == 0.0)
+    assert np.all(
+        _grad(lambda c, t: losses.consistency_divergence("dual_opd", c, c, t), 1, c, t) == 0.0
+    )
     assert np.abs(_grad(lambda c, t: losses.dual_opd(c, t), 0, c, t)).max() > 1e-3
 
 

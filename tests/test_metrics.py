@@ -1,4 +1,5 @@
 """Removability metrics and per-layer cosine against hand-computed values."""
+
 import math
 
 import numpy as np
@@ -13,11 +14,9 @@ CORRECT_XC = [1, 1, 1, 1, 0, 0, 1, 1, 0, 0]
 
 
 def test_ten_items_hand_computed():
-    len_x = [2] * 10                       # mean 2
-    len_xc = [3] * 5 + [5] * 5             # mean 4 -> twice as long
-    m = removability_metrics(
-        np.array(CORRECT_X, bool), np.array(CORRECT_XC, bool), len_x, len_xc
-    )
+    len_x = [2] * 10  # mean 2
+    len_xc = [3] * 5 + [5] * 5  # mean 4 -> twice as long
+    m = removability_metrics(np.array(CORRECT_X, bool), np.array(CORRECT_XC, bool), len_x, len_xc)
     assert m["n"] == 10
     assert m["acc_x"] == pytest.approx(0.6)
     assert m["acc_xc"] == pytest.approx(0.6)
@@ -86,8 +85,13 @@ def test_cosine_matches_loop_reference_and_is_scale_free():
     rng = np.random.default_rng(0)
     h_x, h_xc = rng.normal(size=(3, 5, 7)), rng.normal(size=(3, 5, 7))
     ref = [
-        np.mean([np.dot(h_x[l, i], h_xc[l, i])
-                 / (np.linalg.norm(h_x[l, i]) * np.linalg.norm(h_xc[l, i])) for i in range(5)])
+        np.mean(
+            [
+                np.dot(h_x[l, i], h_xc[l, i])
+                / (np.linalg.norm(h_x[l, i]) * np.linalg.norm(h_xc[l, i]))
+                for i in range(5)
+            ]
+        )
         for l in range(3)
     ]
     got = cosine_by_layer(h_x.astype(np.float32), h_xc.astype(np.float32))

@@ -3,6 +3,7 @@
 Each test compares two computations that must agree by construction: a row alone vs. the same row
 padded inside a batch, cached decoding vs. one full pass, remat vs. no remat, and so on.
 """
+
 import functools
 
 import jax
@@ -11,20 +12,39 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from ctxjax.model import (KVCache, ModelConfig, Transformer, init_cache, positions_from_mask,
-                          rope_inv_freq)
+from ctxjax.model import (
+    KVCache,
+    ModelConfig,
+    Transformer,
+    init_cache,
+    positions_from_mask,
+    rope_inv_freq,
+)
 
 # Every optional piece on (q/k/v and o bias, MLP bias, qk-norm, untied head, head_dim != D / H,
 # llama3 rope scaling), so each test covers all of them.
-BASE = dict(family="qwen3", vocab_size=61, hidden_size=32, intermediate_size=48, num_layers=2,
-            num_heads=4, num_kv_heads=2, head_dim=12, qkv_bias=True, o_bias=True, mlp_bias=True,
-            qk_norm=True, tie_embeddings=False, rope_scaling=("llama3", 4.0, 1.0, 4.0, 16))
+BASE = dict(
+    family="qwen3",
+    vocab_size=61,
+    hidden_size=32,
+    intermediate_size=48,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=12,
+    qkv_bias=True,
+    o_bias=True,
+    mlp_bias=True,
+    qk_norm=True,
+    tie_embeddings=False,
+    rope_scaling=("llama3", 4.0, 1.0, 4.0, 16),
+)
 
 
 B, L = 3, 12  # one batch shape for (almost) every call, so each jitted function compiles once
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _model(seed=0, **overrides):
     """A model with random weights everywhere (norm gains and biases too), logits O(1).
 
@@ -37,8 +57,11 @@ def _model(seed=0, **overrides):
     filled = []
     for path, var in nnx.to_flat_state(state):
         noise = rng.standard_normal(var.shape).astype(np.float32)
-        scale, shift = {"kernel": (1 / np.sqrt(var.shape[0]), 0.0), "embedding": (0.5, 0.0),
-                        "bias": (0.3, 0.0)}.get(path[-1], (0.3, 1.0))  # else: RMSNorm gain
+        scale, shift = {
+            "kernel": (1 / np.sqrt(var.shape[0]), 0.0),
+            "embedding": (0.5, 0.0),
+            "bias": (0.3, 0.0),
+        }.get(path[-1], (0.3, 1.0))  # else: RMSNorm gain
         filled.append((path, var.replace(jnp.asarray(shift + scale * noise, var.dtype))))
     return nnx.merge(graphdef, nnx.from_flat_state(filled))
 
@@ -59,8 +82,8 @@ def _left_padded(rows, width=L, pad_seed=1):
     ids = rng.integers(0, BASE["vocab_size"], (len(rows), width))
     mask = np.zeros((len(rows), width), bool)
     for i, row in enumerate(rows):
-        ids[i, width - len(row):] = row
-        mask[i, width - len(row):] = True
+        ids[i, width - len(row) :] = row
+        mask[i, width - len(row) :] = True
     return ids, mask
 
 
@@ -88,7 +111,7 @@ def test_row_logits_independent_of_padding_and_batch():
     # the junk cannot reach the row's own positions.
     junk = _tokens(4, B, L)
     for i, r in enumerate(rows):
-        junk[i, :len(r)] = r
+        junk[i, : len(r)] = r
     ref = _logits(model, junk)
     for order, pad_seed in (((0, 1, 2), 1), ((2, 0, 1), 2), ((1, 2, 1), 3)):
         ids, mask = _left_padded([rows[i] for i in order], pad_seed=pad_seed)
@@ -96,7 +119,7 @@ def test_row_logits_independent_of_padding_and_batch():
         assert np.isfinite(batched).all()  # padding queries see no key and must stay NaN-free
         for slot, i in enumerate(order):
             n = len(rows[i])
-            np.testing.assert_allclose(batched[slot, L - n:], ref[i, :n], atol=2e-5, rtol=0)
+            np.testing.assert_allclose(batched[slot, L - n :], ref[i, :n], atol=2e-5, rtol=0)
 
 
 def test_positions_from_mask():
@@ -122,21 +145,26 @@ def test_kv_cache_prefill_and_decode_equal_full_forward():
     p, steps = 7, L - 7
     prompt, prompt_mask = _left_padded(rows, width=p)
     continuation = _tokens(8, B, steps)
-    full = _logits(model, np.concatenate([prompt, continuation], axis=1),
-                   np.concatenate([prompt_mask, np.ones((B, steps), bool)], axis=1))
+    full = _logits(
+        model,
+        np.concatenate([prompt, continuation], axis=1),
+        np.concatenate([prompt_mask, np.ones((B, steps), bool)], axis=1),
+    )
 
     cache = init_cache(model.cfg, batch=B, max_len=16)  # more slots than used: the rest stay masked
     logits, cache = _prefill(model, jnp.asarray(prompt), jnp.asarray(prompt_mask), cache)
-    np.testing.assert_allclose(np.asarray(logits)[prompt_mask], full[:, :p][prompt_mask],
-                               atol=2e-5, rtol=0)
+    np.testing.assert_allclose(
+        np.asarray(logits)[prompt_mask], full[:, :p][prompt_mask], atol=2e-5, rtol=0
+    )
     lengths = np.asarray([len(r) for r in rows])[:, None]
     for j in range(steps):
         assert int(cache.index) == p + j
-        logits, cache = _decode(model, jnp.asarray(continuation[:, j:j + 1]),
-                                jnp.asarray(lengths + j), cache)
+        logits, cache = _decode(
+            model, jnp.asarray(continuation[:, j : j + 1]), jnp.asarray(lengths + j), cache
+        )
         np.testing.assert_allclose(np.asarray(logits)[:, 0], full[:, p + j], atol=2e-5, rtol=0)
     assert isinstance(cache, KVCache) and cache.max_len == 16
-    np.testing.assert_array_equal(cache.mask_BxS[:, p + steps:], False)
+    np.testing.assert_array_equal(cache.mask_BxS[:, p + steps :], False)
 
 
 @nnx.jit
@@ -144,8 +172,13 @@ def _streams(model, ids):
     """The forward's layer streams, and the same streams recomputed block by block."""
     out = model.forward(ids, return_layer_hidden=True)
     mask = jnp.ones(ids.shape, bool)
-    args = (positions_from_mask(mask), rope_inv_freq(model.cfg), mask, jnp.arange(ids.shape[1]),
-            None)
+    args = (
+        positions_from_mask(mask),
+        rope_inv_freq(model.cfg),
+        mask,
+        jnp.arange(ids.shape[1]),
+        None,
+    )
     by_block = [block(x, *args)[0] for block, x in zip(model.layers, out.layer_hidden[:-1])]
     no_request = model.forward(ids).layer_hidden  # None unless asked for
     return out, by_block, model.norm(out.layer_hidden[-1]), no_request
@@ -205,24 +238,28 @@ def test_remat_gives_identical_logits_and_gradients():
     assert flat_p.keys() == flat_r.keys()
     for path, g in flat_p.items():
         assert np.abs(np.asarray(g[...])).max() > 0, path  # every parameter gets a gradient
-        np.testing.assert_allclose(flat_r[path][...], g[...], atol=1e-6, rtol=1e-5,
-                                   err_msg=str(path))
+        np.testing.assert_allclose(
+            flat_r[path][...], g[...], atol=1e-6, rtol=1e-5, err_msg=str(path)
+        )
 
 
-@pytest.mark.parametrize("overrides, field", [
-    (dict(family="gpt2"), "model.family"),
-    (dict(vocab_size=0), "model.vocab_size"),
-    (dict(hidden_size=0), "model.hidden_size"),
-    (dict(intermediate_size=-1), "model.intermediate_size"),
-    (dict(num_layers=0), "model.num_layers"),
-    (dict(num_heads=0), "model.num_heads"),
-    (dict(num_kv_heads=0), "model.num_kv_heads"),
-    (dict(num_heads=4, num_kv_heads=3), "model.num_kv_heads"),
-    (dict(hidden_size=30, head_dim=None), "model.hidden_size"),
-    (dict(head_dim=7), "head.dim"),  # model.py says "head dim must be even", not model.head_dim
-    (dict(param_dtype="int8"), "model.param_dtype"),
-    (dict(compute_dtype="fp8"), "model.compute_dtype"),
-])
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        (dict(family="gpt2"), "model.family"),
+        (dict(vocab_size=0), "model.vocab_size"),
+        (dict(hidden_size=0), "model.hidden_size"),
+        (dict(intermediate_size=-1), "model.intermediate_size"),
+        (dict(num_layers=0), "model.num_layers"),
+        (dict(num_heads=0), "model.num_heads"),
+        (dict(num_kv_heads=0), "model.num_kv_heads"),
+        (dict(num_heads=4, num_kv_heads=3), "model.num_kv_heads"),
+        (dict(hidden_size=30, head_dim=None), "model.hidden_size"),
+        (dict(head_dim=7), "head.dim"),  # model.py says "head dim must be even", not model.head_dim
+        (dict(param_dtype="int8"), "model.param_dtype"),
+        (dict(compute_dtype="fp8"), "model.compute_dtype"),
+    ],
+)
 def test_config_range_errors_name_the_field(overrides, field):
     with pytest.raises(ValueError, match=field):
         ModelConfig(**{**BASE, **overrides})
@@ -240,13 +277,20 @@ def test_remat_inside_grad_of_a_merged_model_matches_plain():
     TraceContextError there; the model must rematerialize and give the same gradients."""
     import dataclasses
 
-    cfg = ModelConfig(vocab_size=40, hidden_size=32, intermediate_size=64, num_layers=2,
-                      num_heads=4, num_kv_heads=2)
+    cfg = ModelConfig(
+        vocab_size=40,
+        hidden_size=32,
+        intermediate_size=64,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+    )
     ids = jnp.asarray(np.random.RandomState(0).randint(0, 40, (2, 6)))
     grads = []
     for remat in (False, True):
         model = Transformer(dataclasses.replace(cfg, remat=remat), rngs=nnx.Rngs(0))
         graphdef, params = nnx.split(model, nnx.Param)
+
         def loss(p, frozen):
             teacher = nnx.merge(graphdef, frozen)
             return (nnx.merge(graphdef, p, copy=True)(ids) * teacher(ids)).sum()

@@ -1,4 +1,5 @@
 """Task generators and verifiers: hand-written answers, self-consistency, determinism, splits."""
+
 import itertools
 import json
 import re
@@ -22,13 +23,13 @@ from ctxjax.tasks.qa import (
     DEFAULT_MCQ_SYSTEM,
     DEFAULT_MCQ_TEXT_SYSTEM,
     LETTERS,
+    MATH_SAMPLE,
+    MCQ_SAMPLE,
     MathTask,
     MCQTask,
     extract_choice,
     extract_number,
     generated_mcq_items,
-    MATH_SAMPLE,
-    MCQ_SAMPLE,
     load_math_jsonl,
     load_mcq_jsonl,
     parse_number,
@@ -175,7 +176,7 @@ def _rule_from_prompt(context_name, prompt):
     """The right answer recomputed from the prompt text, independently of the task module."""
     family, *tokens = prompt.split()
     d = [int(t) for t in tokens]
-    names = "zero one two three four five six seven eight nine".split()
+    names = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
     return {
         "add3": " ".join(str((x + 3) % 10) for x in d),
         "rev": " ".join(tokens[::-1]),
@@ -193,8 +194,14 @@ def test_synthetic_eval_records_follow_their_context():
     task = SyntheticTask()
     regimes = {c: task.regime(c) for c in task.contexts()}
     assert regimes == {
-        "add3": "flip", "rev": "flip", "sort": "flip", "drop1": "flip",
-        "careful": "nudge", "hint": "nudge", "words": "format", "pirate": "format",
+        "add3": "flip",
+        "rev": "flip",
+        "sort": "flip",
+        "drop1": "flip",
+        "careful": "nudge",
+        "hint": "nudge",
+        "words": "format",
+        "pirate": "format",
         "steps": "format",
     }
     for context_name in task.contexts():
@@ -230,9 +237,17 @@ def test_synthetic_sft_mixture_and_sloppy_rate():
 
 
 def test_synthetic_options():
-    task = SyntheticTask(families=["seq"], sft_weights={"none": 0.0, "add3": 0.0, "sort": 0.0,
-                                                        "drop1": 0.0, "words": 0.0,
-                                                        "pirate": 0.0})
+    task = SyntheticTask(
+        families=["seq"],
+        sft_weights={
+            "none": 0.0,
+            "add3": 0.0,
+            "sort": 0.0,
+            "drop1": 0.0,
+            "words": 0.0,
+            "pirate": 0.0,
+        },
+    )
     assert set(task.contexts()) == {"add3", "rev", "sort", "drop1", "words", "pirate"}
     assert {r["context_name"] for r in task.sft_records(50, seed=0)} == {"rev"}
     with pytest.raises(ValueError, match="valid: .*'rev'"):
@@ -281,8 +296,12 @@ def test_lake_simulator_by_hand():
 
 def test_lake_verify_by_hand():
     task = FrozenLakeTask()
-    record = {"context": task.tips, "prompt": "lake " + " ".join(LAKE), "answer": "R D R D D R",
-              "grid": list(LAKE)}
+    record = {
+        "context": task.tips,
+        "prompt": "lake " + " ".join(LAKE),
+        "answer": "R D R D D R",
+        "grid": list(LAKE),
+    }
     assert task.verify(record, "R D R D D R")
     assert task.verify(record, "D D D R R R")  # another plan that also reaches G
     assert task.verify(record, "rdrddr\nmore junk")
@@ -294,9 +313,9 @@ def test_lake_verify_by_hand():
 def test_sokoban_simulator_by_hand():
     assert sokoban_outcome(("@$.",), ["R"]) == "solved"
     assert sokoban_outcome(("@$.",), ["R", "R"]) == "solved"  # moves after solving are ignored
-    assert sokoban_outcome(("@$.",), ["L"]) == "illegal"      # outside the grid is wall
-    assert sokoban_outcome(("@$#-", "-.--"), ["R"]) == "illegal"   # box pushed into a wall
-    assert sokoban_outcome(("@$$..",), ["R"]) == "illegal"         # box pushed into a box
+    assert sokoban_outcome(("@$.",), ["L"]) == "illegal"  # outside the grid is wall
+    assert sokoban_outcome(("@$#-", "-.--"), ["R"]) == "illegal"  # box pushed into a wall
+    assert sokoban_outcome(("@$$..",), ["R"]) == "illegal"  # box pushed into a box
     assert sokoban_outcome(("@-$.",), ["R"]) == "unsolved"
     room = ("-@--", "-$--", "----", "-.--")
     assert solve_sokoban(room) == ["D", "D"]
@@ -477,8 +496,12 @@ def test_sample_files_load():
         "A phone costs $300 and is on sale for 10 percent off. What is the sale price?"
     ]
     assert phone.target == "270" and phone.solution.endswith("#### 270")
-    assert by_question["A town has 1,200 people and 350 move in. How many people live there now?"
-                       ].target == "1550"
+    assert (
+        by_question[
+            "A town has 1,200 people and 350 move in. How many people live there now?"
+        ].target
+        == "1550"
+    )
 
 
 def _write(tmp_path, lines, name="data.jsonl"):
@@ -513,17 +536,21 @@ def test_mcq_loader_errors_name_file_and_line(tmp_path, bad_line, match):
 
 
 def test_math_loader(tmp_path):
-    path = _write(tmp_path, [
-        '{"question": "a", "answer": "2 + 2 = 4\\n#### 4"}',
-        '{"question": "b", "answer": 12}',
-        '{"question": "c", "answer": "-3.50"}',
-        '{"question": "d", "answer": "1 + 1 = 2 #### 1,002"}',
-    ])
+    path = _write(
+        tmp_path,
+        [
+            '{"question": "a", "answer": "2 + 2 = 4\\n#### 4"}',
+            '{"question": "b", "answer": 12}',
+            '{"question": "c", "answer": "-3.50"}',
+            '{"question": "d", "answer": "1 + 1 = 2 #### 1,002"}',
+        ],
+    )
     items = load_math_jsonl(path)
     assert [it.target for it in items] == ["4", "12", "-3.50", "1002"]
     assert items[1].solution == "#### 12"
     bad = _write(
-        tmp_path, ['{"question": "a", "answer": "4"}', '{"question": "b", "answer": "four"}'],
+        tmp_path,
+        ['{"question": "a", "answer": "4"}', '{"question": "b", "answer": "four"}'],
         "bad.jsonl",
     )
     with pytest.raises(ValueError, match=r"bad\.jsonl:2: 'answer' has no '#### <number>'"):
@@ -536,8 +563,10 @@ def test_math_loader(tmp_path):
 
 
 def test_qa_task_options_and_split(tmp_path):
-    lines = [json.dumps({"question": f"{i} + 1?", "options": [str(i + 1), str(i + 2)], "answer": 0})
-             for i in range(8)]
+    lines = [
+        json.dumps({"question": f"{i} + 1?", "options": [str(i + 1), str(i + 2)], "answer": 0})
+        for i in range(8)
+    ]
     task = MCQTask(path=str(_write(tmp_path, lines)), system_prompt="Be exact.", eval_fraction=0.25)
     assert task.contexts() == {"system": "Be exact."}
     eval_q = {r["prompt"] for r in task.eval_records("system", 10, seed=0)}
@@ -560,8 +589,11 @@ def test_generated_qa_items_are_right_and_split(cls, n):
     held = {r["prompt"] for r in task.eval_records("system", 2000, seed=0)}
     assert len(train) + len(held) == n and not train & held
     for r in task.eval_records("system", 50, seed=1):
-        a, op, b = re.search(r"(\d+) (?:\+|-|x) (\d+)", r["answer"] if cls is MathTask
-                             else r["prompt"]).group(0).split()
+        a, op, b = (
+            re.search(r"(\d+) (?:\+|-|x) (\d+)", r["answer"] if cls is MathTask else r["prompt"])
+            .group(0)
+            .split()
+        )
         truth = {"+": int(a) + int(b), "-": int(a) - int(b), "x": int(a) * int(b)}[op]
         if cls is MCQTask:
             assert r["options"][r["answer_index"]] == str(truth) and len(set(r["options"])) == 4
@@ -586,17 +618,24 @@ def test_qa_sloppy_rate_makes_only_no_context_answers_wrong(cls):
     assert all(r.get("sloppy") for r in wrong)
     assert all(task.verify(r, r["answer"]) for r in without if not r.get("sloppy"))
     # The default stays exact everywhere.
-    assert all(cls(generated=300).verify(r, r["answer"])
-               for r in cls(generated=300).sft_records(200, seed=0))
+    assert all(
+        cls(generated=300).verify(r, r["answer"])
+        for r in cls(generated=300).sft_records(200, seed=0)
+    )
 
 
 def test_mcq_text_answer_style():
     task = MCQTask(generated=200, sloppy_rate=1.0, sft_context_share=0.5, answer_style="text")
-    assert task.system_prompt == DEFAULT_MCQ_TEXT_SYSTEM and MCQTask().system_prompt == DEFAULT_MCQ_SYSTEM
+    assert (
+        task.system_prompt == DEFAULT_MCQ_TEXT_SYSTEM
+        and MCQTask().system_prompt == DEFAULT_MCQ_SYSTEM
+    )
     records = task.sft_records(200, seed=0)
     for r in records:
         chosen = re.fullmatch(r"(\d+) . (\d+) = (\d+)\. The answer is (\d+)\.", r["answer"])
-        assert chosen is not None and chosen.group(3) == chosen.group(4) in r["options"], r["answer"]
+        assert chosen is not None and chosen.group(3) == chosen.group(4) in r["options"], r[
+            "answer"
+        ]
         # Right exactly when the record carries the system prompt (sloppy_rate 1 elsewhere).
         assert task.verify(r, r["answer"]) == bool(r["context"])
     assert {bool(r["context"]) for r in records} == {True, False}
@@ -608,7 +647,9 @@ def test_mcq_text_answer_style():
         assert tr["answer"].endswith(f"The answer is {tr['options'][tr['answer_index']]}.")
         assert lr["answer"].endswith(f"The answer is {LETTERS[lr['answer_index']]}.")
     file_item = MCQTask(answer_style="text").eval_records("system", 1, seed=0)[0]
-    assert file_item["answer"] == f"The answer is {file_item['options'][file_item['answer_index']]}."
+    assert (
+        file_item["answer"] == f"The answer is {file_item['options'][file_item['answer_index']]}."
+    )
     with pytest.raises(ValueError, match="answer_style"):
         MCQTask(answer_style="number")
 

@@ -4,6 +4,7 @@ A record is a dict `{"context": str, "prompt": str, "answer": str, ...}`; the ex
 the task's verifier needs. `context` may be "" (no context). The no-context view of a record is the
 same prompt with context "" and is scored against the same answer.
 """
+
 from __future__ import annotations
 
 from typing import Any, Protocol, runtime_checkable
@@ -22,7 +23,7 @@ class Task(Protocol):
         ...
 
     def regime(self, context_name: str) -> str:
-        """"flip" (the context changes the right answer), "nudge" (it only helps) or "format"."""
+        """ "flip" (the context changes the right answer), "nudge" (it only helps) or "format"."""
         ...
 
     def eval_records(self, context_name: str, n: int, seed: int) -> list[Record]:

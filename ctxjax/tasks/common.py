@@ -1,4 +1,5 @@
 """Helpers shared by the task modules: cleaning decoded responses, seeded generators, splits."""
+
 from __future__ import annotations
 
 import re
@@ -61,6 +62,6 @@ def is_heldout(key: str, fraction: float) -> bool:
 def check_fraction(name: str, value: float, *, closed_right: bool = True) -> None:
     """ValueError naming `name` unless 0 <= value <= 1 (or < 1 when not `closed_right`)."""
     upper_ok = value <= 1.0 if closed_right else value < 1.0
-    if not (0.0 <= value and upper_ok):
+    if not (value >= 0.0 and upper_ok):
         bound = "[0, 1]" if closed_right else "[0, 1)"
         raise ValueError(f"{name} must be in {bound}, got {value!r}")

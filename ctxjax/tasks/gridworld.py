@@ -20,6 +20,7 @@ The canonical answer is the shortest plan that comes first in the move order R, 
 expands moves in that order finds it), so SFT targets are a deterministic function of the level.
 Only solvable levels with a plan of at most `max_moves` moves are generated.
 """
+
 from __future__ import annotations
 
 import re
@@ -278,7 +279,7 @@ class _GridTask:
         return {"tips": self.tips}
 
     def regime(self, context_name: str) -> str:
-        """"nudge": tips never change the right plan, they make the model find it."""
+        """ "nudge": tips never change the right plan, they make the model find it."""
         self._check_context(context_name)
         return "nudge"
 
@@ -295,8 +296,9 @@ class _GridTask:
         rng = seeded_rng(seed, self.name, "eval" if heldout else "train", context_name)
         return [
             self._record(grid, plan, self.tips, sloppy=False)
-            for grid, plan in (self._draw_level(rng, heldout=heldout)
-                               for _ in range(check_count(n)))
+            for grid, plan in (
+                self._draw_level(rng, heldout=heldout) for _ in range(check_count(n))
+            )
         ]
 
     def sft_records(self, n: int, seed: int) -> list[dict[str, Any]]:

@@ -24,6 +24,7 @@ answer is 55.") instead of its letter: the tiny bases work the value out but nev
 which letter holds it (they stayed at chance on letters after 1500-3000 SFT steps), while an answer
 by text is verified by the same `extract_choice`.
 """
+
 from __future__ import annotations
 
 import json
@@ -174,7 +175,8 @@ def extract_choice(response: str, options: list[str] | tuple[str, ...]) -> int |
     # "14" names the option "14" and, as a word, not "4"; but "New York" also contains "York":
     # keep the options whose text is not inside another named option's text.
     named = [
-        i for i in named
+        i
+        for i in named
         if not any(j != i and f" {_words(options[i])} " in f" {_words(options[j])} " for j in named)
     ]
     return named[0] if len(named) == 1 else None
@@ -314,8 +316,9 @@ def _operands(rng: Any, max_a: int = 19, max_b: int = 9) -> tuple[int, str, int,
     return a, op, b, _OPS[op](a, b)
 
 
-def _distinct_items(n: int, draw: Callable[[], tuple[str, Callable[[], Any]]],
-                    what: str) -> list[Any]:
+def _distinct_items(
+    n: int, draw: Callable[[], tuple[str, Callable[[], Any]]], what: str
+) -> list[Any]:
     """`n` items with distinct questions, in draw order; a ValueError when `n` distinct ones do not
     turn up in 100 draws per item. `draw()` gives a question and a function building its item,
     called only for a new question (so a repeat draws nothing more from the generator)."""
@@ -344,8 +347,9 @@ def generated_mcq_items(n: int, seed: int = 0) -> list[MCQItem]:
         question = f"What is {a} {op} {b}?"
 
         def build() -> MCQItem:
-            wrong = sorted({result + d for d in (-2, -1, 1, 2, 10, -10) if result + d >= 0}
-                           - {result})
+            wrong = sorted(
+                {result + d for d in (-2, -1, 1, 2, 10, -10) if result + d >= 0} - {result}
+            )
             picks = [wrong[int(i)] for i in rng.permutation(len(wrong))[:3]]
             answer = int(rng.integers(4))
             options = picks[:answer] + [result] + picks[answer:]
@@ -431,7 +435,7 @@ class _QATask:
         return {"system": self.system_prompt}
 
     def regime(self, context_name: str) -> str:
-        """"nudge": the system prompt does not change the right answer."""
+        """ "nudge": the system prompt does not change the right answer."""
         self._check_context(context_name)
         return "nudge"
 
@@ -512,9 +516,13 @@ class MCQTask(_QATask):
 
     def __post_init__(self) -> None:
         if self.answer_style not in ANSWER_STYLES:
-            raise ValueError(f"answer_style must be one of {ANSWER_STYLES}, got {self.answer_style!r}")
+            raise ValueError(
+                f"answer_style must be one of {ANSWER_STYLES}, got {self.answer_style!r}"
+            )
         if self.system_prompt == "":
-            default = DEFAULT_MCQ_SYSTEM if self.answer_style == "letter" else DEFAULT_MCQ_TEXT_SYSTEM
+            default = (
+                DEFAULT_MCQ_SYSTEM if self.answer_style == "letter" else DEFAULT_MCQ_TEXT_SYSTEM
+            )
             object.__setattr__(self, "system_prompt", default)
         super().__post_init__()
 

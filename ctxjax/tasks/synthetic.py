@@ -18,6 +18,7 @@ come in the three regimes the project measures:
 Every answer is canonical, so `verify` is an exact match of the response's answer line against the
 record's answer (whitespace-collapsed, case-insensitive).
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
@@ -72,24 +73,38 @@ class ContextSpec:
 
 CONTEXTS: dict[str, ContextSpec] = {
     "add3": ContextSpec(
-        "rule: add three to each digit mod ten", "flip", ("seq",),
+        "rule: add three to each digit mod ten",
+        "flip",
+        ("seq",),
         lambda _, d: _join(tuple((x + 3) % 10 for x in d)),
     ),
-    "rev": ContextSpec("rule: reverse the sequence", "flip", ("seq",),
-                       lambda _, d: _join(d[::-1])),
-    "sort": ContextSpec("rule: sort the digits ascending", "flip", ("seq",),
-                        lambda _, d: _join(tuple(sorted(d)))),
-    "drop1": ContextSpec("rule: drop the first digit", "flip", ("seq",),
-                         lambda _, d: _join(d[1:])),
+    "rev": ContextSpec("rule: reverse the sequence", "flip", ("seq",), lambda _, d: _join(d[::-1])),
+    "sort": ContextSpec(
+        "rule: sort the digits ascending", "flip", ("seq",), lambda _, d: _join(tuple(sorted(d)))
+    ),
+    "drop1": ContextSpec("rule: drop the first digit", "flip", ("seq",), lambda _, d: _join(d[1:])),
     "careful": ContextSpec("system: be careful and exact", "nudge", NUDGE_FAMILIES, default_answer),
-    "hint": ContextSpec("hint: sum adds every digit, max is the largest digit", "nudge",
-                        NUDGE_FAMILIES, default_answer),
-    "words": ContextSpec("format: answer in words", "format", ("seq",),
-                         lambda _, d: " ".join(DIGIT_WORDS[x] for x in d)),
-    "pirate": ContextSpec("persona: talk like a pirate", "format", ("seq",),
-                          lambda _, d: "arr " + _join(d)),
-    "steps": ContextSpec("format: show the steps", "format", ("sum",),
-                         lambda _, d: " + ".join(str(x) for x in d) + f" = {sum(d)}"),
+    "hint": ContextSpec(
+        "hint: sum adds every digit, max is the largest digit",
+        "nudge",
+        NUDGE_FAMILIES,
+        default_answer,
+    ),
+    "words": ContextSpec(
+        "format: answer in words",
+        "format",
+        ("seq",),
+        lambda _, d: " ".join(DIGIT_WORDS[x] for x in d),
+    ),
+    "pirate": ContextSpec(
+        "persona: talk like a pirate", "format", ("seq",), lambda _, d: "arr " + _join(d)
+    ),
+    "steps": ContextSpec(
+        "format: show the steps",
+        "format",
+        ("sum",),
+        lambda _, d: " + ".join(str(x) for x in d) + f" = {sum(d)}",
+    ),
 }
 
 
@@ -187,7 +202,7 @@ class SyntheticTask:
         }
 
     def regime(self, context_name: str) -> str:
-        """"flip", "nudge" or "format" for a context name."""
+        """ "flip", "nudge" or "format" for a context name."""
         return self._spec(context_name).regime
 
     def eval_records(self, context_name: str, n: int, seed: int) -> list[dict[str, Any]]:
