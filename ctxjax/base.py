@@ -23,23 +23,15 @@ import optax
 from flax import nnx
 
 from ctxjax import hf
-from ctxjax.config import BaseModelConfig, OptimConfig
-from ctxjax.data import pad_left
+from ctxjax.config import MODEL_SIZES, BaseModelConfig, OptimConfig
 from ctxjax.model import ModelConfig, create_model
+from ctxjax.padding import pad_left
 from ctxjax.step import make_optimizer
 from ctxjax.tasks import get_task
 from ctxjax.vocab import build_tokenizer
 
 log = logging.getLogger(__name__)
 DONE_FILE = "ctxjax_base.json"
-
-# The CPU model sizes, as `model.*` overrides of the run config (vocabulary from the config).
-MODEL_SIZES = {
-    "small": dict(num_layers=2, hidden_size=48, intermediate_size=192, num_heads=4, num_kv_heads=2),
-    "medium": dict(
-        num_layers=4, hidden_size=64, intermediate_size=256, num_heads=4, num_kv_heads=2
-    ),
-}
 
 
 def base_key(
