@@ -10,15 +10,14 @@ import pytest
 
 from ctxjax.data import (
     DataConfig,
-    bucket_length,
     check_budgets,
     encode_record,
     load_jsonl,
     make_iterator,
-    pad_left,
     resolve_context,
 )
-from ctxjax.hf import load_tokenizer, render_chat
+from ctxjax.hf import eos_and_pad, load_tokenizer, render_chat
+from ctxjax.padding import bucket_batch, bucket_length, pad_left, pad_left_rows
 from ctxjax.vocab import build_tokenizer, tokenizer_digest
 
 TEXTS = [
@@ -86,7 +85,8 @@ def _take(it, n):
 
 def _same_batches(a, b):
     return len(a) == len(b) and all(
-        x.keys() == y.keys() and all(np.array_equal(x[k], y[k]) for k in x) for x, y in zip(a, b)
+        x.keys() == y.keys() and all(np.array_equal(x[k], y[k]) for k in x)
+        for x, y in zip(a, b, strict=True)
     )
 
 
@@ -148,7 +148,7 @@ def test_build_is_deterministic_and_digest_tracks_content(tokenizer, tmp_path):
     a, b = build_tokenizer(TEXTS, vocab_size=320), build_tokenizer(TEXTS, vocab_size=320)
     assert a.get_vocab() == b.get_vocab()
     assert tokenizer_digest(a) == tokenizer_digest(b) == tokenizer_digest(tokenizer)
-    more_texts = build_tokenizer(TEXTS + ["zebra zebra zebra"], vocab_size=320)
+    more_texts = build_tokenizer([*TEXTS, "zebra zebra zebra"], vocab_size=320)
     assert tokenizer_digest(more_texts) != tokenizer_digest(a)
     assert tokenizer_digest(build_tokenizer(TEXTS, vocab_size=300)) != tokenizer_digest(a)
     changed = build_tokenizer(TEXTS, vocab_size=320)
@@ -203,6 +203,30 @@ def test_bucket_length():
         bucket_length(-1)
 
 
+def test_bucket_batch():
+    # Powers of two up to 8, then multiples of 8.
+    assert [bucket_batch(n) for n in (1, 2, 3, 5, 8, 9, 16, 17)] == [1, 2, 4, 8, 8, 16, 16, 24]
+
+
+def test_pad_left_rows_adds_filler_rows_with_one_real_token():
+    ids, mask = pad_left_rows([[5, 6], [7]], 3, rows=4, pad_id=9)
+    np.testing.assert_array_equal(ids, [[9, 5, 6], [9, 9, 7], [9, 9, 0], [9, 9, 0]])
+    np.testing.assert_array_equal(mask, [[0, 1, 1], [0, 0, 1], [0, 0, 1], [0, 0, 1]])
+    assert ids.dtype == np.int32 and mask.dtype == np.bool_
+
+
+class _Tok:
+    def __init__(self, eos, pad):
+        self.eos_token_id, self.pad_token_id = eos, pad
+
+
+def test_eos_and_pad_falls_back_to_eos_and_needs_eos():
+    assert eos_and_pad(_Tok(2, 0)) == ((2,), 0)
+    assert eos_and_pad(_Tok(2, None)) == ((2,), 2)
+    with pytest.raises(ValueError, match="no eos_token_id"):
+        eos_and_pad(_Tok(None, 0))
+
+
 # ------------------------------------------------------------------------------------------------
 # config, files, records
 
@@ -216,7 +240,7 @@ def test_config_range_checks_name_the_field():
         DataConfig(worker_count=-1)
     with pytest.raises(ValueError, match=r"data\.seed"):
         DataConfig(seed=-1)
-    with pytest.raises(ValueError, match="data.context and data.context_file are both set"):
+    with pytest.raises(ValueError, match=r"data\.context and data\.context_file are both set"):
         DataConfig(context="Be brief.", context_file="ctx.txt")
 
 
@@ -225,10 +249,10 @@ def test_resolve_context(tmp_path):
     path = tmp_path / "ctx.txt"
     path.write_text("Reply in French.\nAlways.\n", encoding="utf-8")
     assert resolve_context(DataConfig(context_file=str(path))) == "Reply in French.\nAlways."
-    with pytest.raises(FileNotFoundError, match="data.context_file not found: .*nope.txt"):
+    with pytest.raises(FileNotFoundError, match=r"data\.context_file not found: .*nope\.txt"):
         resolve_context(DataConfig(context_file=str(tmp_path / "nope.txt")))
     (tmp_path / "empty.txt").write_text("\n")
-    with pytest.raises(ValueError, match="data.context_file is empty"):
+    with pytest.raises(ValueError, match=r"data\.context_file is empty"):
         resolve_context(DataConfig(context_file=str(tmp_path / "empty.txt")))
 
 
@@ -266,7 +290,7 @@ def test_load_jsonl_errors_name_file_and_line(tmp_path, lines, line_no, message)
 
 
 def test_load_jsonl_missing_file(tmp_path):
-    with pytest.raises(FileNotFoundError, match="missing.jsonl"):
+    with pytest.raises(FileNotFoundError, match=r"missing\.jsonl"):
         load_jsonl(tmp_path / "missing.jsonl")
 
 
