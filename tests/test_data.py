@@ -18,7 +18,7 @@ from ctxjax.data import (
 )
 from ctxjax.hf import eos_and_pad, load_tokenizer, render_chat
 from ctxjax.padding import bucket_batch, bucket_length, pad_left, pad_left_rows
-from ctxjax.vocab import build_tokenizer, tokenizer_digest
+from ctxjax.vocab import build_tokenizer
 
 TEXTS = [
     "What is 12 + 30?",
@@ -144,25 +144,21 @@ def test_digits_are_single_tokens(tokenizer):
             assert len(text) == 1, piece
 
 
-def test_build_is_deterministic_and_digest_tracks_content(tokenizer, tmp_path):
+def test_build_is_deterministic(tokenizer):
     a, b = build_tokenizer(TEXTS, vocab_size=320), build_tokenizer(TEXTS, vocab_size=320)
-    assert a.get_vocab() == b.get_vocab()
-    assert tokenizer_digest(a) == tokenizer_digest(b) == tokenizer_digest(tokenizer)
+    assert a.backend_tokenizer.to_str() == b.backend_tokenizer.to_str()
+    assert a.backend_tokenizer.to_str() == tokenizer.backend_tokenizer.to_str()
     more_texts = build_tokenizer([*TEXTS, "zebra zebra zebra"], vocab_size=320)
-    assert tokenizer_digest(more_texts) != tokenizer_digest(a)
-    assert tokenizer_digest(build_tokenizer(TEXTS, vocab_size=300)) != tokenizer_digest(a)
-    changed = build_tokenizer(TEXTS, vocab_size=320)
-    changed.chat_template = changed.chat_template.replace("\\n", " ")
-    assert tokenizer_digest(changed) != tokenizer_digest(a)
-    # A fresh process (fresh hash seeds in Python and in the Rust trainer) gets the same digest.
+    assert more_texts.get_vocab() != a.get_vocab()
+    # A fresh process (fresh hash seeds in Python and in the Rust trainer) builds the same one.
     code = (
-        "import json,sys; from ctxjax.vocab import build_tokenizer, tokenizer_digest; "
-        "print(tokenizer_digest(build_tokenizer(json.loads(sys.argv[1]), vocab_size=320)))"
+        "import json,sys; from ctxjax.vocab import build_tokenizer; "
+        "print(build_tokenizer(json.loads(sys.argv[1]), vocab_size=320).backend_tokenizer.to_str())"
     )
     out = subprocess.run(
         [sys.executable, "-c", code, json.dumps(TEXTS)], capture_output=True, text=True, check=True
     )
-    assert out.stdout.strip() == tokenizer_digest(a)
+    assert out.stdout.strip() == a.backend_tokenizer.to_str()
 
 
 def test_save_load_round_trip(tmp_path):
