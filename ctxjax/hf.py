@@ -25,9 +25,8 @@ from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from ctxjax.model import DTYPES, ModelConfig, Transformer
+from ctxjax.model import DTYPES, FAMILIES, ModelConfig, Transformer
 
-SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
 _ARCHITECTURES = {
     "llama": "LlamaForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
@@ -127,8 +126,8 @@ def config_from_hf(
     reads `mlp_bias`. `compute_dtype` defaults to `param_dtype`.
     """
     family = hf_cfg.get("model_type")
-    if family not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(f"unsupported model_type {family!r}; supported: {SUPPORTED_MODEL_TYPES}")
+    if family not in FAMILIES:
+        raise ValueError(f"unsupported model_type {family!r}; supported: {FAMILIES}")
     act = hf_cfg.get("hidden_act", "silu")
     if act != "silu":
         raise ValueError(f"hidden_act {act!r} is not supported (only 'silu')")
@@ -484,6 +483,21 @@ def load_tokenizer(path: str | os.PathLike) -> Any:
     if not os.path.isdir(path):
         raise FileNotFoundError(f"tokenizer folder not found: {path}")
     return AutoTokenizer.from_pretrained(path, local_files_only=True)
+
+
+def eos_and_pad(tokenizer: Any) -> tuple[tuple[int, ...], int]:
+    """(EOS ids, pad id) of a tokenizer: the one place that decides which ids stop and pad.
+
+    Generation needs a stop token, so a tokenizer without EOS is an error. Without a pad token, EOS
+    pads: padded positions are masked out everywhere, so any valid id will do.
+    """
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ValueError(
+            "the tokenizer has no eos_token_id; set one (generation needs a stop token)"
+        )
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    return (int(eos),), int(pad)
 
 
 def render_chat(tokenizer: Any, context: str, prompt: str) -> list[int]:
