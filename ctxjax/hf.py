@@ -539,7 +539,7 @@ def export_pretrained(
 
     Atomic: written into a temporary sibling folder, renamed to `path` only when complete; an
     existing `path` is renamed aside first and deleted last, so a crash leaves either the old
-    folder or the new one at `path`, never a half-written one. Returns `path`.
+    folder or the new one at `path`, never a half-written one. Returns the absolute path.
     """
     source = None if source is None else _folder(source, "source model")
     ids = _token_ids(tokenizer, source)
