@@ -328,8 +328,8 @@ def train(
         summary["after"] = evaluate_student(run)
     final_dir = os.path.join(out_dir, "final")
     if jax.process_index() == 0:
-        hf.save_model(nnx.merge(run.graphdef, run.state.params), final_dir)
-        run.tokenizer.save_pretrained(final_dir)
+        final = nnx.merge(run.graphdef, run.state.params)
+        hf.export_pretrained(final, run.tokenizer, final_dir, source=run.student_path)
         with open(os.path.join(out_dir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2, default=float)
     summary["final_dir"] = final_dir
