@@ -144,7 +144,7 @@ class JsonlTask:
             compiled[_spec_key(spec)].check(record)
         except ValueError as e:
             whose = "'verifier'" if own else "the run's verifier"
-            raise ValueError(f"{record['_source']}: {whose}: {e}") from None
+            raise ValueError(f"{record['_source']}: {whose} {spec!r}: {e}") from None
 
     # -- the Task protocol --------------------------------------------------------------------
 

@@ -19,8 +19,8 @@ Types (the response is cut at the first special-token marker and stripped before
   whole response).
 - `ends_with`, parameter `text`: the response ends with `text` (stripped).
 - `max_words`, parameter `n`: at most `n` whitespace-separated words.
-- `max_sentences`, parameter `n`: at most `n` sentences (text runs ended by `.`, `!` or `?`, or
-  by the end of the response).
+- `max_sentences`, parameter `n`: at most `n` sentences (`count_sentences`: a sentence ends at
+  `.`, `!` or `?` followed by whitespace, or at the end of the response).
 - `contains`, parameter `text` (a string or a list of strings): every string occurs (case matters).
 - `not_contains`, parameter `text` (the same): none of them occurs.
 - `python`, parameter `fn` (`"module:function"`, importable where the evaluation runs):
@@ -49,8 +49,8 @@ Record = dict[str, Any]
 
 REGEX_MODES = ("search", "fullmatch")
 _PUNCT_TABLE = str.maketrans("", "", string.punctuation)
-# A sentence: a run of text up to and including its closing marks, or the unterminated tail.
-_SENTENCE_RE = re.compile(r"[^.!?]*[^.!?\s][^.!?]*(?:[.!?]+|$)")
+# Sentences end at `.`, `!` or `?` followed by whitespace: "3.5" and "e.g.," do not end one.
+_SENTENCE_END_RE = re.compile(r"(?<=[.!?])\s+")
 
 
 def clean(response: str) -> str:
@@ -64,8 +64,9 @@ def normalize(text: str) -> str:
 
 
 def count_sentences(text: str) -> int:
-    """Runs of text ended by `.`, `!` or `?` (or by the end of the text); "Hi. Bye!" -> 2."""
-    return len(_SENTENCE_RE.findall(text))
+    """Pieces of text with a word character between sentence ends (`.`, `!` or `?` followed by
+    whitespace) and the end of the text: "It is 3.5. Bye" -> 2."""
+    return sum(1 for piece in _SENTENCE_END_RE.split(text) if re.search(r"\w", piece))
 
 
 def _answer(record: Record) -> str:
