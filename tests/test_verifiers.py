@@ -89,6 +89,7 @@ def test_a_list_needs_every_part():
     assert not _check(spec, record, "It's 8!")  # wrong number
     assert not _check(spec, record, "It is 7 now!")  # too many words
     assert not _check(spec, record, "It's 7.")  # wrong ending
+    assert _check(tuple(spec), record, "It's 7!")  # a config may hold the list as a tuple
 
 
 @pytest.mark.parametrize(

@@ -39,7 +39,7 @@ import dataclasses
 import importlib
 import re
 import string
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 from ctxjax.tasks.common import strip_special
@@ -106,7 +106,11 @@ def _target_number(record: Record) -> Any:
 
 def _strings(value: Any, key: str) -> tuple[str, ...]:
     items = [value] if isinstance(value, str) else value
-    if not isinstance(items, list) or not items or not all(isinstance(s, str) and s for s in items):
+    if (
+        not isinstance(items, (list, tuple))
+        or not items
+        or not all(isinstance(s, str) and s for s in items)
+    ):
         raise ValueError(f"{key!r} must be a non-empty string or list of them, got {value!r}")
     return tuple(items)
 
@@ -328,11 +332,11 @@ def compile_verifier(spec: Any) -> Verifier:
     """
     if isinstance(spec, str):
         spec = {"type": "python", "fn": spec} if ":" in spec else {"type": spec}
-    if isinstance(spec, list):
+    if isinstance(spec, (list, tuple)):  # a config may hold lists as tuples
         if not spec:
             raise ValueError("an empty verifier list")
         return AllOf(tuple(compile_verifier(part) for part in spec))
-    if not isinstance(spec, dict):
+    if not isinstance(spec, Mapping):
         raise ValueError(
             f"a verifier is a type name, a 'module:function', a mapping or a list; got {spec!r}"
         )
@@ -344,7 +348,7 @@ def compile_verifier(spec: Any) -> Verifier:
     if unknown:
         raise ValueError(f"verifier {kind!r} takes {list(takes)}, got unknown key(s) {unknown}")
     try:
-        return build(spec)
+        return build(dict(spec))
     except ValueError as e:
         raise ValueError(f"verifier {kind!r}: {e}") from None
 
