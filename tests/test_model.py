@@ -204,7 +204,9 @@ def test_layer_hidden_streams():
 def test_bf16_compute_keeps_fp32_logits():
     ids = _tokens(10, B, L)
     ref = _logits(_model(), ids)
-    mixed = _model(numerics=Numerics(compute_dtype="bfloat16"))  # fp32 params, same values, bf16 matmuls
+    mixed = _model(
+        numerics=Numerics(compute_dtype="bfloat16")
+    )  # fp32 params, same values, bf16 matmuls
     assert mixed.layers[0].mlp.up_proj.kernel[...].dtype == jnp.float32
     logits = _fwd(mixed, jnp.asarray(ids), jnp.ones((B, L), bool))
     assert logits.dtype == jnp.float32
