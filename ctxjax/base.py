@@ -83,7 +83,7 @@ def encode_sft(tokenizer: Any, records: list[dict], max_len: int | None = None):
     for r in records:
         prompt = hf.render_chat(tokenizer, r.get("context", ""), r["prompt"])
         answer = tokenizer(r["answer"], add_special_tokens=False)["input_ids"]
-        answer = answer + [tokenizer.eos_token_id]
+        answer = [*answer, tokenizer.eos_token_id]
         seqs.append(prompt + answer)
         loss_masks.append([0] * len(prompt) + [1] * len(answer))
     width = max_len or max(map(len, seqs))

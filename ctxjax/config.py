@@ -175,6 +175,8 @@ class TrainConfig:
         _check_range("train.keep_checkpoints", self.keep_checkpoints, 1)
 
 
+# The CPU default's data shapes.
+DEFAULT_DATA = DataConfig(batch_size=32, max_prompt_tokens=32, max_context_prompt_tokens=64)
 # The architecture of the base model built when `student` is empty (the CPU default).
 BASE_ARCHITECTURE = ModelConfig(
     vocab_size=320,
@@ -199,7 +201,7 @@ def _changed_keys(section: str, value: Any, default: Any) -> list[str]:
 class RunConfig:
     # HF folder of the student; "" builds/reuses the tiny base model for `task` (CPU default).
     student: str = ""
-    # HF folder of a teacher sharing the tokenizer (cross-size distillation); "" = frozen student copy.
+    # HF folder of a teacher sharing the tokenizer (cross-size distillation); "": frozen student.
     teacher: str = ""
     tokenizer: str = ""  # HF tokenizer folder; "" = the student's folder
     # The architecture of the base model to build; with `student` set it comes from that folder's
@@ -208,7 +210,7 @@ class RunConfig:
     numerics: Numerics = DEFAULT_NUMERICS  # dtypes and remat: apply to student and teacher alike
     base: BaseModelConfig = BaseModelConfig()
     task: TaskConfig = TaskConfig()
-    data: DataConfig = DataConfig(batch_size=32, max_prompt_tokens=32, max_context_prompt_tokens=64)
+    data: DataConfig = DEFAULT_DATA
     rollout: RolloutConfig = RolloutConfig()
     loss: LossConfig = LossConfig()
     optim: OptimConfig = OptimConfig()
@@ -288,8 +290,8 @@ def from_dict(cls: type, values: dict, prefix: str = "") -> Any:
         full = f"{prefix}{key}"
         if key not in fields:
             raise KeyError(
-                f"unknown config key {full!r}; valid keys{' under ' + prefix[:-1] if prefix else ''}: "
-                f"{sorted(fields)}"
+                f"unknown config key {full!r}; valid keys"
+                f"{' under ' + prefix[:-1] if prefix else ''}: {sorted(fields)}"
             )
         hint = hints[key]
         if dataclasses.is_dataclass(hint):
@@ -315,7 +317,7 @@ def _deep_merge(base: dict, update: dict, where: str) -> dict:
 
 
 def parse_overrides(overrides: list[str]) -> dict:
-    """`["loss.beta=0.1", "task.options.sloppy=0.4"]` -> nested dict; values parsed as YAML scalars."""
+    """`["loss.beta=0.1", "task.options.sloppy=0.4"]` -> nested dict of YAML scalar values."""
     tree: dict = {}
     for item in overrides:
         if "=" not in item:
@@ -333,7 +335,7 @@ def parse_overrides(overrides: list[str]) -> dict:
 
 
 def load_config(path: str | None = None, overrides: list[str] = ()) -> RunConfig:
-    """Defaults, then the YAML preset at `path`, then the dotted overrides, each strictly checked."""
+    """Defaults, then the YAML preset at `path`, then the dotted overrides, all strictly checked."""
     values: dict = {}
     if path:
         try:

@@ -12,7 +12,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import jax
 import numpy as np
@@ -153,8 +153,9 @@ def load_models(cfg: RunConfig, student_path: str, mesh: jax.sharding.Mesh) -> M
 
 def init_train_state(
     cfg: RunConfig, model: Transformer, mesh: jax.sharding.Mesh
-) -> tuple[optax.GradientTransformation, TrainState, Any]:
-    """The optimizer, and the train state placed once with its shardings (returned too).
+) -> tuple[optax.GradientTransformation, TrainState, TrainState]:
+    """The optimizer, the train state placed on the mesh, and its shardings (a TrainState of
+    NamedSharding leaves).
 
     Optimizer moments follow their parameter's layout (same path suffix); scalars are replicated.
     Placing the whole state once keeps the step's input and output shardings equal: one compile.
@@ -171,7 +172,7 @@ def build_step(
     teacher_graphdef: nnx.GraphDef,
     tx: optax.GradientTransformation,
     tokenizer: PreTrainedTokenizerBase,
-    state_shardings: Any,
+    state_shardings: TrainState,
 ) -> StepFn:
     eos_ids, pad_id = eos_and_pad(tokenizer)
     step_cfg = StepConfig(
@@ -294,7 +295,8 @@ class MetricsLog:
 
     def __init__(self, out_dir: str, total: int, start: int, progress: bool):
         os.makedirs(out_dir, exist_ok=True)
-        self.jsonl = open(os.path.join(out_dir, "metrics.jsonl"), "a")
+        # Open for the whole run (closed by `close`), appended to after every step.
+        self.jsonl = open(os.path.join(out_dir, "metrics.jsonl"), "a")  # noqa: SIM115
         try:
             from tensorboardX import SummaryWriter
 
@@ -430,7 +432,9 @@ def format_summary(summary: dict) -> str:
         if key in before or key in after:
             rows.append((key, _fmt(before.get(key)), _fmt(after.get(key))))
     width = [max(len(r[i]) for r in rows) for i in range(3)]
-    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(r, width)) + " |" for r in rows]
+    lines = [
+        "| " + " | ".join(c.ljust(w) for c, w in zip(r, width, strict=True)) + " |" for r in rows
+    ]
     lines.insert(1, "|" + "|".join("-" * (w + 2) for w in width) + "|")
     return "\n".join(lines)
 
