@@ -24,7 +24,7 @@ from flax import nnx
 
 from ctxjax import hf
 from ctxjax.config import MODEL_SIZES, BaseModelConfig, OptimConfig
-from ctxjax.model import ModelConfig, create_model
+from ctxjax.model import DEFAULT_NUMERICS, ModelConfig, Numerics, create_model
 from ctxjax.padding import pad_left
 from ctxjax.step import make_optimizer
 from ctxjax.tasks import get_task
@@ -35,13 +35,19 @@ DONE_FILE = "ctxjax_base.json"
 
 
 def base_key(
-    task_name: str, task_options: dict, model_cfg: ModelConfig, base_cfg: BaseModelConfig, seed: int
+    task_name: str,
+    task_options: dict,
+    model_cfg: ModelConfig,
+    base_cfg: BaseModelConfig,
+    seed: int,
+    numerics: Numerics = DEFAULT_NUMERICS,
 ) -> str:
     blob = json.dumps(
         dict(
             task=task_name,
             options=task_options,
-            model=dataclasses.asdict(model_cfg),
+            # One flat section, as when the numerics were ModelConfig fields: the same keys as ever.
+            model={**dataclasses.asdict(model_cfg), **dataclasses.asdict(numerics)},
             base={
                 k: v
                 for k, v in dataclasses.asdict(base_cfg).items()
@@ -106,6 +112,7 @@ def train_base(
     out_dir: str,
     seed: int = 0,
     progress: bool = True,
+    numerics: Numerics = DEFAULT_NUMERICS,
 ) -> dict:
     """Trains the base model from scratch on the task's SFT mixture and saves an HF folder."""
     t0 = time.time()
@@ -117,7 +124,7 @@ def train_base(
             f"{model_cfg.vocab_size}; raise model.vocab_size"
         )
     ids, mask, loss_mask = encode_sft(tokenizer, records)
-    model = create_model(model_cfg, seed=seed)
+    model = create_model(model_cfg, seed=seed, numerics=numerics)
     graphdef, params = nnx.split(model, nnx.Param)
     tx = make_optimizer(
         OptimConfig(
@@ -171,16 +178,18 @@ def build_or_reuse_base(
     base_cfg: BaseModelConfig,
     seed: int = 0,
     progress: bool = True,
+    numerics: Numerics = DEFAULT_NUMERICS,
 ) -> str:
-    """The cached base model's folder for this task and architecture, trained if missing."""
-    path = os.path.join(
-        base_cfg.cache_dir, base_key(task_name, task_options, model_cfg, base_cfg, seed)
-    )
+    """The cached base model's folder for this task, model and numerics; trained if missing."""
+    key = base_key(task_name, task_options, model_cfg, base_cfg, seed, numerics)
+    path = os.path.join(base_cfg.cache_dir, key)
     if os.path.exists(os.path.join(path, DONE_FILE)):
         log.info("reusing base model %s", path)
         return path
     task = get_task(task_name, **task_options)
-    info = train_base(task, model_cfg, base_cfg, path, seed=seed, progress=progress)
+    info = train_base(
+        task, model_cfg, base_cfg, path, seed=seed, progress=progress, numerics=numerics
+    )
     log.info(
         "built base model %s in %.0fs (final SFT loss %.3f)",
         path,

@@ -8,12 +8,16 @@ samples as an uninterrupted one.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from typing import Any
 
 import grain
 import orbax.checkpoint as ocp
+
+from ctxjax.model import ModelConfig
+
+# Every architecture field: a checkpoint restores only into the model it was written for.
+_ARCHITECTURE_KEYS = tuple(f.name for f in dataclasses.fields(ModelConfig))
 
 
 class Checkpointer:
@@ -25,9 +29,6 @@ class Checkpointer:
             max_to_keep=keep, enable_async_checkpointing=async_save, create=True
         )
         self.manager = ocp.CheckpointManager(self.directory, options=options)
-
-    def latest_step(self) -> int | None:
-        return self.manager.latest_step()
 
     def save(
         self, step: int, state: Any, data_iter: Any, config: dict, *, force: bool = False
@@ -65,29 +66,12 @@ class Checkpointer:
     def wait(self) -> None:
         self.manager.wait_until_finished()
 
-    def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
-
 
 def _check_same_model(saved: dict, current: dict, where: str) -> None:
     saved_model, current_model = saved.get("model", {}), current.get("model", {})
-    keys = (
-        "family",
-        "vocab_size",
-        "hidden_size",
-        "intermediate_size",
-        "num_layers",
-        "num_heads",
-        "num_kv_heads",
-        "head_dim",
-        "tie_embeddings",
-        "qkv_bias",
-        "qk_norm",
-    )
     diff = {
         k: (saved_model.get(k), current_model.get(k))
-        for k in keys
+        for k in _ARCHITECTURE_KEYS
         if saved_model.get(k) != current_model.get(k)
     }
     if diff:
@@ -95,7 +79,3 @@ def _check_same_model(saved: dict, current: dict, where: str) -> None:
             f"model.{k}: checkpoint {a!r} vs this run {b!r}" for k, (a, b) in diff.items()
         )
         raise ValueError(f"checkpoint {where} was written for another model ({detail})")
-
-
-def config_dict(cfg: Any) -> dict:
-    return json.loads(json.dumps(dataclasses.asdict(cfg), default=list))

@@ -2,13 +2,16 @@
 
 `load_config("configs/x.yaml", ["loss.beta=0.1", "model.num_layers=4"])` builds a `RunConfig`.
 Every key is checked against the dataclass fields: an unknown or mistyped key is an error that names
-the valid keys at that level, and a value of the wrong type is an error that names the key.
+the valid keys at that level, and a value of the wrong type is an error that names the key. A
+setting the run would ignore (an architecture with `student=`, evaluation with `task.name=jsonl`)
+is an error too.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import types
 import typing
 from typing import Any
@@ -16,8 +19,10 @@ from typing import Any
 import yaml
 
 from ctxjax.data import DataConfig
-from ctxjax.model import ModelConfig
+from ctxjax.model import DEFAULT_NUMERICS, ModelConfig, Numerics
 from ctxjax.tasks import synthetic
+
+log = logging.getLogger(__name__)
 
 OPD_LOSSES = ("reverse_kl", "reverse_kl_topk", "forward_kl", "jsd", "sampled_token")
 CONSISTENCY_LOSSES = ("nca", "dual_opd", "sym_kl")
@@ -177,25 +182,65 @@ MODEL_SIZES = {
         num_layers=4, hidden_size=64, intermediate_size=256, num_heads=4, num_kv_heads=2
     ),
 }
+# The CPU default's data shapes.
+DEFAULT_DATA = DataConfig(batch_size=32, max_prompt_tokens=32, max_context_prompt_tokens=64)
+# The architecture of the base model built when `student` is empty (the CPU default).
+BASE_ARCHITECTURE = ModelConfig(vocab_size=320, **MODEL_SIZES["medium"])
+
+
+def _changed_keys(section: str, value: Any, default: Any) -> list[str]:
+    """Dotted names of the fields of `value` that differ from `default` (same dataclass)."""
+    return [
+        f"{section}.{f.name}"
+        for f in dataclasses.fields(value)
+        if getattr(value, f.name) != getattr(default, f.name)
+    ]
 
 
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
     # HF folder of the student; "" builds/reuses the tiny base model for `task` (CPU default).
     student: str = ""
-    # HF folder of a teacher sharing the tokenizer (cross-size distillation); "" = frozen student copy.
+    # HF folder of a teacher sharing the tokenizer (cross-size distillation); "": frozen student.
     teacher: str = ""
     tokenizer: str = ""  # HF tokenizer folder; "" = the student's folder
-    model: ModelConfig = ModelConfig(vocab_size=320, **MODEL_SIZES["medium"])
+    # The architecture of the base model to build; with `student` set it comes from that folder's
+    # config.json, and setting it here is an error.
+    model: ModelConfig = BASE_ARCHITECTURE
+    numerics: Numerics = DEFAULT_NUMERICS  # dtypes and remat: apply to student and teacher alike
     base: BaseModelConfig = BaseModelConfig()
     task: TaskConfig = TaskConfig()
-    data: DataConfig = DataConfig(batch_size=32, max_prompt_tokens=32, max_context_prompt_tokens=64)
+    data: DataConfig = DEFAULT_DATA
     rollout: RolloutConfig = RolloutConfig()
     loss: LossConfig = LossConfig()
     optim: OptimConfig = OptimConfig()
     mesh: MeshConfig = MeshConfig()
     eval: EvalConfig = EvalConfig()
     train: TrainConfig = TrainConfig()
+
+    def __post_init__(self):
+        ignored = []  # (keys, why): settings this run would silently not use
+        if self.student:
+            ignored.append(
+                (
+                    _changed_keys("model", self.model, BASE_ARCHITECTURE),
+                    "with student= the architecture comes from the student's config.json",
+                )
+            )
+        if self.task.name == "jsonl":
+            keys = _changed_keys("eval", self.eval, EvalConfig())
+            keys += ["train.eval_every"] if self.train.eval_every else []
+            keys += _changed_keys(
+                "task", dataclasses.replace(self.task, name="synthetic"), TaskConfig()
+            )
+            ignored.append((keys, "task.name='jsonl' has no verifier: nothing is evaluated"))
+        for keys, why in ignored:
+            if keys:
+                raise ValueError(f"{', '.join(keys)} would be ignored ({why}): remove the setting")
+        base_keys = _changed_keys("base", self.base, BaseModelConfig())
+        if self.student and base_keys:
+            # A warning, not an error: the CPU presets set base.* and stay usable with student=.
+            log.warning("%s ignored: student= is set, no base model is built", ", ".join(base_keys))
 
 
 def _coerce(key: str, value: Any, hint: Any) -> Any:
@@ -245,8 +290,8 @@ def from_dict(cls: type, values: dict, prefix: str = "") -> Any:
         full = f"{prefix}{key}"
         if key not in fields:
             raise KeyError(
-                f"unknown config key {full!r}; valid keys{' under ' + prefix[:-1] if prefix else ''}: "
-                f"{sorted(fields)}"
+                f"unknown config key {full!r}; valid keys"
+                f"{' under ' + prefix[:-1] if prefix else ''}: {sorted(fields)}"
             )
         hint = hints[key]
         if dataclasses.is_dataclass(hint):
@@ -272,7 +317,7 @@ def _deep_merge(base: dict, update: dict, where: str) -> dict:
 
 
 def parse_overrides(overrides: list[str]) -> dict:
-    """`["loss.beta=0.1", "task.options.sloppy=0.4"]` -> nested dict; values parsed as YAML scalars."""
+    """`["loss.beta=0.1", "task.options.sloppy=0.4"]` -> nested dict of YAML scalar values."""
     tree: dict = {}
     for item in overrides:
         if "=" not in item:
@@ -290,7 +335,7 @@ def parse_overrides(overrides: list[str]) -> dict:
 
 
 def load_config(path: str | None = None, overrides: list[str] = ()) -> RunConfig:
-    """Defaults, then the YAML preset at `path`, then the dotted overrides, each strictly checked."""
+    """Defaults, then the YAML preset at `path`, then the dotted overrides, all strictly checked."""
     values: dict = {}
     if path:
         try:
@@ -322,7 +367,9 @@ def load_config(path: str | None = None, overrides: list[str] = ()) -> RunConfig
 
 
 def to_dict(cfg: Any) -> dict:
-    return dataclasses.asdict(cfg)
+    """A config dataclass as plain JSON values (tuples become lists): what config.json,
+    summaries and checkpoints hold."""
+    return json.loads(json.dumps(dataclasses.asdict(cfg), default=list))
 
 
 def to_json(cfg: Any) -> str:

@@ -24,7 +24,6 @@ class DataConfig:
     """Where the records come from and how they become batches."""
 
     train_file: str | None = None  # JSONL, one record per line
-    eval_file: str | None = None
     context: str = ""  # run-level context for records that carry none
     context_file: str | None = None  # its text is the run-level context (excludes `context`)
     batch_size: int = 16

@@ -28,7 +28,7 @@ from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from ctxjax.model import DTYPES, FAMILIES, ModelConfig, Transformer
+from ctxjax.model import FAMILIES, ModelConfig, Numerics, Transformer
 
 _ARCHITECTURES = {
     "llama": "LlamaForCausalLM",
@@ -161,14 +161,12 @@ def _check_full_attention(hf_cfg: dict, family: str) -> None:
         raise ValueError("sliding-window attention (use_sliding_window=true) is not supported")
 
 
-def config_from_hf(
-    hf_cfg: dict, *, param_dtype: str = "float32", compute_dtype: str | None = None
-) -> ModelConfig:
-    """Maps an HF `config.json` dict (llama / qwen2 / qwen3) to a `ModelConfig`.
+def config_from_hf(hf_cfg: dict) -> ModelConfig:
+    """Maps an HF `config.json` dict (llama / qwen2 / qwen3) to a `ModelConfig` (the architecture).
 
     Biases follow the transformers modeling code, not the config keys alone: Llama and Qwen3 put
     `attention_bias` on q, k, v and o; Qwen2 always has q/k/v bias and never an o bias; only Llama
-    reads `mlp_bias`. `compute_dtype` defaults to `param_dtype`.
+    reads `mlp_bias`.
     """
     family = hf_cfg.get("model_type")
     if family not in FAMILIES:
@@ -203,8 +201,6 @@ def config_from_hf(
         mlp_bias=bool(hf_cfg.get("mlp_bias", False)) if family == "llama" else False,
         qk_norm=family == "qwen3",
         max_position_embeddings=_max_positions(hf_cfg),
-        param_dtype=param_dtype,
-        compute_dtype=compute_dtype or param_dtype,
     )
 
 
@@ -224,8 +220,9 @@ def _check_exportable(cfg: ModelConfig) -> None:
             )
 
 
-def config_to_hf(cfg: ModelConfig) -> dict:
-    """The `config.json` dict transformers v5 needs to rebuild `cfg` as `<Family>ForCausalLM`."""
+def config_to_hf(cfg: ModelConfig, dtype: str = "float32") -> dict:
+    """The `config.json` dict transformers v5 needs to rebuild `cfg` as `<Family>ForCausalLM`,
+    with weights stored in `dtype`."""
     _check_exportable(cfg)
     rope = {"rope_type": "default", "rope_theta": float(cfg.rope_theta)}
     if cfg.rope_scaling is not None:
@@ -252,7 +249,7 @@ def config_to_hf(cfg: ModelConfig) -> dict:
         "rms_norm_eps": cfg.rms_norm_eps,
         "tie_word_embeddings": cfg.tie_embeddings,
         "rope_parameters": rope,
-        "dtype": cfg.param_dtype,
+        "dtype": dtype,
         "use_cache": True,
     }
     if cfg.family == "llama":
@@ -469,23 +466,34 @@ def _tied_copy(ckpt: _Checkpoint) -> bool:
 
 
 def load_model(
-    path: str | os.PathLike, *, param_dtype: str = "float32", compute_dtype: str | None = None
+    path: str | os.PathLike,
+    numerics: Numerics | None = None,
+    *,
+    param_dtype: str | None = None,
+    compute_dtype: str | None = None,
 ) -> Transformer:
     """A ctxjax `Transformer` from an HF folder (`config.json` + safetensors, single or sharded).
 
+    The architecture comes from config.json; how it runs from `numerics`, or for short from
+    `param_dtype` (default float32) and `compute_dtype` (default `param_dtype`).
     Strict: fails listing leftovers unless every checkpoint tensor fills exactly one parameter and
     every parameter is filled. The model is built abstractly (`nnx.eval_shape`), so no random
-    weights are ever allocated; parameters are cast to `param_dtype`.
+    weights are ever allocated; parameters are cast to the param dtype.
     """
+    if numerics is None:
+        param_dtype = param_dtype or "float32"
+        numerics = Numerics(param_dtype=param_dtype, compute_dtype=compute_dtype or param_dtype)
+    elif param_dtype is not None or compute_dtype is not None:
+        raise ValueError("load_model takes numerics= or param_dtype=/compute_dtype=, not both")
     path = os.fspath(path)
-    cfg = config_from_hf(read_hf_config(path), param_dtype=param_dtype, compute_dtype=compute_dtype)
+    cfg = config_from_hf(read_hf_config(path))
     ckpt = _Checkpoint(path)
-    abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
+    abstract = nnx.eval_shape(lambda: Transformer(cfg, numerics, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
     flat = list(nnx.to_flat_state(state))
     expected = {".".join(map(str, p)): tuple(v.shape) for p, v in flat}
     plan = _plan(ckpt, expected, cfg)
-    dtype = DTYPES[param_dtype]
+    dtype = numerics.params
     filled = []
     for p, var in flat:
         hf_name, transpose = plan[".".join(map(str, p))]
@@ -499,11 +507,10 @@ def save_model(model: Transformer, path: str | os.PathLike, *, dtype: str | None
 
     `dtype` ("float32" | "bfloat16" | "float16") defaults to the model's param dtype. Returns path.
     """
-    dtype = dtype or model.cfg.param_dtype
+    dtype = dtype or model.numerics.param_dtype
     if dtype not in _NUMPY_DTYPES:
         raise ValueError(f"save dtype must be one of {sorted(_NUMPY_DTYPES)}, got {dtype!r}")
-    hf_cfg = config_to_hf(model.cfg)
-    hf_cfg["dtype"] = dtype
+    hf_cfg = config_to_hf(model.cfg, dtype)
     tensors = {}
     for p, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         hf_name, transpose = ctxjax_to_hf_name(".".join(map(str, p)))

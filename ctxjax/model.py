@@ -13,8 +13,9 @@ cache) and has a RoPE *position* (its index among the row's real tokens, `cumsum
 attends to keys whose slot is not after its own and whose mask bit is set. Left padding therefore
 changes slots but not positions, so a row's logits do not depend on how much padding it got.
 
-Dtype policy: parameters in `param_dtype`, matmuls in `compute_dtype`; RMSNorm statistics, softmax
-and the logits are float32.
+Architecture and numerics are separate: `ModelConfig` is what a checkpoint's config.json fixes,
+`Numerics` is how this process runs it. Dtype policy: parameters in `param_dtype`, matmuls in
+`compute_dtype`; RMSNorm statistics, softmax and the logits are float32.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """Architecture and numerics of one decoder. Field names follow HF where HF has one."""
+    """Architecture of one decoder, what a checkpoint fixes. Field names follow HF's."""
 
     family: str = "llama"  # HF model_type written on export: "llama" | "qwen2" | "qwen3"
     vocab_size: int = 512
@@ -54,11 +55,6 @@ class ModelConfig:
     mlp_bias: bool = False
     qk_norm: bool = False  # Qwen3: True
     max_position_embeddings: int = 4096
-    param_dtype: str = "float32"
-    compute_dtype: str = "float32"
-    remat: bool = (
-        False  # rematerialize each block in the backward pass (per-layer activation memory)
-    )
 
     def __post_init__(self):
         if self.family not in FAMILIES:
@@ -85,11 +81,6 @@ class ModelConfig:
             )
         if self.resolved_head_dim % 2:
             raise ValueError(f"head dim must be even for RoPE, got {self.resolved_head_dim}")
-        for name in ("param_dtype", "compute_dtype"):
-            if getattr(self, name) not in DTYPES:
-                raise ValueError(
-                    f"model.{name} must be one of {sorted(DTYPES)}, got {getattr(self, name)!r}"
-                )
 
     @property
     def resolved_head_dim(self) -> int:
@@ -99,6 +90,35 @@ class ModelConfig:
         """Parameter count, from the abstract model (no memory allocated)."""
         abstract = nnx.eval_shape(lambda: Transformer(self, rngs=nnx.Rngs(0)))
         return sum(x.size for x in jax.tree.leaves(nnx.state(abstract, nnx.Param)))
+
+
+@dataclasses.dataclass(frozen=True)
+class Numerics:
+    """How a model runs, whatever its architecture: not part of a checkpoint's config.json."""
+
+    param_dtype: str = "float32"
+    compute_dtype: str = "float32"
+    remat: bool = (
+        False  # rematerialize each block in the backward pass (per-layer activation memory)
+    )
+
+    def __post_init__(self):
+        for name in ("param_dtype", "compute_dtype"):
+            if getattr(self, name) not in DTYPES:
+                raise ValueError(
+                    f"numerics.{name} must be one of {sorted(DTYPES)}, got {getattr(self, name)!r}"
+                )
+
+    @property
+    def params(self) -> Any:
+        return DTYPES[self.param_dtype]
+
+    @property
+    def compute(self) -> Any:
+        return DTYPES[self.compute_dtype]
+
+
+DEFAULT_NUMERICS = Numerics()  # float32 throughout, no rematerialization
 
 
 @struct.dataclass
@@ -120,9 +140,9 @@ class KVCache:
         return self.mask_BxS.shape[1]
 
 
-def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: Any | None = None) -> KVCache:
-    """An empty cache of `max_len` slots; `dtype` defaults to the compute dtype."""
-    dtype = dtype or DTYPES[cfg.compute_dtype]
+def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: str = "float32") -> KVCache:
+    """An empty cache of `max_len` slots in `dtype` (a DTYPES name: the model's compute dtype)."""
+    dtype = DTYPES[dtype]
     shape = (batch, cfg.num_kv_heads, max_len, cfg.resolved_head_dim)
     zeros = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))
     return KVCache(
@@ -177,28 +197,28 @@ class RMSNorm(nnx.Module):
         return (self.weight[...].astype(jnp.float32) * normed).astype(x.dtype)
 
 
-def _linear(din: int, dout: int, bias: bool, cfg: ModelConfig, rngs: nnx.Rngs) -> nnx.Linear:
+def _linear(din: int, dout: int, bias: bool, num: Numerics, rngs: nnx.Rngs) -> nnx.Linear:
     return nnx.Linear(
         din,
         dout,
         use_bias=bias,
-        dtype=DTYPES[cfg.compute_dtype],
-        param_dtype=DTYPES[cfg.param_dtype],
+        dtype=num.compute,
+        param_dtype=num.params,
         kernel_init=nnx.initializers.normal(0.02),
         rngs=rngs,
     )
 
 
 class Attention(nnx.Module):
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, num: Numerics, rngs: nnx.Rngs):
         d, h, k, dh = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.resolved_head_dim
-        self.q_proj = _linear(d, h * dh, cfg.qkv_bias, cfg, rngs)
-        self.k_proj = _linear(d, k * dh, cfg.qkv_bias, cfg, rngs)
-        self.v_proj = _linear(d, k * dh, cfg.qkv_bias, cfg, rngs)
-        self.o_proj = _linear(h * dh, d, cfg.o_bias, cfg, rngs)
+        self.q_proj = _linear(d, h * dh, cfg.qkv_bias, num, rngs)
+        self.k_proj = _linear(d, k * dh, cfg.qkv_bias, num, rngs)
+        self.v_proj = _linear(d, k * dh, cfg.qkv_bias, num, rngs)
+        self.o_proj = _linear(h * dh, d, cfg.o_bias, num, rngs)
         if cfg.qk_norm:
-            self.q_norm = RMSNorm(dh, cfg.rms_norm_eps, DTYPES[cfg.param_dtype])
-            self.k_norm = RMSNorm(dh, cfg.rms_norm_eps, DTYPES[cfg.param_dtype])
+            self.q_norm = RMSNorm(dh, cfg.rms_norm_eps, num.params)
+            self.k_norm = RMSNorm(dh, cfg.rms_norm_eps, num.params)
         self.cfg = cfg
 
     def __call__(self, x_BxLxD, positions_BxL, inv_freq, keys_mask_BxS, query_slots_L, cache_kv):
@@ -250,23 +270,22 @@ class Attention(nnx.Module):
 
 
 class MLP(nnx.Module):
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, num: Numerics, rngs: nnx.Rngs):
         d, f = cfg.hidden_size, cfg.intermediate_size
-        self.gate_proj = _linear(d, f, cfg.mlp_bias, cfg, rngs)
-        self.up_proj = _linear(d, f, cfg.mlp_bias, cfg, rngs)
-        self.down_proj = _linear(f, d, cfg.mlp_bias, cfg, rngs)
+        self.gate_proj = _linear(d, f, cfg.mlp_bias, num, rngs)
+        self.up_proj = _linear(d, f, cfg.mlp_bias, num, rngs)
+        self.down_proj = _linear(f, d, cfg.mlp_bias, num, rngs)
 
     def __call__(self, x_BxLxD):
         return self.down_proj(jax.nn.silu(self.gate_proj(x_BxLxD)) * self.up_proj(x_BxLxD))
 
 
 class Block(nnx.Module):
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
-        pdt = DTYPES[cfg.param_dtype]
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pdt)
-        self.self_attn = Attention(cfg, rngs)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pdt)
-        self.mlp = MLP(cfg, rngs)
+    def __init__(self, cfg: ModelConfig, num: Numerics, rngs: nnx.Rngs):
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, num.params)
+        self.self_attn = Attention(cfg, num, rngs)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, num.params)
+        self.mlp = MLP(cfg, num, rngs)
 
     def __call__(self, x_BxLxD, positions_BxL, inv_freq, keys_mask_BxS, query_slots_L, cache_kv):
         attn_BxLxD, new_kv = self.self_attn(
@@ -292,20 +311,21 @@ class ForwardOutput:
 class Transformer(nnx.Module):
     """The decoder. `model(tokens)` gives fp32 logits; `forward` + `logits` give finer control."""
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, numerics: Numerics = DEFAULT_NUMERICS, *, rngs: nnx.Rngs):
         self.cfg = cfg
+        self.numerics = numerics
         self.embed_tokens = nnx.Embed(
             cfg.vocab_size,
             cfg.hidden_size,
-            dtype=DTYPES[cfg.compute_dtype],
-            param_dtype=DTYPES[cfg.param_dtype],
+            dtype=numerics.compute,
+            param_dtype=numerics.params,
             embedding_init=nnx.initializers.normal(0.02),
             rngs=rngs,
         )
-        self.layers = nnx.List([Block(cfg, rngs) for _ in range(cfg.num_layers)])
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, DTYPES[cfg.param_dtype])
+        self.layers = nnx.List([Block(cfg, numerics, rngs) for _ in range(cfg.num_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, numerics.params)
         if not cfg.tie_embeddings:
-            self.lm_head = _linear(cfg.hidden_size, cfg.vocab_size, False, cfg, rngs)
+            self.lm_head = _linear(cfg.hidden_size, cfg.vocab_size, False, numerics, rngs)
 
     def forward(
         self,
@@ -341,7 +361,7 @@ class Transformer(nnx.Module):
         new_k, new_v = [], []
         for i, block in enumerate(self.layers):
             cache_kv = None if cache is None else (cache.k[i], cache.v[i], cache.index)
-            if cfg.remat and cache is None:
+            if self.numerics.remat and cache is None:
                 # Plain jax.checkpoint over the block's state: `nnx.remat` refuses to run on a module
                 # merged inside an outer jax.grad (the train step), a pure function works everywhere.
                 block_def, block_state = nnx.split(block)
@@ -391,6 +411,8 @@ class Transformer(nnx.Module):
         return self.logits(out.hidden_BxLxD)
 
 
-def create_model(cfg: ModelConfig, seed: int = 0) -> Transformer:
+def create_model(
+    cfg: ModelConfig, seed: int = 0, numerics: Numerics = DEFAULT_NUMERICS
+) -> Transformer:
     """A randomly initialized model (normal(0.02) weights, unit norms)."""
-    return Transformer(cfg, rngs=nnx.Rngs(seed))
+    return Transformer(cfg, numerics, rngs=nnx.Rngs(seed))

@@ -11,23 +11,44 @@ import json
 import logging
 import os
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, NamedTuple
 
 import jax
 import numpy as np
+import optax
 from flax import nnx
 
 from ctxjax import hf, sharding
 from ctxjax.base import build_or_reuse_base
-from ctxjax.checkpoint import Checkpointer, config_dict
-from ctxjax.config import RunConfig, to_json
+from ctxjax.checkpoint import Checkpointer
+from ctxjax.config import RunConfig, to_dict
 from ctxjax.data import check_budgets, load_jsonl, make_iterator
 from ctxjax.evaluate import evaluate_context
 from ctxjax.metrics import SUMMARY_KEYS, markdown_table
-from ctxjax.step import StepConfig, init_state, jit_train_step, make_optimizer, make_train_step
-from ctxjax.tasks import get_task
+from ctxjax.model import ModelConfig, Transformer
+from ctxjax.step import (
+    StepConfig,
+    TrainState,
+    init_state,
+    jit_train_step,
+    make_optimizer,
+    make_train_step,
+)
+from ctxjax.tasks import Task, get_task
+
+if TYPE_CHECKING:  # imported lazily at run time: grain and transformers are slow to import
+    import grain
+    from transformers import PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
+
+
+# One compiled OPD step: (state, teacher params, batch, rng) -> (new state, metrics).
+StepFn = Callable[
+    [TrainState, nnx.State, dict[str, jax.Array], jax.Array],
+    tuple[TrainState, dict[str, jax.Array]],
+]
 
 
 @dataclasses.dataclass
@@ -35,17 +56,24 @@ class Run:
     """Everything set up for training: handy for tests and notebooks."""
 
     cfg: RunConfig
-    mesh: Any
-    tokenizer: Any
-    task: Any
+    model_cfg: ModelConfig  # the student's architecture, from its config.json
+    mesh: jax.sharding.Mesh
+    tokenizer: PreTrainedTokenizerBase
+    task: Task | None  # None for task.name="jsonl": no verifier, no evaluation
     records: list[dict]
-    graphdef: Any
-    teacher_graphdef: Any
-    teacher_params: Any
-    state: Any
-    step_fn: Any
-    data_iter: Any
+    graphdef: nnx.GraphDef
+    teacher_graphdef: nnx.GraphDef
+    teacher_params: nnx.State
+    state: TrainState
+    step_fn: StepFn
+    data_iter: grain.DatasetIterator
     student_path: str
+
+
+def run_record(run: Run) -> dict:
+    """The run's config as JSON, its `model` section the architecture in force (the student's):
+    what config.json, the summary and the checkpoints' architecture check hold."""
+    return {**to_dict(run.cfg), "model": to_dict(run.model_cfg)}
 
 
 def resolve_student(cfg: RunConfig, progress: bool = True) -> str:
@@ -58,10 +86,11 @@ def resolve_student(cfg: RunConfig, progress: bool = True) -> str:
         cfg.base,
         seed=cfg.base.seed,
         progress=progress,
+        numerics=cfg.numerics,
     )
 
 
-def training_records(cfg: RunConfig, task: Any) -> list[dict]:
+def training_records(cfg: RunConfig, task: Task | None) -> list[dict]:
     """Prompts the student answers during OPD: a JSONL file, or the task's training split."""
     if cfg.data.train_file:
         return load_jsonl(cfg.data.train_file)
@@ -71,7 +100,7 @@ def training_records(cfg: RunConfig, task: Any) -> list[dict]:
     return task.train_records(cfg.task.context, min(n, 20000), cfg.train.seed)
 
 
-def load_task(cfg: RunConfig):
+def load_task(cfg: RunConfig) -> Task | None:
     if cfg.task.name == "jsonl":
         return None
     task = get_task(cfg.task.name, **dict(cfg.task.options))
@@ -83,46 +112,68 @@ def load_task(cfg: RunConfig):
     return task
 
 
-def setup(cfg: RunConfig, progress: bool = True, mesh=None) -> Run:
-    sharding.maybe_initialize_distributed()
-    mesh = mesh or sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+def check_batch_fits_mesh(cfg: RunConfig, mesh: jax.sharding.Mesh) -> None:
     divisor = sharding.batch_divisor(mesh) * cfg.train.micro_batches
     if cfg.data.batch_size % divisor:
         raise ValueError(
             f"data.batch_size={cfg.data.batch_size} must be divisible by "
             f"mesh data*fsdp x train.micro_batches = {divisor}"
         )
-    task = load_task(cfg)
-    student_path = resolve_student(cfg, progress)
-    tokenizer = hf.load_tokenizer(cfg.tokenizer or student_path)
-    eos_ids, pad_id = hf.eos_and_pad(tokenizer)
-    dtype = dict(param_dtype=cfg.model.param_dtype, compute_dtype=cfg.model.compute_dtype)
-    student = hf.load_model(student_path, **dtype)
-    # `model` describes the base model to build; a loaded student has its own architecture. Record
-    # the real one, so config.json, the summary and the checkpoints' architecture check see it.
-    cfg = dataclasses.replace(cfg, model=dataclasses.replace(student.cfg, remat=cfg.model.remat))
-    # The blocks read `cfg.remat` when called, so switching it needs no rebuilt module.
-    student.cfg = cfg.model
+
+
+class Models(NamedTuple):
+    model_cfg: ModelConfig  # the student's architecture, from its config.json
+    graphdef: nnx.GraphDef
+    params: nnx.State  # sharded over the mesh
+    teacher_graphdef: nnx.GraphDef
+    teacher_params: nnx.State
+
+
+def load_models(cfg: RunConfig, student_path: str, mesh: jax.sharding.Mesh) -> Models:
+    """Student and teacher split into graphdef and sharded params; `teacher=""` is the frozen
+    starting student."""
+    student = hf.load_model(student_path, cfg.numerics)
     graphdef, params = nnx.split(student, nnx.Param)
     params = sharding.shard_params(params, mesh)
-    if cfg.teacher:
-        teacher = hf.load_model(cfg.teacher, **dtype)
-        if teacher.cfg.vocab_size != student.cfg.vocab_size:
-            raise ValueError(
-                f"teacher {cfg.teacher} has vocab {teacher.cfg.vocab_size}, student "
-                f"{student_path} has {student.cfg.vocab_size}: they must share a tokenizer"
-            )
-        teacher_graphdef, teacher_params = nnx.split(teacher, nnx.Param)
-        teacher_params = sharding.shard_params(teacher_params, mesh)
-    else:  # the frozen starting student; a real copy, since the student's buffers get donated
-        teacher_graphdef = graphdef
-        teacher_params = jax.tree.map(lambda x: x.copy(), params)
+    if not cfg.teacher:  # a real copy, since the student's buffers get donated
+        return Models(
+            student.cfg, graphdef, params, graphdef, jax.tree.map(lambda x: x.copy(), params)
+        )
+    teacher = hf.load_model(cfg.teacher, cfg.numerics)
+    if teacher.cfg.vocab_size != student.cfg.vocab_size:
+        raise ValueError(
+            f"teacher {cfg.teacher} has vocab {teacher.cfg.vocab_size}, student "
+            f"{student_path} has {student.cfg.vocab_size}: they must share a tokenizer"
+        )
+    teacher_graphdef, teacher_params = nnx.split(teacher, nnx.Param)
+    teacher_params = sharding.shard_params(teacher_params, mesh)
+    return Models(student.cfg, graphdef, params, teacher_graphdef, teacher_params)
+
+
+def init_train_state(
+    cfg: RunConfig, model: Transformer, mesh: jax.sharding.Mesh
+) -> tuple[optax.GradientTransformation, TrainState, TrainState]:
+    """The optimizer, the train state placed on the mesh, and its shardings (a TrainState of
+    NamedSharding leaves).
+
+    Optimizer moments follow their parameter's layout (same path suffix); scalars are replicated.
+    Placing the whole state once keeps the step's input and output shardings equal: one compile.
+    """
     tx = make_optimizer(cfg.optim, cfg.train.steps)
-    state = init_state(nnx.merge(graphdef, params), tx)[1]
-    # Optimizer moments follow their parameter's layout (same path suffix); scalars are replicated.
-    # Placing the whole state once keeps the step's input and output shardings equal: one compile.
+    state = init_state(model, tx)[1]
     state_shardings = sharding.param_shardings(state, mesh)
-    state = jax.device_put(state, state_shardings)
+    return tx, jax.device_put(state, state_shardings), state_shardings
+
+
+def build_step(
+    cfg: RunConfig,
+    graphdef: nnx.GraphDef,
+    teacher_graphdef: nnx.GraphDef,
+    tx: optax.GradientTransformation,
+    tokenizer: PreTrainedTokenizerBase,
+    state_shardings: TrainState,
+) -> StepFn:
+    eos_ids, pad_id = hf.eos_and_pad(tokenizer)
     step_cfg = StepConfig(
         loss=cfg.loss,
         optim=cfg.optim,
@@ -132,9 +183,15 @@ def setup(cfg: RunConfig, progress: bool = True, mesh=None) -> Run:
         eos_ids=eos_ids,
         pad_id=pad_id,
     )
-    step_fn = jit_train_step(
+    return jit_train_step(
         make_train_step(graphdef, teacher_graphdef, tx, step_cfg), state_shardings
     )
+
+
+def build_data(
+    cfg: RunConfig, task: Task | None, tokenizer: PreTrainedTokenizerBase
+) -> tuple[list[dict], grain.DatasetIterator]:
+    """The training records and this host's checkpointable batch iterator over them."""
     records = training_records(cfg, task)
     check_budgets(records, tokenizer, cfg.data)
     data_cfg = dataclasses.replace(cfg.data, seed=cfg.data.seed + cfg.train.seed)
@@ -145,15 +202,34 @@ def setup(cfg: RunConfig, progress: bool = True, mesh=None) -> Run:
         shard_index=jax.process_index(),
         shard_count=jax.process_count(),
     )
+    return records, data_iter
+
+
+def setup(cfg: RunConfig, progress: bool = True, mesh: jax.sharding.Mesh | None = None) -> Run:
+    sharding.maybe_initialize_distributed()
+    mesh = mesh or sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+    check_batch_fits_mesh(cfg, mesh)
+    task = load_task(cfg)
+    student_path = resolve_student(cfg, progress)
+    tokenizer = hf.load_tokenizer(cfg.tokenizer or student_path)
+    models = load_models(cfg, student_path, mesh)
+    tx, state, state_shardings = init_train_state(
+        cfg, nnx.merge(models.graphdef, models.params), mesh
+    )
+    step_fn = build_step(
+        cfg, models.graphdef, models.teacher_graphdef, tx, tokenizer, state_shardings
+    )
+    records, data_iter = build_data(cfg, task, tokenizer)
     return Run(
         cfg=cfg,
+        model_cfg=models.model_cfg,
         mesh=mesh,
         tokenizer=tokenizer,
         task=task,
         records=records,
-        graphdef=graphdef,
-        teacher_graphdef=teacher_graphdef,
-        teacher_params=teacher_params,
+        graphdef=models.graphdef,
+        teacher_graphdef=models.teacher_graphdef,
+        teacher_params=models.teacher_params,
         state=state,
         step_fn=step_fn,
         data_iter=data_iter,
@@ -218,7 +294,8 @@ class MetricsLog:
 
     def __init__(self, out_dir: str, total: int, start: int, progress: bool):
         os.makedirs(out_dir, exist_ok=True)
-        self.jsonl = open(os.path.join(out_dir, "metrics.jsonl"), "a")
+        # Open for the whole run (closed by `close`), appended to after every step.
+        self.jsonl = open(os.path.join(out_dir, "metrics.jsonl"), "a")  # noqa: SIM115
         try:
             from tensorboardX import SummaryWriter
 
@@ -275,12 +352,12 @@ def train(
     cfg = run.cfg
     out_dir = cfg.train.out_dir
     os.makedirs(out_dir, exist_ok=True)
+    cfg_dict = run_record(run)
     with open(os.path.join(out_dir, "config.json"), "w") as f:
-        f.write(to_json(cfg))
+        f.write(json.dumps(cfg_dict, indent=2, sort_keys=True))
     ckpt = checkpointer
     if ckpt is None and cfg.train.checkpoint_every:
         ckpt = Checkpointer(os.path.join(out_dir, "checkpoints"), keep=cfg.train.keep_checkpoints)
-    cfg_dict = config_dict(cfg)
     start = 0
     if resume:
         if ckpt is None:
@@ -296,14 +373,14 @@ def train(
     base_rng = jax.random.key(cfg.train.seed)
     mlog = MetricsLog(out_dir, cfg.train.steps, start, progress)
     pending = None  # metrics of the previous step, fetched one step late to keep dispatch async
-    t_last, tokens = time.time(), 0
+    t_last = time.time()
     for step in range(start, cfg.train.steps):
         batch = sharding.place_batch(next(run.data_iter), run.mesh)
         run.state, metrics = run.step_fn(
             run.state, run.teacher_params, batch, jax.random.fold_in(base_rng, step)
         )
         if pending is not None:
-            tokens = _log(mlog, pending, cfg, t_last, tokens)
+            _log(mlog, pending, cfg, t_last)
             t_last = time.time()
         pending = (step, metrics)
         mlog.advance()
@@ -320,7 +397,7 @@ def train(
         ):
             ckpt.save(step + 1, run.state, run.data_iter, cfg_dict)
     if pending is not None:
-        _log(mlog, pending, cfg, t_last, tokens)
+        _log(mlog, pending, cfg, t_last)
     mlog.close()
     if ckpt is not None:
         ckpt.wait()
@@ -336,14 +413,13 @@ def train(
     return summary
 
 
-def _log(mlog: MetricsLog, pending, cfg: RunConfig, t_last: float, tokens: int) -> int:
+def _log(mlog: MetricsLog, pending, cfg: RunConfig, t_last: float) -> None:
     step, metrics = pending
     values = jax.device_get(metrics)
     dt = max(time.time() - t_last, 1e-9)
     values["step_time_s"] = dt
     values["tokens_per_s"] = float(values["response_tokens"]) / dt
     mlog.write(step + 1, values, show=(step + 1) % cfg.train.log_every == 0)
-    return tokens + int(values["response_tokens"])
 
 
 def format_summary(summary: dict) -> str:
@@ -358,7 +434,6 @@ def format_summary(summary: dict) -> str:
 
 
 def run(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> dict:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     run_ = setup(cfg, progress=progress)
     summary = train(run_, resume=resume, progress=progress)
     if jax.process_index() == 0:

@@ -9,13 +9,23 @@ With no `student`, a tiny context-following base model for `task.name` is built 
 """
 
 import argparse
+import logging
 import sys
 
 from ctxjax.config import load_config
 from ctxjax.train import run
 
 
+def configure_logging() -> None:
+    """ctxjax's INFO messages (base model reused, resumed from step N) on stderr; other libraries'
+    at WARNING. `force`: an imported library has already given the root logger a handler, which
+    would turn a plain basicConfig into a no-op."""
+    logging.basicConfig(format="%(asctime)s %(name)s: %(message)s", force=True)
+    logging.getLogger("ctxjax").setLevel(logging.INFO)
+
+
 def main(argv: list[str]) -> None:
+    configure_logging()
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )

@@ -1,12 +1,24 @@
 """ctxjax.config: defaults, YAML presets, dotted overrides, and errors that name what is wrong."""
 
+import dataclasses
+import json
+import logging
 import os
 import subprocess
 import sys
 
 import pytest
 
-from ctxjax.config import LossConfig, RunConfig, from_dict, load_config, parse_overrides, to_json
+from ctxjax.config import (
+    LossConfig,
+    RunConfig,
+    from_dict,
+    load_config,
+    parse_overrides,
+    to_dict,
+    to_json,
+)
+from ctxjax.model import Numerics
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -83,7 +95,7 @@ def test_parse_overrides_nests_and_parses_scalars():
 def test_optional_field_takes_none_or_value():
     assert load_config(None, ["rollout.top_p=0.9"]).rollout.top_p == 0.9
     assert load_config(None, ["rollout.top_p=null"]).rollout.top_p is None
-    with pytest.raises(TypeError, match="rollout.top_p"):
+    with pytest.raises(TypeError, match=r"rollout\.top_p"):
         load_config(None, ["rollout.top_p=abc"])
 
 
@@ -170,7 +182,7 @@ def test_linear_schedule_with_ramp_is_fine():
 
 def test_missing_and_bad_files(tmp_path):
     missing = str(tmp_path / "nope.yaml")
-    with pytest.raises(FileNotFoundError, match="nope.yaml"):
+    with pytest.raises(FileNotFoundError, match=r"nope\.yaml"):
         load_config(missing)
     with pytest.raises(ValueError, match=r"bad\.yaml is not valid YAML"):
         load_config(_write(tmp_path, "loss: [1, 2\n", "bad.yaml"))
@@ -209,3 +221,64 @@ def test_single_task_option_override_merges_into_options_in_force(tmp_path):
     assert cfg.task.options == {"families": ["sum"], "max_len": 4}
     cfg = load_config(None, ["task.options={families: [max]}"])  # a whole mapping replaces
     assert cfg.task.options == {"families": ["max"]}
+
+
+def test_numerics_section_is_apart_from_the_architecture():
+    cfg = load_config(
+        None, ["student=/some/folder", "numerics.compute_dtype=bfloat16", "numerics.remat=true"]
+    )
+    assert cfg.numerics == Numerics(compute_dtype="bfloat16", remat=True)
+    assert cfg.model == RunConfig().model
+    with pytest.raises(KeyError, match=r"'model\.remat'.*valid keys under model"):
+        load_config(None, ["model.remat=true"])
+    with pytest.raises(ValueError, match=r"numerics\.param_dtype must be one of"):
+        load_config(None, ["numerics.param_dtype=int8"])
+
+
+@pytest.mark.parametrize(
+    "overrides, pattern",
+    [
+        (
+            ["student=/s", "model.num_layers=3", "model.rope_theta=5e5"],
+            r"^model\.num_layers, model\.rope_theta would be ignored \(with student= the "
+            r"architecture comes from the student's config\.json\)",
+        ),
+        (
+            ["task.name=jsonl", "train.eval_every=5"],
+            r"^train\.eval_every would be ignored \(task\.name='jsonl' has no verifier",
+        ),
+        (["task.name=jsonl", "eval.examples=3"], r"^eval\.examples would be ignored"),
+        (["task.name=jsonl", "task.context=hint"], r"^task\.context would be ignored"),
+    ],
+)
+def test_ignored_settings_are_errors_naming_the_keys(overrides, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        load_config(None, overrides)
+
+
+def test_ignored_base_settings_warn(caplog):
+    with caplog.at_level(logging.WARNING, logger="ctxjax"):
+        load_config(None, ["base.sft_steps=3"])  # used: the base model is built
+        assert not caplog.records
+        load_config(None, ["student=/s", "base.sft_steps=3"])
+    assert "base.sft_steps ignored: student= is set" in caplog.text
+
+
+@pytest.mark.parametrize("name", sorted(os.listdir(os.path.join(REPO, "configs"))))
+def test_presets_load(name):
+    if name.endswith(".yaml") and name != "base_models.yaml":  # base_models.yaml: another schema
+        load_config(os.path.join(REPO, "configs", name))
+
+
+def test_to_dict_is_plain_json():
+    cfg = RunConfig(
+        model=dataclasses.replace(RunConfig().model, rope_scaling=("llama3", 4, 1, 4, 8))
+    )
+    values = to_dict(cfg)
+    assert values["model"]["rope_scaling"] == ["llama3", 4, 1, 4, 8]
+    assert json.loads(to_json(cfg)) == values
+    assert values["numerics"] == {
+        "param_dtype": "float32",
+        "compute_dtype": "float32",
+        "remat": False,
+    }

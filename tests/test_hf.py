@@ -15,7 +15,7 @@ from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
 from ctxjax import hf
-from ctxjax.model import ModelConfig
+from ctxjax.model import ModelConfig, Numerics
 
 ATOL = 1e-4  # max abs logit difference, fp32 on both sides
 
@@ -179,7 +179,10 @@ def test_bf16_checkpoint_loads(ckpt, tmp_path):
     assert _max_diff(_ours(m32, ids, mask), ref, mask) < ATOL
 
     m16 = hf.load_model(path, param_dtype="bfloat16")
-    assert m16.cfg.param_dtype == m16.cfg.compute_dtype == "bfloat16"
+    assert m16.numerics.param_dtype == m16.numerics.compute_dtype == "bfloat16"
+    assert hf.load_model(path, Numerics(remat=True)).numerics == Numerics(remat=True)
+    with pytest.raises(ValueError, match="not both"):
+        hf.load_model(path, Numerics(), param_dtype="bfloat16")
     q16 = m16.layers[0].self_attn.q_proj.kernel[...]
     assert q16.dtype == np.dtype("bfloat16")
     np.testing.assert_array_equal(
@@ -278,14 +281,12 @@ def test_config_from_hf_follows_transformers_modeling(family, over, expected):
     hf_cfg = F.tiny_hf_config(
         family, tie=False, rms_norm_eps=1e-5, num_key_value_heads=1, **over
     ).to_dict()
-    cfg = hf.config_from_hf(hf_cfg, param_dtype="bfloat16")
+    cfg = hf.config_from_hf(hf_cfg)
     for name, value in expected.items():
         assert getattr(cfg, name) == value, name
     assert (cfg.vocab_size, cfg.hidden_size, cfg.intermediate_size) == (128, 64, 128)
     assert (cfg.num_layers, cfg.num_heads, cfg.num_kv_heads) == (2, 4, 1)
     assert (cfg.rms_norm_eps, cfg.tie_embeddings, cfg.rope_theta) == (1e-5, False, 10000.0)
-    assert (cfg.param_dtype, cfg.compute_dtype) == ("bfloat16", "bfloat16")
-    assert hf.config_from_hf(hf_cfg, compute_dtype="bfloat16").param_dtype == "float32"
 
 
 def test_qwen3_head_dim_defaults_to_128():

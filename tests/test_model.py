@@ -15,6 +15,7 @@ from flax import nnx
 from ctxjax.model import (
     KVCache,
     ModelConfig,
+    Numerics,
     Transformer,
     init_cache,
     positions_from_mask,
@@ -45,14 +46,16 @@ B, L = 3, 12  # one batch shape for (almost) every call, so each jitted function
 
 
 @functools.cache
-def _model(seed=0, **overrides):
+def _model(seed=0, numerics=Numerics(), **overrides):
     """A model with random weights everywhere (norm gains and biases too), logits O(1).
 
     Built abstractly and filled from numpy: no per-shape jax init kernels to compile. Cached, so
     tests share it; no test mutates it.
     """
     cfg = ModelConfig(**{**BASE, **overrides})
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
+    graphdef, state = nnx.split(
+        nnx.eval_shape(lambda: Transformer(cfg, numerics, rngs=nnx.Rngs(0)))
+    )
     rng = np.random.default_rng(seed)
     filled = []
     for path, var in nnx.to_flat_state(state):
@@ -201,14 +204,16 @@ def test_layer_hidden_streams():
 def test_bf16_compute_keeps_fp32_logits():
     ids = _tokens(10, B, L)
     ref = _logits(_model(), ids)
-    mixed = _model(compute_dtype="bfloat16")  # fp32 params, same values, bf16 matmuls
+    mixed = _model(
+        numerics=Numerics(compute_dtype="bfloat16")
+    )  # fp32 params, same values, bf16 matmuls
     assert mixed.layers[0].mlp.up_proj.kernel[...].dtype == jnp.float32
     logits = _fwd(mixed, jnp.asarray(ids), jnp.ones((B, L), bool))
     assert logits.dtype == jnp.float32
     err = np.abs(np.asarray(logits) - ref).max()
     assert 1e-4 < err < 0.1 * np.abs(ref).max()  # bf16 really used, and still close
 
-    pure = _model(param_dtype="bfloat16", compute_dtype="bfloat16")
+    pure = _model(numerics=Numerics(param_dtype="bfloat16", compute_dtype="bfloat16"))
     assert pure.layers[0].mlp.up_proj.kernel[...].dtype == jnp.bfloat16
     logits = _fwd(pure, jnp.asarray(ids), jnp.ones((B, L), bool))
     assert logits.dtype == jnp.float32 and np.isfinite(np.asarray(logits)).all()
@@ -227,8 +232,8 @@ def _logits_loss_grads(model, ids):
 
 def test_remat_gives_identical_logits_and_gradients():
     ids = jnp.asarray(_tokens(11, B, L))
-    plain, remat = _model(), _model(remat=True)
-    assert remat.cfg.remat and not plain.cfg.remat
+    plain, remat = _model(), _model(numerics=Numerics(remat=True))
+    assert remat.numerics.remat and not plain.numerics.remat
     logits_p, loss_p, grads_p = _logits_loss_grads(plain, ids)
     logits_r, loss_r, grads_r = _logits_loss_grads(remat, ids)
     np.testing.assert_array_equal(logits_r, logits_p)
@@ -256,13 +261,23 @@ def test_remat_gives_identical_logits_and_gradients():
         (dict(num_heads=4, num_kv_heads=3), "model.num_kv_heads"),
         (dict(hidden_size=30, head_dim=None), "model.hidden_size"),
         (dict(head_dim=7), "head.dim"),  # model.py says "head dim must be even", not model.head_dim
-        (dict(param_dtype="int8"), "model.param_dtype"),
-        (dict(compute_dtype="fp8"), "model.compute_dtype"),
     ],
 )
 def test_config_range_errors_name_the_field(overrides, field):
     with pytest.raises(ValueError, match=field):
         ModelConfig(**{**BASE, **overrides})
+
+
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        (dict(param_dtype="int8"), "numerics.param_dtype"),
+        (dict(compute_dtype="fp8"), "numerics.compute_dtype"),
+    ],
+)
+def test_numerics_errors_name_the_field(overrides, field):
+    with pytest.raises(ValueError, match=field):
+        Numerics(**overrides)
 
 
 def test_unknown_rope_scaling_is_an_error():
@@ -275,8 +290,6 @@ def test_remat_inside_grad_of_a_merged_model_matches_plain():
     """The train step's pattern: inside `jax.jit`, a `jax.grad` whose loss also runs a model merged
     from outer-trace (non-differentiated) params, like the teacher. `nnx.remat` raised
     TraceContextError there; the model must rematerialize and give the same gradients."""
-    import dataclasses
-
     cfg = ModelConfig(
         vocab_size=40,
         hidden_size=32,
@@ -288,7 +301,7 @@ def test_remat_inside_grad_of_a_merged_model_matches_plain():
     ids = jnp.asarray(np.random.RandomState(0).randint(0, 40, (2, 6)))
     grads = []
     for remat in (False, True):
-        model = Transformer(dataclasses.replace(cfg, remat=remat), rngs=nnx.Rngs(0))
+        model = Transformer(cfg, Numerics(remat=remat), rngs=nnx.Rngs(0))
         graphdef, params = nnx.split(model, nnx.Param)
 
         def loss(p, frozen):

@@ -7,16 +7,20 @@ A tiny random student saved as an HF folder stands in for the SFT'd base model (
 import dataclasses
 import glob
 import json
+import logging
 import os
+import subprocess
+import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
 from ctxjax import hf, train
 from ctxjax.base import tokenizer_corpus
-from ctxjax.checkpoint import Checkpointer, config_dict
+from ctxjax.checkpoint import Checkpointer
 from ctxjax.config import (
     DataConfig,
     EvalConfig,
@@ -27,7 +31,7 @@ from ctxjax.config import (
     TaskConfig,
     TrainConfig,
 )
-from ctxjax.model import ModelConfig, Transformer
+from ctxjax.model import ModelConfig, Numerics, Transformer
 from ctxjax.tasks import get_task
 from ctxjax.vocab import build_tokenizer
 
@@ -131,6 +135,7 @@ def _jsonl_cfg(folders, out_dir):
         folders,
         out_dir,
         task=TaskConfig(name="jsonl"),
+        eval=EvalConfig(),  # evaluation settings with task "jsonl" would be a config error
         data=DataConfig(
             train_file=folders["jsonl"],
             batch_size=8,
@@ -141,7 +146,7 @@ def _jsonl_cfg(folders, out_dir):
     )
 
 
-def test_resume_equals_uninterrupted(folders, tmp_path):
+def test_resume_equals_uninterrupted(folders, tmp_path, caplog):
     straight = train.setup(_jsonl_cfg(folders, tmp_path / "straight"), progress=False)
     straight.step_fn = spy_a = StepSpy(straight.step_fn)
     train.train(straight, progress=False)
@@ -154,27 +159,29 @@ def test_resume_equals_uninterrupted(folders, tmp_path):
     ckpt = Checkpointer(os.path.join(cfg.train.out_dir, "checkpoints"))
     with pytest.raises(Interrupted):
         train.train(first, progress=False, checkpointer=ckpt)
-    ckpt.close()
-    assert ckpt.latest_step() == 2 and len(spy_b.prompt_ids) == 2
+    ckpt.wait()
+    assert ckpt.manager.latest_step() == 2 and len(spy_b.prompt_ids) == 2
     # ... then resumed from scratch (a new process would do the same set-up).
     second = train.setup(cfg, progress=False)
     second.step_fn = spy_c = StepSpy(second.step_fn, compiled=spy_a.compiled)
-    train.train(second, resume=True, progress=False)
+    with caplog.at_level(logging.INFO, logger="ctxjax"):
+        train.train(second, resume=True, progress=False)
     assert len(spy_c.prompt_ids) == 2
+    assert "resumed from step 2" in caplog.text
 
     # The same batches in the same order, and the same final parameters.
     seen = spy_b.prompt_ids + spy_c.prompt_ids
-    for i, (a, b) in enumerate(zip(spy_a.prompt_ids, seen)):
+    for i, (a, b) in enumerate(zip(spy_a.prompt_ids, seen, strict=True)):
         np.testing.assert_array_equal(a, b, err_msg=f"batch {i}")
     assert not np.array_equal(spy_a.prompt_ids[2], spy_a.prompt_ids[3])  # the order is not trivial
     assert int(second.state.step) == 4
     want, got = jax.device_get(straight.state), jax.device_get(second.state)
-    for x, y in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
+    for x, y in zip(jax.tree.leaves(want), jax.tree.leaves(got), strict=True):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-6, rtol=0)
     start = jax.device_get(nnx.state(hf.load_model(folders["student"]), nnx.Param))
     moved = max(
         float(np.abs(np.asarray(a) - np.asarray(b)).max())
-        for a, b in zip(jax.tree.leaves(start), jax.tree.leaves(got.params))
+        for a, b in zip(jax.tree.leaves(start), jax.tree.leaves(got.params), strict=True)
     )
     assert moved > 1e-4  # the 4 steps did train
     # The resumed run's metrics continue the step count where the checkpoint left off.
@@ -185,29 +192,41 @@ def test_resume_equals_uninterrupted(folders, tmp_path):
 
 def test_checkpoint_of_another_architecture_refuses_to_restore(folders, tmp_path):
     run = train.setup(_jsonl_cfg(folders, tmp_path / "a"), progress=False)
-    cfg = run.cfg  # its `model` section is the loaded student's architecture
-    assert cfg.model.hidden_size == TINY.hidden_size
+    assert run.model_cfg == hf.config_from_hf(hf.read_hf_config(folders["student"]))
+    record = train.run_record(run)  # its `model` section is the loaded student's architecture
+    assert record["model"]["hidden_size"] == TINY.hidden_size != run.cfg.model.hidden_size
     ckpt = Checkpointer(str(tmp_path / "ckpt"), async_save=False)
-    ckpt.save(2, run.state, run.data_iter, config_dict(cfg))
-    # The run's own config restores ...
+    ckpt.save(2, run.state, run.data_iter, record)
+    # The run's own record restores ...
     abstract = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), run.state
     )
-    _, step = ckpt.restore(abstract, run.data_iter, config_dict(cfg))
+    _, step = ckpt.restore(abstract, run.data_iter, record)
     assert step == 2
-    # ... another architecture's does not, and the error names the key that differs.
-    other = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, hidden_size=48))
-    with pytest.raises(ValueError, match=r"model\.hidden_size: checkpoint 32 vs this run 48"):
-        ckpt.restore(abstract, run.data_iter, config_dict(other))
-    ckpt.close()
+    # ... another architecture's does not, and the error names the key that differs; every
+    # ModelConfig field counts, not only the ones that change parameter shapes.
+    for field, value, message in [
+        ("hidden_size", 48, r"model\.hidden_size: checkpoint 32 vs this run 48"),
+        ("rope_theta", 5e5, r"model\.rope_theta: checkpoint 10000\.0 vs this run 500000\.0"),
+        ("rope_scaling", ("llama3", 4.0, 1.0, 4.0, 16), r"model\.rope_scaling: checkpoint None"),
+        ("mlp_bias", True, r"model\.mlp_bias: checkpoint False vs this run True"),
+    ]:
+        changed = dataclasses.replace(run.model_cfg, **{field: value})
+        with pytest.raises(ValueError, match=message):
+            ckpt.restore(
+                abstract,
+                run.data_iter,
+                train.run_record(dataclasses.replace(run, model_cfg=changed)),
+            )
+    ckpt.wait()
 
 
 def test_resume_with_another_student_architecture_names_the_difference(folders, tmp_path):
     cfg = _jsonl_cfg(folders, tmp_path / "run")
     run = train.setup(cfg, progress=False)
     ckpt = Checkpointer(os.path.join(cfg.train.out_dir, "checkpoints"), async_save=False)
-    ckpt.save(2, run.state, run.data_iter, config_dict(run.cfg))
-    ckpt.close()
+    ckpt.save(2, run.state, run.data_iter, train.run_record(run))
+    ckpt.wait()
     # The same out_dir, resumed with a student folder of another width.
     wider = train.setup(dataclasses.replace(cfg, student=folders["wider"]), progress=False)
     with pytest.raises(ValueError, match=r"model\.hidden_size: checkpoint 32 vs this run 48"):
@@ -247,9 +266,10 @@ def test_run_end_to_end_writes_metrics_summary_tb_and_final(folders, tmp_path, m
             assert key in saved[when], (when, key)
             assert 0.0 <= saved[when][key] <= 1.0 or np.isnan(saved[when][key])
     assert saved["config"]["loss"]["beta"] == 0.5
-    assert (
-        saved["config"]["model"]["hidden_size"] == TINY.hidden_size
-    )  # the student's, not the default
+    # The student's architecture, not the (unused) default, in the summary and config.json.
+    assert saved["config"]["model"]["hidden_size"] == TINY.hidden_size
+    with open(out / "config.json") as f:
+        assert json.load(f) == saved["config"]
     assert glob.glob(str(out / "tb" / "events.out.tfevents.*"))
     final = hf.load_model(summary["final_dir"])
     assert final.cfg.hidden_size == TINY.hidden_size and final.cfg.vocab_size == TINY.vocab_size
@@ -257,7 +277,9 @@ def test_run_end_to_end_writes_metrics_summary_tb_and_final(folders, tmp_path, m
     start = nnx.state(hf.load_model(folders["student"]), nnx.Param)
     moved = max(
         float(np.abs(np.asarray(a) - np.asarray(b)).max())
-        for a, b in zip(jax.tree.leaves(start), jax.tree.leaves(nnx.state(final, nnx.Param)))
+        for a, b in zip(
+            jax.tree.leaves(start), jax.tree.leaves(nnx.state(final, nnx.Param)), strict=True
+        )
     )
     assert moved > 1e-4  # the exported model is the trained one
 
@@ -280,3 +302,33 @@ def test_unknown_context_names_valid_ones(folders, tmp_path):
     )
     with pytest.raises(KeyError, match=r"task\.context='nope'.*valid: \['careful', 'hint'\]"):
         train.setup(cfg, progress=False)
+
+
+def test_setup_honours_numerics(folders, tmp_path):
+    """`numerics` reaches student and teacher: bf16 parameters, remat on (no setting is ignored)."""
+    numerics = Numerics(param_dtype="bfloat16", compute_dtype="bfloat16", remat=True)
+    run = train.setup(
+        _cfg(folders, tmp_path, numerics=numerics, teacher=folders["student"]), progress=False
+    )
+    assert nnx.merge(run.graphdef, run.state.params).numerics == numerics
+    assert nnx.merge(run.teacher_graphdef, run.teacher_params).numerics == numerics
+    dtypes = {x.dtype for x in jax.tree.leaves(run.state.params)}
+    assert dtypes == {jnp.dtype(jnp.bfloat16)}, dtypes
+
+
+def test_train_script_shows_the_library_info_messages():
+    """scripts/train.py configures logging (the library does not): ctxjax's INFO messages, such as
+    "resumed from step N", reach stderr even though an imported library already gave the root
+    logger a handler (a plain `logging.basicConfig` in the library was a no-op because of it)."""
+    code = (
+        "import runpy, logging; import ctxjax.train; "
+        "runpy.run_path('scripts/train.py')['configure_logging'](); "
+        "logging.getLogger('ctxjax.train').info('resumed from step %d', 7); "
+        "logging.getLogger('some.library').info('not shown')"
+    )
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=repo, capture_output=True, text=True, check=True
+    )
+    assert "ctxjax.train: resumed from step 7" in out.stderr
+    assert "not shown" not in out.stderr
