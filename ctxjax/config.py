@@ -116,13 +116,51 @@ class MeshConfig:
     tensor: int = 1
 
 
+SAMPLED_EVAL_DRAWS = 4  # answers per item and view when sampling and `eval.samples` is unset
+
+
+def eval_draws(temperature: float, samples: int | None, coupled_views: bool = False) -> int:
+    """The number of answers drawn per item and view: 1 when greedy (temperature 0: the answer is
+    deterministic, more draws repeat it), `samples` (default SAMPLED_EVAL_DRAWS) when sampling.
+    Raises on a setting that would silently do nothing."""
+    if temperature == 0:
+        if samples not in (None, 1):
+            raise ValueError(
+                f"eval.samples={samples} needs eval.temperature > 0 (greedy answers are "
+                "deterministic: more draws repeat the same answer)"
+            )
+        if coupled_views:
+            raise ValueError(
+                "eval.coupled_views needs eval.temperature > 0 (greedy answers share no noise)"
+            )
+        return 1
+    if samples is None:
+        return SAMPLED_EVAL_DRAWS
+    _check_range("eval.samples", samples, 1)
+    return samples
+
+
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
+    """Removability evaluation (`ctxjax.evaluate.evaluate_context`).
+
+    Two modes: greedy (`temperature: 0`, one deterministic answer per item and view: identical
+    views give Harm 0) and sampled (`temperature > 0`, `samples` independent draws per item and
+    view; accuracies are means over the draws; Harm, Help and BothCorrect are over the (item,
+    draw) pairs).
+    """
+
     examples: int = 128  # records per evaluated context
     batch_size: int = 64
     # Sampled answers (as in the paper): a nudge context changes how *reliably* the model answers,
     # which greedy decoding hides. 0 gives greedy answers.
     temperature: float = 1.0
+    # Draws per item and view when sampling; None: SAMPLED_EVAL_DRAWS (greedy always draws one).
+    samples: int | None = None
+    # Common random numbers: the with-context view reuses the no-context view's sampling noise.
+    # Biased towards Harm 0: where the two views' distributions agree the draws are identical, and
+    # agreement is what NCA trains for. Off by default; only for a deliberate paired comparison.
+    coupled_views: bool = False
     max_new_tokens: int = 16
     seed: int = 1234
 
@@ -130,6 +168,8 @@ class EvalConfig:
         _check_range("eval.examples", self.examples, 1)
         _check_range("eval.batch_size", self.batch_size, 1)
         _check_range("eval.max_new_tokens", self.max_new_tokens, 1)
+        _check_range("eval.temperature", self.temperature, 0.0)
+        eval_draws(self.temperature, self.samples, self.coupled_views)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -4,6 +4,12 @@ For a task and the distilled context: Acc_x, Acc_xc, Harm = P(wrong with c | rig
 BothCorrect, Help, Δlen, per-layer cosine similarity of hidden states at the response positions of
 the no-context answer under the two views, and retention (Acc_xc under every *other* context of the
 task: a distilled model that can no longer read any context has lost more than one prompt's worth).
+
+Randomness: greedy evaluation (temperature 0) is deterministic. Sampled evaluation draws k answers
+per item and view, and each view samples from its own random stream (`stream_seed`): with one shared
+stream, an (item, step) would get the same noise in both views, so wherever the two views agree the
+answers are identical and Harm is 0 by construction, which is exactly what NCA trains for.
+`coupled_views=True` shares the stream on purpose (common random numbers), with that bias.
 """
 
 from __future__ import annotations
@@ -18,10 +24,22 @@ import numpy as np
 from flax import nnx
 
 from ctxjax import metrics as metrics_lib
+from ctxjax.config import eval_draws
 from ctxjax.hf import eos_and_pad, render_chat
 from ctxjax.model import Transformer
 from ctxjax.padding import bucket_length, pad_left
 from ctxjax.sampling import generate
+
+# Random streams of `answer_view`: one per view, and one per retention context after them.
+STREAM_X, STREAM_XC, STREAM_RETENTION = 0, 1, 2
+
+
+def stream_seed(seed: int, stream: int, start: int) -> int:
+    """The sampling seed of the batch starting at record `start` of random stream `stream`.
+
+    Hashed (numpy SeedSequence), not added: `seed + start` would give stream A's batch at `start`
+    the seed of stream B's batch at another `start` whenever the offsets line up."""
+    return int(np.random.SeedSequence((seed, stream, start)).generate_state(1)[0])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,8 +61,10 @@ def answer_view(
     temperature: float = 0.0,
     batch_size: int = 64,
     seed: int = 0,
+    stream: int = 0,
 ) -> ViewAnswers:
-    """Generates an answer for every record, with its context in front or without it."""
+    """Generates an answer for every record, with its context in front or without it; sampling
+    noise comes from random stream `stream` of `seed` (see `stream_seed`)."""
     eos_ids, pad_id = eos_and_pad(tokenizer)
     texts, lengths, tokens = [], [], []
     for start in range(0, len(records), batch_size):
@@ -59,7 +79,7 @@ def answer_view(
             max_new_tokens=max_new_tokens,
             temperature=temperature,
             eos_ids=eos_ids,
-            seed=seed + start,
+            seed=stream_seed(seed, stream, start),
             pad_id=pad_id,
         )
         for row in range(len(chunk)):
@@ -112,7 +132,7 @@ def layer_cosine(
     for start in range(0, len(records), batch_size):
         chunk = records[start : start + batch_size]
         seqs_x, seqs_c, resp_len = [], [], []
-        for r, y in zip(chunk, answers_x.tokens[start : start + batch_size]):
+        for r, y in zip(chunk, answers_x.tokens[start : start + batch_size], strict=True):
             y = y or [pad_id]
             seqs_x.append(render_chat(tokenizer, "", r["prompt"]) + y)
             seqs_c.append(render_chat(tokenizer, r.get("context", ""), r["prompt"]) + y)
@@ -124,7 +144,7 @@ def layer_cosine(
         n = bucket_length(max(resp_len), minimum=1)
         cols = np.arange(n)[None, :]
         valid = cols < np.asarray(resp_len)[:, None]
-        # Column j of the last `len(y)` slots; padded columns repeat the last slot and are masked out.
+        # Column j of the last `len(y)` slots; padded columns repeat the last slot, masked out.
         resp_x = np.where(valid, width_x - np.asarray(resp_len)[:, None] + cols, width_x - 1)
         resp_c = np.where(valid, width_c - np.asarray(resp_len)[:, None] + cols, width_c - 1)
         cos = _layer_cosines(graphdef, state, ids_x, mask_x, ids_c, mask_c, resp_x, resp_c)
@@ -144,38 +164,71 @@ def evaluate_context(
     examples: int,
     max_new_tokens: int,
     temperature: float = 0.0,
+    samples: int | None = None,
+    coupled_views: bool = False,
     batch_size: int = 64,
     seed: int = 1234,
     retention: bool = True,
     with_cosine: bool = True,
 ) -> dict:
-    """All removability metrics for one context of a task; JSON-ready."""
+    """All removability metrics for one context of a task; JSON-ready (undefined ratios are None).
+
+    Greedy (`temperature` 0): one answer per item and view. Sampled: `samples` draws per item and
+    view (default `config.SAMPLED_EVAL_DRAWS`), the two views from independent random streams;
+    accuracies are means over the draws and Harm / Help / BothCorrect are over the (item, draw)
+    pairs. `coupled_views=True` gives the with-context view the no-context view's noise (common
+    random numbers): lower variance for a paired comparison, but biased towards Harm 0, since views
+    that agree then give identical answers. The result records `mode`, `draws` and `coupled_views`;
+    `lengths_x` / `lengths_xc` are [n * draws], item-major; `samples` shows each item's first draw.
+    """
+    draws = eval_draws(temperature, samples, coupled_views)
     records = task.eval_records(context_name, examples, seed)
+    rows = [r for r in records for _ in range(draws)]  # item-major: row i * draws + j
     kw = dict(
         max_new_tokens=max_new_tokens, temperature=temperature, batch_size=batch_size, seed=seed
     )
-    ans_x = answer_view(model, tokenizer, records, with_context=False, **kw)
-    ans_c = answer_view(model, tokenizer, records, with_context=True, **kw)
-    correct_x = np.array([task.verify(r, y) for r, y in zip(records, ans_x.texts)])
-    correct_c = np.array([task.verify(r, y) for r, y in zip(records, ans_c.texts)])
+    ans_x = answer_view(model, tokenizer, rows, with_context=False, stream=STREAM_X, **kw)
+    stream_xc = STREAM_X if coupled_views else STREAM_XC
+    ans_c = answer_view(model, tokenizer, rows, with_context=True, stream=stream_xc, **kw)
+    correct_x = np.array([task.verify(r, y) for r, y in zip(rows, ans_x.texts, strict=True)])
+    correct_c = np.array([task.verify(r, y) for r, y in zip(rows, ans_c.texts, strict=True)])
+    shape = (len(records), draws)
     result = dict(
         context=context_name,
-        **metrics_lib.removability_metrics(correct_x, correct_c, ans_x.lengths, ans_c.lengths),
+        mode="greedy" if temperature == 0 else "sampled",
+        coupled_views=coupled_views,
+        **metrics_lib.removability_metrics(
+            correct_x.reshape(shape),
+            correct_c.reshape(shape),
+            ans_x.lengths.reshape(shape),
+            ans_c.lengths.reshape(shape),
+        ),
     )
     if with_cosine:
         result["layer_cosine"] = [
-            float(c) for c in layer_cosine(model, tokenizer, records, ans_x, batch_size)
+            float(c) for c in layer_cosine(model, tokenizer, rows, ans_x, batch_size)
         ]
     if retention:
         others = {}
-        for name in task.contexts():
+        for i, name in enumerate(task.contexts()):
             if name == context_name:
                 continue
             other = task.eval_records(name, examples, seed + 1)
-            ans = answer_view(model, tokenizer, other, with_context=True, **kw)
-            others[name] = float(np.mean([task.verify(r, y) for r, y in zip(other, ans.texts)]))
+            other_rows = [r for r in other for _ in range(draws)]
+            ans = answer_view(
+                model,
+                tokenizer,
+                other_rows,
+                with_context=True,
+                stream=STREAM_RETENTION + i,
+                **kw,
+            )
+            others[name] = float(
+                np.mean([task.verify(r, y) for r, y in zip(other_rows, ans.texts, strict=True)])
+            )
         result["retention"] = others
-        result["retention_mean"] = float(np.mean(list(others.values()))) if others else float("nan")
+        result["retention_mean"] = float(np.mean(list(others.values()))) if others else None
+    first = slice(0, 8 * draws, draws)  # each item's first draw
     result["samples"] = [
         dict(
             prompt=r["prompt"],
@@ -184,7 +237,7 @@ def evaluate_context(
             y_x=a,
             y_xc=b,
         )
-        for r, a, b in list(zip(records, ans_x.texts, ans_c.texts))[:8]
+        for r, a, b in zip(rows[first], ans_x.texts[first], ans_c.texts[first], strict=True)
     ]
     result["lengths_x"] = ans_x.lengths.tolist()
     result["lengths_xc"] = ans_c.lengths.tolist()

@@ -1,5 +1,6 @@
 """Removability metrics (accuracy with and without the context, harm, help, length change) and
-per-layer hidden-state cosine similarity. Pure numpy; the inputs are host arrays.
+per-layer hidden-state cosine similarity. Pure numpy; the inputs are host arrays. A ratio with an
+empty denominator is None (undefined), never 0.
 """
 
 from __future__ import annotations
@@ -10,68 +11,73 @@ from typing import Any
 import numpy as np
 
 
-def _as_bool_N(name: str, values: Any) -> np.ndarray:
+def _as_bool_NxK(name: str, values: Any) -> np.ndarray:
     arr = np.asarray(values)
-    if arr.ndim != 1:
-        raise ValueError(f"{name} must be 1-D [N], got shape {arr.shape}")
+    if arr.ndim not in (1, 2):
+        raise ValueError(f"{name} must be [N] or [N, K], got shape {arr.shape}")
     if arr.dtype != bool:
         if not (np.issubdtype(arr.dtype, np.number) and np.isin(arr, (0, 1)).all()):
             raise ValueError(f"{name} must be booleans (or 0/1), got dtype {arr.dtype}")
         arr = arr.astype(bool)
-    return arr
+    return arr[:, None] if arr.ndim == 1 else arr
 
 
-def _as_len_N(name: str, values: Any) -> np.ndarray:
+def _as_len_NxK(name: str, values: Any) -> np.ndarray:
     arr = np.asarray(values, dtype=np.float64)
-    if arr.ndim != 1:
-        raise ValueError(f"{name} must be 1-D [N], got shape {arr.shape}")
+    if arr.ndim not in (1, 2):
+        raise ValueError(f"{name} must be [N] or [N, K], got shape {arr.shape}")
     if not np.isfinite(arr).all() or (arr < 0).any():
         raise ValueError(f"{name} must be finite and >= 0")
-    return arr
+    return arr[:, None] if arr.ndim == 1 else arr
+
+
+def _ratio(num: float, den: float) -> float | None:
+    """num / den, or None when den is 0: a ratio over nothing is undefined, and 0.0 would claim a
+    measured "never" (None is JSON null, shown "-", left out of means)."""
+    return num / den if den else None
 
 
 def removability_metrics(
     correct_x: Any, correct_xc: Any, len_x: Any, len_xc: Any
-) -> dict[str, float | int]:
+) -> dict[str, float | int | None]:
     """Metrics comparing answers without (x) and with (xc) the context, over the same N items.
 
     Args:
-      correct_x, correct_xc: [N] bool, item answered right without / with the context.
-      len_x, len_xc: [N] response lengths (tokens) without / with the context.
+      correct_x, correct_xc: [N] or [N, K] bool, item i's answer (draw j) right without / with
+        the context. Column j of the two views must be independent draws (never shared sampling
+        noise), else agreeing views give identical answers and Harm is 0 by construction.
+      len_x, len_xc: the matching response lengths (tokens) without / with the context.
 
-    Returns a dict of Python numbers:
-      n, acc_x, acc_xc, both_correct (right in both views);
-      harm = P(wrong with c | right without c), 0.0 when no item is right without c
-        (`n_right_x` = 0 tells the two apart);
-      help = P(right with c | wrong without c), 0.0 when no item is wrong without c (`n_wrong_x`);
-      delta_len = mean(len_xc) / mean(len_x) - 1, NaN when mean(len_x) is 0 (a ratio to nothing
-        is undefined; 0.0 would claim "no change").
+    Returns a dict of Python numbers, None where a ratio's denominator is empty:
+      n (items), draws (K), acc_x, acc_xc (means over all N * K answers), both_correct;
+      harm = P(wrong with c | right without c) over the (item, draw) pairs, None when no pair is
+        right without c (`n_right_x`, a count of pairs, is then 0);
+      help = P(right with c | wrong without c), None when no pair is wrong without c (`n_wrong_x`);
+      delta_len = mean(len_xc) / mean(len_x) - 1, None when mean(len_x) is 0.
     """
-    cx, cxc = _as_bool_N("correct_x", correct_x), _as_bool_N("correct_xc", correct_xc)
-    lx, lxc = _as_len_N("len_x", len_x), _as_len_N("len_xc", len_xc)
-    n = cx.shape[0]
-    if not cxc.shape[0] == lx.shape[0] == lxc.shape[0] == n:
+    cx, cxc = _as_bool_NxK("correct_x", correct_x), _as_bool_NxK("correct_xc", correct_xc)
+    lx, lxc = _as_len_NxK("len_x", len_x), _as_len_NxK("len_xc", len_xc)
+    if not cx.shape == cxc.shape == lx.shape == lxc.shape:
         raise ValueError(
-            f"inputs must share N: correct_x {cx.shape}, correct_xc {cxc.shape}, "
-            f"len_x {lx.shape}, len_xc {lxc.shape}"
+            f"inputs must share one shape [N] or [N, K]: correct_x {cx.shape}, "
+            f"correct_xc {cxc.shape}, len_x {lx.shape}, len_xc {lxc.shape}"
         )
-    if n == 0:
+    if cx.size == 0:
         raise ValueError("no items: metrics of an empty evaluation are undefined")
     n_right_x = int(cx.sum())
-    n_wrong_x = n - n_right_x
-    harmed = int((cx & ~cxc).sum())
-    helped = int((~cx & cxc).sum())
+    n_wrong_x = cx.size - n_right_x
     mean_len_x = float(lx.mean())
     return {
-        "n": n,
+        "n": cx.shape[0],
+        "draws": cx.shape[1],
         "acc_x": float(cx.mean()),
         "acc_xc": float(cxc.mean()),
         "both_correct": float((cx & cxc).mean()),
-        "harm": harmed / n_right_x if n_right_x else 0.0,
+        "harm": _ratio(int((cx & ~cxc).sum()), n_right_x),
         "n_right_x": n_right_x,
-        "help": helped / n_wrong_x if n_wrong_x else 0.0,
+        "help": _ratio(int((~cx & cxc).sum()), n_wrong_x),
         "n_wrong_x": n_wrong_x,
-        "delta_len": float(lxc.mean()) / mean_len_x - 1.0 if mean_len_x > 0 else float("nan"),
+        "delta_len": float(lxc.mean()) / mean_len_x - 1.0 if mean_len_x > 0 else None,
     }
 
 

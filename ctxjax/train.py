@@ -250,6 +250,8 @@ def evaluate_student(run: Run, params=None, retention: bool = True) -> dict | No
         examples=cfg.eval.examples,
         max_new_tokens=cfg.eval.max_new_tokens,
         temperature=cfg.eval.temperature,
+        samples=cfg.eval.samples,
+        coupled_views=cfg.eval.coupled_views,
         batch_size=cfg.eval.batch_size,
         seed=cfg.eval.seed,
         retention=retention,
@@ -258,7 +260,8 @@ def evaluate_student(run: Run, params=None, retention: bool = True) -> dict | No
 
 def evaluate_start(run: Run) -> dict | None:
     """The starting student's evaluation, cached beside it: runs that share a base model (OPD vs
-    NCA, seeds) share this number instead of recomputing it. The key holds everything it depends on."""
+    NCA, seeds) share this number instead of recomputing it. The key holds everything it depends
+    on, `version` included: bump it whenever the evaluation's numbers change."""
     cfg = run.cfg
     if cfg.student:  # only the built base models carry a cache; a user's checkpoint stays untouched
         return evaluate_student(run)
@@ -269,7 +272,8 @@ def evaluate_start(run: Run) -> dict | None:
                 options=cfg.task.options,
                 context=cfg.task.context,
                 eval=dataclasses.asdict(cfg.eval),
-                version=1,
+                # 2: independent random streams per view, k draws per item, undefined -> None
+                version=2,
             ),
             sort_keys=True,
             default=list,
@@ -388,7 +392,9 @@ def train(
             ev = evaluate_student(run, retention=False)
             if ev is not None:
                 mlog.write(
-                    step + 1, {f"eval/{k}": ev[k] for k in SUMMARY_KEYS if k in ev}, show=False
+                    step + 1,
+                    {f"eval/{k}": ev[k] for k in SUMMARY_KEYS if ev.get(k) is not None},
+                    show=False,
                 )
         if (
             ckpt is not None

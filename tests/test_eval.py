@@ -19,10 +19,12 @@ from flax import nnx
 from ctxjax import hf
 from ctxjax import metrics as metrics_lib
 from ctxjax.base import tokenizer_corpus
-from ctxjax.evaluate import ViewAnswers, evaluate_context, layer_cosine
+from ctxjax.config import SAMPLED_EVAL_DRAWS, EvalConfig, eval_draws, load_config
+from ctxjax.evaluate import ViewAnswers, evaluate_context, layer_cosine, stream_seed
 from ctxjax.model import ModelConfig, create_model
 from ctxjax.report import compare_table, format_cell, metrics_table, write_report
 from ctxjax.tasks import get_task
+from ctxjax.train import format_summary
 from ctxjax.vocab import build_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -41,6 +43,10 @@ METRIC_KEYS = (
     "delta_len",
     "n",
     "n_right_x",
+    "n_wrong_x",
+    "mode",
+    "draws",
+    "coupled_views",
     "layer_cosine",
     "retention",
     "retention_mean",
@@ -186,13 +192,16 @@ def test_evaluate_context_metrics_match_its_samples(loaded):
     assert 0 < rx.sum() < 8 or 0 < rc.sum() < 8  # the stand-in verdict is not constant
     assert result["acc_x"] == rx.mean() and result["acc_xc"] == rc.mean()
     assert result["both_correct"] == (rx & rc).mean() and result["n_right_x"] == rx.sum()
-    assert math.isclose(result["harm"], (rx & ~rc).sum() / rx.sum() if rx.any() else 0.0)
-    assert math.isclose(result["help"], (~rx & rc).sum() / (~rx).sum() if (~rx).any() else 0.0)
+    assert result["mode"] == "greedy" and result["draws"] == 1
+    harm = (rx & ~rc).sum() / rx.sum() if rx.any() else None
+    help_ = (~rx & rc).sum() / (~rx).sum() if (~rx).any() else None
+    assert result["harm"] == harm or math.isclose(result["harm"], harm)
+    assert result["help"] == help_ or math.isclose(result["help"], help_)
     lx, lxc = np.array(result["lengths_x"]), np.array(result["lengths_xc"])
     assert lx.shape == lxc.shape == (8,) and (lx >= 1).all() and (lx <= 6).all()
     assert math.isclose(result["delta_len"], lxc.mean() / lx.mean() - 1)
     assert result["both_correct"] <= min(result["acc_x"], result["acc_xc"])
-    assert 0.0 <= result["harm"] <= 1.0
+    assert result["harm"] is None or 0.0 <= result["harm"] <= 1.0
     assert "retention" not in result
     cos = result["layer_cosine"]
     assert len(cos) == CFG.num_layers + 1
@@ -200,6 +209,118 @@ def test_evaluate_context_metrics_match_its_samples(loaded):
     assert all(-1.0 - 1e-6 <= c <= 1.0 + 1e-6 for c in cos)
     # The context changes this sharpened model's answers: otherwise harm/help would be trivial.
     assert any(s["y_x"] != s["y_xc"] for s in samples)
+
+
+class _SameViewsTask:
+    """The model evaluated against itself: every record's context is empty, so both views render
+    the same tokens and answer from one distribution. One prompt repeated (or the synthetic
+    prompts, `varied`), right when the answer has an even number of characters: with one prompt
+    every item has the same chance p of being right, so the expected Harm is exactly 1 - p."""
+
+    name = "same-views"
+
+    def __init__(self, varied: bool = False):
+        self.inner, self.varied = get_task("synthetic", **TASK_OPTIONS), varied
+
+    def contexts(self):
+        return {"empty": ""}
+
+    def eval_records(self, context_name, n, seed):
+        records = self.inner.eval_records("careful", n, seed)
+        if not self.varied:
+            records = [records[0]] * n
+        return [dict(r, context="") for r in records]
+
+    def verify(self, record, response):
+        return len(response) % 2 == 0
+
+
+def _same_views(model, tokenizer, task, **kw):
+    kw = dict(max_new_tokens=6, batch_size=64, seed=5, retention=False, with_cosine=False) | kw
+    return evaluate_context(model, tokenizer, task, "empty", **kw)
+
+
+def test_same_model_greedy_harm_is_exactly_zero(tokenizer):
+    """Greedy answers are deterministic: identical views give identical answers, Harm 0."""
+    task = _SameViewsTask(varied=True)
+    result = _same_views(_sharpened_model(0), tokenizer, task, examples=32, temperature=0.0)
+    assert result["mode"] == "greedy" and result["draws"] == 1 and not result["coupled_views"]
+    assert 0 < result["n_right_x"] < 32  # Harm is defined and the verdict varies
+    assert result["harm"] == 0.0 and result["acc_x"] == result["acc_xc"]
+    assert result["lengths_x"] == result["lengths_xc"]
+
+
+def test_same_model_sampled_harm_is_one_minus_accuracy(tokenizer):
+    """Independent draws in the two views of one distribution: a pair right without the context
+    is wrong with it with probability 1 - p, so Harm sits within a binomial interval of
+    1 - Acc_xc. Shared sampling noise would give identical answers and Harm 0, far outside."""
+    n, k = 64, 4
+    model = create_model(CFG, seed=0)  # unsharpened: near-uniform logits, answers vary per draw
+    result = _same_views(model, tokenizer, _SameViewsTask(), examples=n, temperature=1.0)
+    assert result["mode"] == "sampled" and result["draws"] == k  # the default k when sampling
+    assert result["n"] == n and len(result["lengths_x"]) == len(result["lengths_xc"]) == n * k
+    q = 1.0 - result["acc_xc"]
+    assert 0.2 < q < 0.8  # enough spread for the interval to separate Harm from 0
+    n_right = result["n_right_x"]
+    # harm ~ Binomial(n_right, 1 - p) / n_right and q ~ Binomial(n k, 1 - p) / (n k), independent.
+    sigma = math.sqrt(q * (1 - q) * (1 / n_right + 1 / (n * k)))
+    assert abs(result["harm"] - q) < 3.5 * sigma, (result["harm"], q, sigma)
+    assert abs(result["acc_x"] - result["acc_xc"]) < 3.5 * math.sqrt(2 * q * (1 - q) / (n * k))
+
+
+def test_coupled_views_force_same_model_harm_to_zero(tokenizer):
+    """Common random numbers (the explicit option) reproduce the bias the default avoids: the
+    same model in both views gives the same draws, so Harm is 0 however unreliable it is."""
+    model = create_model(CFG, seed=0)
+    result = _same_views(
+        model, tokenizer, _SameViewsTask(), examples=64, temperature=1.0, coupled_views=True
+    )
+    assert result["coupled_views"] and result["draws"] == 4
+    assert 0.2 < result["acc_x"] < 0.8  # the answers do vary from draw to draw
+    assert result["harm"] == 0.0 and result["acc_x"] == result["acc_xc"]
+
+
+def test_undefined_harm_is_none_not_zero(tokenizer):
+    """No item right without the context: Harm is undefined -> None (JSON null, "-" in the
+    summary), while n, n_right_x, help and its count stay."""
+
+    class NeverRight(_SameViewsTask):
+        def verify(self, record, response):
+            return False
+
+    result = _same_views(create_model(CFG, seed=0), tokenizer, NeverRight(), examples=8)
+    assert result["harm"] is None and result["n_right_x"] == 0
+    assert result["n"] == 8 and result["help"] == 0.0 and result["n_wrong_x"] == 8
+    assert json.loads(json.dumps(result, allow_nan=False))["harm"] is None
+    table = format_summary({"before": result, "after": result})
+    assert re.search(r"^\| harm +\| - +\| - +\|$", table, re.M), table
+
+
+def test_stream_seeds_are_distinct_per_view_and_batch():
+    seeds = {stream_seed(1234, s, start) for s in range(4) for start in range(0, 512, 64)}
+    assert len(seeds) == 4 * 8
+    assert stream_seed(1234, 0, 64) == stream_seed(1234, 0, 64)  # deterministic
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        (dict(temperature=0.0, samples=4), "eval.samples=4 needs eval.temperature > 0"),
+        (dict(temperature=0.0, coupled_views=True), "eval.coupled_views needs"),
+        (dict(samples=0), "eval.samples must be >= 1"),
+        (dict(temperature=-1.0), "eval.temperature must be >= 0"),
+    ],
+)
+def test_eval_config_rejects_settings_that_do_nothing(settings, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        EvalConfig(**settings)
+
+
+def test_eval_config_draws():
+    assert eval_draws(1.0, None) == SAMPLED_EVAL_DRAWS == 4
+    assert eval_draws(0.0, None) == eval_draws(0.0, 1) == 1 and eval_draws(0.7, 8) == 8
+    cfg = load_config(None, ["eval.samples=8", "eval.coupled_views=true"])
+    assert cfg.eval.samples == 8 and cfg.eval.coupled_views
 
 
 def _hf_residual_streams(folder: str, sequences: list[list[int]]) -> list[np.ndarray]:
@@ -239,10 +360,12 @@ def test_layer_cosine_matches_hf_unpadded(checkpoints, loaded):
     def response_streams(with_context: bool) -> np.ndarray:  # [layers+1, total response tokens, D]
         seqs = [
             hf.render_chat(tokenizer, r["context"] if with_context else "", r["prompt"]) + y
-            for r, y in zip(records, responses)
+            for r, y in zip(records, responses, strict=True)
         ]
         streams = _hf_residual_streams(checkpoints[0], seqs)
-        return np.concatenate([h[:, -len(y) :] for h, y in zip(streams, responses)], axis=1)
+        return np.concatenate(
+            [h[:, -len(y) :] for h, y in zip(streams, responses, strict=True)], axis=1
+        )
 
     h_x, h_c = response_streams(False), response_streams(True)
     want = metrics_lib.cosine_by_layer(h_x, h_c)
@@ -412,7 +535,8 @@ def test_script_end_to_end_with_baseline(checkpoints, script_run):
         assert len(result["layer_cosine"]) == CFG.num_layers + 1
         assert abs(result["layer_cosine"][0] - 1.0) < 1e-6  # embeddings: same tokens in both views
         assert result["both_correct"] <= min(result["acc_x"], result["acc_xc"])
-        assert 0.0 <= result["harm"] <= 1.0 and len(result["lengths_x"]) == 8
+        assert result["harm"] is None or 0.0 <= result["harm"] <= 1.0
+        assert len(result["lengths_x"]) == 8 * result["draws"]
     assert saved["task_options"] == {"families": ["sum"]}
     assert saved["model"] == os.path.abspath(model)
     assert saved["baseline"]["model"] == os.path.abspath(baseline)

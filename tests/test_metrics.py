@@ -1,5 +1,6 @@
 """Removability metrics and per-layer cosine against hand-computed values."""
 
+import json
 import math
 
 import numpy as np
@@ -37,35 +38,59 @@ def test_shorter_with_context_and_int_flags():
     assert m["delta_len"] == pytest.approx(-0.5)
 
 
-def test_nothing_right_without_context_gives_zero_harm_and_count():
+def test_nothing_right_without_context_gives_undefined_harm_and_count():
+    # Harm over an empty set is undefined (None, JSON null), not 0: 0 would claim "never harmed".
     m = removability_metrics([0, 0, 0], [1, 0, 1], [1, 2, 3], [1, 2, 3])
-    assert m["harm"] == 0.0 and m["n_right_x"] == 0
-    assert m["help"] == pytest.approx(2 / 3)
+    assert m["harm"] is None and m["n_right_x"] == 0
+    assert m["help"] == pytest.approx(2 / 3) and m["n_wrong_x"] == 3
     assert m["delta_len"] == 0.0
+    assert json.loads(json.dumps(m))["harm"] is None  # strict JSON: null, not NaN
 
 
-def test_everything_right_without_context_gives_zero_help():
+def test_everything_right_without_context_gives_undefined_help():
     m = removability_metrics([1, 1], [1, 0], [4, 4], [2, 6])
-    assert m["help"] == 0.0 and m["n_wrong_x"] == 0
+    assert m["help"] is None and m["n_wrong_x"] == 0
     assert m["harm"] == pytest.approx(0.5)
     assert m["delta_len"] == 0.0
 
 
-def test_zero_length_without_context_gives_nan_delta_len():
+def test_zero_length_without_context_gives_undefined_delta_len():
     m = removability_metrics([1, 0], [1, 1], [0, 0], [3, 1])
-    assert math.isnan(m["delta_len"])
+    assert m["delta_len"] is None
     assert m["acc_xc"] == 1.0
+
+
+def test_draws_count_as_item_draw_pairs():
+    # Two items x three draws. Accuracies are means over all six answers; Harm and Help are over
+    # the (item, draw) pairs, so they equal the one-draw metrics of the six pairs laid out flat,
+    # while `n` counts items and `draws` the draws per item.
+    cx = [[1, 1, 0], [1, 0, 0]]
+    cxc = [[1, 0, 1], [0, 0, 1]]
+    lx, lxc = [[2, 2, 4], [4, 4, 2]], [[3, 3, 3], [6, 6, 6]]
+    m = removability_metrics(cx, cxc, lx, lxc)
+    flat = removability_metrics(
+        np.ravel(cx), np.ravel(cxc), np.ravel(lx).tolist(), np.ravel(lxc).tolist()
+    )
+    assert m["n"] == 2 and m["draws"] == 3 and flat["n"] == 6 and flat["draws"] == 1
+    assert m["n_right_x"] == 3 and m["n_wrong_x"] == 3
+    assert m["acc_x"] == pytest.approx(3 / 6) and m["acc_xc"] == pytest.approx(3 / 6)
+    assert m["both_correct"] == pytest.approx(1 / 6)
+    assert m["harm"] == pytest.approx(2 / 3) and m["help"] == pytest.approx(2 / 3)
+    assert m["delta_len"] == pytest.approx(4.5 / 3 - 1)
+    for key in ("acc_x", "acc_xc", "both_correct", "harm", "help", "delta_len", "n_right_x"):
+        assert m[key] == pytest.approx(flat[key]), key
 
 
 @pytest.mark.parametrize(
     "args, match",
     [
         (([], [], [], []), "no items"),
-        (([1, 0], [1], [1, 1], [1, 1]), "share N"),
-        (([1, 0], [1, 0], [1, 1], [1, 1, 1]), "share N"),
+        (([1, 0], [1], [1, 1], [1, 1]), "share one shape"),
+        (([1, 0], [1, 0], [1, 1], [1, 1, 1]), "share one shape"),
+        (([[1, 0]], [[1, 0]], [1, 1], [1, 1]), "share one shape"),
         (([2, 0], [1, 0], [1, 1], [1, 1]), "correct_x"),
         (([1, 0], [1, 0], [-1, 1], [1, 1]), "len_x"),
-        (([[1, 0]], [[1, 0]], [1, 1], [1, 1]), "1-D"),
+        (([[[1, 0]]], [[[1, 0]]], [1, 1], [1, 1]), r"\[N\] or \[N, K\]"),
     ],
 )
 def test_bad_inputs_raise(args, match):
@@ -87,12 +112,12 @@ def test_cosine_matches_loop_reference_and_is_scale_free():
     ref = [
         np.mean(
             [
-                np.dot(h_x[l, i], h_xc[l, i])
-                / (np.linalg.norm(h_x[l, i]) * np.linalg.norm(h_xc[l, i]))
+                np.dot(h_x[layer, i], h_xc[layer, i])
+                / (np.linalg.norm(h_x[layer, i]) * np.linalg.norm(h_xc[layer, i]))
                 for i in range(5)
             ]
         )
-        for l in range(3)
+        for layer in range(3)
     ]
     got = cosine_by_layer(h_x.astype(np.float32), h_xc.astype(np.float32))
     assert got.shape == (3,)
