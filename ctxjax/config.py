@@ -185,13 +185,30 @@ class BaseModelConfig:
     seed: int = 0  # the base model's own seed: OPD seeds (train.seed) share one base model
 
 
+DEFAULT_CONTEXT = "careful"  # the embedded CPU default's distilled context
+
+
 @dataclasses.dataclass(frozen=True)
 class TaskConfig:
-    name: str = "synthetic"  # a name in ctxjax.tasks.TASKS, or "jsonl" for data.train_file
-    context: str = "careful"  # the context distilled (a name in task.contexts())
+    """What is distilled and evaluated.
+
+    `name="jsonl"` reads the user's records (`data.train_file`, `data.eval_file`); its options are
+    `ctxjax.tasks.jsonl.JsonlTask`'s (`verifier`, `eval_fraction`, `context_regime`) and default to
+    none, and its `context` defaults to "" (the run-level context, or the file's only one).
+    """
+
+    name: str = "synthetic"  # a name in ctxjax.tasks.TASKS ("jsonl": the user's records)
+    context: str = DEFAULT_CONTEXT  # the context distilled (a name in task.contexts())
     # Keyword arguments of the task; a preset's `options` replaces these as a whole. The default
     # is the embedded CPU world, `ctxjax.tasks.synthetic.default_options()`.
     options: dict = dataclasses.field(default_factory=synthetic.default_options)
+
+    def __post_init__(self):
+        if self.name == "jsonl":  # the synthetic world's defaults mean nothing for a user's file
+            if self.options == synthetic.default_options():
+                object.__setattr__(self, "options", {})
+            if self.context == DEFAULT_CONTEXT:
+                object.__setattr__(self, "context", "")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -267,13 +284,6 @@ class RunConfig:
                     "with student= the architecture comes from the student's config.json",
                 )
             )
-        if self.task.name == "jsonl":
-            keys = _changed_keys("eval", self.eval, EvalConfig())
-            keys += ["train.eval_every"] if self.train.eval_every else []
-            keys += _changed_keys(
-                "task", dataclasses.replace(self.task, name="synthetic"), TaskConfig()
-            )
-            ignored.append((keys, "task.name='jsonl' has no verifier: nothing is evaluated"))
         for keys, why in ignored:
             if keys:
                 raise ValueError(f"{', '.join(keys)} would be ignored ({why}): remove the setting")
@@ -396,7 +406,7 @@ def load_config(path: str | None = None, overrides: list[str] = ()) -> RunConfig
         task = values.setdefault("task", {})
         if not isinstance(task, dict):
             raise TypeError(f"config key 'task' is a section; expected a mapping, got {task!r}")
-        current = task.get("options", TaskConfig().options)
+        current = task.get("options", TaskConfig(name=task.get("name", "synthetic")).options)
         edits = parse_overrides(option_edits)["task"]["options"]
         task["options"] = {**dict(current or {}), **edits}
     try:

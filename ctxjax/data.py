@@ -24,6 +24,8 @@ class DataConfig:
     """Where the records come from and how they become batches."""
 
     train_file: str | None = None  # JSONL, one record per line
+    # JSONL eval split of a `task.name=jsonl` run (or `task.options.eval_fraction` of train_file).
+    eval_file: str | None = None
     context: str = ""  # run-level context for records that carry none
     context_file: str | None = None  # its text is the run-level context (excludes `context`)
     batch_size: int = 16

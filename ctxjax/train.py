@@ -22,8 +22,8 @@ from flax import nnx
 from ctxjax import hf, sharding
 from ctxjax.base import build_or_reuse_base
 from ctxjax.checkpoint import Checkpointer
-from ctxjax.config import RunConfig, to_dict
-from ctxjax.data import check_budgets, load_jsonl, make_iterator
+from ctxjax.config import EvalConfig, RunConfig, to_dict
+from ctxjax.data import check_budgets, load_jsonl, make_iterator, resolve_context
 from ctxjax.evaluate import evaluate_context
 from ctxjax.metrics import SUMMARY_KEYS, markdown_table
 from ctxjax.model import ModelConfig, Transformer
@@ -36,6 +36,7 @@ from ctxjax.step import (
     make_train_step,
 )
 from ctxjax.tasks import Task, get_task
+from ctxjax.tasks.jsonl import JsonlTask
 
 if TYPE_CHECKING:  # imported lazily at run time: grain and transformers are slow to import
     import grain
@@ -59,7 +60,7 @@ class Run:
     model_cfg: ModelConfig  # the student's architecture, from its config.json
     mesh: jax.sharding.Mesh
     tokenizer: PreTrainedTokenizerBase
-    task: Task | None  # None for task.name="jsonl": no verifier, no evaluation
+    task: Task
     records: list[dict]
     graphdef: nnx.GraphDef
     teacher_graphdef: nnx.GraphDef
@@ -90,26 +91,58 @@ def resolve_student(cfg: RunConfig, progress: bool = True) -> str:
     )
 
 
-def training_records(cfg: RunConfig, task: Task | None) -> list[dict]:
-    """Prompts the student answers during OPD: a JSONL file, or the task's training split."""
+def training_records(cfg: RunConfig, task: Task) -> list[dict]:
+    """Prompts the student answers during OPD: the user's train split, or the task's."""
+    if isinstance(task, JsonlTask):
+        return list(task.train_split)  # the held-out eval prompts never reach training
     if cfg.data.train_file:
         return load_jsonl(cfg.data.train_file)
-    if task is None:
-        raise ValueError("task.name='jsonl' needs data.train_file")
     n = max(cfg.data.batch_size * cfg.train.steps, 4 * cfg.data.batch_size, 256)
     return task.train_records(cfg.task.context, min(n, 20000), cfg.train.seed)
 
 
-def load_task(cfg: RunConfig) -> Task | None:
+def load_task(cfg: RunConfig) -> Task:
     if cfg.task.name == "jsonl":
-        return None
-    task = get_task(cfg.task.name, **dict(cfg.task.options))
-    if cfg.task.context not in task.contexts():
-        raise KeyError(
-            f"task.context={cfg.task.context!r} is not a context of task "
-            f"{cfg.task.name!r}; valid: {sorted(task.contexts())}"
+        return load_jsonl_task(cfg)
+    return get_task(cfg.task.name, **dict(cfg.task.options))
+
+
+def load_jsonl_task(cfg: RunConfig) -> JsonlTask:
+    """The user's records as a task: `data.train_file`, the eval split (`data.eval_file` or
+    `task.options.eval_fraction`) and the verifier (`task.options.verifier` or per record)."""
+    if not cfg.data.train_file:
+        raise ValueError("task.name='jsonl' needs data.train_file")
+    valid = ("eval_fraction", "verifier", "context_regime")
+    unknown = sorted(set(cfg.task.options) - set(valid))
+    if unknown:
+        raise ValueError(f"unknown task.options {unknown} for task 'jsonl'; valid: {list(valid)}")
+    return JsonlTask(
+        train_file=cfg.data.train_file,
+        eval_file=cfg.data.eval_file,
+        context=resolve_context(cfg.data),
+        **dict(cfg.task.options),
+    )
+
+
+def distilled_context(cfg: RunConfig, task: Task) -> str:
+    """The name of the context distilled: `task.context`; for a JSONL run left at "", the
+    run-level context's name, or the file's only context."""
+    if cfg.task.context or not isinstance(task, JsonlTask):
+        if cfg.task.context not in task.contexts():
+            raise KeyError(
+                f"task.context={cfg.task.context!r} is not a context of task "
+                f"{cfg.task.name!r}; valid: {sorted(task.contexts())}"
+            )
+        return cfg.task.context
+    run_context = resolve_context(cfg.data)
+    if run_context:
+        return task.context_name(run_context)
+    if len(task.contexts()) != 1:
+        raise ValueError(
+            f"the records hold {len(task.contexts())} contexts: set task.context to the one "
+            f"to evaluate, one of {sorted(task.contexts())}"
         )
-    return task
+    return next(iter(task.contexts()))
 
 
 def check_batch_fits_mesh(cfg: RunConfig, mesh: jax.sharding.Mesh) -> None:
@@ -189,7 +222,7 @@ def build_step(
 
 
 def build_data(
-    cfg: RunConfig, task: Task | None, tokenizer: PreTrainedTokenizerBase
+    cfg: RunConfig, task: Task, tokenizer: PreTrainedTokenizerBase
 ) -> tuple[list[dict], grain.DatasetIterator]:
     """The training records and this host's checkpointable batch iterator over them."""
     records = training_records(cfg, task)
@@ -210,6 +243,11 @@ def setup(cfg: RunConfig, progress: bool = True, mesh: jax.sharding.Mesh | None 
     mesh = mesh or sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
     check_batch_fits_mesh(cfg, mesh)
     task = load_task(cfg)
+    check_evaluation_settings(cfg, task)
+    # A JSONL run's context name is resolved here, so config.json records the one evaluated.
+    cfg = dataclasses.replace(
+        cfg, task=dataclasses.replace(cfg.task, context=distilled_context(cfg, task))
+    )
     student_path = resolve_student(cfg, progress)
     tokenizer = hf.load_tokenizer(cfg.tokenizer or student_path)
     models = load_models(cfg, student_path, mesh)
@@ -237,8 +275,26 @@ def setup(cfg: RunConfig, progress: bool = True, mesh: jax.sharding.Mesh | None 
     )
 
 
+def evaluable(task: Task) -> bool:
+    """False only for a JSONL run without an eval split (no eval_file, no eval_fraction)."""
+    return not isinstance(task, JsonlTask) or bool(task.eval_split)
+
+
+def check_evaluation_settings(cfg: RunConfig, task: Task) -> None:
+    """Evaluation settings on a run that evaluates nothing are an error, not silently unused."""
+    if evaluable(task):
+        return
+    keys = ["train.eval_every"] if cfg.train.eval_every else []
+    keys += [f"eval.{k}" for k, v in vars(cfg.eval).items() if getattr(EvalConfig(), k) != v]
+    if keys:
+        raise ValueError(
+            f"{', '.join(keys)} would be ignored: this jsonl run has no eval split "
+            "(set data.eval_file or task.options.eval_fraction, and task.options.verifier)"
+        )
+
+
 def evaluate_student(run: Run, params=None, retention: bool = True) -> dict | None:
-    if run.task is None:
+    if not evaluable(run.task):
         return None
     cfg = run.cfg
     model = nnx.merge(run.graphdef, params if params is not None else run.state.params)
@@ -371,8 +427,14 @@ def train(
         )
         run.state, start = ckpt.restore(abstract, run.data_iter, cfg_dict)
         log.info("resumed from step %d", start)
-    summary: dict = {"config": cfg_dict, "student": run.student_path}
-    if start == 0 and run.task is not None:
+    summary: dict = {
+        "config": cfg_dict,
+        "student": run.student_path,
+        # The text itself, not only a name or a file path: what the student was taught to do
+        # without.
+        "context_text": run.task.contexts()[cfg.task.context],
+    }
+    if start == 0 and evaluable(run.task):
         summary["before"] = evaluate_start(run)
     base_rng = jax.random.key(cfg.train.seed)
     mlog = MetricsLog(out_dir, cfg.train.steps, start, progress)
@@ -407,7 +469,7 @@ def train(
     mlog.close()
     if ckpt is not None:
         ckpt.wait()
-    if run.task is not None:
+    if evaluable(run.task):
         summary["after"] = evaluate_student(run)
     final_dir = os.path.join(out_dir, "final")
     if jax.process_index() == 0:
@@ -439,12 +501,19 @@ def format_summary(summary: dict) -> str:
     return markdown_table(rows, ["", "before", "after"])
 
 
+def _shorten(text: str, width: int = 60) -> str:
+    text = " ".join(text.split())
+    return repr(text if len(text) <= width else text[: width - 3] + "...")
+
+
 def run(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> dict:
     run_ = setup(cfg, progress=progress)
     summary = train(run_, resume=resume, progress=progress)
+    cfg = run_.cfg  # with the context name resolved
     if jax.process_index() == 0:
         print(
             f"\nctxjax: task={cfg.task.name} context={cfg.task.context} "
+            f"({_shorten(summary['context_text'])}) "
             f"loss={cfg.loss.opd}+{cfg.loss.beta}*{cfg.loss.consistency} steps={cfg.train.steps}"
         )
         print(format_summary(summary))
