@@ -1,13 +1,14 @@
 """Distillation divergences and masked reductions.
 
-Every divergence takes *logits* (not log-probs) of shape `[..., V]` (usually `[B, T, V]`; any leading
-dims work), does all of its math in float32 whatever the input dtype, and returns the per-token value
-of shape `[...]` (usually `[B, T]`) with no reduction, so the train step can weight and combine them
-before one masked mean over response tokens (`masked_mean`).
+Every divergence takes *logits* (not log-probs) of shape `[..., V]` (usually `[B, T, V]`; any
+leading dims work), does all of its math in float32 whatever the input dtype, and returns the
+per-token value of shape `[...]` (usually `[B, T]`) with no reduction, so the train step can
+weight and combine them before one masked mean over response tokens (`masked_mean`).
 
 Gradient conventions (the point of this module; each is tested):
 - OPD divergences (`reverse_kl`, `reverse_kl_topk`, `forward_kl`, `generalized_jsd`,
-  `sampled_token_pg`): the teacher is under `jax.lax.stop_gradient`; gradient reaches only the student.
+  `sampled_token_pg`): the teacher is under `jax.lax.stop_gradient`; gradient reaches only the
+  student.
 - `nca`: the no-context student view is the stop-gradient anchor; gradient reaches only the
   with-context view.
 - `dual_opd`: an OPD divergence from the with-context student view to the (stopped) teacher.
@@ -109,10 +110,10 @@ def reverse_kl_topk(
 ) -> jax.Array:
     """Per-token reverse KL restricted to the student's top-`k` tokens → `[B, T]`.
 
-    At each position the `k` ids with the largest student logits are chosen (the choice itself carries
-    no gradient), both distributions are renormalized over those ids (log-softmax of the gathered
-    logits), and the reverse KL is taken over them. `k >= V` is clamped to the full vocabulary and
-    returns `reverse_kl` exactly. `k` must be a static Python int. Teacher under stop_gradient.
+    At each position the `k` ids with the largest student logits are chosen (the choice itself
+    carries no gradient), both distributions are renormalized over those ids (log-softmax of the
+    gathered logits), and the reverse KL is taken over them. `k >= V` is clamped to the full
+    vocabulary and returns `reverse_kl` exactly. `k` must be a static Python int. Teacher under stop_gradient.
     """
     _check_same_shape(
         student_logits_BxTxV, teacher_logits_BxTxV, "reverse_kl_topk(student, teacher)"
