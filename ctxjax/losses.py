@@ -113,7 +113,8 @@ def reverse_kl_topk(
     At each position the `k` ids with the largest student logits are chosen (the choice itself
     carries no gradient), both distributions are renormalized over those ids (log-softmax of the
     gathered logits), and the reverse KL is taken over them. `k >= V` is clamped to the full
-    vocabulary and returns `reverse_kl` exactly. `k` must be a static Python int. Teacher under stop_gradient.
+    vocabulary and returns `reverse_kl` exactly. `k` must be a static Python int. Teacher under
+    stop_gradient.
     """
     _check_same_shape(
         student_logits_BxTxV, teacher_logits_BxTxV, "reverse_kl_topk(student, teacher)"
