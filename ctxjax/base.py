@@ -23,23 +23,15 @@ import optax
 from flax import nnx
 
 from ctxjax import hf
-from ctxjax.config import BaseModelConfig, OptimConfig
-from ctxjax.data import pad_left
+from ctxjax.config import MODEL_SIZES, BaseModelConfig, OptimConfig
 from ctxjax.model import ModelConfig, create_model
+from ctxjax.padding import pad_left
 from ctxjax.step import make_optimizer
 from ctxjax.tasks import get_task
 from ctxjax.vocab import build_tokenizer
 
 log = logging.getLogger(__name__)
 DONE_FILE = "ctxjax_base.json"
-
-# The CPU model sizes, as `model.*` overrides of the run config (vocabulary from the config).
-MODEL_SIZES = {
-    "small": dict(num_layers=2, hidden_size=48, intermediate_size=192, num_heads=4, num_kv_heads=2),
-    "medium": dict(
-        num_layers=4, hidden_size=64, intermediate_size=256, num_heads=4, num_kv_heads=2
-    ),
-}
 
 
 def base_key(
@@ -73,17 +65,18 @@ def tokenizer_corpus(task: Any, records: list[dict]) -> list[str]:
 
 def encode_sft(tokenizer: Any, records: list[dict], max_len: int | None = None):
     """`[c | x | answer EOS]` left-padded, with a loss mask on the answer and its EOS."""
+    (eos_id, *_), pad_id = hf.eos_and_pad(tokenizer)
     seqs, loss_masks = [], []
     for r in records:
         prompt = hf.render_chat(tokenizer, r.get("context", ""), r["prompt"])
         answer = tokenizer(r["answer"], add_special_tokens=False)["input_ids"]
-        answer = answer + [tokenizer.eos_token_id]
+        answer = [*answer, eos_id]
         seqs.append(prompt + answer)
         loss_masks.append([0] * len(prompt) + [1] * len(answer))
     width = max_len or max(map(len, seqs))
     if max(map(len, seqs)) > width:
         raise ValueError(f"an SFT sequence is longer than {width} tokens")
-    ids, mask = pad_left(seqs, width, tokenizer.pad_token_id)
+    ids, mask = pad_left(seqs, width, pad_id)
     loss_mask, _ = pad_left(loss_masks, width, 0)
     return ids, mask, loss_mask.astype(bool)
 

@@ -18,6 +18,7 @@ import yaml
 from ctxjax import losses
 from ctxjax.data import DataConfig
 from ctxjax.model import ModelConfig
+from ctxjax.tasks import synthetic
 
 # The valid names are the loss registry's (ctxjax.losses), the one place that defines them.
 OPD_LOSSES = tuple(losses.OPD_LOSSES)
@@ -146,10 +147,8 @@ class TaskConfig:
     name: str = "synthetic"  # a name in ctxjax.tasks.TASKS, or "jsonl" for data.train_file
     context: str = "careful"  # the context distilled (a name in task.contexts())
     # Keyword arguments of the task; a preset's `options` replaces these as a whole. The default
-    # world: `seq` prompts (flip rules, formats) and `max` prompts (the nudges), 3-5 digits.
-    options: dict = dataclasses.field(
-        default_factory=lambda: {"families": ["seq", "max"], "max_len": 5}
-    )
+    # is the embedded CPU world, `ctxjax.tasks.synthetic.default_options()`.
+    options: dict = dataclasses.field(default_factory=synthetic.default_options)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,6 +171,16 @@ class TrainConfig:
         _check_range("train.keep_checkpoints", self.keep_checkpoints, 1)
 
 
+# The CPU base-model sizes (`model.*` fields; the vocabulary comes from the run config). The run
+# default is "medium"; the base-model grid builds every size.
+MODEL_SIZES = {
+    "small": dict(num_layers=2, hidden_size=48, intermediate_size=192, num_heads=4, num_kv_heads=2),
+    "medium": dict(
+        num_layers=4, hidden_size=64, intermediate_size=256, num_heads=4, num_kv_heads=2
+    ),
+}
+
+
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
     # HF folder of the student; "" builds/reuses the tiny base model for `task` (CPU default).
@@ -179,14 +188,7 @@ class RunConfig:
     # HF folder of a teacher sharing the tokenizer (cross-size distillation); "" = frozen student copy.
     teacher: str = ""
     tokenizer: str = ""  # HF tokenizer folder; "" = the student's folder
-    model: ModelConfig = ModelConfig(
-        vocab_size=320,
-        hidden_size=64,
-        intermediate_size=256,
-        num_layers=4,
-        num_heads=4,
-        num_kv_heads=2,
-    )
+    model: ModelConfig = ModelConfig(vocab_size=320, **MODEL_SIZES["medium"])
     base: BaseModelConfig = BaseModelConfig()
     task: TaskConfig = TaskConfig()
     data: DataConfig = DataConfig(batch_size=32, max_prompt_tokens=32, max_context_prompt_tokens=64)

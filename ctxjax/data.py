@@ -8,14 +8,15 @@ Budgets are fixed per run so the jitted train step compiles once; nothing here i
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
-from ctxjax.hf import render_chat
+from ctxjax.hf import eos_and_pad, render_chat
+from ctxjax.padding import pad_left
+from ctxjax.tasks.common import read_jsonl
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,22 +71,12 @@ def _check_record(record: Any, where: str) -> None:
 
 def load_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
     """Reads one record per non-blank line; each gets `_source = "path:line"` for later errors."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"data file not found: {path}")
     records = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{line_no}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
-            _check_record(record, where)
-            record["_source"] = where
-            records.append(record)
+    for line_no, record in read_jsonl(path, what="data file"):
+        where = f"{os.fspath(path)}:{line_no}"
+        _check_record(record, where)
+        record["_source"] = where
+        records.append(record)
     return records
 
 
@@ -103,46 +94,6 @@ def resolve_context(cfg: DataConfig) -> str:
     return text
 
 
-# ----------------------------------------------------------------------------------------------
-# Padding
-
-
-def pad_left(
-    seqs: Sequence[Sequence[int]], length: int, pad_id: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Left-pads token sequences to `length`: (ids [N, length] int32, mask [N, length] bool).
-
-    Left padding keeps every prompt's last token in the last column, where generation continues.
-    """
-    ids_NxL = np.full((len(seqs), length), pad_id, dtype=np.int32)
-    mask_NxL = np.zeros((len(seqs), length), dtype=bool)
-    for row, seq in enumerate(seqs):
-        n = len(seq)
-        if n > length:
-            raise ValueError(f"pad_left: sequence {row} has {n} tokens > length {length}")
-        if n:
-            ids_NxL[row, length - n :] = seq
-            mask_NxL[row, length - n :] = True
-    return ids_NxL, mask_NxL
-
-
-def bucket_length(n: int, minimum: int = 8) -> int:
-    """The next power of two >= n, at least `minimum`: variable eval lengths compile a few times."""
-    if n < 0 or minimum < 1:
-        raise ValueError(f"bucket_length needs n >= 0 and minimum >= 1, got {n=}, {minimum=}")
-    return max(minimum, 1 << max(n - 1, 0).bit_length())
-
-
-def _pad_id(tokenizer: Any) -> int:
-    pad_id = tokenizer.pad_token_id
-    if pad_id is None:
-        # Padded positions are masked out everywhere; any valid id will do, and EOS always exists.
-        pad_id = tokenizer.eos_token_id
-    if pad_id is None:
-        raise ValueError("tokenizer has neither a pad token nor an EOS token to pad with")
-    return int(pad_id)
-
-
 def encode_record(
     record: dict[str, Any], tokenizer: Any, run_context: str, cfg: DataConfig, *, index: int
 ) -> dict[str, np.ndarray]:
@@ -154,7 +105,7 @@ def encode_record(
     where = _where(index, record)
     _check_record(record, where)
     context = record.get("context") or run_context
-    pad_id = _pad_id(tokenizer)
+    _, pad_id = eos_and_pad(tokenizer)
     views = {}
     for name, ctx, key in (
         ("prompt", "", "max_prompt_tokens"),

@@ -18,9 +18,9 @@ import numpy as np
 from flax import nnx
 
 from ctxjax import metrics as metrics_lib
-from ctxjax.data import bucket_length, pad_left
-from ctxjax.hf import render_chat
+from ctxjax.hf import eos_and_pad, render_chat
 from ctxjax.model import Transformer
+from ctxjax.padding import bucket_length, pad_left
 from ctxjax.sampling import generate
 
 
@@ -31,16 +31,6 @@ class ViewAnswers:
     texts: list[str]
     lengths: np.ndarray  # [N] tokens generated, EOS included
     tokens: list[list[int]]  # generated ids, through EOS
-
-
-def eos_and_pad(tokenizer: Any) -> tuple[tuple[int, ...], int]:
-    eos = tokenizer.eos_token_id
-    if eos is None:
-        raise ValueError(
-            "the tokenizer has no eos_token_id; set one (generation needs a stop token)"
-        )
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-    return (int(eos),), int(pad)
 
 
 def answer_view(

@@ -14,7 +14,10 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import struct
+import uuid
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -25,9 +28,8 @@ from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from ctxjax.model import DTYPES, ModelConfig, Transformer
+from ctxjax.model import DTYPES, FAMILIES, ModelConfig, Transformer
 
-SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
 _ARCHITECTURES = {
     "llama": "LlamaForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
@@ -44,6 +46,48 @@ _RAW_DTYPES = {"BF16": ml_dtypes.bfloat16}
 # Used when a tokenizer has no chat template (base models, hand-built tokenizers): the context, a
 # blank line, the prompt, a newline. Documented in README ("Chat rendering").
 FALLBACK_SEPARATOR = "\n\n"
+# Where `render_chat` puts the context: the system message, or in front of the user message (for
+# templates with no system role), separated by FALLBACK_SEPARATOR.
+CHAT_PLACEMENTS = ("system", "user")
+GENERATION_CONFIG_FILE = "generation_config.json"
+# The ids `generate` needs to stop and pad; exported into config.json and generation_config.json.
+TOKEN_ID_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
+# `load_tokenizer`'s loading options, which `save_pretrained` would persist into an export.
+_LOAD_ONLY_TOKENIZER_KWARGS = ("local_files_only",)
+
+
+class HFFolderError(ValueError):
+    """A model or tokenizer folder that cannot be used. The message is one line naming the path,
+    so an entry point can print it instead of a traceback."""
+
+
+class HFFolderNotFoundError(HFFolderError, FileNotFoundError):
+    """A folder or a file it must hold is missing (or is a file where a folder is needed)."""
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split())
+
+
+def _folder(path: str | os.PathLike, what: str = "model") -> str:
+    """`path` as a str with `~` expanded, or an error if it is not an existing folder."""
+    path = os.path.expanduser(os.fspath(path))
+    if not os.path.exists(path):
+        raise HFFolderNotFoundError(f"{what} folder not found: {path}")
+    if not os.path.isdir(path):
+        raise HFFolderNotFoundError(f"{what} path is a file, not a folder: {path}")
+    return path
+
+
+def _read_json(file: str) -> dict:
+    try:
+        with open(file) as fh:
+            data = json.load(fh)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise HFFolderError(f"corrupt {file}: {_one_line(e)}") from e
+    if not isinstance(data, dict):
+        raise HFFolderError(f"corrupt {file}: expected a JSON object, got {type(data).__name__}")
+    return data
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -127,8 +171,8 @@ def config_from_hf(
     reads `mlp_bias`. `compute_dtype` defaults to `param_dtype`.
     """
     family = hf_cfg.get("model_type")
-    if family not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(f"unsupported model_type {family!r}; supported: {SUPPORTED_MODEL_TYPES}")
+    if family not in FAMILIES:
+        raise ValueError(f"unsupported model_type {family!r}; supported: {FAMILIES}")
     act = hf_cfg.get("hidden_act", "silu")
     if act != "silu":
         raise ValueError(f"hidden_act {act!r} is not supported (only 'silu')")
@@ -284,7 +328,7 @@ def _read_header(file: str) -> tuple[dict[str, dict], int]:
     `safe_open` validates the file first (a truncated or garbled file fails here, named).
     """
     if not os.path.isfile(file):
-        raise FileNotFoundError(f"safetensors file not found: {file}")
+        raise HFFolderNotFoundError(f"safetensors file not found: {file}")
     try:
         with safe_open(file, framework="numpy"):
             pass
@@ -292,7 +336,7 @@ def _read_header(file: str) -> tuple[dict[str, dict], int]:
             (n,) = struct.unpack("<Q", fh.read(8))
             header = json.loads(fh.read(n))
     except Exception as e:  # SafetensorError, struct.error, JSONDecodeError: all mean "corrupt"
-        raise ValueError(f"corrupt safetensors file {file}: {e}") from e
+        raise HFFolderError(f"corrupt safetensors file {file}: {_one_line(e)}") from e
     header.pop("__metadata__", None)
     return header, 8 + n
 
@@ -305,6 +349,8 @@ def _read_tensor(file: str, name: str, entry: dict, data_start: int) -> np.ndarr
     with open(file, "rb") as fh:  # numpy has no bfloat16: read the little-endian bytes ourselves
         fh.seek(data_start + begin)
         raw = fh.read(end - begin)
+    if len(raw) != end - begin:  # safe_open checked the sizes; the file changed since
+        raise HFFolderError(f"corrupt safetensors file {file}: tensor {name!r} is truncated")
     return np.frombuffer(raw, dtype=_RAW_DTYPES[entry["dtype"]]).reshape(entry["shape"])
 
 
@@ -314,16 +360,17 @@ def _read_index(index: str) -> dict[str, str]:
         with open(index) as fh:
             weight_map = json.load(fh)["weight_map"]
     except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise ValueError(f"corrupt index file {index}: {e!r}") from e
+        raise HFFolderError(f"corrupt index file {index}: {_one_line(e)!r}") from e
     if not isinstance(weight_map, dict):
-        raise ValueError(f"corrupt index file {index}: weight_map is not an object")
+        raise HFFolderError(f"corrupt index file {index}: weight_map is not an object")
     return weight_map
 
 
 class _Checkpoint:
     """The tensors of a single-file or sharded checkpoint, by name, read on demand."""
 
-    def __init__(self, folder: str):
+    def __init__(self, folder: str | os.PathLike):
+        folder = _folder(folder)
         single, index = os.path.join(folder, WEIGHTS_FILE), os.path.join(folder, WEIGHTS_INDEX_FILE)
         if os.path.exists(single):
             weight_map, files = None, [single]
@@ -331,7 +378,7 @@ class _Checkpoint:
             weight_map = _read_index(index)
             files = [os.path.join(folder, shard) for shard in sorted(set(weight_map.values()))]
         else:
-            raise FileNotFoundError(f"no {WEIGHTS_FILE} or {WEIGHTS_INDEX_FILE} in {folder}")
+            raise HFFolderNotFoundError(f"no {WEIGHTS_FILE} or {WEIGHTS_INDEX_FILE} in {folder}")
         self.entries: dict[str, tuple[str, dict, int]] = {}  # name -> (file, header entry, start)
         for file in files:
             header, start = _read_header(file)
@@ -349,8 +396,15 @@ class _Checkpoint:
         return tuple(self.entries[name][1]["shape"])
 
     def read(self, name: str) -> np.ndarray:
+        """The tensor's array; NaN or inf is an error (a model that would train or answer garbage),
+        checked here as each tensor is read, which costs one pass over bytes already in memory."""
         file, entry, start = self.entries[name]
-        return _read_tensor(file, name, entry, start)
+        arr = _read_tensor(file, name, entry, start)
+        if arr.dtype.kind == "f" or arr.dtype in _RAW_DTYPES.values():  # floats only
+            bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
+            if bad:
+                raise HFFolderError(f"tensor {name!r} in {file} holds {bad} NaN/inf values")
+        return arr
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -359,18 +413,13 @@ class _Checkpoint:
 
 
 def read_hf_config(path: str | os.PathLike) -> dict:
-    """The `config.json` dict of an HF model folder."""
-    path = os.fspath(path)
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"model folder not found: {path}")
+    """The `config.json` dict of an HF model folder (`~` expanded); one-line errors naming the
+    path for a missing folder, a file given as the folder, a missing or corrupt config.json."""
+    path = _folder(path)
     file = os.path.join(path, CONFIG_FILE)
     if not os.path.isfile(file):
-        raise FileNotFoundError(f"{CONFIG_FILE} not found in {path}")
-    try:
-        with open(file) as fh:
-            return json.load(fh)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"corrupt {file}: {e}") from e
+        raise HFFolderNotFoundError(f"{CONFIG_FILE} not found in {path}")
+    return _read_json(file)
 
 
 def _plan(
@@ -471,32 +520,203 @@ def save_model(model: Transformer, path: str | os.PathLike, *, dtype: str | None
     return path
 
 
+def export_pretrained(
+    model: Transformer,
+    tokenizer: Any,
+    path: str | os.PathLike,
+    *,
+    source: str | os.PathLike | None = None,
+    dtype: str | None = None,
+) -> str:
+    """Writes a complete HF folder that `generate` uses like the source model: stops at its EOS.
+
+    `save_model`'s weights and config.json, plus bos/eos/pad token ids in config.json (from the
+    `source` folder's config.json, then its generation_config.json, then the tokenizer), a
+    generation_config.json (the source's, its missing ids filled the same way; else built from
+    those ids) and the tokenizer's files. Without the ids, transformers' `generate` runs past the
+    chat EOS (`<|im_end|>`) and invents a new turn.
+
+    Atomic: written into a temporary sibling folder, renamed to `path` only when complete; an
+    existing `path` is renamed aside first and deleted last, so a crash leaves either the old
+    folder or the new one at `path`, never a half-written one. Returns the absolute path.
+    """
+    source = None if source is None else _folder(source, "source model")
+    ids = _token_ids(tokenizer, source)
+
+    def write(folder: str) -> None:
+        save_model(model, folder, dtype=dtype)
+        config_file = os.path.join(folder, CONFIG_FILE)
+        _write_json(config_file, {**_read_json(config_file), **ids})
+        generation = {}
+        if source is not None and os.path.isfile(os.path.join(source, GENERATION_CONFIG_FILE)):
+            generation = _read_json(os.path.join(source, GENERATION_CONFIG_FILE))
+        missing = {k: v for k, v in ids.items() if generation.get(k) is None}
+        _write_json(os.path.join(folder, GENERATION_CONFIG_FILE), {**generation, **missing})
+        tokenizer.save_pretrained(folder)
+
+    return _write_folder_atomically(path, write)
+
+
+def _token_ids(tokenizer: Any, source: str | None) -> dict[str, Any]:
+    """{bos/eos/pad_token_id: id}, the first non-None of: the source's config.json, its
+    generation_config.json, the tokenizer. Keys found nowhere are left out."""
+    layers = []
+    for name in (CONFIG_FILE, GENERATION_CONFIG_FILE) if source is not None else ():
+        if os.path.isfile(os.path.join(source, name)):
+            layers.append(_read_json(os.path.join(source, name)))
+    layers.append({key: getattr(tokenizer, key, None) for key in TOKEN_ID_KEYS})
+    ids = {}
+    for key in TOKEN_ID_KEYS:
+        found = [layer[key] for layer in layers if layer.get(key) is not None]
+        if found:
+            ids[key] = found[0]
+    return ids
+
+
+def _write_json(file: str, data: dict) -> None:
+    with open(file, "w") as fh:
+        json.dump(data, fh, indent=2)
+
+
+def _write_folder_atomically(path: str | os.PathLike, write: Callable[[str], None]) -> str:
+    """Runs `write(tmp)` on a fresh sibling folder, then swaps it in for `path` (see
+    `export_pretrained`). Unique names (not `tempfile.mkdtemp`, whose 0700 mode would stick to the
+    final folder) so the folder gets the umask's permissions like any other."""
+    path = os.path.abspath(os.path.expanduser(os.fspath(path)))
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise HFFolderError(f"export path is a file, not a folder: {path}")
+    parent, name = os.path.split(path)
+    os.makedirs(parent, exist_ok=True)
+    tag = uuid.uuid4().hex[:8]
+    tmp, old = (os.path.join(parent, f".{name}.{kind}-{tag}") for kind in ("tmp", "old"))
+    os.makedirs(tmp)
+    try:
+        write(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    had_old = os.path.isdir(path)
+    if had_old:
+        os.rename(path, old)
+    try:
+        os.rename(tmp, path)
+    except BaseException:
+        if had_old:
+            os.rename(old, path)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if had_old:
+        shutil.rmtree(old)
+    return path
+
+
 # ---------------------------------------------------------------------------------------------------
 # Tokenizers
 # ---------------------------------------------------------------------------------------------------
 
 
 def load_tokenizer(path: str | os.PathLike) -> Any:
-    """Loads a tokenizer from a local HF folder through `transformers.AutoTokenizer` (no network)."""
+    """Loads a tokenizer from a local HF folder through `transformers.AutoTokenizer` (no network).
+
+    `~` is expanded; a missing folder or one transformers cannot read is a one-line error naming
+    the path. The `local_files_only` loading option is not kept in the tokenizer's settings, so
+    `save_pretrained` does not write it into the tokenizer_config.json of an exported folder.
+    """
     from transformers import AutoTokenizer
 
-    path = os.fspath(path)
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"tokenizer folder not found: {path}")
-    return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    path = _folder(path, "tokenizer")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise HFFolderError(f"cannot load a tokenizer from {path}: {_one_line(e)}") from e
+    for key in _LOAD_ONLY_TOKENIZER_KWARGS:
+        tokenizer.init_kwargs.pop(key, None)
+    return tokenizer
 
 
-def render_chat(tokenizer: Any, context: str, prompt: str) -> list[int]:
-    """Token ids of a chat turn ready for the assistant's answer.
+def eos_and_pad(tokenizer: Any) -> tuple[tuple[int, ...], int]:
+    """(EOS ids, pad id) of a tokenizer: the one place that decides which ids stop and pad.
 
-    The context is the system message and the prompt the user message. An empty context renders no
-    system message at all, so `render_chat(tok, "", x)` is exactly the no-context view `[x]`.
-    Tokenizers without a chat template fall back to `context + "\n\n" + prompt + "\n"` (or
-    `prompt + "\n"` with no context), with the tokenizer's BOS if it adds one.
+    Generation needs a stop token, so a tokenizer without EOS is an error. Without a pad token, EOS
+    pads: padded positions are masked out everywhere, so any valid id will do.
     """
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ValueError(
+            "the tokenizer has no eos_token_id; set one (generation needs a stop token)"
+        )
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    return (int(eos),), int(pad)
+
+
+def check_vocab(tokenizer: Any, model_cfg: ModelConfig, where: str) -> None:
+    """Refuses a model whose vocabulary is smaller than its tokenizer's.
+
+    Token ids past the embedding table do not fail in JAX: an out-of-range gather is clamped, so
+    such a token would silently read another token's embedding. A larger model vocabulary (padded
+    to a multiple of 64, say) is fine. `where` names the model in the error (e.g. "student").
+    """
+    if len(tokenizer) > model_cfg.vocab_size:
+        raise ValueError(
+            f"{where}: the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is "
+            f"{model_cfg.vocab_size}; ids >= {model_cfg.vocab_size} have no embedding"
+        )
+
+
+def _special_tokens(tokenizer: Any) -> dict[str, Any]:
+    named = {
+        f"{k}_token": getattr(tokenizer, f"{k}_token", None) for k in ("bos", "eos", "pad", "unk")
+    }
+    return {**named, "all special tokens": sorted(tokenizer.all_special_tokens)}
+
+
+def check_same_tokenizer(tok_a: Any, tok_b: Any) -> None:
+    """Refuses two tokenizers that map text to different ids or mark different special tokens.
+
+    The teacher scores the student's tokens, so a teacher with its own tokenizer must have the
+    same vocabulary (token -> id) and the same special tokens (an EOS that differs would end a turn
+    for one model and not the other). The error names the first differences.
+    """
+    vocab_a, vocab_b = tok_a.get_vocab(), tok_b.get_vocab()
+    if vocab_a != vocab_b:
+        diff = sorted(t for t in set(vocab_a) | set(vocab_b) if vocab_a.get(t) != vocab_b.get(t))
+        shown = ", ".join(f"{t!r}: {vocab_a.get(t)} vs {vocab_b.get(t)}" for t in diff[:5])
+        raise ValueError(
+            f"tokenizers differ: {len(diff)} tokens have different ids (sizes {len(vocab_a)} vs "
+            f"{len(vocab_b)}), e.g. {shown}"
+        )
+    special_a, special_b = _special_tokens(tok_a), _special_tokens(tok_b)
+    diff = [
+        f"{k} {special_a[k]!r} vs {special_b[k]!r}"
+        for k in special_a
+        if special_a[k] != special_b[k]
+    ]
+    if diff:
+        raise ValueError(f"tokenizers differ in special tokens: {'; '.join(diff)}")
+
+
+def render_chat(
+    tokenizer: Any, context: str, prompt: str, *, placement: str = "system"
+) -> list[int]:
+    """Token ids of a chat turn ready for the assistant's answer, exactly as the tokenizer's chat
+    template renders the messages (`apply_chat_template(..., add_generation_prompt=True)`).
+
+    `placement="system"`: the context is the system message and the prompt the user message.
+    `placement="user"`: the context goes in front of the prompt in the user message, separated by
+    a blank line, for templates with no system role. An empty context adds no message and no text,
+    but the template decides what the turn holds: templates that insert a default system prompt
+    when there is none (SmolLM2's "You are a helpful AI assistant named SmolLM...", Qwen2.5's
+    "You are Qwen...") render it in the no-context view, and with `placement="system"` the context
+    replaces it. Tokenizers without a chat template fall back to `context + "\n\n" + prompt + "\n"`
+    (or `prompt + "\n"` with no context), with the tokenizer's BOS if it adds one.
+    """
+    if placement not in CHAT_PLACEMENTS:
+        raise ValueError(f"chat placement must be one of {CHAT_PLACEMENTS}, got {placement!r}")
     if getattr(tokenizer, "chat_template", None):
         messages = [{"role": "user", "content": prompt}]
-        if context:
+        if context and placement == "user":
+            messages[0]["content"] = context + FALLBACK_SEPARATOR + prompt
+        elif context:
             messages.insert(0, {"role": "system", "content": context})
         out = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
         ids = out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out

@@ -4,6 +4,7 @@ per-layer hidden-state cosine similarity. Pure numpy; the inputs are host arrays
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -92,3 +93,41 @@ def cosine_by_layer(h_x: Any, h_xc: Any, eps: float = 1e-8) -> np.ndarray:
     dot_LxN = (a_LxNxD * b_LxNxD).sum(-1)
     norms_LxN = np.linalg.norm(a_LxNxD, axis=-1) * np.linalg.norm(b_LxNxD, axis=-1)
     return (dot_LxN / np.maximum(norms_LxN, eps)).mean(axis=1)
+
+
+# --------------------------------------------------------------------------------------------------
+# Reporting: the metric keys a run summarizes and the one way a value or a table is written
+# --------------------------------------------------------------------------------------------------
+
+# The removability metrics a run reports before and after distillation, in table order.
+SUMMARY_KEYS = ("acc_x", "acc_xc", "harm", "both_correct", "delta_len", "retention_mean")
+
+
+def format_value(value: Any) -> str:
+    """A table cell: floats to 3 decimals, NaN / None as "-", text with `|` escaped, one line."""
+    if value is None:
+        return "-"
+    if isinstance(value, (bool, np.bool_)):
+        return str(bool(value))
+    if isinstance(value, (int, np.integer)):
+        return str(int(value))
+    if isinstance(value, (float, np.floating)):
+        # An undefined ratio is "-", never a number (it is also left out of means).
+        return "-" if math.isnan(value) else f"{float(value):.3f}"
+    return " ".join(str(value).split()).replace("|", "\\|")
+
+
+def markdown_table(rows: list[dict], columns: list[str]) -> str:
+    """A markdown table with one line per row dict and the given columns, in order.
+
+    Cells go through `format_value`; a key a row lacks shows "-".
+    """
+    if not columns:
+        raise ValueError("markdown_table needs at least one column")
+    lines = [
+        "| " + " | ".join(format_value(c) for c in columns) + " |",
+        "|" + "---|" * len(columns),
+    ]
+    for row in rows:
+        lines.append("| " + " | ".join(format_value(row.get(c)) for c in columns) + " |")
+    return "\n".join(lines)

@@ -30,10 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
-from ctxjax.data import bucket_length, pad_left
 from ctxjax.model import Transformer, init_cache
-
-_MIN_BUCKET = 8
+from ctxjax.padding import bucket_batch, bucket_length, pad_left_rows
 
 
 @dataclasses.dataclass(frozen=True)
@@ -300,11 +298,6 @@ def sample(
 # --------------------------------------------------------------------------------------------------
 
 
-def bucket_batch(n: int) -> int:
-    """Batch sizes: powers of two up to 8, then multiples of 8 (at most 7 wasted rows past 8)."""
-    return bucket_length(n, minimum=1) if n <= _MIN_BUCKET else -(-n // _MIN_BUCKET) * _MIN_BUCKET
-
-
 @functools.partial(jax.jit, static_argnames=("max_new_tokens", "method", "eos_ids", "pad_id"))
 def _generate_jit(
     model,
@@ -334,15 +327,6 @@ def _generate_jit(
         eos_ids=eos_ids,
         pad_id=pad_id,
     )
-
-
-def _left_pad(prompts: Sequence[Sequence[int]], width: int, rows: int, pad_id: int):
-    ids_BxP, mask_BxP = pad_left(list(prompts) + [[]] * (rows - len(prompts)), width, pad_id)
-    # Batch-padding rows get one real token (id 0, always in the vocabulary) so that no row attends to
-    # nothing; they start finished.
-    ids_BxP[len(prompts) :, -1] = 0
-    mask_BxP[len(prompts) :, -1] = True
-    return ids_BxP, mask_BxP
 
 
 def generate(
@@ -383,7 +367,8 @@ def generate(
 
     rows = len(prompts)
     width = bucket_length(max(len(p) for p in prompts))
-    ids_BxP, mask_BxP = _left_pad(prompts, width, bucket_batch(rows), pad_id)
+    ids_BxP, mask_BxP = pad_left_rows(prompts, width, bucket_batch(rows), pad_id)
+    # Filler rows start finished.
     active_B = np.arange(ids_BxP.shape[0]) < rows
     out = _generate_jit(
         model,

@@ -14,7 +14,6 @@ import re
 
 import jax
 import numpy as np
-from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -75,15 +74,20 @@ def make_mesh(
     sizes = [data, fsdp, tensor]
     n = len(devices)
     if sizes.count(-1) > 1:
-        raise ValueError(f"at most one mesh axis may be -1, got mesh {dict(zip(AXES, sizes))}")
+        raise ValueError(
+            f"at most one mesh axis may be -1, got mesh {dict(zip(AXES, sizes, strict=True))}"
+        )
     known = int(np.prod([s for s in sizes if s != -1]))
     if -1 in sizes:
         if n % known:
-            raise ValueError(f"mesh {dict(zip(AXES, sizes))} does not divide {n} devices")
+            raise ValueError(
+                f"mesh {dict(zip(AXES, sizes, strict=True))} does not divide {n} devices"
+            )
         sizes[sizes.index(-1)] = n // known
     if int(np.prod(sizes)) != n:
         raise ValueError(
-            f"mesh {dict(zip(AXES, sizes))} needs {int(np.prod(sizes))} devices, have {n}"
+            f"mesh {dict(zip(AXES, sizes, strict=True))} needs {int(np.prod(sizes))} devices, "
+            f"have {n}"
         )
     auto = (jax.sharding.AxisType.Auto,) * 3
     return jax.make_mesh(tuple(sizes), AXES, axis_types=auto, devices=devices)
@@ -103,13 +107,12 @@ def _path_str(path) -> str:
 
 def spec_for(path: str, shape: tuple[int, ...], mesh: jax.sharding.Mesh) -> P:
     """The first matching rule's spec, with axes the dimension can't be split over dropped."""
-    for pattern, spec in PARTITION_RULES:
-        if re.search(pattern, path):
-            break
+    # The catch-all last rule always matches.
+    spec = next(spec for pattern, spec in PARTITION_RULES if re.search(pattern, path))
     if len(spec) > len(shape):
         spec = P()
     fixed = []
-    for dim, axis in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+    for dim, axis in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec)), strict=True):
         if axis is not None and dim % mesh.shape[axis]:
             log.info(
                 "replicating %s dim %d (size %d) instead of splitting it over %s=%d",
@@ -136,20 +139,6 @@ def param_shardings(state, mesh: jax.sharding.Mesh):
 def shard_params(state, mesh: jax.sharding.Mesh):
     """Places an existing params pytree on the mesh by the rule table."""
     return jax.device_put(state, param_shardings(state, mesh))
-
-
-def create_sharded(init_fn, mesh: jax.sharding.Mesh):
-    """Builds a module with its parameters born sharded (no full copy on one device first)."""
-    abstract = nnx.eval_shape(init_fn)
-    graphdef, abstract_state = nnx.split(abstract)
-    shardings = param_shardings(abstract_state, mesh)
-
-    @jax.jit
-    def init():
-        return nnx.state(init_fn())
-
-    state = jax.jit(init, out_shardings=shardings)()
-    return nnx.merge(graphdef, state)
 
 
 def batch_sharding(mesh: jax.sharding.Mesh, ndim: int) -> NamedSharding:

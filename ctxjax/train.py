@@ -22,13 +22,12 @@ from ctxjax.base import build_or_reuse_base
 from ctxjax.checkpoint import Checkpointer, config_dict
 from ctxjax.config import RunConfig, to_json
 from ctxjax.data import check_budgets, load_jsonl, make_iterator
-from ctxjax.evaluate import eos_and_pad, evaluate_context
+from ctxjax.evaluate import evaluate_context
+from ctxjax.metrics import SUMMARY_KEYS, markdown_table
 from ctxjax.step import StepConfig, init_state, jit_train_step, make_optimizer, make_train_step
 from ctxjax.tasks import get_task
 
 log = logging.getLogger(__name__)
-
-SUMMARY_KEYS = ("acc_x", "acc_xc", "harm", "both_correct", "delta_len", "retention_mean")
 
 
 @dataclasses.dataclass
@@ -96,7 +95,7 @@ def setup(cfg: RunConfig, progress: bool = True, mesh=None) -> Run:
     task = load_task(cfg)
     student_path = resolve_student(cfg, progress)
     tokenizer = hf.load_tokenizer(cfg.tokenizer or student_path)
-    eos_ids, pad_id = eos_and_pad(tokenizer)
+    eos_ids, pad_id = hf.eos_and_pad(tokenizer)
     dtype = dict(param_dtype=cfg.model.param_dtype, compute_dtype=cfg.model.compute_dtype)
     student = hf.load_model(student_path, **dtype)
     # `model` describes the base model to build; a loaded student has its own architecture. Record
@@ -329,8 +328,8 @@ def train(
         summary["after"] = evaluate_student(run)
     final_dir = os.path.join(out_dir, "final")
     if jax.process_index() == 0:
-        hf.save_model(nnx.merge(run.graphdef, run.state.params), final_dir)
-        run.tokenizer.save_pretrained(final_dir)
+        final = nnx.merge(run.graphdef, run.state.params)
+        hf.export_pretrained(final, run.tokenizer, final_dir, source=run.student_path)
         with open(os.path.join(out_dir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2, default=float)
     summary["final_dir"] = final_dir
@@ -349,20 +348,13 @@ def _log(mlog: MetricsLog, pending, cfg: RunConfig, t_last: float, tokens: int) 
 
 def format_summary(summary: dict) -> str:
     """A markdown table of the removability metrics before and after distillation."""
-    rows = [("", "before", "after")]
-    for key in SUMMARY_KEYS:
-        before = summary.get("before") or {}
-        after = summary.get("after") or {}
-        if key in before or key in after:
-            rows.append((key, _fmt(before.get(key)), _fmt(after.get(key))))
-    width = [max(len(r[i]) for r in rows) for i in range(3)]
-    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(r, width)) + " |" for r in rows]
-    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in width) + "|")
-    return "\n".join(lines)
-
-
-def _fmt(v) -> str:
-    return "-" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
+    before, after = summary.get("before") or {}, summary.get("after") or {}
+    rows = [
+        {"": key, "before": before.get(key), "after": after.get(key)}
+        for key in SUMMARY_KEYS
+        if key in before or key in after
+    ]
+    return markdown_table(rows, ["", "before", "after"])
 
 
 def run(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> dict:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Iterable
 from typing import Any
 
@@ -80,24 +78,3 @@ def build_tokenizer(texts: Iterable[str], vocab_size: int = 512) -> Any:
         clean_up_tokenization_spaces=False,
         padding_side="left",
     )
-
-
-def tokenizer_digest(tokenizer: Any) -> str:
-    """A short hash of what decides token ids: the backend tokenizer, special tokens, chat template.
-
-    Stable across processes and across `save_pretrained` + `hf.load_tokenizer`, so it can key a
-    cache of base models trained with this tokenizer.
-    """
-    backend = json.loads(tokenizer.backend_tokenizer.to_str())
-    # Truncation and padding settings change how a call pads, not which ids a text maps to.
-    backend.pop("truncation", None)
-    backend.pop("padding", None)
-    payload = {
-        "backend": backend,
-        "chat_template": getattr(tokenizer, "chat_template", None),
-        "bos": tokenizer.bos_token,
-        "eos": tokenizer.eos_token,
-        "pad": tokenizer.pad_token,
-    }
-    blob = json.dumps(payload, sort_keys=True, ensure_ascii=False).encode("utf-8")
-    return hashlib.sha256(blob).hexdigest()[:16]

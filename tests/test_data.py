@@ -10,16 +10,15 @@ import pytest
 
 from ctxjax.data import (
     DataConfig,
-    bucket_length,
     check_budgets,
     encode_record,
     load_jsonl,
     make_iterator,
-    pad_left,
     resolve_context,
 )
-from ctxjax.hf import load_tokenizer, render_chat
-from ctxjax.vocab import build_tokenizer, tokenizer_digest
+from ctxjax.hf import eos_and_pad, load_tokenizer, render_chat
+from ctxjax.padding import bucket_batch, bucket_length, pad_left, pad_left_rows
+from ctxjax.vocab import build_tokenizer
 
 TEXTS = [
     "What is 12 + 30?",
@@ -86,7 +85,8 @@ def _take(it, n):
 
 def _same_batches(a, b):
     return len(a) == len(b) and all(
-        x.keys() == y.keys() and all(np.array_equal(x[k], y[k]) for k in x) for x, y in zip(a, b)
+        x.keys() == y.keys() and all(np.array_equal(x[k], y[k]) for k in x)
+        for x, y in zip(a, b, strict=True)
     )
 
 
@@ -144,25 +144,21 @@ def test_digits_are_single_tokens(tokenizer):
             assert len(text) == 1, piece
 
 
-def test_build_is_deterministic_and_digest_tracks_content(tokenizer, tmp_path):
+def test_build_is_deterministic(tokenizer):
     a, b = build_tokenizer(TEXTS, vocab_size=320), build_tokenizer(TEXTS, vocab_size=320)
-    assert a.get_vocab() == b.get_vocab()
-    assert tokenizer_digest(a) == tokenizer_digest(b) == tokenizer_digest(tokenizer)
-    more_texts = build_tokenizer(TEXTS + ["zebra zebra zebra"], vocab_size=320)
-    assert tokenizer_digest(more_texts) != tokenizer_digest(a)
-    assert tokenizer_digest(build_tokenizer(TEXTS, vocab_size=300)) != tokenizer_digest(a)
-    changed = build_tokenizer(TEXTS, vocab_size=320)
-    changed.chat_template = changed.chat_template.replace("\\n", " ")
-    assert tokenizer_digest(changed) != tokenizer_digest(a)
-    # A fresh process (fresh hash seeds in Python and in the Rust trainer) gets the same digest.
+    assert a.backend_tokenizer.to_str() == b.backend_tokenizer.to_str()
+    assert a.backend_tokenizer.to_str() == tokenizer.backend_tokenizer.to_str()
+    more_texts = build_tokenizer([*TEXTS, "zebra zebra zebra"], vocab_size=320)
+    assert more_texts.get_vocab() != a.get_vocab()
+    # A fresh process (fresh hash seeds in Python and in the Rust trainer) builds the same one.
     code = (
-        "import json,sys; from ctxjax.vocab import build_tokenizer, tokenizer_digest; "
-        "print(tokenizer_digest(build_tokenizer(json.loads(sys.argv[1]), vocab_size=320)))"
+        "import json,sys; from ctxjax.vocab import build_tokenizer; "
+        "print(build_tokenizer(json.loads(sys.argv[1]), vocab_size=320).backend_tokenizer.to_str())"
     )
     out = subprocess.run(
         [sys.executable, "-c", code, json.dumps(TEXTS)], capture_output=True, text=True, check=True
     )
-    assert out.stdout.strip() == tokenizer_digest(a)
+    assert out.stdout.strip() == a.backend_tokenizer.to_str()
 
 
 def test_save_load_round_trip(tmp_path):
@@ -203,6 +199,30 @@ def test_bucket_length():
         bucket_length(-1)
 
 
+def test_bucket_batch():
+    # Powers of two up to 8, then multiples of 8.
+    assert [bucket_batch(n) for n in (1, 2, 3, 5, 8, 9, 16, 17)] == [1, 2, 4, 8, 8, 16, 16, 24]
+
+
+def test_pad_left_rows_adds_filler_rows_with_one_real_token():
+    ids, mask = pad_left_rows([[5, 6], [7]], 3, rows=4, pad_id=9)
+    np.testing.assert_array_equal(ids, [[9, 5, 6], [9, 9, 7], [9, 9, 0], [9, 9, 0]])
+    np.testing.assert_array_equal(mask, [[0, 1, 1], [0, 0, 1], [0, 0, 1], [0, 0, 1]])
+    assert ids.dtype == np.int32 and mask.dtype == np.bool_
+
+
+class _Tok:
+    def __init__(self, eos, pad):
+        self.eos_token_id, self.pad_token_id = eos, pad
+
+
+def test_eos_and_pad_falls_back_to_eos_and_needs_eos():
+    assert eos_and_pad(_Tok(2, 0)) == ((2,), 0)
+    assert eos_and_pad(_Tok(2, None)) == ((2,), 2)
+    with pytest.raises(ValueError, match="no eos_token_id"):
+        eos_and_pad(_Tok(None, 0))
+
+
 # ------------------------------------------------------------------------------------------------
 # config, files, records
 
@@ -216,7 +236,7 @@ def test_config_range_checks_name_the_field():
         DataConfig(worker_count=-1)
     with pytest.raises(ValueError, match=r"data\.seed"):
         DataConfig(seed=-1)
-    with pytest.raises(ValueError, match="data.context and data.context_file are both set"):
+    with pytest.raises(ValueError, match=r"data\.context and data\.context_file are both set"):
         DataConfig(context="Be brief.", context_file="ctx.txt")
 
 
@@ -225,10 +245,10 @@ def test_resolve_context(tmp_path):
     path = tmp_path / "ctx.txt"
     path.write_text("Reply in French.\nAlways.\n", encoding="utf-8")
     assert resolve_context(DataConfig(context_file=str(path))) == "Reply in French.\nAlways."
-    with pytest.raises(FileNotFoundError, match="data.context_file not found: .*nope.txt"):
+    with pytest.raises(FileNotFoundError, match=r"data\.context_file not found: .*nope\.txt"):
         resolve_context(DataConfig(context_file=str(tmp_path / "nope.txt")))
     (tmp_path / "empty.txt").write_text("\n")
-    with pytest.raises(ValueError, match="data.context_file is empty"):
+    with pytest.raises(ValueError, match=r"data\.context_file is empty"):
         resolve_context(DataConfig(context_file=str(tmp_path / "empty.txt")))
 
 
@@ -266,7 +286,7 @@ def test_load_jsonl_errors_name_file_and_line(tmp_path, lines, line_no, message)
 
 
 def test_load_jsonl_missing_file(tmp_path):
-    with pytest.raises(FileNotFoundError, match="missing.jsonl"):
+    with pytest.raises(FileNotFoundError, match=r"missing\.jsonl"):
         load_jsonl(tmp_path / "missing.jsonl")
 
 

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from ctxjax.metrics import cosine_by_layer, removability_metrics
+from ctxjax.metrics import cosine_by_layer, format_value, markdown_table, removability_metrics
 
 # Ten items, enumerated: 4 right in both views, 2 harmed (right -> wrong), 2 helped
 # (wrong -> right), 2 wrong in both.
@@ -114,3 +114,27 @@ def test_cosine_bad_shapes_raise():
         cosine_by_layer(np.zeros((3, 4)), np.zeros((3, 4)))
     with pytest.raises(ValueError, match="N = 0"):
         cosine_by_layer(np.zeros((2, 0, 4)), np.zeros((2, 0, 4)))
+
+
+def test_markdown_table_and_format_value_hand_written():
+    table = markdown_table(
+        [
+            {"name": "a", "x": 0.12345, "y": float("nan"), "k": 3},
+            {"name": "b|c", "x": np.float32(2)},
+        ],
+        ["name", "x", "y", "k"],
+    )
+    assert table.splitlines() == [
+        "| name | x | y | k |",
+        "|---|---|---|---|",
+        "| a | 0.123 | - | 3 |",
+        "| b\\|c | 2.000 | - | - |",
+    ]
+    assert [format_value(v) for v in (True, None, np.int64(4), "two\nlines")] == [
+        "True",
+        "-",
+        "4",
+        "two lines",
+    ]
+    with pytest.raises(ValueError, match="at least one column"):
+        markdown_table([], [])

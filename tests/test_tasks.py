@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from ctxjax.tasks import TASKS, Task, get_task
+from ctxjax.tasks.common import read_jsonl
 from ctxjax.tasks.gridworld import (
     FrozenLakeTask,
     SokobanTask,
@@ -34,7 +35,7 @@ from ctxjax.tasks.qa import (
     load_mcq_jsonl,
     parse_number,
 )
-from ctxjax.tasks.synthetic import CONTEXTS, SyntheticTask, default_answer
+from ctxjax.tasks.synthetic import CONTEXTS, SyntheticTask, default_answer, default_options
 
 # ---------------------------------------------------------------------------------------------
 # Registry and the record contract
@@ -45,7 +46,7 @@ def test_registry_builds_every_task_and_rejects_unknown_names():
     for name in TASKS:
         task = get_task(name)
         assert isinstance(task, Task) and task.name == name
-    with pytest.raises(ValueError, match="valid: .*'synthetic'"):
+    with pytest.raises(ValueError, match=r"valid: .*'synthetic'"):
         get_task("chess")
     with pytest.raises(ValueError, match="sloppy_rate"):
         get_task("synthetic", sloppy_rat=0.3)
@@ -78,7 +79,7 @@ def test_tiny_model_tasks_are_short(name):
     for context_name, text in task.contexts().items():
         assert len(text.split()) <= 12
         for r in task.eval_records(context_name, 50, seed=1):
-            head, *rows = r["prompt"].split()
+            _, *rows = r["prompt"].split()
             n_prompt = 1 + (sum(len(row) for row in rows) if name != "synthetic" else len(rows))
             assert n_prompt <= 24, r["prompt"]
             assert len(r["answer"].split()) <= 16, r["answer"]
@@ -250,7 +251,7 @@ def test_synthetic_options():
     )
     assert set(task.contexts()) == {"add3", "rev", "sort", "drop1", "words", "pirate"}
     assert {r["context_name"] for r in task.sft_records(50, seed=0)} == {"rev"}
-    with pytest.raises(ValueError, match="valid: .*'rev'"):
+    with pytest.raises(ValueError, match=r"valid: .*'rev'"):
         task.eval_records("careful", 5, seed=0)
     assert hash(task) == hash(SyntheticTask(families=("seq",), sft_weights=dict(task.sft_weights)))
     for bad in (
@@ -535,6 +536,20 @@ def test_mcq_loader_errors_name_file_and_line(tmp_path, bad_line, match):
     assert f"{path}:3:" in str(info.value)
 
 
+def test_read_jsonl_numbers_lines_and_names_bad_ones(tmp_path):
+    path = _write(tmp_path, ['{"a": 1}', "", "  ", '{"b": [2]}'])
+    assert read_jsonl(path) == [(1, {"a": 1}), (4, {"b": [2]})]
+    for lines, line_no, match in (
+        (['{"a": 1}', '{"a": '], 2, r"malformed JSON \(.* at column \d+\)"),
+        (["", "3"], 2, "a record must be a JSON object, got int"),
+    ):
+        bad = _write(tmp_path, lines, "bad.jsonl")
+        with pytest.raises(ValueError, match=rf"bad\.jsonl:{line_no}: {match}"):
+            read_jsonl(bad)
+    with pytest.raises(FileNotFoundError, match=r"QA file not found: .*nope\.jsonl"):
+        read_jsonl(tmp_path / "nope.jsonl", what="QA file")
+
+
 def test_math_loader(tmp_path):
     path = _write(
         tmp_path,
@@ -555,7 +570,7 @@ def test_math_loader(tmp_path):
     )
     with pytest.raises(ValueError, match=r"bad\.jsonl:2: 'answer' has no '#### <number>'"):
         load_math_jsonl(bad)
-    with pytest.raises(FileNotFoundError, match="missing.jsonl"):
+    with pytest.raises(FileNotFoundError, match=r"missing\.jsonl"):
         load_math_jsonl(tmp_path / "missing.jsonl")
     empty = _write(tmp_path, [""], "empty.jsonl")
     with pytest.raises(ValueError, match="no records"):
@@ -639,10 +654,10 @@ def test_mcq_text_answer_style():
         # Right exactly when the record carries the system prompt (sloppy_rate 1 elsewhere).
         assert task.verify(r, r["answer"]) == bool(r["context"])
     assert {bool(r["context"]) for r in records} == {True, False}
-    # The same items and split as the letter style; only the way the answer names the option differs.
+    # The same items and split as the letter style; only how the answer names the option differs.
     letter = MCQTask(generated=200).eval_records("system", 5, seed=0)
     text = MCQTask(generated=200, answer_style="text").eval_records("system", 5, seed=0)
-    for lr, tr in zip(letter, text):
+    for lr, tr in zip(letter, text, strict=True):
         assert lr["prompt"] == tr["prompt"] and lr["answer_index"] == tr["answer_index"]
         assert tr["answer"].endswith(f"The answer is {tr['options'][tr['answer_index']]}.")
         assert lr["answer"].endswith(f"The answer is {LETTERS[lr['answer_index']]}.")
@@ -660,3 +675,12 @@ def test_math_sloppy_answer_changes_every_stated_result():
         target = r["target"]
         assert f"= {target}\n" not in r["answer"] and not r["answer"].endswith(f"#### {target}")
         assert extract_number(r["answer"]) != parse_number(target)
+
+
+def test_default_options_build_the_embedded_world():
+    options = default_options()
+    assert options == {"families": ["seq", "max"], "max_len": 5}
+    options["families"].append("sum")  # a fresh copy each call: editing one changes no other
+    assert default_options()["families"] == ["seq", "max"]
+    task = SyntheticTask(**default_options())
+    assert task.families == ("seq", "max") and (task.min_len, task.max_len) == (3, 5)

@@ -1,9 +1,13 @@
-"""Helpers shared by the task modules: cleaning decoded responses, seeded generators, splits."""
+"""Helpers shared by the task modules (and the data loader): cleaning decoded responses, seeded
+generators, splits, reading JSONL."""
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import zlib
+from typing import Any
 
 import numpy as np
 
@@ -65,3 +69,33 @@ def check_fraction(name: str, value: float, *, closed_right: bool = True) -> Non
     if not (value >= 0.0 and upper_ok):
         bound = "[0, 1]" if closed_right else "[0, 1)"
         raise ValueError(f"{name} must be in {bound}, got {value!r}")
+
+
+def read_jsonl(
+    path: str | os.PathLike, *, what: str = "JSONL file"
+) -> list[tuple[int, dict[str, Any]]]:
+    """(line number, object) for every non-blank line of a JSONL file; lines count from 1.
+
+    `what` names the file in the not-found error ("data file", "QA file"). A line that is not
+    JSON, or not a JSON object, is a ValueError naming `path:line`.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{what} not found: {path}")
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(
+                    f"{path}:{line_no}: malformed JSON ({e.msg} at column {e.colno})"
+                ) from None
+            if not isinstance(row, dict):
+                raise ValueError(
+                    f"{path}:{line_no}: a record must be a JSON object, got {type(row).__name__}"
+                )
+            rows.append((line_no, row))
+    return rows

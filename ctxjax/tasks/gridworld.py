@@ -357,7 +357,7 @@ class _GridTask:
             else:
                 i = int(rng.integers(len(plan)))
                 others = [m for m in MOVE_ORDER if m != plan[i]]
-                candidate = plan[:i] + [others[int(rng.integers(3))]] + plan[i + 1 :]
+                candidate = [*plan[:i], others[int(rng.integers(3))], *plan[i + 1 :]]
             if not self.plan_succeeds(grid, candidate):
                 return candidate
         return None

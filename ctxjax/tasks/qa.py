@@ -27,7 +27,6 @@ by text is verified by the same `extract_choice`.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import zlib
@@ -41,6 +40,7 @@ from ctxjax.tasks.common import (
     answer_line,
     check_count,
     check_fraction,
+    read_jsonl,
     seeded_rng,
     strip_special,
 )
@@ -186,25 +186,10 @@ def extract_choice(response: str, options: list[str] | tuple[str, ...]) -> int |
 # Loaders
 
 
-def _read_jsonl(path: str | os.PathLike[str]) -> list[tuple[int, dict[str, Any]]]:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"QA file not found: {path}")
-    rows = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: malformed JSON: {e.msg}") from e
-            if not isinstance(row, dict):
-                kind = type(row).__name__
-                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {kind}")
-            rows.append((lineno, row))
+def _read_items(path: str | os.PathLike[str]) -> list[tuple[int, dict[str, Any]]]:
+    rows = read_jsonl(path, what="QA file")
     if not rows:
-        raise ValueError(f"{path}: no records")
+        raise ValueError(f"{os.fspath(path)}: no records")
     return rows
 
 
@@ -259,7 +244,7 @@ def _mcq_answer(path: Any, lineno: int, row: dict[str, Any], n_options: int) -> 
 def load_mcq_jsonl(path: str | os.PathLike[str]) -> list[MCQItem]:
     """Multiple-choice items from a JSONL file (format in the module docstring)."""
     items = []
-    for lineno, row in _read_jsonl(path):
+    for lineno, row in _read_items(path):
         question = _question(path, lineno, row)
         options = _mcq_options(path, lineno, row)
         items.append(MCQItem(question, options, _mcq_answer(path, lineno, row, len(options))))
@@ -287,7 +272,7 @@ def _math_target(path: Any, lineno: int, raw: Any) -> tuple[str, str]:
 def load_math_jsonl(path: str | os.PathLike[str]) -> list[MathItem]:
     """Math word problems from a JSONL file (format in the module docstring)."""
     items = []
-    for lineno, row in _read_jsonl(path):
+    for lineno, row in _read_items(path):
         question = _question(path, lineno, row)
         if "answer" not in row:
             raise ValueError(f"{path}:{lineno}: missing key 'answer'")
@@ -352,7 +337,7 @@ def generated_mcq_items(n: int, seed: int = 0) -> list[MCQItem]:
             )
             picks = [wrong[int(i)] for i in rng.permutation(len(wrong))[:3]]
             answer = int(rng.integers(4))
-            options = picks[:answer] + [result] + picks[answer:]
+            options = [*picks[:answer], result, *picks[answer:]]
             return MCQItem(question, tuple(str(o) for o in options), answer, work=f"{a} {op} {b}")
 
         return question, build

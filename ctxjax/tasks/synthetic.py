@@ -43,6 +43,16 @@ DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "e
 NO_CONTEXT = "none"
 _MAX_DRAWS = 100_000
 
+
+def default_options() -> dict[str, Any]:
+    """The options of the embedded default world (the run config's default `task.options`, the
+    presets and the reproduction grid): `seq` prompts (flip rules, formats) and `max` prompts (the
+    nudges), 3-5 digits. A smaller world than `SyntheticTask()`'s, so a CPU base model learns it in
+    minutes. A fresh dict of YAML-native values each call: callers may edit or serialize it.
+    """
+    return {"families": ["seq", "max"], "max_len": 5}
+
+
 Digits = tuple[int, ...]
 
 
