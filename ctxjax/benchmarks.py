@@ -429,39 +429,6 @@ def _train_batch(
     return dict(prompt_ids=ids_x, prompt_mask=mask_x, ctx_prompt_ids=ids_c, ctx_prompt_mask=mask_c)
 
 
-def _student_loss(params, data: dict, h_t, w_t, graphdef, loss_cfg, beta, count):
-    """`step.distill_loss` with the teacher's hidden states given: the two student passes + loss."""
-    import jax.numpy as jnp
-    from flax import nnx
-
-    from ctxjax.step import per_token_losses, response_hidden
-
-    model = nnx.merge(graphdef, params, copy=True)
-    h_nc = response_hidden(
-        model, data["prompt_ids"], data["prompt_mask"], data["resp"], data["mask"]
-    )
-    h_c = (
-        response_hidden(
-            model, data["ctx_prompt_ids"], data["ctx_prompt_mask"], data["resp"], data["mask"]
-        )
-        if loss_cfg.uses_consistency
-        else None
-    )
-    opd, cons, rkl = per_token_losses(
-        loss_cfg,
-        loss_cfg.uses_consistency,
-        h_nc,
-        h_c,
-        h_t,
-        model.unembed_matrix(),
-        w_t,
-        data["resp"],
-    )
-    m = data["mask"].astype(jnp.float32)
-    loss = ((opd * m).sum() + beta * (cons * m).sum()) / count
-    return loss, (rkl * m).sum()
-
-
 def _forward_flops(cfg, rows: int, queries: int, keys: int, projected: int) -> int:
     """Matmul FLOPs of one forward: `queries` slots per row attending to `keys` slots (the model
     computes every query x key score, masked or not), `projected` positions per row unembedded."""
@@ -520,15 +487,18 @@ def _peak_matmul(reps: int) -> dict:
     }
 
 
-def _train_parts(graphdef, teacher_graphdef, tx, new_tokens: int, sampling, copts: dict | None):
+def _train_parts(
+    graphdef, teacher_graphdef, tx, new_tokens: int, method, loss_cfg, copts: dict | None
+):
     """The step's parts, each its own jitted function: sampling, the teacher's hidden states and
-    logits, value_and_grad of the student passes + loss (`_student_loss`), the optax update."""
+    logits (`step.teacher_targets`), value_and_grad of the student passes + loss
+    (`step.make_student_loss`), the optax update."""
     import jax
     import optax
     from flax import nnx
 
     from ctxjax.sampling import sample
-    from ctxjax.step import response_hidden
+    from ctxjax.step import make_student_loss, teacher_targets
 
     @functools.partial(jax.jit, compiler_options=copts)
     def sample_part(params, ids, mask, rng):
@@ -538,22 +508,18 @@ def _train_parts(graphdef, teacher_graphdef, tx, new_tokens: int, sampling, copt
             mask,
             rng,
             max_new_tokens=new_tokens,
-            params=sampling,
+            method=method,
             eos_ids=(),
             pad_id=0,
         )
 
     @functools.partial(jax.jit, compiler_options=copts)
     def teacher_part(teacher_params, data):
-        teacher = nnx.merge(teacher_graphdef, teacher_params)
-        h_t = response_hidden(
-            teacher, data["ctx_prompt_ids"], data["ctx_prompt_mask"], data["resp"], data["mask"]
-        )
-        return h_t, teacher.unembed_matrix(), teacher.logits(h_t)
+        h_t, w_t = teacher_targets(teacher_graphdef, teacher_params, data)
+        return h_t, w_t, nnx.merge(teacher_graphdef, teacher_params).logits(h_t)
 
     student_part = jax.jit(
-        jax.value_and_grad(_student_loss, has_aux=True),
-        static_argnums=(4, 5),
+        jax.value_and_grad(make_student_loss(graphdef, loss_cfg), has_aux=True),
         compiler_options=copts,
     )
 
@@ -573,8 +539,15 @@ def _time_train_step(preset: dict, reps: int, seed: int, copts: dict | None) -> 
 
     from ctxjax.config import LossConfig, OptimConfig, RolloutConfig
     from ctxjax.model import ModelConfig, create_model, init_cache
-    from ctxjax.sampling import SamplingParams
-    from ctxjax.step import StepConfig, init_state, jit_train_step, make_optimizer, make_train_step
+    from ctxjax.sampling import SamplingMethod
+    from ctxjax.step import (
+        StepConfig,
+        distill_batch,
+        init_state,
+        jit_train_step,
+        make_optimizer,
+        make_train_step,
+    )
 
     cfg = ModelConfig(**preset["model"])
     b, p, q, n = (
@@ -604,21 +577,21 @@ def _time_train_step(preset: dict, reps: int, seed: int, copts: dict | None) -> 
     # The parts get their own copy: the whole step donates (and so consumes) its state.
     params, opt_state = jax.tree.map(jnp.copy, (state.params, state.opt_state))
     step = jit_train_step(make_train_step(graphdef, teacher_graphdef, tx, step_cfg))
-    sampling = SamplingParams(temperature=rollout.temperature)
+    method = SamplingMethod(temperature=rollout.temperature)
 
     sample_part, teacher_part, student_part, optimizer_part = _train_parts(
-        graphdef, teacher_graphdef, tx, n, sampling, copts
+        graphdef, teacher_graphdef, tx, n, method, loss_cfg, copts
     )
 
     rng = jax.random.key(seed)
     rollout_out, sample_first = _time_call(
         sample_part, params, batch["prompt_ids"], batch["prompt_mask"], rng
     )
-    data = dict(batch, resp=rollout_out.tokens_BxN, mask=rollout_out.mask_BxN)
-    count = jnp.maximum(data["mask"].sum(), 1).astype(jnp.float32)
+    data = distill_batch(batch, rollout_out.tokens_BxN, rollout_out.mask_BxN)
+    count = jnp.maximum(data.resp_mask_BxN.sum(), 1).astype(jnp.float32)
     beta = jnp.float32(loss_cfg.beta)
     (h_t, w_t, _), teacher_first = _time_call(teacher_part, teacher_params, data)
-    student_args = (params, data, h_t, w_t, graphdef, loss_cfg, beta, count)
+    student_args = (params, data, h_t, w_t, beta, count)
     (_, grads), student_first = _time_call(student_part, *student_args)
     _, optimizer_first = _time_call(optimizer_part, grads, opt_state, params)
     # Compiled ahead of time (and called as such) for XLA's FLOPs; calls donate `state`.
@@ -716,7 +689,7 @@ def _loss_memory(mem: dict, full_logits_bytes: int, copts: dict | None) -> dict:
         loss_cfg = LossConfig(chunk_size=chunk)
 
         def loss(h_nc, h_c, h_t, w_s, w_t, tokens, mask, loss_cfg=loss_cfg):
-            opd, cons, rkl = per_token_losses(loss_cfg, True, h_nc, h_c, h_t, w_s, w_t, tokens)
+            opd, cons, rkl = per_token_losses(loss_cfg, h_nc, h_c, h_t, w_s, w_t, tokens)
             return (
                 losses.masked_mean(opd + loss_cfg.beta * cons, mask),
                 losses.masked_sum(rkl, mask),

@@ -18,14 +18,16 @@ from typing import Any
 
 import yaml
 
+from ctxjax import losses
 from ctxjax.data import DataConfig
 from ctxjax.model import DEFAULT_NUMERICS, ModelConfig, Numerics
 from ctxjax.tasks import synthetic
 
 log = logging.getLogger(__name__)
 
-OPD_LOSSES = ("reverse_kl", "reverse_kl_topk", "forward_kl", "jsd", "sampled_token")
-CONSISTENCY_LOSSES = ("nca", "dual_opd", "sym_kl")
+# The valid names are the loss registry's (ctxjax.losses), the one place that defines them.
+OPD_LOSSES = tuple(losses.OPD_LOSSES)
+CONSISTENCY_LOSSES = tuple(losses.CONSISTENCY_LOSSES)
 BETA_SCHEDULES = ("constant", "delayed", "linear")
 
 

@@ -4,7 +4,7 @@ Two entry points:
 - `sample`: the pure, jittable core. The train step calls it inside its own `jax.jit` with a model
   from `nnx.merge(graphdef, state)`; every shape is static (`max_new_tokens`, the prompt width).
 - `generate`: the user-facing wrapper over Python lists. It pads prompt width, token budget and batch
-  size up to buckets and calls one jitted function cached per (bucket shapes, `SamplingParams`,
+  size up to buckets and calls one jitted function cached per (bucket shapes, `SamplingMethod`,
   `eos_ids`, `pad_id`), so an evaluation run compiles a handful of times, not once per batch.
 
 Slots and positions follow `ctxjax.model`: prompts are left-padded, so the last prompt slot holds every
@@ -35,7 +35,7 @@ from ctxjax.padding import bucket_batch, bucket_length, pad_left_rows
 
 
 @dataclasses.dataclass(frozen=True)
-class SamplingParams:
+class SamplingMethod:
     """How the next token is chosen from the logits. Hashable, so it can be a static jit argument.
 
     The logits are processed in one fixed order: temperature, then top-k, then top-p (`process_logits`).
@@ -140,7 +140,7 @@ class _DecodeState:
 
 
 def _pick(
-    params: SamplingParams,
+    method: SamplingMethod,
     logits_BxV: jax.Array,
     rng: jax.Array,
     done_B: jax.Array,
@@ -148,7 +148,7 @@ def _pick(
     pad_id: int,
 ):
     """Chooses the next tokens and their raw log-probs; finished rows get `pad_id` and 0."""
-    tokens_B = params.next_tokens(logits_BxV, rng)
+    tokens_B = method.next_tokens(logits_BxV, rng)
     logprobs_BxV = jax.nn.log_softmax(logits_BxV.astype(jnp.float32), axis=-1)
     logprob_B = jnp.take_along_axis(logprobs_BxV, tokens_B[:, None], axis=-1)[:, 0]
     tokens_B = jnp.where(done_B, pad_id, tokens_B)
@@ -171,7 +171,7 @@ def _sample(
     active_B: jax.Array,
     *,
     max_new_tokens: int,
-    params: SamplingParams,
+    method: SamplingMethod,
     eos_ids: tuple[int, ...],
     pad_id: int,
 ) -> SampleOutput:
@@ -202,7 +202,7 @@ def _sample(
     logits_BxV = model.logits(out.hidden_BxLxD[:, -1])
     done_B = ~active_B.astype(bool) | (budget <= 0)
     first_B, logprob_B, done_after_B = _pick(
-        params, logits_BxV, jax.random.fold_in(rng, 0), done_B, eos_ids, pad_id
+        method, logits_BxV, jax.random.fold_in(rng, 0), done_B, eos_ids, pad_id
     )
     tokens_BxN = _write_column(jnp.full((b, n), pad_id, jnp.int32), first_B, 0)
     logprobs_BxN = _write_column(jnp.zeros((b, n), jnp.float32), logprob_B, 0)
@@ -229,7 +229,7 @@ def _sample(
         )
         logits_BxV = step_model.logits(fwd.hidden_BxLxD[:, 0])
         tok_B, lp_B, done_B = _pick(
-            params, logits_BxV, jax.random.fold_in(rng, s.step), s.done_B, eos_ids, pad_id
+            method, logits_BxV, jax.random.fold_in(rng, s.step), s.done_B, eos_ids, pad_id
         )
         return _DecodeState(
             step=s.step + 1,
@@ -258,7 +258,7 @@ def sample(
     rng: jax.Array,
     *,
     max_new_tokens: int,
-    params: SamplingParams,
+    method: SamplingMethod,
     eos_ids: tuple[int, ...],
     pad_id: int,
 ) -> SampleOutput:
@@ -269,7 +269,7 @@ def sample(
       prompt_ids_BxP / prompt_mask_BxP: left-padded prompts; every row needs >= 1 real token.
       rng: a PRNG key (unused when greedy). Step t draws with `fold_in(rng, t)`.
       max_new_tokens: static budget N; the KV cache has P + N slots.
-      params: temperature / top-k / top-p (static).
+      method: how each token is chosen: temperature / top-k / top-p (static).
       eos_ids: tokens that end a row (static; empty = run the full budget).
       pad_id: written after a row's first EOS; any int (it is never fed to the model, so an id
         outside the vocabulary is fine).
@@ -287,7 +287,7 @@ def sample(
         jnp.asarray(max_new_tokens, jnp.int32),
         jnp.ones((b,), bool),
         max_new_tokens=max_new_tokens,
-        params=params,
+        method=method,
         eos_ids=tuple(int(e) for e in eos_ids),
         pad_id=int(pad_id),
     )
@@ -298,7 +298,7 @@ def sample(
 # --------------------------------------------------------------------------------------------------
 
 
-@functools.partial(jax.jit, static_argnames=("max_new_tokens", "params", "eos_ids", "pad_id"))
+@functools.partial(jax.jit, static_argnames=("max_new_tokens", "method", "eos_ids", "pad_id"))
 def _generate_jit(
     model,
     prompt_ids_BxP,
@@ -308,7 +308,7 @@ def _generate_jit(
     active_B,
     *,
     max_new_tokens,
-    params,
+    method,
     eos_ids,
     pad_id,
 ):
@@ -323,7 +323,7 @@ def _generate_jit(
         budget,
         active_B,
         max_new_tokens=max_new_tokens,
-        params=params,
+        method=method,
         eos_ids=eos_ids,
         pad_id=pad_id,
     )
@@ -358,7 +358,7 @@ def generate(
             raise ValueError(f"generate: prompt {i} is empty (every prompt needs >= 1 token)")
     if max_new_tokens < 1:
         raise ValueError(f"generate: max_new_tokens must be >= 1, got {max_new_tokens}")
-    params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)
+    method = SamplingMethod(temperature=temperature, top_k=top_k, top_p=top_p)
     vocab = model.cfg.vocab_size
     for i, prompt in enumerate(prompts):
         bad = [t for t in prompt if not 0 <= int(t) < vocab]
@@ -378,7 +378,7 @@ def generate(
         np.int32(max_new_tokens),
         active_B,
         max_new_tokens=bucket_length(max_new_tokens),
-        params=params,
+        method=method,
         eos_ids=tuple(int(e) for e in eos_ids),
         pad_id=int(pad_id),
     )

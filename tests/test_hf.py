@@ -448,12 +448,22 @@ def test_tied_checkpoint_may_carry_a_copy_of_the_head(ckpt, tmp_path):
 
 
 def test_rotary_inv_freq_buffer_is_derived_not_loaded(ckpt, tmp_path):
-    folder = _copy(ckpt("llama"), tmp_path / "m")
+    # Older exports carry the rotary frequencies as a tensor. A wrong one (all ones) is accepted and
+    # ignored: the frequencies come from the config, so the logits still equal HF's on the clean
+    # checkpoint (all-ones frequencies would rotate every pair differently and move the logits).
+    path = ckpt("llama")
+    folder = _copy(path, tmp_path / "m")
     _edit_weights(
         folder,
         lambda t: t.update({"model.layers.0.self_attn.rotary_emb.inv_freq": np.ones(8, "f4")}),
     )
-    hf.load_model(folder)
+    ids, mask = _padded_batch()
+    ours = _ours(hf.load_model(folder), ids, mask)
+    assert _max_diff(ours, F.hf_logits(path, ids, mask), mask) < ATOL
+    # The check has teeth: rope_theta = 1 makes every frequency theta^(-2i/d) = 1, the buffer's.
+    ones = _copy(path, tmp_path / "ones")
+    _edit_config(ones, lambda c: c["rope_parameters"].update(rope_theta=1.0))
+    assert _max_diff(_ours(hf.load_model(ones), ids, mask), ours, mask) > 100 * ATOL
 
 
 def test_wrong_shape_names_tensor_and_shapes(ckpt, tmp_path):

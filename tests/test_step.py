@@ -21,14 +21,15 @@ from jax.sharding import PartitionSpec
 from ctxjax import sharding
 from ctxjax.config import LossConfig, OptimConfig, RolloutConfig
 from ctxjax.model import ModelConfig, create_model
-from ctxjax.sampling import SamplingParams, sample
+from ctxjax.sampling import SamplingMethod, sample
 from ctxjax.step import (
+    DistillBatch,
     StepConfig,
     beta_at,
-    distill_loss,
     init_state,
     jit_train_step,
     lr_schedule,
+    make_distill_loss,
     make_optimizer,
     make_train_step,
     response_hidden,
@@ -79,7 +80,7 @@ class World:
     eos: int  # a token row 0 emits first under greedy decoding: rollouts end unevenly
     prompts: list  # [x] token lists
     ctx_prompts: list  # [c|x] token lists
-    data: dict  # distill_loss input: left-padded views, response, mask
+    data: DistillBatch  # the loss's input: left-padded views, response, mask
     count: float
 
 
@@ -101,13 +102,13 @@ def world():
     mask = np.arange(N)[None, :] < np.asarray(RESP_LENS)[:, None]
     ids_x, mask_x = _left_pad(prompts, P)
     ids_c, mask_c = _left_pad(ctx_prompts, Q)
-    data = dict(
-        prompt_ids=ids_x,
-        prompt_mask=mask_x,
-        ctx_prompt_ids=ids_c,
-        ctx_prompt_mask=mask_c,
-        resp=resp,
-        mask=mask,
+    data = DistillBatch(
+        prompt_ids_BxP=jnp.asarray(ids_x),
+        prompt_mask_BxP=jnp.asarray(mask_x),
+        ctx_prompt_ids_BxC=jnp.asarray(ids_c),
+        ctx_prompt_mask_BxC=jnp.asarray(mask_c),
+        resp_BxN=jnp.asarray(resp),
+        resp_mask_BxN=jnp.asarray(mask),
     )
     graphdef, params = nnx.split(student, nnx.Param)
     teacher_graphdef, teacher_params = nnx.split(teacher, nnx.Param)
@@ -126,7 +127,7 @@ def world():
         eos,
         prompts,
         ctx_prompts,
-        {k: jnp.asarray(v) for k, v in data.items()},
+        data,
         float(mask.sum()),
     )
 
@@ -135,7 +136,7 @@ def _reference_logits(w: World, graphdef, params, prefixes):
     """Per row, the [n_resp, V] float64 logits that predict the response tokens, from one full
     forward pass over the *right*-padded `[prefix | y]` (natural positions, no left padding involved),
     sliced by hand: the logits at index len(prefix) - 1 + t predict response token t."""
-    resp, lens = np.asarray(w.data["resp"]), RESP_LENS
+    resp, lens = np.asarray(w.data.resp_BxN), RESP_LENS
     ids, mask = _right_pad([list(p) + list(resp[b, : lens[b]]) for b, p in enumerate(prefixes)])
     logits = np.asarray(_full_logits(graphdef, params, ids, mask), np.float64)
     return [logits[b, len(p) - 1 : len(p) - 1 + lens[b]] for b, p in enumerate(prefixes)]
@@ -181,7 +182,7 @@ def _token_mean(per_row):
 
 
 # ---------------------------------------------------------------------------------------------------
-# distill_loss programs: one compile per loss config, shared by the tests below
+# Loss programs (`make_distill_loss`): one compile per loss config, shared by the tests below
 # ---------------------------------------------------------------------------------------------------
 
 # XLA's cheap backend settings: these tests check semantics, and on CPU compiling is most of their
@@ -202,18 +203,12 @@ def program(world):
 
     def get(loss_cfg):
         if loss_cfg not in cache:
+            distill_loss = make_distill_loss(world.graphdef, world.teacher_graphdef, loss_cfg)
 
             def fn(params, teacher_params, data, beta):
                 def values(p, tp):
                     loss, (opd, cons, rkl) = distill_loss(
-                        p,
-                        data,
-                        tp,
-                        world.graphdef,
-                        world.teacher_graphdef,
-                        loss_cfg,
-                        beta,
-                        jnp.float32(world.count),
+                        p, tp, data, beta, jnp.float32(world.count)
                     )
                     vec = jnp.stack([loss, opd, cons])
                     return vec, (vec, rkl)
@@ -247,7 +242,7 @@ RKL_NCA = LossConfig(opd="reverse_kl")
 
 
 # ---------------------------------------------------------------------------------------------------
-# 1. Alignment: distill_loss against full forwards sliced by hand and float64 numpy KLs
+# 1. Alignment: the step's loss against full forwards sliced by hand and float64 numpy KLs
 # ---------------------------------------------------------------------------------------------------
 
 
@@ -289,7 +284,7 @@ VARIANTS = {
 def test_loss_variants_match_numpy_finite_grads_frozen_teacher(world, ref, program, name):
     loss_cfg, np_opd, np_cons = VARIANTS[name]
     (loss, opd_sum, cons_sum), _, g_student, g_teacher = _run(world, program, loss_cfg)
-    resp = np.asarray(world.data["resp"])
+    resp = np.asarray(world.data.resp_BxN)
     ys = [resp[b, :n] for b, n in enumerate(RESP_LENS)]
     cat = lambda f: np.concatenate(
         [f(nc, c, t, y) for nc, c, t, y in zip(ref["s_nc"], ref["s_c"], ref["t"], ys)]
@@ -312,20 +307,24 @@ def test_loss_variants_match_numpy_finite_grads_frozen_teacher(world, ref, progr
 def test_empty_context_views_identical_and_nca_zero(world, program):
     # [c|x] holds the same tokens as [x], only left-padded to a different width.
     ids_c, mask_c = _left_pad(world.prompts, Q)
-    data = dict(world.data, ctx_prompt_ids=jnp.asarray(ids_c), ctx_prompt_mask=jnp.asarray(mask_c))
+    data = world.data.replace(
+        ctx_prompt_ids_BxC=jnp.asarray(ids_c), ctx_prompt_mask_BxC=jnp.asarray(mask_c)
+    )
 
-    def both_views(params, d):
+    def both_views(params, d: DistillBatch):
         model = nnx.merge(world.graphdef, params)
-        h_x = response_hidden(model, d["prompt_ids"], d["prompt_mask"], d["resp"], d["mask"])
+        h_x = response_hidden(
+            model, d.prompt_ids_BxP, d.prompt_mask_BxP, d.resp_BxN, d.resp_mask_BxN
+        )
         h_c = response_hidden(
-            model, d["ctx_prompt_ids"], d["ctx_prompt_mask"], d["resp"], d["mask"]
+            model, d.ctx_prompt_ids_BxC, d.ctx_prompt_mask_BxC, d.resp_BxN, d.resp_mask_BxN
         )
         return model.logits(h_x), model.logits(h_c)
 
     logits_x, logits_c = map(
         np.asarray, _compile(both_views, world.params, data)(world.params, data)
     )
-    m = np.asarray(data["mask"])
+    m = np.asarray(data.resp_mask_BxN)
     np.testing.assert_allclose(logits_x[m], logits_c[m], atol=1e-5)
     (_, opd_sum, cons_sum), _, _, _ = _run(world, program, RKL_NCA, data=data)
     assert opd_sum / world.count > 0.05
@@ -338,7 +337,7 @@ def test_empty_context_views_identical_and_nca_zero(world, program):
 
 
 def test_nca_gradient_equals_kl_to_constant_anchor(world, ref, program):
-    resp = np.asarray(world.data["resp"])
+    resp = np.asarray(world.data.resp_BxN)
     ids, mask = _right_pad(
         [p + list(resp[b, : RESP_LENS[b]]) for b, p in enumerate(world.ctx_prompts)]
     )
@@ -419,10 +418,12 @@ def _run_steps(world, step_cfg, mesh, steps):
     state = jax.device_put(state, state_shardings)
     teacher = sharding.shard_params(world.teacher_params, mesh)
     batch = sharding.place_batch(
-        {
-            k: np.asarray(world.data[k])
-            for k in ("prompt_ids", "prompt_mask", "ctx_prompt_ids", "ctx_prompt_mask")
-        },
+        dict(
+            prompt_ids=np.asarray(world.data.prompt_ids_BxP),
+            prompt_mask=np.asarray(world.data.prompt_mask_BxP),
+            ctx_prompt_ids=np.asarray(world.data.ctx_prompt_ids_BxC),
+            ctx_prompt_mask=np.asarray(world.data.ctx_prompt_mask_BxC),
+        ),
         mesh,
     )
     rngs = [jax.random.fold_in(jax.random.key(7), i) for i in range(steps)]
@@ -488,12 +489,12 @@ def _hand_opd_update(world, response_len):
             mask,
             jax.random.key(0),
             max_new_tokens=N,
-            params=SamplingParams(0.0),
+            method=SamplingMethod(0.0),
             eos_ids=(world.eos,),
             pad_id=PAD,
         )
 
-    args = (world.params, world.data["prompt_ids"], world.data["prompt_mask"])
+    args = (world.params, world.data.prompt_ids_BxP, world.data.prompt_mask_BxP)
     out = _compile(rollout, *args)(*args)
     tokens, lens = np.asarray(out.tokens_BxN), np.asarray(out.lengths_B)
     assert float(response_len) == pytest.approx(lens.mean())
