@@ -141,3 +141,35 @@ def test_weight_stream_rate_is_near_numpys():
     kw = dict(batch=8, width=64, mats=4, reps=10, calls=5)
     ours = measure.weight_stream_rate(**kw)
     assert 0.05 < ours / _numpy_stream_rate(**kw) < 20
+
+
+def test_print_sample_reads_only_the_result(capsys):
+    """Printing is apart from measuring: a hand-made result prints, each figure where it belongs."""
+    timing = {"tokens_per_s": 60.2, "median_s": 0.133, "best_s": 0.13}
+    result = {
+        "setup": {"batch": 2, "prompt_len": 4, "new_tokens": 4, "reps": 3, "load_avg_1min": [1, 2]},
+        "ctxjax": {**timing, "compile_s": 17.8},
+        "transformers": {**timing, "tokens_per_s": 21.8, "torch_threads": 1},
+        "transformers_by_threads": {
+            "1": {**timing, "tokens_per_s": 21.8},
+            "4": {"skipped": "slow"},
+        },
+        "speedup": 2.76,
+        "tokens_identical": True,
+        "memory_floor": {
+            "bytes_per_decode_step": 2**24,
+            "weight_stream_gb_per_s": 11.9,
+            "floor_ms_per_step": 1.5,
+            "ctxjax_ms_per_step": 33.2,
+            "floor_tokens_per_s": 1356.0,
+            "floor_speedup": 62.2,
+        },
+    }
+    bench.BENCHMARKS["sample"][2](result)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("sample: batch 2, prompt 4, 4 new tokens, greedy, median of 3")
+    assert lines[2].split() == ["ctxjax", "60.2", "0.1330", "0.1300", "17.80"]
+    assert lines[3].split()[-4:] == ["21.8", "0.1330", "0.1300", "-"]
+    assert lines[4].split()[-2:] == ["skipped:", "slow"]
+    assert "(1 thr): 2.76x; identical tokens: True" in lines[5]
+    assert "16.0 MiB per decode step" in lines[6]

@@ -16,7 +16,7 @@ import time
 
 import numpy as np
 
-# bench_sample: a tiny Llama, big enough that the decode step is real work on a CPU.
+# measure_sample: a tiny Llama, big enough that the decode step is real work on a CPU.
 SAMPLE_MODEL = dict(
     vocab_size=512,
     hidden_size=256,
@@ -244,7 +244,7 @@ def measure_sample(
 
 
 # --------------------------------------------------------------------------------------------------
-# bench_train: where the time of one OPD + NCA step goes, and the memory of its loss
+# measure_train: where the time of one OPD + NCA step goes, and the memory of its loss
 # --------------------------------------------------------------------------------------------------
 
 # Part 1 (timing). "small" is the CPU default run (`RunConfig`'s model and data sizes); rollouts run
