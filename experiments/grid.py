@@ -145,7 +145,6 @@ def load_base_models(path: str) -> BaseModelsSpec:
 
 @dataclasses.dataclass(frozen=True)
 class _GridFile:
-    extends: str | None = None
     base_models: str = "../base_models.yaml"
     sizes: tuple = ()
     seeds: tuple = ()
