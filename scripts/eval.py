@@ -11,7 +11,8 @@ read from the model's folder unless --tokenizer is given. Bad input exits with s
 import argparse
 import sys
 
-from ctxjax.report import InputError, evaluate_checkpoint, metrics_table, parse_task_options
+from ctxjax.evaluate import InputError, parse_task_options
+from experiments.eval_report import evaluate_and_report, metrics_table
 
 
 def main(argv: list[str]) -> None:
@@ -47,7 +48,7 @@ def main(argv: list[str]) -> None:
     p.add_argument("--out", required=True, help="output folder")
     args = p.parse_args(argv)
     try:
-        out = evaluate_checkpoint(
+        out = evaluate_and_report(
             args.model,
             args.task,
             args.context,

@@ -22,10 +22,11 @@ from ctxjax.base import tokenizer_corpus
 from ctxjax.config import SAMPLED_EVAL_DRAWS, EvalConfig, eval_draws, load_config
 from ctxjax.evaluate import ViewAnswers, evaluate_context, layer_cosine, stream_seed
 from ctxjax.model import ModelConfig, create_model
-from ctxjax.report import compare_table, format_cell, metrics_table, write_report
 from ctxjax.tasks import get_task
 from ctxjax.train import format_summary
 from ctxjax.vocab import build_tokenizer
+from experiments.eval_report import metrics_table, write_report
+from experiments.tables import Stat, compare_table, format_cell
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "scripts", "eval.py")
@@ -415,7 +416,8 @@ def test_write_report_table_matches_dict(tmp_path):
     )
     paths = write_report(result, str(tmp_path), "hand", baseline=baseline)
     assert set(paths) == {"json", "markdown", "accuracy", "layer_cosine", "lengths", "retention"}
-    md = open(paths["markdown"]).read()
+    with open(paths["markdown"]) as f:
+        md = f.read()
     assert md.startswith("# hand")
     table = _table(md)
     expected = {
@@ -442,11 +444,13 @@ def test_write_report_table_matches_dict(tmp_path):
         )
     assert table["n"] == ["40", "40"]
     assert "6 \\| 6" in md  # a `|` inside a sample answer does not split the cell
-    saved = json.load(open(paths["json"]))
+    with open(paths["json"]) as f:
+        saved = json.load(f)
     assert saved["delta_len"] is None and saved["acc_x"] == 0.625  # strict JSON: NaN -> null
     assert saved["baseline"]["retention"] == {"hint": 0.9, "pirate": 0.25}
     for name in ("accuracy", "layer_cosine", "lengths", "retention"):
-        assert open(paths[name], "rb").read(8) == PNG_SIGNATURE
+        with open(paths[name], "rb") as f:
+            assert f.read(8) == PNG_SIGNATURE
 
 
 def test_write_report_skips_missing_plots(tmp_path):
@@ -476,6 +480,10 @@ def test_compare_table_formats_cells():
         "| b\\|c | 2.000 | - | - |",
     ]
     assert format_cell(True) == "True" and format_cell(None) == "-"
+    # A metric over seeds: mean ± std, the mean alone for one run, "-" when undefined.
+    assert format_cell(Stat(0.25, 0.0625, 2)) == "0.250 ± 0.062"
+    assert format_cell(Stat(0.25, 0.0, 1)) == "0.250"
+    assert format_cell(Stat(float("nan"), float("nan"), 2)) == "-"
     assert format_cell("two\nlines") == "two lines"
 
 
