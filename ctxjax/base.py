@@ -23,7 +23,7 @@ import optax
 from flax import nnx
 
 from ctxjax import hf
-from ctxjax.config import MODEL_SIZES, BaseModelConfig, OptimConfig
+from ctxjax.config import BaseModelConfig, OptimConfig
 from ctxjax.model import DEFAULT_NUMERICS, ModelConfig, Numerics, create_model
 from ctxjax.padding import pad_left
 from ctxjax.step import make_optimizer

@@ -17,7 +17,14 @@ from typing import Any
 
 import yaml
 
-from ctxjax.config import BaseModelConfig, RunConfig, from_dict, load_config
+from ctxjax.config import (
+    MODEL_SIZES,
+    BaseModelConfig,
+    RunConfig,
+    TaskConfig,
+    from_dict,
+    load_config,
+)
 from ctxjax.model import ModelConfig
 
 
@@ -68,7 +75,6 @@ def _check_overrides(overrides: Any, path: str, where: str) -> dict:
 @dataclasses.dataclass(frozen=True)
 class _BaseModelsFile:
     cache_dir: str = "runs/base"
-    sizes: dict = dataclasses.field(default_factory=dict)
     eval: dict = dataclasses.field(default_factory=dict)
     tasks: dict = dataclasses.field(default_factory=dict)
 
@@ -102,7 +108,7 @@ class BaseModelEntry:
 class BaseModelsSpec:
     path: str
     cache_dir: str
-    sizes: dict[str, dict]  # size name -> `model.*` fields
+    sizes: dict[str, dict]  # size name -> `model.*` fields (ctxjax.config.MODEL_SIZES)
     eval: BaseEval
     entries: dict[str, BaseModelEntry]
 
@@ -113,17 +119,14 @@ class BaseModelsSpec:
 def load_base_models(path: str) -> BaseModelsSpec:
     """`configs/base_models.yaml`, strictly: unknown keys anywhere are a `GridError` naming them."""
     raw = _parse(_BaseModelsFile, _read_yaml(path), path, "")
-    for size, fields in raw.sizes.items():
-        # The vocabulary is the base model's (base.vocab_size), never a size's.
-        if isinstance(fields, dict) and "vocab_size" in fields:
-            raise GridError(f"{path}: sizes.{size}: vocab_size comes from base.vocab_size")
-        _check_overrides({"model": fields}, path, f"sizes.{size}")
     entries = {}
     for name, entry in raw.tasks.items():
         where = f"tasks.{name}"
         if not isinstance(entry, dict):
             raise GridError(f"{path}: {where} must be a mapping, got {entry!r}")
-        options = entry.get("options") or {}
+        # No `options`: the library's defaults for the task (TaskConfig), not a copy of them.
+        options = entry.get("options")
+        options = TaskConfig(name=name).options if options is None else options
         base = {k: v for k, v in entry.items() if k != "options"}
         if "cache_dir" in base:
             raise GridError(f"{path}: {where}: cache_dir is set once, at the top level")
@@ -132,7 +135,7 @@ def load_base_models(path: str) -> BaseModelsSpec:
     return BaseModelsSpec(
         path=path,
         cache_dir=raw.cache_dir,
-        sizes=dict(raw.sizes),
+        sizes=dict(MODEL_SIZES),
         eval=_parse(BaseEval, raw.eval, path, "eval"),
         entries=entries,
     )

@@ -7,10 +7,11 @@ import math
 
 import numpy as np
 
+from ctxjax.metrics import SUMMARY_KEYS
 from experiments.tables import Stat
 
 # The metrics of a run's evaluation that the result tables show (a record keeps every field).
-METRICS = ("acc_x", "acc_xc", "harm", "both_correct", "delta_len", "retention_mean")
+METRICS = SUMMARY_KEYS  # the metrics every table reports (ctxjax.metrics)
 
 
 def _mean_std(values: list[float | None]) -> tuple[float, float]:

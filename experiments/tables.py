@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from typing import Any, NamedTuple
 
-import numpy as np
+from ctxjax.metrics import format_value, markdown_table
 
 
 class Stat(NamedTuple):
@@ -18,32 +18,17 @@ class Stat(NamedTuple):
 
 
 def format_cell(value: Any) -> str:
-    """A table cell: floats to 3 decimals, NaN / None as "-", a `Stat` as "mean ± std" (the mean
-    alone for one run), text with `|` escaped, one line."""
-    if value is None:
-        return "-"
+    """A table cell: a `Stat` as "mean ± std" (the mean alone for one run, "-" when undefined),
+    anything else as the library formats it (`ctxjax.metrics.format_value`)."""
     if isinstance(value, Stat):
         if math.isnan(value.mean):
             return "-"
-        mean = format_cell(value.mean)
-        return f"{mean} ± {format_cell(value.std)}" if value.n > 1 else mean
-    if isinstance(value, (bool, np.bool_)):
-        return str(bool(value))
-    if isinstance(value, (int, np.integer)):
-        return str(int(value))
-    if isinstance(value, (float, np.floating)):
-        return "-" if math.isnan(value) else f"{float(value):.3f}"
-    return " ".join(str(value).split()).replace("|", "\\|")
+        mean = format_value(value.mean)
+        return f"{mean} ± {format_value(value.std)}" if value.n > 1 else mean
+    return format_value(value)
 
 
 def compare_table(rows: list[dict], columns: list[str]) -> str:
-    """A markdown table with one line per row dict and the given columns, in order.
-
-    Cells go through `format_cell`; a key a row lacks shows "-".
-    """
-    if not columns:
-        raise ValueError("compare_table needs at least one column")
-    lines = ["| " + " | ".join(format_cell(c) for c in columns) + " |", "|" + "---|" * len(columns)]
-    for row in rows:
-        lines.append("| " + " | ".join(format_cell(row.get(c)) for c in columns) + " |")
-    return "\n".join(lines)
+    """A markdown table with one line per row dict and the given columns, in order; cells through
+    `format_cell`, a key a row lacks shows "-"."""
+    return markdown_table(rows, columns, format_cell)
