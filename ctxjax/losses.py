@@ -72,9 +72,9 @@ def _log_probs(logits_BxTxV: jax.Array) -> jax.Array:
 
 
 def _kl_from_log_probs(logp_BxTxV: jax.Array, logq_BxTxV: jax.Array) -> jax.Array:
-    """`KL(p || q) = Σ_v p (log p − log q)` over the last axis, with `0 · log 0 = 0`.
+    """`KL(p || q) = Σ_v p (log p - log q)` over the last axis, with `0 · log 0 = 0`.
 
-    Both `where`s are needed: the inner one keeps `−inf − (−inf) = nan` at zero-probability entries
+    Both `where`s are needed: the inner one keeps `-inf - (-inf) = nan` at zero-probability entries
     out of the forward value, and since the unselected branch then gets a zero cotangent (not
     `0 · nan`), out of the backward pass too.
     """
@@ -95,7 +95,7 @@ def _teacher(teacher_logits_BxTxV: jax.Array) -> jax.Array:
 
 
 def reverse_kl(student_logits_BxTxV: jax.Array, teacher_logits_BxTxV: jax.Array) -> jax.Array:
-    """Per-token reverse KL over the full vocabulary: `Σ_v p_s (log p_s − log p_t)` → `[B, T]`.
+    """Per-token reverse KL over the full vocabulary: `Σ_v p_s (log p_s - log p_t)` → `[B, T]`.
 
     Mode-seeking; the standard on-policy distillation objective. Teacher under stop_gradient.
     """
@@ -133,7 +133,7 @@ def reverse_kl_topk(
 
 
 def forward_kl(student_logits_BxTxV: jax.Array, teacher_logits_BxTxV: jax.Array) -> jax.Array:
-    """Per-token forward KL over the full vocabulary: `Σ_v p_t (log p_t − log p_s)` → `[B, T]`.
+    """Per-token forward KL over the full vocabulary: `Σ_v p_t (log p_t - log p_s)` → `[B, T]`.
 
     Mode-covering (GKD's "supervised" direction). Teacher under stop_gradient.
     """
@@ -146,18 +146,18 @@ def forward_kl(student_logits_BxTxV: jax.Array, teacher_logits_BxTxV: jax.Array)
 def generalized_jsd(
     student_logits_BxTxV: jax.Array, teacher_logits_BxTxV: jax.Array, beta: float = 0.5
 ) -> jax.Array:
-    """Per-token generalized Jensen–Shannon divergence of GKD (Agarwal et al., 2024) → `[B, T]`.
+    """Per-token generalized Jensen-Shannon divergence of GKD (Agarwal et al., 2024) → `[B, T]`.
 
-    `JSD(β) = β · KL(p_t ‖ m) + (1 − β) · KL(p_s ‖ m)` with `m = β p_t + (1 − β) p_s`; `log m` is
-    computed stably as `logaddexp(log β + log p_t, log(1 − β) + log p_s)`. β = 0.5 is the usual
+    `JSD(β) = β · KL(p_t ‖ m) + (1 - β) · KL(p_s ‖ m)` with `m = β p_t + (1 - β) p_s`; `log m` is
+    computed stably as `logaddexp(log β + log p_t, log(1 - β) + log p_s)`. β = 0.5 is the usual
     (symmetric) JSD. Teacher under stop_gradient. `beta` must be a static Python number in [0, 1].
 
     Edge cases: the formula is identically 0 at β = 0 and at β = 1 (m equals one of the two
     distributions and that term's weight is 0). Instead we return the limits of the *scaled*
     divergence, as TRL's `GKDTrainer` and Liger-Kernel's JSD do: β = 0 returns `forward_kl`
     (`JSD(β)/β → KL(p_t ‖ p_s)` as β → 0) and β = 1 returns `reverse_kl`
-    (`JSD(β)/(1 − β) → KL(p_s ‖ p_t)` as β → 1). So the value jumps at the endpoints by the factor
-    β or 1 − β; a loss that is silently zero for a valid setting would be worse.
+    (`JSD(β)/(1 - β) → KL(p_s ‖ p_t)` as β → 1). So the value jumps at the endpoints by the factor
+    β or 1 - β; a loss that is silently zero for a valid setting would be worse.
     """
     _check_same_shape(
         student_logits_BxTxV, teacher_logits_BxTxV, "generalized_jsd(student, teacher)"
@@ -207,10 +207,10 @@ def sampled_token_pg(
 ) -> jax.Array:
     """Per-token sampled-token OPD surrogate in policy-gradient form → `[B, T]`.
 
-    With `y_t` sampled from the student, the advantage is `A_t = −(log p_s(y_t) − log p_t(y_t))`
-    (student log-prob and teacher under stop_gradient) and the surrogate is `−A_t · log p_s(y_t)`,
-    whose gradient `−A_t ∇ log p_s(y_t)` is the single-sample estimate of the reverse-KL gradient.
-    The *value* is a surrogate, not a KL: for logging use `student − teacher` token log-probs (the
+    With `y_t` sampled from the student, the advantage is `A_t = -(log p_s(y_t) - log p_t(y_t))`
+    (student log-prob and teacher under stop_gradient) and the surrogate is `-A_t · log p_s(y_t)`,
+    whose gradient `-A_t ∇ log p_s(y_t)` is the single-sample estimate of the reverse-KL gradient.
+    The *value* is a surrogate, not a KL: for logging use `student - teacher` token log-probs (the
     k1 estimate of reverse KL). Inputs come from `token_logprobs`.
     """
     _check_same_shape(
@@ -230,8 +230,8 @@ def sampled_token_pg(
 def nca(student_nc_logits_BxTxV: jax.Array, student_c_logits_BxTxV: jax.Array) -> jax.Array:
     """No-Context Anchoring: `KL(sg[p(·|x)] ‖ p(·|c,x))` per token → `[B, T]`.
 
-    `Σ_v sg[p_nc] (log sg[p_nc] − log p_c)`: the no-context view is a stop-gradient anchor, so the
-    gradient (`p_c − p_nc` w.r.t. the with-context logits) only keeps the with-context view from
+    `Σ_v sg[p_nc] (log sg[p_nc] - log p_c)`: the no-context view is a stop-gradient anchor, so the
+    gradient (`p_c - p_nc` w.r.t. the with-context logits) only keeps the with-context view from
     drifting away from what OPD teaches the no-context view; it never pulls the no-context view.
     """
     _check_same_shape(student_nc_logits_BxTxV, student_c_logits_BxTxV, "nca(student_nc, student_c)")
@@ -249,7 +249,7 @@ def dual_opd(
 ) -> jax.Array:
     """DualOPD ablation: the with-context student view pulled to the teacher → `[B, T]`.
 
-    The OPD divergence `kind` (default reverse KL, `Σ_v p_c (log p_c − log p_t)`) with the
+    The OPD divergence `kind` (default reverse KL, `Σ_v p_c (log p_c - log p_t)`) with the
     with-context view in the student's place; teacher under stop_gradient.
     """
     return opd_divergence(

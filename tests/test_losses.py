@@ -347,7 +347,7 @@ def test_reverse_kl_student_gradient_matches_closed_form(views):
     nc, _, t, mask = views
     w = mask / max(mask.sum(), 1)
     got = jax.grad(lambda s: losses.masked_mean(losses.reverse_kl(s, t), mask))(nc)
-    # d/dz_s Σ p_s (log p_s − log p_t) = p_s ⊙ (log p_s − log p_t − KL)
+    # d/dz_s Σ p_s (log p_s - log p_t) = p_s ⊙ (log p_s - log p_t - KL)
     logp_s, logp_t = np_log_softmax(nc), np_log_softmax(t)
     d = logp_s - logp_t
     want = np.exp(logp_s) * (d - np_kl(nc, t)[..., None]) * w[..., None]
@@ -359,7 +359,7 @@ def test_nca_gradient_only_reaches_the_with_context_view(views):
     fn = lambda nc, c: losses.masked_mean(losses.nca(nc, c), mask)
     g_nc, g_c = jax.grad(fn, argnums=(0, 1))(nc, c)
     assert np.all(np.asarray(g_nc) == 0.0)
-    # d/dz_c Σ sg[p_nc] (log p_nc − log p_c) = p_c − p_nc, weighted by the masked-mean weights.
+    # d/dz_c Σ sg[p_nc] (log p_nc - log p_c) = p_c - p_nc, weighted by the masked-mean weights.
     w = mask / max(mask.sum(), 1)
     want = (np.exp(np_log_softmax(c)) - np.exp(np_log_softmax(nc))) * w[..., None]
     np.testing.assert_allclose(g_c, want, rtol=1e-4, atol=1e-7)
