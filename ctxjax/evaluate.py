@@ -254,6 +254,8 @@ EVAL_KWARGS = (
     "examples",
     "max_new_tokens",
     "temperature",
+    "samples",
+    "coupled_views",
     "batch_size",
     "seed",
     "retention",
@@ -291,18 +293,28 @@ def _check_model_folder(path: str, what: str) -> None:
 
 
 def _resolve_task(task_name: str, context: str, task_options: dict | None):
+    """The task and the name of the context evaluated. For "jsonl" (a user's records: task options
+    `eval_file`, `context`, `verifier`, ...), an empty `context` means the file's only one."""
     from ctxjax.tasks import get_task
+    from ctxjax.tasks.jsonl import JsonlTask
 
     try:
-        task = get_task(task_name, **(task_options or {}))
-    except (TypeError, ValueError) as e:
-        raise InputError(str(e)) from None
+        if task_name == "jsonl":
+            task = JsonlTask(**(task_options or {}))
+        else:
+            task = get_task(task_name, **(task_options or {}))
+    except (TypeError, ValueError, FileNotFoundError) as e:
+        raise InputError(str(e).splitlines()[0] if str(e) else repr(e)) from None
     valid = task.contexts()
+    if task_name == "jsonl" and not context:
+        if len(valid) != 1:
+            raise InputError(f"the records hold {len(valid)} contexts: pick one of {sorted(valid)}")
+        return task, next(iter(valid))
     if context not in valid:
         raise InputError(
             f"unknown context {context!r} for task {task_name!r}; valid: {sorted(valid)}"
         )
-    return task
+    return task, context
 
 
 def _eval_settings(eval_kwargs: dict) -> dict:
@@ -352,7 +364,7 @@ def evaluate_checkpoint(
         _check_model_folder(baseline_path, "baseline model")
     if tokenizer_path is not None and not os.path.isdir(tokenizer_path):
         raise InputError(f"tokenizer folder not found: {tokenizer_path}")
-    task = _resolve_task(task_name, context, task_options)
+    task, context = _resolve_task(task_name, context, task_options)
     settings = _eval_settings(eval_kwargs)
 
     def run(path: str) -> dict:
@@ -362,6 +374,7 @@ def evaluate_checkpoint(
         return {
             "model": os.path.abspath(path),
             "task": task_name,
+            "context_text": task.contexts()[context],
             "task_options": dict(task_options or {}),
             "settings": settings,
             **result,

@@ -166,6 +166,8 @@ def evaluate_and_report(
     before anything is loaded or written), then its report written into `out_dir`."""
     out = evaluate_checkpoint(model_path, task_name, context, **kwargs)
     result = {k: v for k, v in out.items() if k != "baseline"}
-    title = title or f"{os.path.basename(os.path.normpath(model_path))}: {task_name} / {context}"
+    title = (
+        title or f"{os.path.basename(os.path.normpath(model_path))}: {task_name} / {out['context']}"
+    )
     write_report(result, out_dir, title, baseline=out.get("baseline"))
     return out

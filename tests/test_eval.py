@@ -20,7 +20,14 @@ from ctxjax import hf
 from ctxjax import metrics as metrics_lib
 from ctxjax.base import tokenizer_corpus
 from ctxjax.config import SAMPLED_EVAL_DRAWS, EvalConfig, eval_draws, load_config
-from ctxjax.evaluate import ViewAnswers, evaluate_context, layer_cosine, stream_seed
+from ctxjax.evaluate import (
+    InputError,
+    ViewAnswers,
+    evaluate_checkpoint,
+    evaluate_context,
+    layer_cosine,
+    stream_seed,
+)
 from ctxjax.model import ModelConfig, create_model
 from ctxjax.tasks import get_task
 from ctxjax.train import format_summary
@@ -559,3 +566,35 @@ def test_script_end_to_end_with_baseline(checkpoints, script_run):
     for name in ("accuracy", "layer_cosine", "lengths", "retention"):
         data = (out / f"{name}.png").read_bytes()
         assert data.startswith(PNG_SIGNATURE) and len(data) > 5000, name
+
+
+def test_evaluate_checkpoint_on_a_users_jsonl(checkpoints, tmp_path):
+    """`scripts/eval.py --data FILE.jsonl`'s path: the user's records with a verifier, their only
+    context picked, every metric present; a mistyped verifier is a one-line InputError."""
+    records = get_task("synthetic", **TASK_OPTIONS).eval_records("careful", 6, 0)
+    data = tmp_path / "eval.jsonl"
+    data.write_text("".join(json.dumps({k: r[k] for k in ("context", "prompt", "answer")}) + "\n"
+                            for r in records))  # fmt: skip
+    out = evaluate_checkpoint(
+        checkpoints[0], "jsonl", "", task_options={"eval_file": str(data), "verifier": "exact"},
+        examples=6, max_new_tokens=6, batch_size=8, temperature=0.0, retention=False,
+        with_cosine=False,
+    )  # fmt: skip
+    assert out["context"] == "ctx0" and out["context_text"] == records[0]["context"]
+    assert out["n"] == 6 and out["mode"] == "greedy"
+    assert {"acc_x", "acc_xc", "harm", "both_correct", "delta_len"} <= set(out)
+    with pytest.raises(InputError, match=r"^the run's verifier: unknown verifier type 'exakt'"):
+        evaluate_checkpoint(
+            checkpoints[0], "jsonl", "", task_options={"eval_file": str(data), "verifier": "exakt"}
+        )
+
+
+def test_eval_script_needs_a_task_or_data(capsys):
+    """Without --task or --data the script refuses (it used to run the digit task on any model)."""
+    spec = importlib.util.spec_from_file_location("eval_script", SCRIPT)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    with pytest.raises(SystemExit) as exit_info:
+        script.main(["--model", "m", "--out", "o"])
+    assert exit_info.value.code == 2
+    assert "give --task NAME (and --context) or --data FILE.jsonl" in capsys.readouterr().err
