@@ -2,6 +2,7 @@
 forward pass for the log-probs, HF transformers' greedy `generate` for the tokens."""
 
 import functools
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -121,7 +122,8 @@ def np_process(logits, temperature, top_k, top_p):
                 if mass >= top_p:
                     break
                 smallest_kept = probs[idx]
-                # Guard: the reference and the float32 kernel must not disagree by rounding at a boundary.
+                # Guard: the reference and the float32 kernel must not disagree by rounding at a
+                # boundary.
                 assert abs(mass - top_p) > 1e-4
                 mass += probs[idx]
             row[probs < smallest_kept] = -np.inf
@@ -152,18 +154,19 @@ def test_process_logits_matches_numpy(temperature, top_k, top_p):
 
 
 def test_process_logits_order_and_ties_by_hand():
-    # Temperature 0.5 turns [2, 1, 1, 0, -3] into [4, 2, 2, 0, -6]; top-k 2 keeps the tie at 2 (three
-    # tokens); renormalized p = [e^4, e^2, e^2] / Z = [0.787, 0.106, 0.106]. top_p 0.8: the mass before
-    # the second token is 0.787 < 0.8, so it is kept, and its tie (mass before 0.894) is kept with it.
+    # Temperature 0.5 turns [2, 1, 1, 0, -3] into [4, 2, 2, 0, -6]; top-k 2 keeps the tie at 2
+    # (three tokens); renormalized p = [e^4, e^2, e^2] / Z = [0.787, 0.106, 0.106]. top_p 0.8: the
+    # mass before the second token is 0.787 < 0.8, so it is kept, and its tie (mass before 0.894) is
+    # kept with it.
     logits = jnp.array([[2.0, 1.0, 1.0, 0.0, -3.0]])
     got = SamplingMethod(0.5, 2, 0.8).process_logits(logits)
     np.testing.assert_allclose(got, [[4.0, 2.0, 2.0, -np.inf, -np.inf]])
     # top_p 0.7 < 0.787: only the argmax survives.
     got = SamplingMethod(0.5, 2, 0.7).process_logits(logits)
     np.testing.assert_allclose(got, [[4.0, -np.inf, -np.inf, -np.inf, -np.inf]])
-    # Without top-k, p = [0.776, 0.105, 0.105, 0.014, 0.00003]: top_p 0.9 keeps three tokens (mass
-    # before the third is 0.881 < 0.9, before the fourth 0.986). top-k 1 first leaves only the argmax
-    # whatever top_p says: top-k comes before top-p.
+    # Without top-k, p = [0.776, 0.105, 0.105, 0.014, 0.00003]: top_p 0.9 keeps three tokens
+    # (mass before the third is 0.881 < 0.9, before the fourth 0.986). top-k 1 first leaves only the
+    # argmax whatever top_p says: top-k comes before top-p.
     np.testing.assert_allclose(
         SamplingMethod(0.5, None, 0.9).process_logits(logits), [[4.0, 2.0, 2.0, -np.inf, -np.inf]]
     )
@@ -242,9 +245,9 @@ def test_sampled_tokens_vary_with_seed(model):
 
 
 class CountingTransformer(Transformer):
-    """Counts forward calls at run time (inside the compiled while loop) through a debug callback."""
+    """Counts forward calls at run time (inside the compiled while loop) via a debug callback."""
 
-    calls = [0]
+    calls: ClassVar[list[int]] = [0]
 
     def forward(self, tokens_BxL, **kwargs):
         jax.debug.callback(lambda: CountingTransformer.calls.__setitem__(0, self.calls[0] + 1))
@@ -288,11 +291,11 @@ def test_no_eos_runs_full_budget_and_generate_trims(model):
 
 
 def test_padding_invariance(model):
-    """A greedy row does not depend on the other rows, the prompt bucket, the batch or budget bucket."""
+    """A greedy row is independent of the other rows and of the prompt, batch and budget buckets."""
     alone = generate(model, [PROMPTS[1]], max_new_tokens=6)
     batched = generate(model, PROMPTS, max_new_tokens=6)  # other rows, batch bucket 4
     long_prompt = list(range(1, 21))  # prompt bucket 32 instead of 8; batch 5 -> bucket 8
-    wide = generate(model, PROMPTS + [long_prompt], max_new_tokens=20)  # budget bucket 32
+    wide = generate(model, [*PROMPTS, long_prompt], max_new_tokens=20)  # budget bucket 32
     for other, row in ((batched, 1), (wide, 1)):
         np.testing.assert_array_equal(other.tokens_BxN[row, :6], alone.tokens_BxN[0])
         np.testing.assert_allclose(other.logprobs_BxN[row, :6], alone.logprobs_BxN[0], atol=1e-5)
