@@ -3,8 +3,8 @@
 `load_config("configs/x.yaml", ["loss.beta=0.1", "model.num_layers=4"])` builds a `RunConfig`.
 Every key is checked against the dataclass fields: an unknown or mistyped key is an error that names
 the valid keys at that level, and a value of the wrong type is an error that names the key. A
-setting the run would ignore (an architecture with `student=`, evaluation with `task.name=jsonl`)
-is an error too.
+setting the run would ignore (an architecture with `student=`; evaluation settings on a JSONL run
+without an eval split, checked at set-up in `ctxjax.train`) is an error too.
 """
 
 from __future__ import annotations
