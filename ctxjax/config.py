@@ -293,6 +293,14 @@ class RunConfig:
         if self.student and base_keys:
             # A warning, not an error: the CPU presets set base.* and stay usable with student=.
             log.warning("%s ignored: student= is set, no base model is built", ", ".join(base_keys))
+        if 0 < self.train.steps <= self.optim.warmup_steps:
+            # Legal (the schedule shortens the warmup to fit), but the peak rate is never held.
+            log.warning(
+                "train.steps=%d is not above optim.warmup_steps=%d: the learning rate never "
+                "leaves its warmup",
+                self.train.steps,
+                self.optim.warmup_steps,
+            )
 
 
 def _coerce(key: str, value: Any, hint: Any) -> Any:

@@ -283,3 +283,11 @@ def test_jsonl_task_drops_the_synthetic_defaults():
     assert cfg.task.options == {} and cfg.task.context == ""
     cfg = load_config(None, ["task.name=jsonl", "task.options.eval_fraction=0.25"])
     assert cfg.task.options == {"eval_fraction": 0.25}
+
+
+def test_steps_within_the_warmup_warn(caplog):
+    with caplog.at_level(logging.WARNING, logger="ctxjax"):
+        load_config(None, ["train.steps=20"])  # above the default warmup of 10
+        assert not caplog.records
+        load_config(None, ["train.steps=5"])
+    assert "train.steps=5 is not above optim.warmup_steps=10" in caplog.text
