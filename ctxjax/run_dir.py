@@ -52,8 +52,14 @@ def write_json_atomic(path: str, data: Any) -> None:
 
 
 def holds_run(out_dir: str) -> list[str]:
-    """The run files present in `out_dir` (empty: no earlier run)."""
-    return [name for name in RUN_MARKERS if os.path.exists(os.path.join(out_dir, name))]
+    """The run files present in `out_dir` (empty: no earlier run). An empty folder (Orbax creates
+    `checkpoints/` up front) holds nothing to lose."""
+    found = []
+    for name in RUN_MARKERS:
+        path = os.path.join(out_dir, name)
+        if os.path.isfile(path) or (os.path.isdir(path) and os.listdir(path)):
+            found.append(name)
+    return found
 
 
 def check_reusable(out_dir: str, *, resume: bool, overwrite: bool) -> None:
@@ -158,13 +164,12 @@ def _allowed(key: str) -> bool:
 
 
 def check_resume_config(
-    out_dir: str, current: dict, *, step: int, allow_change: bool
+    out_dir: str, current: dict, *, allow_change: bool
 ) -> dict[str, tuple[Any, Any]]:
-    """Compares a resumed run's record with `out_dir/config.json`.
+    """Compares a resumed run's record with `out_dir/config.json`; returns the changes.
 
     A change outside `RESUME_ALLOWED` is refused, naming every differing key, unless
-    `allow_change`; an accepted change is appended to `config_history.jsonl` (config.json keeps
-    the config the run started with). Returns the changes.
+    `allow_change`. Nothing is written here: `record_config_change` does, once the run resumes.
     """
     path = os.path.join(out_dir, "config.json")
     try:
@@ -181,12 +186,14 @@ def check_resume_config(
             f"the resumed config differs from {path} in keys that alter the run ({shown}); "
             f"pass --allow-config-change to accept (recorded in {HISTORY_FILE})"
         )
-    if changes:
-        row = {
-            "step": step,
-            "time": time.time(),
-            "changes": {k: list(v) for k, v in changes.items()},
-        }
-        with open(os.path.join(out_dir, HISTORY_FILE), "a") as f:
-            f.write(json.dumps(row, default=float) + "\n")
     return changes
+
+
+def record_config_change(out_dir: str, step: int, changes: dict[str, tuple[Any, Any]]) -> None:
+    """Appends `{step, changes: {key: [old, new]}}` to the run's history (config.json keeps the
+    config the run started with)."""
+    if not changes:
+        return
+    row = {"step": step, "time": time.time(), "changes": {k: list(v) for k, v in changes.items()}}
+    with open(os.path.join(out_dir, HISTORY_FILE), "a") as f:
+        f.write(json.dumps(row, default=float) + "\n")
