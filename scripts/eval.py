@@ -11,6 +11,7 @@ read from the model's folder unless --tokenizer is given. Bad input exits with s
 import argparse
 import sys
 
+from ctxjax.hf import HFFolderError
 from ctxjax.report import InputError, evaluate_checkpoint, metrics_table, parse_task_options
 
 
@@ -65,7 +66,7 @@ def main(argv: list[str]) -> None:
             retention=not args.no_retention,
             with_cosine=not args.no_cosine,
         )
-    except InputError as e:
+    except (InputError, HFFolderError) as e:  # HFFolderError: a corrupt or half-written folder
         p.exit(2, f"error: {e}\n")
     print(metrics_table(out, out.get("baseline")))
     print(f"\nreport written to {args.out}")
