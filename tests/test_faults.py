@@ -323,3 +323,55 @@ def test_second_sigint_stops_at_once():
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(0.01)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_overwrite_replaces_the_old_run_once_set_up(folders, straight, tmp_path):  # noqa: F811
+    _, compiled = straight
+    out = tmp_path / "run"
+    os.makedirs(out / "final")
+    (out / "config.json").write_text('{"old": "run"}')
+    (out / "metrics.jsonl").write_text('{"step": 99, "loss": 1.0}\n')
+    run = train.setup(_jsonl_cfg(folders, out), progress=False)
+    run.step_fn = StepSpy(run.step_fn, compiled)
+    train.train(run, overwrite=True, progress=False)
+    assert json.loads(_read(out / "config.json")) == train.run_record(run)
+    assert _steps_logged(out) == [1, 2, 3, 4]
+    assert os.path.exists(out / "final" / "config.json")
+
+
+def test_sigterm_to_the_train_script_saves_and_exits_0(folders, tmp_path):  # noqa: F811
+    """A real process and signal; checkpoints off (train.checkpoint_every=0): the stop saves one."""
+    out = tmp_path / "run"
+    env = dict(os.environ, PYTHONPATH=REPO)
+    env["XLA_FLAGS"] += " --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes"
+    cmd = [
+        sys.executable,
+        os.path.join(REPO, "scripts", "train.py"),
+        "--no-progress",
+        f"student={folders['student']}",
+        "task.name=jsonl",
+        f"data.train_file={folders['jsonl']}",
+        "data.batch_size=8",
+        "data.max_prompt_tokens=24",
+        "data.max_context_prompt_tokens=40",
+        "rollout.max_new_tokens=6",
+        "train.steps=10000",
+        "train.checkpoint_every=0",
+        f"train.out_dir={out}",
+    ]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 240
+        while not (out / "metrics.jsonl").exists() or not _read(out / "metrics.jsonl"):
+            assert proc.poll() is None and time.time() < deadline, proc.communicate()
+            time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, stderr[-2000:]
+    (step,) = Checkpointer(str(out / "checkpoints")).manager.all_steps()
+    assert f"SIGTERM: stopped after step {step}" in stdout and "--resume" in stdout
+    assert step >= 2 and _steps_logged(out)[-1] == step
+    assert not (out / "final").exists() and not (out / LOCK_FILE).exists()
