@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_train import TINY, StepSpy, _jsonl_cfg, _save_student, folders  # noqa: F401
+from test_train import TINY, StepSpy, _cfg, _jsonl_cfg, _save_student, folders  # noqa: F401
 
 from ctxjax import hf, losses, train
 from ctxjax.base import tokenizer_corpus
@@ -375,3 +375,27 @@ def test_sigterm_to_the_train_script_saves_and_exits_0(folders, tmp_path):  # no
     assert f"SIGTERM: stopped after step {step}" in stdout and "--resume" in stdout
     assert step >= 2 and _steps_logged(out)[-1] == step
     assert not (out / "final").exists() and not (out / LOCK_FILE).exists()
+
+
+def test_a_resumed_run_keeps_the_before_section(folders, tmp_path, monkeypatch, caplog):  # noqa: F811
+    """The starting student's evaluation is not redone on the trained parameters after a restore:
+    it comes from summary.json. (Resumed at its last step: no step runs, nothing compiles.)"""
+    out = tmp_path / "run"
+    cfg = _cfg(folders, out, train=TrainConfig(steps=2, checkpoint_every=2, out_dir=str(out)))
+    run = train.setup(cfg, progress=False)
+    ckpt = Checkpointer(str(out / "checkpoints"), async_save=False)
+    ckpt.save(2, run.state, run.data_iter, train.run_record(run))
+    ckpt.wait()
+    (out / "config.json").write_text(json.dumps(train.run_record(run)))
+    (out / "summary.json").write_text(json.dumps({"before": {"acc_x": 0.25}}))
+
+    def must_not_run(run):
+        raise AssertionError("evaluate_start ran again on a resume")
+
+    monkeypatch.setattr(train, "evaluate_start", must_not_run)
+    monkeypatch.setattr(train, "evaluate_student", lambda run, **kw: {"acc_x": 0.75})
+    with caplog.at_level("INFO", logger="ctxjax"):
+        train.train(run, resume=True, progress=False)
+    assert "resumed from step 2" in caplog.text
+    saved = json.loads(_read(out / "summary.json"))
+    assert saved["before"] == {"acc_x": 0.25} and saved["after"] == {"acc_x": 0.75}
