@@ -106,6 +106,11 @@ class Lock:
         self.path = os.path.join(out_dir, LOCK_FILE)
         self.held = False
 
+    def check_free(self) -> None:
+        """Refuses now, before a slow set-up, if the lock is taken (`acquire` is the real test)."""
+        if os.path.exists(self.path):
+            raise RunRefused(self._why_taken(socket.gethostname()))
+
     def acquire(self) -> None:
         me = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.time()}
         try:

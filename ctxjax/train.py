@@ -647,6 +647,7 @@ def run(
     """Set-up and training. Bad input is a one-line `RunRefused`; divergence is `Diverged`."""
     # Refused before the slow set-up; `train` checks again once it holds the lock.
     check_reusable(cfg.train.out_dir, resume=resume or resume_step is not None, overwrite=overwrite)
+    Lock(cfg.train.out_dir).check_free()
     try:
         run_ = setup(cfg, progress=progress)
     except (KeyError, ValueError, FileNotFoundError) as e:

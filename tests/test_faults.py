@@ -376,6 +376,14 @@ def test_sigterm_to_the_train_script_saves_and_exits_0(folders, tmp_path):  # no
     assert step >= 2 and _steps_logged(out)[-1] == step
     assert not (out / "final").exists() and not (out / LOCK_FILE).exists()
 
+    # The lock a kill -9 leaves behind (written here for the now dead PID): the next run names it
+    # as stale and exits 2 before any set-up.
+    (out / LOCK_FILE).write_text(json.dumps({"host": os.uname().nodename, "pid": proc.pid}))
+    again = subprocess.run([*cmd, "--resume"], env=env, capture_output=True, text=True)
+    assert again.returncode == 2, again.stderr[-2000:]
+    line = again.stderr.strip().splitlines()[-1]
+    assert f"stale lock {out / LOCK_FILE}: PID {proc.pid}" in line and "delete the lock" in line
+
 
 def test_a_resumed_run_keeps_the_before_section(folders, tmp_path, monkeypatch, caplog):  # noqa: F811
     """The starting student's evaluation is not redone on the trained parameters after a restore:
