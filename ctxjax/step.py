@@ -289,9 +289,8 @@ def make_train_step(
             response_len=rollout.lengths_B.astype(jnp.float32).mean(),
             response_tokens=rollout.mask_BxN.sum(),
             # Divergence flags (1.0 = some value is NaN/inf), reduced on device and fetched with the
-            # other metrics one step late: the loop stops on them before anything is saved. A NaN
-            # model samples garbage whose masked loss can read 0.0, so the params flag is the one
-            # that catches a blow-up for sure.
+            # other metrics one step late: the loop stops on them before anything is saved. All
+            # three: a blow-up can leave the loss finite while gradients and update are NaN.
             nonfinite_loss=_nonfinite(loss),
             nonfinite_grads=_nonfinite(grads),
             nonfinite_params=_nonfinite(params),
