@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import types
 import typing
 from typing import Any
@@ -116,6 +117,12 @@ class MeshConfig:
     data: int = -1
     fsdp: int = 1
     tensor: int = 1
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if value == 0 or value < -1:
+                raise ValueError(f"mesh.{f.name} must be >= 1 or -1 (the rest), got {value}")
 
 
 SAMPLED_EVAL_DRAWS = 4  # answers per item and view when sampling and `eval.samples` is unset
@@ -256,6 +263,17 @@ def _changed_keys(section: str, value: Any, default: Any) -> list[str]:
     ]
 
 
+def _check_finite(cfg: Any, prefix: str = "") -> None:
+    """Refuses NaN/inf anywhere in the tree: `nan < 0` is False, so range checks let NaN through
+    (loss.beta=nan, optim.learning_rate=inf would train on NaN)."""
+    for f in dataclasses.fields(cfg):
+        value, key = getattr(cfg, f.name), f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            _check_finite(value, f"{key}.")
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{key} must be a finite number, got {value}")
+
+
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
     # HF folder of the student; "" builds/reuses the tiny base model for `task` (CPU default).
@@ -278,6 +296,7 @@ class RunConfig:
     train: TrainConfig = TrainConfig()
 
     def __post_init__(self):
+        _check_finite(self)
         ignored = []  # (keys, why): settings this run would silently not use
         if self.student:
             ignored.append(

@@ -79,7 +79,7 @@ def _kl_from_log_probs(logp_BxTxV: jax.Array, logq_BxTxV: jax.Array) -> jax.Arra
     `0 · nan`), out of the backward pass too.
     """
     p_BxTxV = jnp.exp(logp_BxTxV)
-    support = p_BxTxV > 0
+    support = p_BxTxV != 0  # not `> 0`: a NaN must stay NaN (it read 0.0 after a divergence)
     diff_BxTxV = jnp.where(support, logp_BxTxV - logq_BxTxV, 0.0)
     return jnp.sum(jnp.where(support, p_BxTxV * diff_BxTxV, 0.0), axis=-1)
 

@@ -284,6 +284,12 @@ class StepConfig:
     pad_id: int
 
 
+def _nonfinite(tree) -> jax.Array:
+    """1.0 if any leaf of `tree` holds a NaN or inf, else 0.0 (a float: it logs like a metric)."""
+    finite = [jnp.isfinite(x).all() for x in jax.tree.leaves(tree)]
+    return 1.0 - jnp.stack(finite).all().astype(jnp.float32)
+
+
 def make_train_step(
     graphdef, teacher_graphdef, tx: optax.GradientTransformation, cfg: StepConfig
 ) -> Callable:
@@ -342,6 +348,12 @@ def make_train_step(
             lr=lr_schedule(cfg.optim, cfg.total_steps)(state.step),
             response_len=rollout.lengths_B.astype(jnp.float32).mean(),
             response_tokens=rollout.mask_BxN.sum(),
+            # Divergence flags (1.0 = some value is NaN/inf), reduced on device and fetched with the
+            # other metrics one step late: the loop stops on them before anything is saved. All
+            # three: a blow-up can leave the loss finite while gradients and update are NaN.
+            nonfinite_loss=_nonfinite(loss),
+            nonfinite_grads=_nonfinite(grads),
+            nonfinite_params=_nonfinite(params),
         )
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 

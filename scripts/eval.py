@@ -14,6 +14,7 @@ import argparse
 import sys
 
 from ctxjax.evaluate import InputError, parse_task_options
+from ctxjax.hf import HFFolderError
 from experiments.eval_report import evaluate_and_report, metrics_table
 
 
@@ -58,7 +59,7 @@ def main(argv: list[str]) -> None:
             batch_size=args.batch_size, seed=args.seed, retention=not args.no_retention,
             with_cosine=not args.no_cosine,
         )  # fmt: skip
-    except InputError as e:
+    except (InputError, HFFolderError) as e:  # HFFolderError: a corrupt or half-written folder
         p.exit(2, f"error: {e}\n")
     print(metrics_table(out, out.get("baseline")))
     print(f"\nreport written to {args.out}")
