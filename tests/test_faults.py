@@ -380,13 +380,93 @@ def test_sigterm_to_the_train_script_saves_and_exits_0(folders, tmp_path):  # no
     assert step >= 2 and _steps_logged(out)[-1] == step
     assert not (out / "final").exists() and not (out / LOCK_FILE).exists()
 
-    # The lock a kill -9 leaves behind (written here for the now dead PID): the next run names it
-    # as stale and exits 2 before any set-up.
+    # The lock a kill -9 leaves behind (written here for the now dead PID): a run that is not a
+    # --resume names it as stale and exits 2 before any set-up.
     (out / LOCK_FILE).write_text(json.dumps({"host": os.uname().nodename, "pid": proc.pid}))
-    again = subprocess.run([*cmd, "--resume"], env=env, capture_output=True, text=True)
+    again = subprocess.run([*cmd, "--overwrite"], env=env, capture_output=True, text=True)
     assert again.returncode == 2, again.stderr[-2000:]
     line = again.stderr.strip().splitlines()[-1]
-    assert f"stale lock {out / LOCK_FILE}: PID {proc.pid}" in line and "delete the lock" in line
+    assert f"stale lock {out / LOCK_FILE}: PID {proc.pid}" in line and "--resume" in line
+
+
+def _script_cmd(paths, out, steps):
+    return [
+        sys.executable,
+        os.path.join(REPO, "scripts", "train.py"),
+        "--no-progress",
+        f"student={paths['student']}",
+        "task.name=jsonl",
+        f"data.train_file={paths['jsonl']}",
+        "data.batch_size=8",
+        "data.max_prompt_tokens=24",
+        "data.max_context_prompt_tokens=40",
+        "rollout.max_new_tokens=6",
+        f"train.steps={steps}",
+        "train.checkpoint_every=1",
+        f"train.out_dir={out}",
+    ]
+
+
+def _saved_arrays(state_dir):
+    """The arrays of a checkpoint's train state, read back as saved (no template needed)."""
+    import orbax.checkpoint as ocp
+
+    checkpointer = ocp.StandardCheckpointer()
+    meta = checkpointer.metadata(str(state_dir))
+    meta = getattr(meta, "item_metadata", meta)
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), meta)
+    return checkpointer.restore(str(state_dir), abstract)
+
+
+def _kill_9_when(cmd, env, ready, what):
+    """Starts `cmd`, SIGKILLs it as soon as `ready()` holds; returns what the moment was."""
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 300
+    try:
+        while not ready():
+            assert proc.poll() is None, f"finished before {what}: {proc.communicate()[1][-2000:]}"
+            assert time.time() < deadline, f"{what} never came"
+            time.sleep(0.01)
+        proc.kill()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+    return what
+
+
+def test_kill_9_inside_a_save_and_mid_run_then_resume_is_bitwise_equal(folders, tmp_path):  # noqa: F811
+    """kill -9 while Orbax writes a checkpoint (its temporary folder exists), resume, kill -9 again
+    between steps, resume to the end: the final model and the last checkpoint equal an
+    uninterrupted run's bit for bit. Each --resume takes over the dead process's lock."""
+    env = dict(os.environ, PYTHONPATH=REPO)
+    env["XLA_FLAGS"] += " --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes"
+    steps = 6
+    ref, out = tmp_path / "ref", tmp_path / "killed"
+    done = subprocess.run(_script_cmd(folders, ref, steps), env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    ckpts = out / "checkpoints"
+
+    def saving():  # an Orbax save in flight: its temporary step folder
+        return ckpts.is_dir() and any("tmp" in p.name for p in ckpts.iterdir())
+
+    def past_step_3():
+        return (out / "metrics.jsonl").exists() and len(_read(out / "metrics.jsonl").split()) >= 3
+
+    _kill_9_when(_script_cmd(folders, out, steps), env, saving, "a save in flight")
+    assert (out / LOCK_FILE).exists()  # what a crash leaves
+    _kill_9_when([*_script_cmd(folders, out, steps), "--resume"], env, past_step_3, "step 3")
+    done = subprocess.run(
+        [*_script_cmd(folders, out, steps), "--resume"], env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "took over the stale lock" in done.stderr
+    final = "final/model.safetensors"
+    assert (out / final).read_bytes() == (ref / final).read_bytes()
+    last = f"checkpoints/{steps}/state"
+    _assert_bitwise(_saved_arrays(ref / last), _saved_arrays(out / last))
+    assert _steps_logged(out) == list(range(1, steps + 1))  # no duplicate rows after resumes
 
 
 def test_a_resumed_run_keeps_the_before_section(folders, tmp_path, monkeypatch, caplog):  # noqa: F811
