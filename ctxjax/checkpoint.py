@@ -1,5 +1,6 @@
 """Orbax checkpoints of a run: train state (params, optimizer state, step), the grain iterator
-state and the run config, kept N at a time, written asynchronously.
+state and the run config, kept N at a time, written asynchronously. A checkpoint restores on
+another number of processes or devices (the state is resharded onto the current mesh).
 
 No rng is stored: step `i` uses `fold_in(key(train.seed), i)`, so a resumed run draws the same
 samples as an uninterrupted one.
@@ -11,7 +12,6 @@ import dataclasses
 import os
 from typing import Any
 
-import grain
 import orbax.checkpoint as ocp
 
 from ctxjax.model import ModelConfig
@@ -35,7 +35,10 @@ class Checkpointer:
     ) -> None:
         args = ocp.args.Composite(
             state=ocp.args.StandardSave(state),
-            data=grain.checkpoint.CheckpointSave(data_iter),
+            # The iterator's state as JSON from process 0, not grain's handler: that one writes a
+            # file per process named by the process count, which another topology can't restore.
+            # Every process iterates the same global batches, so one state serves them all.
+            data=ocp.args.JsonSave(data_iter.get_state()),
             config=ocp.args.JsonSave(config),
         )
         self.manager.save(step, args=args, force=force)
@@ -58,9 +61,10 @@ class Checkpointer:
             step,
             args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(abstract_state),
-                data=grain.checkpoint.CheckpointRestore(data_iter),
+                data=ocp.args.JsonRestore(),
             ),
         )
+        data_iter.set_state(restored["data"])
         return restored["state"], step
 
     def wait(self) -> None:
