@@ -10,6 +10,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -53,21 +54,26 @@ def _launch(tmp_path, name: str, processes: int, devices_each: int, student: str
         proc_env = env | ({"JAX_PROCESS_ID": str(i)} if processes > 1 else {})
         cmd = [sys.executable, os.path.join(HERE, "multihost_worker.py"), str(spec)]
         procs.append((subprocess.Popen(cmd, env=proc_env, stdout=log, stderr=log), log))
-    failed = []
-    for i, (proc, log) in enumerate(procs):
-        try:
-            rc = proc.wait(timeout=LAUNCH_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            for p, _ in procs:
-                p.kill()
-            rc = "timeout"
+    # Poll them together: when one fails, its peers would wait on it until the timeout.
+    deadline = time.monotonic() + LAUNCH_TIMEOUT_S
+    while any(p.poll() is None for p, _ in procs) and time.monotonic() < deadline:
+        if any(p.poll() not in (None, 0) for p, _ in procs):
+            break
+        time.sleep(0.5)
+    for p, log in procs:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
         log.close()
-        if rc != 0:
-            failed.append(f"{name} process {i} ({rc}):\n" + log_tail(tmp_path / f"{name}.{i}.log"))
+    failed = [
+        f"{name} process {i} (exit {p.returncode}):\n" + _log_tail(tmp_path / f"{name}.{i}.log")
+        for i, (p, _) in enumerate(procs)
+        if p.returncode != 0
+    ]
     assert not failed, "\n".join(failed)
 
 
-def log_tail(path, n=3000) -> str:
+def _log_tail(path, n=3000) -> str:
     return path.read_text()[-n:]
 
 
@@ -85,6 +91,16 @@ def _params(result: dict, prefix: str) -> dict:
 def _max_diff(a: dict, b: dict) -> float:
     assert a and a.keys() == b.keys()
     return max(float(np.abs(a[k] - b[k]).max()) for k in a)
+
+
+def _assert_same_eval(a: dict, b: dict) -> None:
+    """Identical answers, accuracies, Harm and lengths; per-layer cosines, continuous in params that
+    agree up to reduction order, within 1e-6."""
+    cosines = "layer_cosine"
+    assert {k: v for k, v in a.items() if k != cosines} == {
+        k: v for k, v in b.items() if k != cosines
+    }
+    np.testing.assert_allclose(a[cosines], b[cosines], atol=1e-6, rtol=0)
 
 
 @pytest.fixture(scope="module")
@@ -130,10 +146,11 @@ def test_two_processes_equal_one(runs):
     assert diff <= 1e-5
     # Steps 3 and 4 alone move the params by far more than that tolerance.
     assert _max_diff(_params(one, "final/"), _params(one, "check/")) > 1e-4
-    print("eval after, 2x2:", json.dumps(meta_two["after"], sort_keys=True))
-    print("eval after, 1x4:", json.dumps(meta_one["after"], sort_keys=True))
-    assert meta_two["before"] == meta_one["before"]
-    assert meta_two["after"] == meta_one["after"]
+    for name, meta in (("2x2", meta_two), ("1x4", meta_one)):
+        shown = {k: v for k, v in meta["after"].items() if k != "samples"}
+        print(f"eval after, {name}:", json.dumps(shown, sort_keys=True))
+    _assert_same_eval(meta_two["before"], meta_one["before"])
+    _assert_same_eval(meta_two["after"], meta_one["after"])
 
 
 @pytest.mark.parametrize(
@@ -151,7 +168,7 @@ def test_checkpoint_resumes_on_another_topology(runs, resumed, saver, straight):
     diff = _max_diff(_params(got, "final/"), _params(want, "final/"))
     print(f"max |param diff| {resumed} vs {straight}: {diff:.3g}")
     assert diff <= 1e-5
-    assert meta["after"] == meta_straight["after"]
+    _assert_same_eval(meta["after"], meta_straight["after"])
 
 
 def test_rollout_draws_do_not_depend_on_the_mesh():
