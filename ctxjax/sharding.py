@@ -178,5 +178,16 @@ def place_batch(batch: dict, mesh: jax.sharding.Mesh, global_rows: int | None = 
     return {k: put(v) for k, v in batch.items()}
 
 
+def gather_to_host(tree):
+    """The whole of every array, readable on this process: parameters sharded over other hosts'
+    devices (fsdp or tensor spanning hosts) can't be fetched by one process alone. Multi-process,
+    every process must call it (numpy copies of the full arrays); one process: `tree` as it is."""
+    if jax.process_count() == 1:
+        return tree
+    from jax.experimental import multihost_utils
+
+    return multihost_utils.process_allgather(tree, tiled=True)
+
+
 def batch_divisor(mesh: jax.sharding.Mesh) -> int:
     return int(mesh.shape["data"] * mesh.shape["fsdp"])

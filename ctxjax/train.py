@@ -405,8 +405,9 @@ def train(
     if run.task is not None:
         summary["after"] = evaluate_student(run)
     final_dir = os.path.join(out_dir, "final")
+    params = sharding.gather_to_host(run.state.params)  # a collective: every process takes part
     if jax.process_index() == 0:
-        final = nnx.merge(run.graphdef, run.state.params)
+        final = nnx.merge(run.graphdef, params)
         hf.export_pretrained(final, run.tokenizer, final_dir, source=run.student_path)
         with open(os.path.join(out_dir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2, default=float)

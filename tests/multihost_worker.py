@@ -27,6 +27,7 @@ from ctxjax.config import (
     DataConfig,
     EvalConfig,
     LossConfig,
+    MeshConfig,
     OptimConfig,
     RolloutConfig,
     RunConfig,
@@ -41,6 +42,9 @@ def run_config(student: str, out_dir: str) -> RunConfig:
     return RunConfig(
         student=student,
         task=TaskConfig(name="synthetic", context="careful", options=dict(TASK_OPTIONS)),
+        # Parameters and optimizer state sharded over all 4 devices, so across the processes (as
+        # on a pod with configs/hf_gpu.yaml); the batch is split over the same 4.
+        mesh=MeshConfig(data=1, fsdp=-1, tensor=1),
         data=DataConfig(batch_size=8, max_prompt_tokens=24, max_context_prompt_tokens=40),
         rollout=RolloutConfig(max_new_tokens=6),  # sampled at temperature 1
         loss=LossConfig(opd="reverse_kl", beta=0.5),
