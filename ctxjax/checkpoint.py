@@ -1,5 +1,6 @@
 """Orbax checkpoints of a run: train state (params, optimizer state, step), the grain iterator
-state and the run config, kept N at a time, written asynchronously.
+state and the run config, kept N at a time, written asynchronously. A checkpoint restores on
+another number of processes or devices (the state is resharded onto the current mesh).
 
 No rng is stored: step `i` uses `fold_in(key(train.seed), i)`, so a resumed run draws the same
 samples as an uninterrupted one.
@@ -19,7 +20,6 @@ import os
 import shutil
 from typing import Any
 
-import grain
 import jax
 import orbax.checkpoint as ocp
 
@@ -101,7 +101,10 @@ class Checkpointer:
     ) -> None:
         args = ocp.args.Composite(
             state=ocp.args.StandardSave(state),
-            data=grain.checkpoint.CheckpointSave(data_iter),
+            # The iterator's state as JSON from process 0, not grain's handler: that one writes a
+            # file per process named by the process count, which another topology can't restore.
+            # Every process iterates the same global batches, so one state serves them all.
+            data=ocp.args.JsonSave(data_iter.get_state()),
             config=ocp.args.JsonSave(config),
         )
         # Orbax waits for the previous async save before starting one anyway: seal it now.
@@ -143,7 +146,7 @@ class Checkpointer:
                         candidate,
                         args=ocp.args.Composite(
                             state=ocp.args.StandardRestore(abstract_state),
-                            data=grain.checkpoint.CheckpointRestore(data_iter),
+                            data=ocp.args.JsonRestore(),
                         ),
                     )
                 except Exception as e:  # any failure to read is a corrupt step
@@ -152,6 +155,7 @@ class Checkpointer:
                     )
             if problem is None:
                 self._set_aside([s for s in steps if s > candidate])
+                data_iter.set_state(restored["data"])
                 return restored["state"], candidate
             log.warning("checkpoint %s is unusable (%s)", where, problem)
             bad.append(f"{where}: {problem}")

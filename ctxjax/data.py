@@ -144,18 +144,25 @@ def encode_record(
 
 
 @dataclasses.dataclass(frozen=True, eq=False)  # eq=False: hashed by identity, records unhashed
-class _Encode:
-    """Index -> encoded record; a plain picklable object so grain worker processes can run it."""
+class _EncodeRows:
+    """Record positions of one global batch -> this process's rows, encoded and stacked; a plain
+    picklable object so grain worker processes can run it."""
 
     records: Sequence[dict[str, Any]]
     tokenizer: Any
     run_context: str
     cfg: DataConfig
+    rows: np.ndarray | None  # positions within the global batch this process encodes; None: all
 
-    def __call__(self, index: int) -> dict[str, np.ndarray]:
-        index = int(index)
-        record = self.records[index]
-        return encode_record(record, self.tokenizer, self.run_context, self.cfg, index=index)
+    def __call__(self, indices_B: np.ndarray) -> dict[str, np.ndarray]:
+        indices = np.asarray(indices_B) if self.rows is None else np.asarray(indices_B)[self.rows]
+        encoded = [
+            encode_record(
+                self.records[int(i)], self.tokenizer, self.run_context, self.cfg, index=int(i)
+            )
+            for i in indices
+        ]
+        return {key: np.stack([e[key] for e in encoded]) for key in encoded[0]}
 
 
 def check_budgets(records: Sequence[dict[str, Any]], tokenizer: Any, cfg: DataConfig) -> None:
@@ -166,55 +173,49 @@ def check_budgets(records: Sequence[dict[str, Any]], tokenizer: Any, cfg: DataCo
         encode_record(record, tokenizer, run_context, cfg, index=index)
 
 
-def shard_indices(num_records: int, shard_index: int, shard_count: int) -> range:
-    """Source positions of one host's shard: every `shard_count`-th record from `shard_index`.
-
-    The `num_records % shard_count` trailing records are dropped so all hosts hold the same number
-    of records and step in lockstep (a host with one batch more would hang the collectives).
-    """
-    if shard_count < 1 or not 0 <= shard_index < shard_count:
-        raise ValueError(f"need 0 <= shard_index < shard_count, got {shard_index}, {shard_count}")
-    usable = num_records - num_records % shard_count
-    return range(shard_index, usable, shard_count)
-
-
 def make_iterator(
     records: Sequence[dict[str, Any]],
     tokenizer: Any,
     cfg: DataConfig,
     *,
     num_epochs: int | None = None,
-    shard_index: int = 0,
-    shard_count: int = 1,
+    rows: Sequence[int] | None = None,
 ) -> Any:
     """A checkpointable grain iterator of batches `{prompt_ids [B,P], prompt_mask [B,P],
     ctx_prompt_ids [B,Q], ctx_prompt_mask [B,Q], index [B]}` (numpy).
 
-    Pipeline: this host's shard -> seeded shuffle (a new order each epoch) -> repeat `num_epochs`
-    times (None: forever) -> encode -> batch with the remainder dropped. Batches may straddle an
-    epoch boundary. `it.get_state()` / `it.set_state(state)` on a fresh iterator built with the same
-    arguments resumes with exactly the same batches. Pass `jax.process_index()` /
-    `jax.process_count()` as `shard_index` / `shard_count` on multi-host runs.
+    Pipeline: all records -> seeded shuffle (a new order each epoch) -> repeat `num_epochs` times
+    (None: forever) -> global batches of `cfg.batch_size` record positions, remainder dropped ->
+    encode. Batches may straddle an epoch boundary. `cfg.batch_size` is the *global* batch: every
+    process of a multi-host run iterates the same global order, and `rows` (positions within each
+    global batch, `sharding.process_rows`) picks the rows this process feeds to its devices, so B is
+    `len(rows)` and only those rows are encoded. The batches, hence the state, do not depend on the
+    number of processes: `it.get_state()` from any process, set on a fresh iterator built with the
+    same records and `cfg` (any `rows`), resumes with exactly the same global batches.
     """
     import grain
 
     if num_epochs is not None and num_epochs < 1:
         raise ValueError(f"num_epochs must be >= 1 or None, got {num_epochs}")
-    positions = shard_indices(len(records), shard_index, shard_count)
-    if not positions:
+    if not records:
+        raise ValueError("no records to iterate over")
+    if num_epochs is not None and len(records) * num_epochs < cfg.batch_size:
         raise ValueError(
-            f"shard {shard_index} of {shard_count} holds no records ({len(records)} records in all)"
-        )
-    if num_epochs is not None and len(positions) * num_epochs < cfg.batch_size:
-        raise ValueError(
-            f"{len(positions)} records x {num_epochs} epochs is less than one batch of "
+            f"{len(records)} records x {num_epochs} epochs is less than one batch of "
             f"data.batch_size={cfg.batch_size}"
         )
-    encode = _Encode(records, tokenizer, resolve_context(cfg), cfg)
-    ds = grain.MapDataset.source(positions)
+    if rows is not None:
+        rows = np.asarray(rows, np.int64)
+        if rows.ndim != 1 or not len(rows) or rows.min() < 0 or rows.max() >= cfg.batch_size:
+            raise ValueError(
+                f"rows must be positions in [0, data.batch_size={cfg.batch_size}), got {rows}"
+            )
+    encode = _EncodeRows(records, tokenizer, resolve_context(cfg), cfg, rows)
+    ds = grain.MapDataset.source(range(len(records)))
     if cfg.shuffle:
         ds = ds.shuffle(seed=cfg.seed)  # before repeat, so each epoch is a fresh permutation
-    ds = ds.repeat(num_epochs).map(encode).batch(cfg.batch_size, drop_remainder=True)
+    # Batch the positions first, then encode only this process's rows of each global batch.
+    ds = ds.repeat(num_epochs).batch(cfg.batch_size, drop_remainder=True).map(encode)
     # The records are already in memory and encoding holds the GIL, so reader threads would only
     # contend; parallelism, when wanted, comes from worker processes instead.
     iter_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))

@@ -42,7 +42,8 @@ def maybe_initialize_distributed() -> None:
 
     On a single host nothing is needed and nothing happens. On TPU pods and SLURM/OpenMPI clusters
     `jax.distributed.initialize()` discovers its peers by itself; elsewhere set
-    JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID.
+    JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID. With JAX_PLATFORMS=cpu the
+    processes exchange data over Gloo.
     """
     multi = any(
         k in os.environ
@@ -63,6 +64,10 @@ def maybe_initialize_distributed() -> None:
             num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
             process_id=int(os.environ["JAX_PROCESS_ID"]),
         )
+    if os.environ.get("JAX_PLATFORMS", "").split(",")[0] == "cpu":
+        # CPU processes (a loopback test, a CPU cluster) need a cross-process collectives backend;
+        # the default one only reaches the devices of its own process.
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(**kwargs)
 
 
@@ -145,10 +150,21 @@ def batch_sharding(mesh: jax.sharding.Mesh, ndim: int) -> NamedSharding:
     return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
 
 
-def place_batch(batch: dict, mesh: jax.sharding.Mesh) -> dict:
-    """Puts a host-local numpy batch on the mesh, split over (data, fsdp) along its first axis.
+def process_rows(mesh: jax.sharding.Mesh, global_rows: int) -> np.ndarray:
+    """The rows of a `[global_rows, ...]` batch split over (data, fsdp) that this process's devices
+    hold, ascending: the local slice `place_batch` expects. Every process iterates the same global
+    batches and encodes only these rows, so the global batch does not depend on the process
+    count."""
+    index_map = batch_sharding(mesh, 1).addressable_devices_indices_map((global_rows,))
+    spans = sorted({idx[0].indices(global_rows)[:2] for idx in index_map.values()})
+    return np.concatenate([np.arange(start, stop) for start, stop in spans])
 
-    Each process passes its own slice of the global batch (grain shards records by process).
+
+def place_batch(batch: dict, mesh: jax.sharding.Mesh, global_rows: int | None = None) -> dict:
+    """Puts a numpy batch on the mesh, split over (data, fsdp) along its first axis.
+
+    `batch` holds this process's rows (`process_rows(mesh, global_rows)`) of a global batch of
+    `global_rows`; None: it holds the whole global batch (then identical on every process).
     """
 
     def put(x):
@@ -156,9 +172,21 @@ def place_batch(batch: dict, mesh: jax.sharding.Mesh) -> dict:
         sharding = batch_sharding(mesh, x.ndim)
         if jax.process_count() == 1:
             return jax.device_put(x, sharding)
-        return jax.make_array_from_process_local_data(sharding, x)
+        shape = (global_rows or x.shape[0], *x.shape[1:])
+        return jax.make_array_from_process_local_data(sharding, x, shape)
 
     return {k: put(v) for k, v in batch.items()}
+
+
+def gather_to_host(tree):
+    """The whole of every array, readable on this process: parameters sharded over other hosts'
+    devices (fsdp or tensor spanning hosts) can't be fetched by one process alone. Multi-process,
+    every process must call it (numpy copies of the full arrays); one process: `tree` as it is."""
+    if jax.process_count() == 1:
+        return tree
+    from jax.experimental import multihost_utils
+
+    return multihost_utils.process_allgather(tree, tiled=True)
 
 
 def batch_divisor(mesh: jax.sharding.Mesh) -> int:

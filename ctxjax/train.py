@@ -254,21 +254,16 @@ def build_step(
 
 
 def build_data(
-    cfg: RunConfig, task: Task, tokenizer: PreTrainedTokenizerBase
+    cfg: RunConfig, task: Task, tokenizer: PreTrainedTokenizerBase, mesh: jax.sharding.Mesh
 ) -> tuple[list[dict], grain.DatasetIterator]:
-    """The training records and this host's checkpointable batch iterator over them."""
+    """The training records and the checkpointable iterator over this process's rows of each
+    global batch (the same global batches for any number of processes)."""
     records = training_records(cfg, task)
     check_has_context(records, resolve_context(cfg.data))
     check_budgets(records, tokenizer, cfg.data)
     data_cfg = dataclasses.replace(cfg.data, seed=cfg.data.seed + cfg.train.seed)
-    data_iter = make_iterator(
-        records,
-        tokenizer,
-        data_cfg,
-        shard_index=jax.process_index(),
-        shard_count=jax.process_count(),
-    )
-    return records, data_iter
+    rows = sharding.process_rows(mesh, cfg.data.batch_size)
+    return records, make_iterator(records, tokenizer, data_cfg, rows=rows)
 
 
 def setup(cfg: RunConfig, progress: bool = True, mesh: jax.sharding.Mesh | None = None) -> Run:
@@ -290,7 +285,7 @@ def setup(cfg: RunConfig, progress: bool = True, mesh: jax.sharding.Mesh | None 
     step_fn = build_step(
         cfg, models.graphdef, models.teacher_graphdef, tx, tokenizer, state_shardings
     )
-    records, data_iter = build_data(cfg, task, tokenizer)
+    records, data_iter = build_data(cfg, task, tokenizer, mesh)
     return Run(
         cfg=cfg,
         model_cfg=models.model_cfg,
@@ -575,7 +570,7 @@ def _train(
     step = start - 1
     try:
         for step in range(start, cfg.train.steps):
-            batch = sharding.place_batch(next(run.data_iter), run.mesh)
+            batch = sharding.place_batch(next(run.data_iter), run.mesh, cfg.data.batch_size)
             run.state, metrics = run.step_fn(
                 run.state, run.teacher_params, batch, jax.random.fold_in(base_rng, step)
             )
@@ -625,8 +620,9 @@ def _train(
     if evaluable(run.task):
         summary["after"] = evaluate_student(run)
     final_dir = os.path.join(out_dir, "final")
+    params = sharding.gather_to_host(run.state.params)  # a collective: every process takes part
     if jax.process_index() == 0:
-        final = nnx.merge(run.graphdef, run.state.params)
+        final = nnx.merge(run.graphdef, params)
         hf.export_pretrained(final, run.tokenizer, final_dir, source=run.student_path)
         write_json_atomic(summary_path, summary)
     summary["final_dir"] = final_dir

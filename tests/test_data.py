@@ -385,26 +385,28 @@ def test_get_state_set_state_resumes_exactly(tokenizer):
     assert _same_batches(_take(again, 6), expected)
 
 
-def test_host_shards_are_disjoint_and_equal(tokenizer):
-    records = _records(14)
-    cfg = _cfg(batch_size=2)
-    shards = []
-    for shard_index in range(3):
-        it = make_iterator(
-            records, tokenizer, cfg, num_epochs=1, shard_index=shard_index, shard_count=3
-        )
-        shards.append(sorted(np.concatenate([b["index"] for b in it]).tolist()))
-    # Every 3rd record from the shard index; records 12 and 13 dropped so hosts stay in lockstep.
-    assert shards == [[0, 3, 6, 9], [1, 4, 7, 10], [2, 5, 8, 11]]
-    with pytest.raises(ValueError, match="shard_index < shard_count"):
-        make_iterator(records, tokenizer, cfg, shard_index=3, shard_count=3)
+def test_process_rows_slice_the_same_global_batches(tokenizer):
+    records, cfg = _records(14), _cfg(batch_size=4)
+    full = _take(make_iterator(records, tokenizer, cfg), 5)
+    # Two processes holding rows [0, 1] and [2, 3]: together the single-process global batch.
+    halves = [_take(make_iterator(records, tokenizer, cfg, rows=r), 5) for r in ([0, 1], [2, 3])]
+    for batch, low, high in zip(full, *halves, strict=True):
+        assert _same_batches([batch], [{k: np.concatenate([low[k], high[k]]) for k in batch}])
+    # The state does not depend on the rows: a checkpoint resumes under another process count.
+    it = make_iterator(records, tokenizer, cfg, rows=[2, 3])
+    _take(it, 3)
+    resumed = make_iterator(records, tokenizer, cfg)
+    resumed.set_state(it.get_state())
+    assert _same_batches(_take(resumed, 2), full[3:])
+    with pytest.raises(ValueError, match=r"rows must be positions in \[0, data.batch_size=4\)"):
+        make_iterator(records, tokenizer, cfg, rows=[3, 4])
 
 
 def test_iterator_rejects_too_few_records(tokenizer):
     with pytest.raises(ValueError, match="less than one batch"):
         make_iterator(_records(3), tokenizer, _cfg(), num_epochs=1)
-    with pytest.raises(ValueError, match="holds no records"):
-        make_iterator(_records(2), tokenizer, _cfg(), shard_index=0, shard_count=3)
+    with pytest.raises(ValueError, match="no records"):
+        make_iterator([], tokenizer, _cfg())
 
 
 def test_worker_processes_give_the_same_batches_and_resume(tokenizer):
