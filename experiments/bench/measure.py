@@ -1069,7 +1069,8 @@ def measure_step(
     way / ctxjax: > 1 means ctxjax is faster), the time of each part (sampling, teacher, student
     forward + backward, optimizer; ctxjax's parts are jitted alone, the PyTorch way's timed inside
     its step), the analytic matmul FLOPs and the FLOP rate as a fraction of this machine's measured
-    single-matmul peak (`_peak_matmul`).
+    single-matmul peak (`_peak_matmul`'s fastest call: a ceiling, which on a shared machine the
+    median call underestimates).
 
     torch runs `torch_threads` threads (default: the cores this process may use, as XLA does).
     `quick`: the tiny config only, 2 reps, cheap compiles (a test, seconds).
@@ -1093,7 +1094,7 @@ def measure_step(
     try:
         peak = _peak_matmul(reps=3 if quick else 10)
         cases = {
-            name: _compare_case(STEP_CASES[name], reps, seed, copts, peak["flops_per_s"])
+            name: _compare_case(STEP_CASES[name], reps, seed, copts, peak["best_flops_per_s"])
             for name in names
         }
     finally:

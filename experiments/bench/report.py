@@ -118,7 +118,7 @@ def _pct(fractions: dict, name: str) -> str:
 def print_step(r: dict) -> None:
     """The step comparison: per config, each part's median on both sides and its share of the
     matmul peak, then the ratio of the two step medians."""
-    env, peak = r["environment"], r["peak_matmul"]["flops_per_s"]
+    env, peak = r["environment"], r["peak_matmul"]["best_flops_per_s"]
     print(
         f"step: ctxjax vs the PyTorch way (torch {env['torch_threads']} threads) on "
         f"{env['cpu_model']}, {env['cores']} cores; peak fp32 matmul {peak / 1e9:.2f} GFLOP/s"
@@ -148,7 +148,7 @@ def print_step(r: dict) -> None:
 def step_markdown(r: dict, command: str) -> str:
     """docs/performance.md from a `step` result: the comparison table, the part split, the machine
     and versions, and what was not measured. `command` is the line that produced it."""
-    env, peak = r["environment"], r["peak_matmul"]["flops_per_s"]
+    env, peak = r["environment"], r["peak_matmul"]["best_flops_per_s"]
     versions = ", ".join(f"{k} {v}" for k, v in env["versions"].items())
     lines = [
         "# Performance",
@@ -162,7 +162,8 @@ def step_markdown(r: dict, command: str) -> str:
         "against the same step written the PyTorch way (`experiments/bench/torch_step.py`: "
         "transformers `generate`, eager torch, `torch.optim.AdamW`) on the same weights and data, "
         "timed side by side in one process (interleaved repetitions, median). Ratio = PyTorch way "
-        "/ ctxjax (> 1: ctxjax is faster). Peak = the measured rate of one jitted fp32 "
+        "/ ctxjax (> 1: ctxjax is faster). Peak = the fastest of "
+        f"{len(r['peak_matmul']['times_s'])} calls of one jitted fp32 "
         f"{'x'.join(map(str, r['peak_matmul']['shape_mnk']))} matmul, "
         f"{peak / 1e9:.1f} GFLOP/s; bound = the step's analytic matmul FLOPs at that rate.",
         "",
@@ -190,8 +191,9 @@ def step_markdown(r: dict, command: str) -> str:
         lines += [
             "",
             f"The machine was shared and loaded (1-minute load average above its {env['cores']} "
-            f"cores) while measuring config(s) {', '.join(busy)}: both sides slow down, the ratio "
-            "is noisy. Rerun on a quiet machine for the record.",
+            f"cores) while measuring config(s) {', '.join(busy)}: both sides slow down, torch's "
+            "multi-threaded kernels most (its threads wait on descheduled peers), so the ratio "
+            "is not the machine's. Rerun on a quiet machine for the record.",
         ]
     lines += [
         "",
