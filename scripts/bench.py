@@ -3,13 +3,16 @@
 python scripts/bench.py sample [--out bench_sample.json]   # ctxjax generate vs transformers
 python scripts/bench.py train [--out bench_train.json] [--preset small|medium] [--reps 5]
                               # train-step time split, FLOPs vs matmul peak, loss memory
+python scripts/bench.py step [--configs a,b,c] [--reps 5] [--out-md docs/performance.md]
+                              # the step, ctxjax vs the PyTorch way: ratio, parts, peak fraction
 """
 
 import argparse
 import sys
 
 from experiments import bench
-from experiments.bench.measure import TRAIN_PRESETS
+from experiments.bench import report
+from experiments.bench.measure import STEP_CASES, TRAIN_PRESETS
 
 
 def _train_args(parser: argparse.ArgumentParser) -> None:
@@ -25,8 +28,22 @@ def _train_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="tiny sizes everywhere (a smoke test)")
 
 
+def _step_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--configs",
+        default="a,b,c",
+        help=f"comma-separated configs of issue 13, from {sorted(set(STEP_CASES) - {'quick'})}",
+    )
+    parser.add_argument("--reps", type=int, default=5, help="timed steps per side (median)")
+    parser.add_argument("--torch-threads", type=int, default=None, help="default: the cores")
+    parser.add_argument("--quick", action="store_true", help="one tiny config (a smoke test)")
+    parser.add_argument(
+        "--out-md", default=None, help="write the results as markdown (docs/performance.md)"
+    )
+
+
 # subcommand -> adds its options
-OPTIONS = {"sample": None, "train": _train_args}
+OPTIONS = {"sample": None, "train": _train_args, "step": _step_args}
 
 
 def main(argv: list[str]) -> None:
@@ -40,8 +57,11 @@ def main(argv: list[str]) -> None:
         if OPTIONS[name]:
             OPTIONS[name](p)
     args = vars(parser.parse_args(argv))
-    name, out = args.pop("benchmark"), args.pop("out")
-    bench.run(name, out, **args)
+    name, out, out_md = args.pop("benchmark"), args.pop("out"), args.pop("out_md", None)
+    result = bench.run(name, out, **args)
+    if out_md:
+        command = " ".join(["python scripts/bench.py", *argv])
+        report.write_text(report.step_markdown(result, command), out_md)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,11 @@ BENCHMARKS: dict[str, tuple[str, Callable[..., dict], Callable[[dict], None]]] =
         measure.measure_train,
         report.print_train,
     ),
+    "step": (
+        "OPD+NCA step, ctxjax vs the PyTorch way side by side: ratio, parts, matmul-peak fraction",
+        measure.measure_step,
+        report.print_step,
+    ),
 }
 
 

@@ -500,14 +500,51 @@ def _train_parts(
     return sample_part, teacher_part, student_part, optimizer_part
 
 
-def _time_train_step(preset: dict, reps: int, seed: int, copts: dict | None) -> dict:
-    """Part 1: the jitted step and its parts, each jitted on its own, timed in turn each rep."""
+@dataclasses.dataclass
+class _CtxjaxStep:
+    """ctxjax's whole jitted step (compiled ahead of time, warmed up) and its parts jitted alone
+    (`_train_parts`, each called once: their compile), on one fixed data batch."""
+
+    step: object  # the compiled step; calls donate `state`
+    graphdef: object
+    params: object  # a copy of the student's initial parameters (the parts' input)
+    state: object
+    teacher_params: object
+    batch: dict
+    rng: object
+    step_compile_s: float
+    parts: dict  # name -> (jitted fn, args)
+    firsts: dict  # name -> seconds of the first call (compile included)
+
+    def run_step(self, rep: int) -> float:
+        """One timed call of the whole step (a fresh rollout key per rep); keeps the new state."""
+        import jax
+
+        (self.state, _), dt = _time_call(
+            self.step,
+            self.state,
+            self.teacher_params,
+            self.batch,
+            jax.random.fold_in(self.rng, rep),
+        )
+        return dt
+
+    def run_parts(self) -> dict[str, float]:
+        """One timed call of each part, in order, on the same inputs every time."""
+        return {name: _time_call(fn, *args)[1] for name, (fn, args) in self.parts.items()}
+
+
+def _build_ctxjax_step(
+    student, teacher, batch_np: dict, new_tokens: int, loss_cfg, seed: int, copts: dict | None
+) -> _CtxjaxStep:
+    """Compiles the step of `student` distilled from `teacher` (default optimizer, sampling at
+    temperature 1 with no EOS) and its parts, and warms both up. The step donates the student's own
+    parameter arrays: export the student before, never after."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
 
-    from ctxjax.config import LossConfig, OptimConfig, RolloutConfig
-    from ctxjax.model import ModelConfig, create_model, init_cache
+    from ctxjax.config import OptimConfig, RolloutConfig
     from ctxjax.sampling import SamplingMethod
     from ctxjax.step import (
         StepConfig,
@@ -518,15 +555,7 @@ def _time_train_step(preset: dict, reps: int, seed: int, copts: dict | None) -> 
         make_train_step,
     )
 
-    cfg = ModelConfig(**preset["model"])
-    b, p, q, n = (
-        preset["batch"],
-        preset["prompt_len"],
-        preset["ctx_prompt_len"],
-        preset["new_tokens"],
-    )
-    loss_cfg = LossConfig()
-    rollout = RolloutConfig(max_new_tokens=n, temperature=1.0)
+    rollout = RolloutConfig(max_new_tokens=new_tokens, temperature=1.0)
     step_cfg = StepConfig(
         loss=loss_cfg,
         optim=OptimConfig(),
@@ -537,19 +566,16 @@ def _time_train_step(preset: dict, reps: int, seed: int, copts: dict | None) -> 
         pad_id=0,
     )
     tx = make_optimizer(step_cfg.optim, step_cfg.total_steps)
-    graphdef, state = init_state(create_model(cfg, seed), tx)
-    teacher_graphdef, teacher_params = nnx.split(create_model(cfg, seed + 1), nnx.Param)
-    batch = {
-        k: jnp.asarray(v)
-        for k, v in _train_batch(np.random.default_rng(seed), cfg.vocab_size, b, p, q).items()
-    }
+    graphdef, state = init_state(student, tx)
+    teacher_graphdef, teacher_params = nnx.split(teacher, nnx.Param)
+    batch = {k: jnp.asarray(v) for k, v in batch_np.items()}
     # The parts get their own copy: the whole step donates (and so consumes) its state.
     params, opt_state = jax.tree.map(jnp.copy, (state.params, state.opt_state))
     step = jit_train_step(make_train_step(graphdef, teacher_graphdef, tx, step_cfg))
     method = SamplingMethod(temperature=rollout.temperature)
 
     sample_part, teacher_part, student_part, optimizer_part = _train_parts(
-        graphdef, teacher_graphdef, tx, n, method, loss_cfg, copts
+        graphdef, teacher_graphdef, tx, new_tokens, method, loss_cfg, copts
     )
 
     rng = jax.random.key(seed)
@@ -567,6 +593,53 @@ def _time_train_step(preset: dict, reps: int, seed: int, copts: dict | None) -> 
     t0 = time.perf_counter()
     step = step.lower(state, teacher_params, batch, rng).compile(compiler_options=copts)
     step_compile_s = time.perf_counter() - t0
+    state, _ = _block(step(state, teacher_params, batch, rng))  # warm-up
+    return _CtxjaxStep(
+        step=step,
+        graphdef=graphdef,
+        params=params,
+        state=state,
+        teacher_params=teacher_params,
+        batch=batch,
+        rng=rng,
+        step_compile_s=step_compile_s,
+        parts={
+            "sample": (sample_part, (params, batch["prompt_ids"], batch["prompt_mask"], rng)),
+            "teacher": (teacher_part, (teacher_params, data)),
+            "student": (student_part, student_args),
+            "optimizer": (optimizer_part, (grads, opt_state, params)),
+        },
+        firsts={
+            "sample": sample_first,
+            "teacher": teacher_first,
+            "student": student_first,
+            "optimizer": optimizer_first,
+        },
+    )
+
+
+def _time_train_step(preset: dict, reps: int, seed: int, copts: dict | None) -> dict:
+    """Part 1: the jitted step and its parts, each jitted on its own, timed in turn each rep."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from ctxjax.config import LossConfig
+    from ctxjax.model import ModelConfig, create_model, init_cache
+
+    cfg = ModelConfig(**preset["model"])
+    b, p, q, n = (
+        preset["batch"],
+        preset["prompt_len"],
+        preset["ctx_prompt_len"],
+        preset["new_tokens"],
+    )
+    loss_cfg = LossConfig()
+    batch_np = _train_batch(np.random.default_rng(seed), cfg.vocab_size, b, p, q)
+    run = _build_ctxjax_step(
+        create_model(cfg, seed), create_model(cfg, seed + 1), batch_np, n, loss_cfg, seed, copts
+    )
+    graphdef, params = run.graphdef, run.params
 
     @jax.jit
     def decode_step(params, cache, tokens_B, positions_B):  # one trip of the sampler's while loop
@@ -580,43 +653,27 @@ def _time_train_step(preset: dict, reps: int, seed: int, copts: dict | None) -> 
             compiler_options=copts
         )
     )
-    state, _ = _block(step(state, teacher_params, batch, rng))  # warm-up
 
-    parts = {
-        "sample": (sample_part, (params, batch["prompt_ids"], batch["prompt_mask"], rng)),
-        "teacher": (teacher_part, (teacher_params, data)),
-        "student": (student_part, student_args),
-        "optimizer": (optimizer_part, (grads, opt_state, params)),
-    }
-    firsts = {
-        "sample": sample_first,
-        "teacher": teacher_first,
-        "student": student_first,
-        "optimizer": optimizer_first,
-    }
-    times = {name: [] for name in ("step", *parts)}
+    times = {name: [] for name in ("step", *run.parts)}
     load_before = os.getloadavg()[0]
     for rep in range(reps):
-        (state, _), dt = _time_call(
-            step, state, teacher_params, batch, jax.random.fold_in(rng, rep)
-        )
-        times["step"].append(dt)
-        for name, (fn, args) in parts.items():
-            times[name].append(_time_call(fn, *args)[1])
+        times["step"].append(run.run_step(rep))
+        for name, dt in run.run_parts().items():
+            times[name].append(dt)
     load_after = os.getloadavg()[0]
 
     tokens = b * n
     timing = {name: _timing(ts, tokens) for name, ts in times.items()}
     for name, row in timing.items():
         # The parts compile on their first call; the step was compiled ahead of time.
-        compile_s = step_compile_s if name == "step" else firsts[name] - row["median_s"]
+        compile_s = run.step_compile_s if name == "step" else run.firsts[name] - row["median_s"]
         row["compile_s"] = round(compile_s, 3)
         row["share_of_step"] = round(row["median_s"] / timing["step"]["median_s"], 4)
-    for name in parts:  # tokens/s is a whole-step figure
+    for name in run.parts:  # tokens/s is a whole-step figure
         del timing[name]["tokens_per_s"]
     flops = {
         "analytic": _step_flops_analytic(cfg, b, p, q, n, loss_cfg),
-        "xla_raw": _xla_flops(step),
+        "xla_raw": _xla_flops(run.step),
         "xla_decode_step": decode_flops,
     }
     # The decode while loop runs n - 1 times but XLA counts its body once (Part 1 does not chunk the
@@ -629,7 +686,7 @@ def _time_train_step(preset: dict, reps: int, seed: int, copts: dict | None) -> 
             "prompt_len": p,
             "ctx_prompt_len": q,
             "new_tokens": n,
-            "temperature": rollout.temperature,
+            "temperature": 1.0,
             "eos": None,
             "loss": dataclasses.asdict(loss_cfg),
             "reps": reps,
@@ -637,7 +694,7 @@ def _time_train_step(preset: dict, reps: int, seed: int, copts: dict | None) -> 
             "load_avg_1min": [round(load_before, 2), round(load_after, 2)],
         },
         "timing": timing,
-        "sum_of_parts_s": round(sum(timing[k]["median_s"] for k in parts), 5),
+        "sum_of_parts_s": round(sum(timing[k]["median_s"] for k in run.parts), 5),
         "flops": flops,
     }
 
@@ -792,3 +849,273 @@ def measure_train(
         "memory": memory,
     }
     return result
+
+
+# --------------------------------------------------------------------------------------------------
+# measure_step: ctxjax's whole step against the same step written the PyTorch way, side by side
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class StepCase:
+    """One configuration of `measure_step`: a Llama-shaped model (`ModelConfig` fields) and the
+    step's sizes; `[c | x]` is `context_len + prompt_len` slots wide."""
+
+    label: str
+    model: dict
+    new_tokens: int
+    batch: int = 8
+    context_len: int = 32
+    prompt_len: int = 16
+
+
+# The configurations of issue 13; "quick" is a tiny one for the test suite.
+STEP_CASES = {
+    "a": StepCase(
+        "4 layers, hidden 256, vocab 512",
+        dict(
+            vocab_size=512,
+            hidden_size=256,
+            intermediate_size=1024,
+            num_layers=4,
+            num_heads=4,
+            num_kv_heads=4,
+            tie_embeddings=False,
+        ),
+        new_tokens=64,
+    ),
+    "b": StepCase(
+        "8 layers, hidden 512, inter 2048, vocab 8192 (42M)",
+        dict(
+            vocab_size=8192,
+            hidden_size=512,
+            intermediate_size=2048,
+            num_layers=8,
+            num_heads=8,
+            num_kv_heads=8,
+            tie_embeddings=False,
+        ),
+        new_tokens=64,
+    ),
+    "c": StepCase(
+        "SmolLM2-135M shape (30 layers, hidden 576, 9/3 heads, inter 1536, vocab 49152)",
+        dict(
+            vocab_size=49152,
+            hidden_size=576,
+            intermediate_size=1536,
+            num_layers=30,
+            num_heads=9,
+            num_kv_heads=3,
+            rope_theta=100000.0,
+            rms_norm_eps=1e-5,
+            tie_embeddings=True,
+            max_position_embeddings=8192,
+        ),
+        new_tokens=32,
+    ),
+    "quick": StepCase(
+        "tiny (test)",
+        dict(
+            vocab_size=64,
+            hidden_size=16,
+            intermediate_size=32,
+            num_layers=1,
+            num_heads=2,
+            num_kv_heads=1,
+            tie_embeddings=False,
+        ),
+        new_tokens=3,
+        batch=2,
+        context_len=4,
+        prompt_len=4,
+    ),
+}
+STEP_PARTS = ("sample", "teacher", "student", "optimizer")
+
+
+def _cpu_model() -> str:
+    """The CPU's model name as lscpu prints it (from /proc/cpuinfo), or the platform's."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _cores() -> int:
+    """CPU cores this process may run on (the affinity mask, else the machine's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def _peak_fractions(flops: dict, medians: dict, peak_flops_per_s: float) -> dict:
+    """FLOP rate / peak of the step and of each part with matmul FLOPs (not the optimizer)."""
+    out = {"step": round(flops["total"] / medians["step"] / peak_flops_per_s, 5)}
+    for name in ("sample", "teacher", "student"):
+        out[name] = round(flops[name] / medians[name] / peak_flops_per_s, 5)
+    return out
+
+
+def _side(times: dict[str, list[float]], tokens: int) -> dict:
+    """Per-part timings of one implementation; tokens/s only for the whole step."""
+    out = {name: _timing(ts, tokens) for name, ts in times.items()}
+    for name in STEP_PARTS:
+        del out[name]["tokens_per_s"]
+    return out
+
+
+def _compare_case(
+    case: StepCase, reps: int, seed: int, copts: dict | None, peak_flops_per_s: float
+) -> dict:
+    """One configuration: both steps built on the same weights and data batch, warmed up, then
+    timed `reps` times, alternating which goes first so other load hits both alike."""
+    from ctxjax import hf
+    from ctxjax.config import LossConfig, OptimConfig
+    from ctxjax.model import ModelConfig, create_model
+    from experiments.bench import torch_step
+
+    cfg = ModelConfig(**case.model)
+    b, p, n = case.batch, case.prompt_len, case.new_tokens
+    q = case.context_len + p
+    loss_cfg = LossConfig(opd="reverse_kl", consistency="nca", beta=0.5)
+    student, teacher = create_model(cfg, seed), create_model(cfg, seed + 1)
+    batch_np = _train_batch(np.random.default_rng(seed), cfg.vocab_size, b, p, q)
+    # The PyTorch way loads the same weights; exported first, since ctxjax's step donates them.
+    with tempfile.TemporaryDirectory() as tmp:
+        ref = torch_step.TorchStep(
+            student=torch_step.load(hf.save_model(student, os.path.join(tmp, "student"))),
+            teacher=torch_step.load(hf.save_model(teacher, os.path.join(tmp, "teacher"))),
+            optim=OptimConfig(),
+            beta=loss_cfg.beta,
+            new_tokens=n,
+        )
+    ref_batch = torch_step.torch_batch(batch_np)
+    ours = _build_ctxjax_step(student, teacher, batch_np, n, loss_cfg, seed, copts)
+    t0 = time.perf_counter()
+    ref(ref_batch, seed)  # warm-up (allocator, thread pool)
+    ref_first_s = time.perf_counter() - t0
+
+    ours_times = {name: [] for name in ("step", *STEP_PARTS)}
+    ref_times = {name: [] for name in ("step", *STEP_PARTS)}
+    load_before = os.getloadavg()[0]
+    for rep in range(reps):
+
+        def run_ours(rep=rep):
+            ours_times["step"].append(ours.run_step(rep))
+            for name, dt in ours.run_parts().items():
+                ours_times[name].append(dt)
+
+        def run_ref(rep=rep):
+            for name, dt in ref(ref_batch, seed + 1 + rep).items():
+                ref_times[name].append(dt)
+
+        for run in (run_ours, run_ref) if rep % 2 == 0 else (run_ref, run_ours):
+            run()
+    load_after = os.getloadavg()[0]
+
+    tokens = b * n
+    sides = {"ctxjax": _side(ours_times, tokens), "pytorch": _side(ref_times, tokens)}
+    sides["ctxjax"]["step"]["compile_s"] = round(ours.step_compile_s, 3)
+    sides["pytorch"]["step"]["first_call_s"] = round(ref_first_s, 3)
+    flops = _step_flops_analytic(cfg, b, p, q, n, loss_cfg)
+    medians = {
+        side: {name: row["median_s"] for name, row in timing.items()}
+        for side, timing in sides.items()
+    }
+    return {
+        "label": case.label,
+        "setup": {
+            **dataclasses.asdict(case),
+            "ctx_prompt_len": q,
+            "num_params": cfg.num_params(),
+            "loss": dataclasses.asdict(loss_cfg),
+            "temperature": 1.0,
+            "eos": None,
+            "reps": reps,
+            "load_avg_1min": [round(load_before, 2), round(load_after, 2)],
+        },
+        **sides,
+        # > 1: ctxjax's step is faster. From the two medians above, nothing else.
+        "ratio": round(medians["pytorch"]["step"] / medians["ctxjax"]["step"], 4),
+        "flops": flops,
+        "fraction_of_peak": {
+            side: _peak_fractions(flops, m, peak_flops_per_s) for side, m in medians.items()
+        },
+    }
+
+
+def measure_step(
+    *,
+    configs: str = "a,b,c",
+    reps: int = 5,
+    quick: bool = False,
+    seed: int = 0,
+    torch_threads: int | None = None,
+) -> dict:
+    """The whole OPD + NCA step, ctxjax against the PyTorch way (`experiments.bench.torch_step`),
+    for each of `configs` (comma-separated names of `STEP_CASES`) in one process.
+
+    Both run the same weights (ctxjax's, exported with `ctxjax.hf.save_model`) on the same data
+    batch (batch 8, context 32, prompt 16: left-padded, uneven lengths), sample at temperature 1
+    with no EOS, and use full-vocabulary reverse KL + 0.5 * NCA and AdamW with global-norm clipping.
+    Per config: the median of `reps` whole steps on each side (interleaved), their ratio (PyTorch
+    way / ctxjax: > 1 means ctxjax is faster), the time of each part (sampling, teacher, student
+    forward + backward, optimizer; ctxjax's parts are jitted alone, the PyTorch way's timed inside
+    its step), the analytic matmul FLOPs and the FLOP rate as a fraction of this machine's measured
+    single-matmul peak (`_peak_matmul`'s fastest call: a ceiling, which on a shared machine the
+    median call underestimates).
+
+    torch runs `torch_threads` threads (default: the cores this process may use, as XLA does).
+    `quick`: the tiny config only, 2 reps, cheap compiles (a test, seconds).
+    """
+    import flax
+    import jax
+    import torch
+    import transformers
+
+    names = ["quick"] if quick else [c.strip() for c in configs.split(",") if c.strip()]
+    unknown = [c for c in names if c not in STEP_CASES]
+    if unknown or not names:
+        raise ValueError(f"unknown configs {unknown or configs!r}; valid: {sorted(STEP_CASES)}")
+    reps = 2 if quick else reps
+    if reps < 1:
+        raise ValueError(f"reps must be >= 1, got {reps}")
+    copts = QUICK_COMPILER_OPTIONS if quick else None
+    threads = torch_threads or _cores()
+    default_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        peak = _peak_matmul(reps=3 if quick else 10)
+        cases = {
+            name: _compare_case(STEP_CASES[name], reps, seed, copts, peak["best_flops_per_s"])
+            for name in names
+        }
+    finally:
+        torch.set_num_threads(default_threads)
+    return {
+        "benchmark": "step",
+        "quick": quick,
+        "environment": {
+            "cpu_model": _cpu_model(),
+            "cores": _cores(),
+            "jax_backend": jax.default_backend(),
+            "torch_threads": threads,
+            "compiler_options": copts or {},
+            "versions": {
+                "jax": jax.__version__,
+                "flax": flax.__version__,
+                "torch": torch.__version__,
+                "transformers": transformers.__version__,
+            },
+            "load_avg_1min_end": round(os.getloadavg()[0], 2),
+        },
+        "peak_matmul": peak,
+        "configs": cases,
+    }
