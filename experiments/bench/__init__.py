@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from experiments.bench import measure, report
+from experiments.bench import gpu, measure, report
 
 # name -> (help, measure(**options) -> dict, print(result))
 BENCHMARKS: dict[str, tuple[str, Callable[..., dict], Callable[[dict], None]]] = {
@@ -19,6 +19,11 @@ BENCHMARKS: dict[str, tuple[str, Callable[..., dict], Callable[[dict], None]]] =
         "OPD+NCA train step: time per part, FLOPs vs matmul peak, loss memory",
         measure.measure_train,
         report.print_train,
+    ),
+    "gpu": (
+        "one accelerator: train-step MFU (sampling apart), decode vs HBM bound, peak memory",
+        gpu.measure_gpu,
+        gpu.print_gpu,
     ),
 }
 
