@@ -12,9 +12,14 @@ For a random Qwen2.5-0.5B-shaped model (bf16 compute; float32 parameters by defa
 2. decode tokens/s against the HBM-bandwidth bound: the time of one decode step is
    `(t(sample N tokens) - t(sample 1 token)) / (N - 1)`, the bound is the bytes a decode step must
    read (`decode_bytes`) over the device's HBM bandwidth;
-3. peak device memory of the whole train step with and without `numerics.remat` and
-   `loss.chunk_size`: `memory_stats()["peak_bytes_in_use"]` where the device has it (GPU, TPU),
-   next to XLA's compiled-memory estimate (the only figure on a CPU).
+3. peak device memory with and without `numerics.remat` and `loss.chunk_size`, of the rest of the
+   step (where they act: sampling's memory is the KV cache) in its four variants and of the whole
+   step: `memory_stats()["peak_bytes_in_use"]` where the device has it (GPU, TPU), next to XLA's
+   compiled-memory estimate (the only figure on a CPU).
+
+The train state is donated by every program, as `step.jit_train_step` does, so only one copy of
+it is alive. The programs are lowered first and compiled together in threads: the compiles of the
+24-layer programs are most of the few minutes a run takes on a GPU.
 
 Everything runs the library's own functions (`model.create_model` with `model.Numerics`,
 `sampling.sample`, `step.make_train_step`, `step.make_distill_loss`): nothing special-cased.
