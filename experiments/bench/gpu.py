@@ -489,7 +489,7 @@ def measure_gpu(
 
 
 def _tflops(x: float) -> str:
-    return f"{x / 1e12:.3f}"
+    return f"{x / 1e12:.4g}"
 
 
 def _pct(x: float | None) -> str:
@@ -565,7 +565,11 @@ def print_gpu(r: dict) -> None:
             f"{d['target']['max_over_bound']:.0f}x: {_verdict(d['target']['met'], '?')})"
         )
     mem = r["memory"]
-    source = "device peak_bytes_in_use" if mem["device_peak_available"] else "not available"
+    source = (
+        'memory_stats()["peak_bytes_in_use"]'
+        if mem["device_peak_available"]
+        else "not available on this device"
+    )
     print(
         "peak memory: the rest of the step by variant (remat and the chunked loss act there) and "
         f"the whole step; device peak: {source}; XLA estimate: args + out + temp - donated"
