@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from experiments.bench import measure, report
+from experiments.bench import gpu, measure, report
 
 # name -> (help, measure(**options) -> dict, print(result))
 BENCHMARKS: dict[str, tuple[str, Callable[..., dict], Callable[[dict], None]]] = {
@@ -24,6 +24,11 @@ BENCHMARKS: dict[str, tuple[str, Callable[..., dict], Callable[[dict], None]]] =
         "OPD+NCA step, ctxjax vs the PyTorch way side by side: ratio, parts, matmul-peak fraction",
         measure.measure_step,
         report.print_step,
+    ),
+    "gpu": (
+        "one accelerator: train-step MFU (sampling apart), decode vs HBM bound, peak memory",
+        gpu.measure_gpu,
+        gpu.print_gpu,
     ),
 }
 
