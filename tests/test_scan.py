@@ -16,6 +16,7 @@ from jax.sharding import PartitionSpec as P
 from safetensors.numpy import load_file, save_file
 
 from ctxjax import hf, sampling, sharding
+from ctxjax.base import base_key
 from ctxjax.config import load_config
 from ctxjax.model import (
     ModelConfig,
@@ -221,3 +222,12 @@ def test_run_config_exposes_scan_layers():
     cfg = load_config(None, ["numerics.scan_layers=true", "numerics.remat=true"])
     assert cfg.numerics == Numerics(remat=True, scan_layers=True)
     assert load_config(None, []).numerics.scan_layers is False
+
+
+def test_scan_layers_names_no_other_base_model():
+    """A layout choice with the same numbers: the cached base model is shared, its key unchanged."""
+    cfg = load_config(None, [])
+    args = (cfg.task.name, dict(cfg.task.options), cfg.model, cfg.base, cfg.base.seed)
+    scanned = dataclasses.replace(cfg.numerics, scan_layers=True)
+    assert base_key(*args, scanned) == base_key(*args, cfg.numerics)
+    assert base_key(*args, dataclasses.replace(cfg.numerics, remat=True)) != base_key(*args)
