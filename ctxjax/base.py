@@ -23,7 +23,7 @@ import optax
 from flax import nnx
 
 from ctxjax import hf
-from ctxjax.config import MODEL_SIZES, BaseModelConfig, OptimConfig
+from ctxjax.config import BaseModelConfig, OptimConfig
 from ctxjax.model import DEFAULT_NUMERICS, ModelConfig, Numerics, create_model
 from ctxjax.padding import pad_left
 from ctxjax.step import make_optimizer
@@ -203,54 +203,3 @@ def build_or_reuse_base(
         info["final_sft_loss"],
     )
     return path
-
-
-def build_all(spec: dict, *, progress: bool = True) -> list[dict]:
-    """Builds (or reuses) a base model per task x size of `spec` (configs/base_models.yaml) and
-    measures whether it reads each context: Acc_x vs Acc_xc on every context of its task."""
-    from ctxjax.evaluate import evaluate_context
-
-    cache_dir = spec.get("cache_dir", "runs/base")
-    ev = spec.get("eval", {})
-    rows = []
-    for task_name, task_spec in spec["tasks"].items():
-        options = dict(task_spec.get("options") or {})
-        base_cfg = dataclasses.replace(
-            BaseModelConfig(),
-            cache_dir=cache_dir,
-            **{k: v for k, v in task_spec.items() if k != "options"},
-        )
-        for size in spec.get("sizes", list(MODEL_SIZES)):
-            if size not in MODEL_SIZES:
-                raise KeyError(f"unknown model size {size!r}; valid: {sorted(MODEL_SIZES)}")
-            model_cfg = dataclasses.replace(
-                ModelConfig(vocab_size=base_cfg.vocab_size), **MODEL_SIZES[size]
-            )
-            path = build_or_reuse_base(task_name, options, model_cfg, base_cfg, progress=progress)
-            model, tokenizer = hf.load_model(path), hf.load_tokenizer(path)
-            task = get_task(task_name, **options)
-            for context in task.contexts():
-                res = evaluate_context(
-                    model,
-                    tokenizer,
-                    task,
-                    context,
-                    examples=ev.get("examples", 64),
-                    max_new_tokens=ev.get("max_new_tokens", 24),
-                    temperature=ev.get("temperature", 1.0),
-                    retention=False,
-                    with_cosine=False,
-                )
-                rows.append(
-                    dict(
-                        task=task_name,
-                        size=size,
-                        context=context,
-                        regime=task.regime(context),
-                        acc_x=res["acc_x"],
-                        acc_xc=res["acc_xc"],
-                        delta_len=res["delta_len"],
-                        path=path,
-                    )
-                )
-    return rows

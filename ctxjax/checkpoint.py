@@ -3,21 +3,83 @@ state and the run config, kept N at a time, written asynchronously.
 
 No rng is stored: step `i` uses `fold_in(key(train.seed), i)`, so a resumed run draws the same
 samples as an uninterrupted one.
+
+Integrity: once a step's asynchronous save has finished, the sha256 of each of its files goes into
+`<step>/ctxjax_sha256.json` (Orbax checks neither contents nor sizes: flipped bytes restore
+silently). A restore verifies it and falls back to the newest intact step, naming the bad ones.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
+import logging
 import os
+import shutil
 from typing import Any
 
 import grain
+import jax
 import orbax.checkpoint as ocp
 
 from ctxjax.model import ModelConfig
+from ctxjax.run_dir import RunRefused, write_json_atomic
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "ctxjax_sha256.json"
 
 # Every architecture field: a checkpoint restores only into the model it was written for.
 _ARCHITECTURE_KEYS = tuple(f.name for f in dataclasses.fields(ModelConfig))
+
+
+class CheckpointError(RunRefused):
+    """No usable checkpoint where one was asked for; the message is one line naming the path."""
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _files(step_dir: str) -> list[str]:
+    """Every file under `step_dir` but the manifest, as sorted relative paths."""
+    found = []
+    for root, _, names in os.walk(step_dir):
+        found += [os.path.relpath(os.path.join(root, n), step_dir) for n in names]
+    return sorted(f for f in found if f != MANIFEST)
+
+
+def write_manifest(step_dir: str) -> None:
+    write_json_atomic(
+        os.path.join(step_dir, MANIFEST),
+        {name: _sha256(os.path.join(step_dir, name)) for name in _files(step_dir)},
+    )
+
+
+def verify(step_dir: str) -> str | None:
+    """None if every file matches the manifest, else what is wrong (one line, naming the file).
+
+    "unsealed": no manifest (the run stopped between the save and its sealing).
+    """
+    try:
+        with open(os.path.join(step_dir, MANIFEST)) as f:
+            manifest = json.load(f)
+    except FileNotFoundError:
+        return "unsealed"
+    except ValueError:
+        return f"corrupt manifest {os.path.join(step_dir, MANIFEST)}"
+    for name, digest in manifest.items():
+        path = os.path.join(step_dir, name)
+        if not os.path.isfile(path):
+            return f"missing file {path}"
+        if _sha256(path) != digest:
+            return f"checksum mismatch in {path} ({os.path.getsize(path)} bytes)"
+    return None
 
 
 class Checkpointer:
@@ -29,6 +91,10 @@ class Checkpointer:
             max_to_keep=keep, enable_async_checkpointing=async_save, create=True
         )
         self.manager = ocp.CheckpointManager(self.directory, options=options)
+        self._unsealed: list[int] = []  # saved steps whose manifest is not written yet
+
+    def step_dir(self, step: int) -> str:
+        return os.path.join(self.directory, str(step))
 
     def save(
         self, step: int, state: Any, data_iter: Any, config: dict, *, force: bool = False
@@ -38,33 +104,79 @@ class Checkpointer:
             data=grain.checkpoint.CheckpointSave(data_iter),
             config=ocp.args.JsonSave(config),
         )
-        self.manager.save(step, args=args, force=force)
+        # Orbax waits for the previous async save before starting one anyway: seal it now.
+        self.wait()
+        if self.manager.save(step, args=args, force=force):
+            self._unsealed.append(step)
 
     def restore(
         self, abstract_state: Any, data_iter: Any, config: dict, step: int | None = None
     ) -> tuple[Any, int]:
-        """Restores the latest (or given) step into `abstract_state`'s structure and shardings.
+        """Restores the newest intact step (or `step`) into `abstract_state`'s structure and
+        shardings. A corrupt step is skipped with a warning naming it; a chosen `step` that is
+        corrupt is an error. Newer steps than the one restored are moved to `<dir>.set_aside/`
+        (Orbax would skip every later save at or below them).
 
         Refuses a checkpoint written for a different model architecture, naming what differs.
         """
-        step = self.manager.latest_step() if step is None else step
-        if step is None:
+        steps = sorted(self.manager.all_steps(), reverse=True)
+        if not steps:
             raise FileNotFoundError(f"no checkpoint to resume from in {self.directory}")
-        saved_config = self.manager.restore(
-            step, args=ocp.args.Composite(config=ocp.args.JsonRestore())
-        )["config"]
-        _check_same_model(saved_config, config, f"{self.directory}/{step}")
-        restored = self.manager.restore(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract_state),
-                data=grain.checkpoint.CheckpointRestore(data_iter),
-            ),
-        )
-        return restored["state"], step
+        if step is not None and step not in steps:
+            raise CheckpointError(f"no checkpoint at step {step} in {self.directory}; have {steps}")
+        bad = []
+        for candidate in steps if step is None else [step]:
+            where = self.step_dir(candidate)
+            problem = verify(where)
+            if problem == "unsealed":
+                log.warning(
+                    "checkpoint %s has no checksum manifest: restoring it unverified", where
+                )
+                problem = None
+            if problem is None:
+                saved_config = self.manager.restore(
+                    candidate, args=ocp.args.Composite(config=ocp.args.JsonRestore())
+                )["config"]
+                _check_same_model(saved_config, config, where)
+                try:
+                    restored = self.manager.restore(
+                        candidate,
+                        args=ocp.args.Composite(
+                            state=ocp.args.StandardRestore(abstract_state),
+                            data=grain.checkpoint.CheckpointRestore(data_iter),
+                        ),
+                    )
+                except Exception as e:  # any failure to read is a corrupt step
+                    problem = (
+                        f"cannot restore: {type(e).__name__}: {' '.join(str(e).split())[:300]}"
+                    )
+            if problem is None:
+                self._set_aside([s for s in steps if s > candidate])
+                return restored["state"], candidate
+            log.warning("checkpoint %s is unusable (%s)", where, problem)
+            bad.append(f"{where}: {problem}")
+        raise CheckpointError(f"no intact checkpoint to resume from: {'; '.join(bad)}")
+
+    def _set_aside(self, steps: list[int]) -> None:
+        if not steps or jax.process_index() != 0:
+            return
+        aside = self.directory + ".set_aside"
+        os.makedirs(aside, exist_ok=True)
+        for s in steps:
+            target = os.path.join(aside, str(s))
+            if os.path.exists(target):
+                shutil.rmtree(target)
+            shutil.move(self.step_dir(s), target)
+            log.warning("moved checkpoint %s aside to %s", self.step_dir(s), target)
+        self.manager.reload()
 
     def wait(self) -> None:
+        """Waits for the async save, then writes the checksums of every step saved since."""
         self.manager.wait_until_finished()
+        for step in self._unsealed:
+            if jax.process_index() == 0 and os.path.isdir(self.step_dir(step)):
+                write_manifest(self.step_dir(step))
+        self._unsealed = []
 
 
 def _check_same_model(saved: dict, current: dict, where: str) -> None:

@@ -3,8 +3,8 @@
 `load_config("configs/x.yaml", ["loss.beta=0.1", "model.num_layers=4"])` builds a `RunConfig`.
 Every key is checked against the dataclass fields: an unknown or mistyped key is an error that names
 the valid keys at that level, and a value of the wrong type is an error that names the key. A
-setting the run would ignore (an architecture with `student=`, evaluation with `task.name=jsonl`)
-is an error too.
+setting the run would ignore (an architecture with `student=`; evaluation settings on a JSONL run
+without an eval split, checked at set-up in `ctxjax.train`) is an error too.
 """
 
 from __future__ import annotations
@@ -12,20 +12,23 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import types
 import typing
 from typing import Any
 
 import yaml
 
+from ctxjax import losses
 from ctxjax.data import DataConfig
 from ctxjax.model import DEFAULT_NUMERICS, ModelConfig, Numerics
 from ctxjax.tasks import synthetic
 
 log = logging.getLogger(__name__)
 
-OPD_LOSSES = ("reverse_kl", "reverse_kl_topk", "forward_kl", "jsd", "sampled_token")
-CONSISTENCY_LOSSES = ("nca", "dual_opd", "sym_kl")
+# The valid names are the loss registry's (ctxjax.losses), the one place that defines them.
+OPD_LOSSES = tuple(losses.OPD_LOSSES)
+CONSISTENCY_LOSSES = tuple(losses.CONSISTENCY_LOSSES)
 BETA_SCHEDULES = ("constant", "delayed", "linear")
 
 
@@ -115,6 +118,12 @@ class MeshConfig:
     fsdp: int = 1
     tensor: int = 1
 
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if value == 0 or value < -1:
+                raise ValueError(f"mesh.{f.name} must be >= 1 or -1 (the rest), got {value}")
+
 
 SAMPLED_EVAL_DRAWS = 4  # answers per item and view when sampling and `eval.samples` is unset
 
@@ -185,13 +194,30 @@ class BaseModelConfig:
     seed: int = 0  # the base model's own seed: OPD seeds (train.seed) share one base model
 
 
+DEFAULT_CONTEXT = "careful"  # the embedded CPU default's distilled context
+
+
 @dataclasses.dataclass(frozen=True)
 class TaskConfig:
-    name: str = "synthetic"  # a name in ctxjax.tasks.TASKS, or "jsonl" for data.train_file
-    context: str = "careful"  # the context distilled (a name in task.contexts())
+    """What is distilled and evaluated.
+
+    `name="jsonl"` reads the user's records (`data.train_file`, `data.eval_file`); its options are
+    `ctxjax.tasks.jsonl.JsonlTask`'s (`verifier`, `eval_fraction`, `context_regime`) and default to
+    none, and its `context` defaults to "" (the run-level context, or the file's only one).
+    """
+
+    name: str = "synthetic"  # a name in ctxjax.tasks.TASKS ("jsonl": the user's records)
+    context: str = DEFAULT_CONTEXT  # the context distilled (a name in task.contexts())
     # Keyword arguments of the task; a preset's `options` replaces these as a whole. The default
     # is the embedded CPU world, `ctxjax.tasks.synthetic.default_options()`.
     options: dict = dataclasses.field(default_factory=synthetic.default_options)
+
+    def __post_init__(self):
+        if self.name == "jsonl":  # the synthetic world's defaults mean nothing for a user's file
+            if self.options == synthetic.default_options():
+                object.__setattr__(self, "options", {})
+            if self.context == DEFAULT_CONTEXT:
+                object.__setattr__(self, "context", "")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -237,6 +263,17 @@ def _changed_keys(section: str, value: Any, default: Any) -> list[str]:
     ]
 
 
+def _check_finite(cfg: Any, prefix: str = "") -> None:
+    """Refuses NaN/inf anywhere in the tree: `nan < 0` is False, so range checks let NaN through
+    (loss.beta=nan, optim.learning_rate=inf would train on NaN)."""
+    for f in dataclasses.fields(cfg):
+        value, key = getattr(cfg, f.name), f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            _check_finite(value, f"{key}.")
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{key} must be a finite number, got {value}")
+
+
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
     # HF folder of the student; "" builds/reuses the tiny base model for `task` (CPU default).
@@ -259,6 +296,7 @@ class RunConfig:
     train: TrainConfig = TrainConfig()
 
     def __post_init__(self):
+        _check_finite(self)
         ignored = []  # (keys, why): settings this run would silently not use
         if self.student:
             ignored.append(
@@ -267,13 +305,6 @@ class RunConfig:
                     "with student= the architecture comes from the student's config.json",
                 )
             )
-        if self.task.name == "jsonl":
-            keys = _changed_keys("eval", self.eval, EvalConfig())
-            keys += ["train.eval_every"] if self.train.eval_every else []
-            keys += _changed_keys(
-                "task", dataclasses.replace(self.task, name="synthetic"), TaskConfig()
-            )
-            ignored.append((keys, "task.name='jsonl' has no verifier: nothing is evaluated"))
         for keys, why in ignored:
             if keys:
                 raise ValueError(f"{', '.join(keys)} would be ignored ({why}): remove the setting")
@@ -281,6 +312,14 @@ class RunConfig:
         if self.student and base_keys:
             # A warning, not an error: the CPU presets set base.* and stay usable with student=.
             log.warning("%s ignored: student= is set, no base model is built", ", ".join(base_keys))
+        if 0 < self.train.steps <= self.optim.warmup_steps:
+            # Legal (the schedule shortens the warmup to fit), but the peak rate is never held.
+            log.warning(
+                "train.steps=%d is not above optim.warmup_steps=%d: the learning rate never "
+                "leaves its warmup",
+                self.train.steps,
+                self.optim.warmup_steps,
+            )
 
 
 def _coerce(key: str, value: Any, hint: Any) -> Any:
@@ -396,7 +435,7 @@ def load_config(path: str | None = None, overrides: list[str] = ()) -> RunConfig
         task = values.setdefault("task", {})
         if not isinstance(task, dict):
             raise TypeError(f"config key 'task' is a section; expected a mapping, got {task!r}")
-        current = task.get("options", TaskConfig().options)
+        current = task.get("options", TaskConfig(name=task.get("name", "synthetic")).options)
         edits = parse_overrides(option_edits)["task"]["options"]
         task["options"] = {**dict(current or {}), **edits}
     try:

@@ -24,6 +24,8 @@ class DataConfig:
     """Where the records come from and how they become batches."""
 
     train_file: str | None = None  # JSONL, one record per line
+    # JSONL eval split of a `task.name=jsonl` run (or `task.options.eval_fraction` of train_file).
+    eval_file: str | None = None
     context: str = ""  # run-level context for records that carry none
     context_file: str | None = None  # its text is the run-level context (excludes `context`)
     batch_size: int = 16
@@ -76,7 +78,20 @@ def load_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
         _check_record(record, where)
         record["_source"] = where
         records.append(record)
+    if not records:
+        raise ValueError(f"data file holds no records: {os.fspath(path)}")
     return records
+
+
+def check_has_context(records: Sequence[dict[str, Any]], run_context: str) -> None:
+    """Refuses a data set with nothing to distill: no record has a context and no run-level
+    context is set, so teacher and student would see the same prompt."""
+    if not run_context and not any(r.get("context") for r in records):
+        source = records[0].get("_source", "").rsplit(":", 1)[0] if records else ""
+        raise ValueError(
+            f"no record{f' of {source}' if source else ''} has a 'context' and neither "
+            f"data.context nor data.context_file is set: there is no context to distill"
+        )
 
 
 def resolve_context(cfg: DataConfig) -> str:

@@ -242,3 +242,145 @@ def evaluate_context(
     result["lengths_x"] = ans_x.lengths.tolist()
     result["lengths_xc"] = ans_c.lengths.tolist()
     return result
+
+
+# --------------------------------------------------------------------------------------------------
+# Whole evaluation of an HF model folder (behind `scripts/eval.py`; the report is written by the
+# harness, `experiments.eval_report`). Its imports are local so that this section stays an appendix.
+# --------------------------------------------------------------------------------------------------
+
+# The keys of `evaluate_context` that accept a value from `evaluate_checkpoint(**eval_kwargs)`.
+EVAL_KWARGS = (
+    "examples",
+    "max_new_tokens",
+    "temperature",
+    "samples",
+    "coupled_views",
+    "batch_size",
+    "seed",
+    "retention",
+    "with_cosine",
+)
+
+
+class InputError(ValueError):
+    """A bad model path, task, context, task option or evaluation setting (the CLI exits 2)."""
+
+
+def parse_task_options(items: list[str]) -> dict:
+    """`["min_len=3", "families=[sum]"]` -> {"min_len": 3, "families": ["sum"]} (YAML values)."""
+    import yaml
+
+    options = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise InputError(f"task option {item!r} must look like key=value")
+        try:
+            options[key.strip()] = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as e:
+            raise InputError(f"task option {item!r}: value is not valid YAML ({e})") from None
+    return options
+
+
+def _check_model_folder(path: str, what: str) -> None:
+    import os
+
+    if not os.path.isdir(path):
+        raise InputError(f"{what} folder not found: {path}")
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise InputError(f"{what} folder {path} has no config.json (not an HF model folder)")
+
+
+def _resolve_task(task_name: str, context: str, task_options: dict | None):
+    """The task and the name of the context evaluated. For "jsonl" (a user's records: task options
+    `eval_file`, `context`, `verifier`, ...), an empty `context` means the file's only one."""
+    from ctxjax.tasks import get_task
+    from ctxjax.tasks.jsonl import JsonlTask
+
+    try:
+        if task_name == "jsonl":
+            task = JsonlTask(**(task_options or {}))
+        else:
+            task = get_task(task_name, **(task_options or {}))
+    except (TypeError, ValueError, FileNotFoundError) as e:
+        raise InputError(str(e).splitlines()[0] if str(e) else repr(e)) from None
+    valid = task.contexts()
+    if task_name == "jsonl" and not context:
+        if len(valid) != 1:
+            raise InputError(f"the records hold {len(valid)} contexts: pick one of {sorted(valid)}")
+        return task, next(iter(valid))
+    if context not in valid:
+        raise InputError(
+            f"unknown context {context!r} for task {task_name!r}; valid: {sorted(valid)}"
+        )
+    return task, context
+
+
+def _eval_settings(eval_kwargs: dict) -> dict:
+    from ctxjax.config import EvalConfig
+
+    unknown = sorted(set(eval_kwargs) - set(EVAL_KWARGS))
+    if unknown:
+        raise InputError(f"unknown evaluation setting(s) {unknown}; valid: {list(EVAL_KWARGS)}")
+    defaults = {k: v for k, v in dataclasses.asdict(EvalConfig()).items() if k in EVAL_KWARGS}
+    settings = {**defaults, "retention": True, "with_cosine": True, **eval_kwargs}
+    try:  # the same range checks as the `eval` section of a training config
+        EvalConfig(**{k: settings[k] for k in defaults})
+    except (TypeError, ValueError) as e:
+        raise InputError(str(e)) from None
+    return settings
+
+
+def evaluate_checkpoint(
+    model_path: str,
+    task_name: str,
+    context: str,
+    *,
+    task_options: dict | None = None,
+    baseline_path: str | None = None,
+    tokenizer_path: str | None = None,
+    param_dtype: str = "float32",
+    **eval_kwargs: Any,
+) -> dict:
+    """Evaluates the HF folder `model_path` on one context of a task (and `baseline_path` likewise).
+
+    `eval_kwargs` are `evaluate_context`'s settings (`EVAL_KWARGS`; defaults from `EvalConfig`, with
+    retention and cosine on). The tokenizer comes from `tokenizer_path`, else the model's folder
+    (the baseline's likewise). Everything the user names is checked before any model is loaded;
+    a bad value raises `InputError` naming it (and the valid choices). Returns the result, with
+    "model", "task", "task_options", "settings", and the baseline's result under "baseline" when
+    given.
+    """
+    import os
+
+    from ctxjax import hf
+    from ctxjax.model import DTYPES
+
+    if param_dtype not in DTYPES:
+        raise InputError(f"param_dtype must be one of {sorted(DTYPES)}, got {param_dtype!r}")
+    _check_model_folder(model_path, "model")
+    if baseline_path is not None:
+        _check_model_folder(baseline_path, "baseline model")
+    if tokenizer_path is not None and not os.path.isdir(tokenizer_path):
+        raise InputError(f"tokenizer folder not found: {tokenizer_path}")
+    task, context = _resolve_task(task_name, context, task_options)
+    settings = _eval_settings(eval_kwargs)
+
+    def run(path: str) -> dict:
+        model = hf.load_model(path, param_dtype=param_dtype)
+        tokenizer = hf.load_tokenizer(tokenizer_path or path)
+        result = evaluate_context(model, tokenizer, task, context, **settings)
+        return {
+            "model": os.path.abspath(path),
+            "task": task_name,
+            "context_text": task.contexts()[context],
+            "task_options": dict(task_options or {}),
+            "settings": settings,
+            **result,
+        }
+
+    result = run(model_path)
+    if baseline_path is None:
+        return result
+    return {**result, "baseline": run(baseline_path)}

@@ -6,6 +6,7 @@ empty denominator is None (undefined), never 0.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -123,10 +124,13 @@ def format_value(value: Any) -> str:
     return " ".join(str(value).split()).replace("|", "\\|")
 
 
-def markdown_table(rows: list[dict], columns: list[str]) -> str:
+def markdown_table(
+    rows: list[dict], columns: list[str], format_cell: Callable[[Any], str] = format_value
+) -> str:
     """A markdown table with one line per row dict and the given columns, in order.
 
-    Cells go through `format_value`; a key a row lacks shows "-".
+    Cells go through `format_cell` (a caller with its own cell types wraps `format_value`); a key
+    a row lacks shows "-".
     """
     if not columns:
         raise ValueError("markdown_table needs at least one column")
@@ -135,5 +139,5 @@ def markdown_table(rows: list[dict], columns: list[str]) -> str:
         "|" + "---|" * len(columns),
     ]
     for row in rows:
-        lines.append("| " + " | ".join(format_value(row.get(c)) for c in columns) + " |")
+        lines.append("| " + " | ".join(format_cell(row.get(c)) for c in columns) + " |")
     return "\n".join(lines)

@@ -3,19 +3,21 @@
 Two entry points:
 - `sample`: the pure, jittable core. The train step calls it inside its own `jax.jit` with a model
   from `nnx.merge(graphdef, state)`; every shape is static (`max_new_tokens`, the prompt width).
-- `generate`: the user-facing wrapper over Python lists. It pads prompt width, token budget and batch
-  size up to buckets and calls one jitted function cached per (bucket shapes, `SamplingParams`,
-  `eos_ids`, `pad_id`), so an evaluation run compiles a handful of times, not once per batch.
+- `generate`: the user-facing wrapper over Python lists. It pads prompt width, token budget and
+  batch size up to buckets and calls one jitted function cached per (bucket shapes,
+  `SamplingMethod`, `eos_ids`, `pad_id`), so an evaluation run compiles a handful of times, not once
+  per batch.
 
-Slots and positions follow `ctxjax.model`: prompts are left-padded, so the last prompt slot holds every
-row's last real token and generated token `j` of a row sits at slot `P + j` with RoPE position
-`n_prompt + j` (`n_prompt` = the row's real-token count), whatever padding the row got.
+Slots and positions follow `ctxjax.model`: prompts are left-padded, so the last prompt slot holds
+every row's last real token and generated token `j` of a row sits at slot `P + j` with RoPE
+position `n_prompt + j` (`n_prompt` = the row's real-token count), whatever padding the row got.
 
 Log-probabilities are those of the model's *unprocessed* distribution, `log_softmax(raw logits)` at
 the chosen token, i.e. what a full forward pass over `[prompt | response]` gives at the response
-positions (tested). Temperature, top-k and top-p only change which token is drawn, never the reported
-log-prob. Sampling is not differentiable: the model state is read under `stop_gradient`, so a loss
-must recompute log-probs with its own forward pass over the sampled tokens (which are constants).
+positions (tested). Temperature, top-k and top-p only change which token is drawn, never the
+reported log-prob. Sampling is not differentiable: the model state is read under `stop_gradient`,
+so a loss must recompute log-probs with its own forward pass over the sampled tokens (which are
+constants).
 """
 
 from __future__ import annotations
@@ -35,12 +37,12 @@ from ctxjax.padding import bucket_batch, bucket_length, pad_left_rows
 
 
 @dataclasses.dataclass(frozen=True)
-class SamplingParams:
+class SamplingMethod:
     """How the next token is chosen from the logits. Hashable, so it can be a static jit argument.
 
-    The logits are processed in one fixed order: temperature, then top-k, then top-p (`process_logits`).
-    `temperature == 0` means greedy decoding: the argmax of the raw logits, which top-k and top-p cannot
-    change (the argmax is always kept), so they are moot then.
+    The logits are processed in one fixed order: temperature, then top-k, then top-p
+    (`process_logits`). `temperature == 0` means greedy decoding: the argmax of the raw logits,
+    which top-k and top-p cannot change (the argmax is always kept), so they are moot then.
     """
 
     temperature: float = 0.0  # 0 = greedy
@@ -70,15 +72,15 @@ class SamplingParams:
         return self.temperature == 0
 
     def process_logits(self, logits_BxV: jax.Array) -> jax.Array:
-        """Float32 logits to sample from: divided by the temperature, then filtered; removed -> -inf.
+        """Float32 logits to sample from: divided by the temperature, then filtered (-> -inf).
 
         - temperature: `logits / T` (skipped for T = 0, where only the argmax matters).
-        - top-k: keeps every logit >= the k-th largest. Ties with the k-th value are all kept, so more
-          than k tokens survive when the boundary is tied.
-        - top-p: on the distribution renormalized after top-k, sorts the probabilities in decreasing order
-          and keeps the smallest prefix whose mass is >= top_p (a token is kept when the mass *before* it
-          is < top_p, so the most likely token always survives). Tokens tied with the last kept one are
-          kept as well.
+        - top-k: keeps every logit >= the k-th largest. Ties with the k-th value are all kept, so
+          more than k tokens survive when the boundary is tied.
+        - top-p: on the distribution renormalized after top-k, sorts the probabilities in
+          decreasing order and keeps the smallest prefix whose mass is >= top_p (a token is kept
+          when the mass *before* it is < top_p, so the most likely token always survives). Tokens
+          tied with the last kept one are kept as well.
         """
         x_BxV = logits_BxV.astype(jnp.float32)
         if self.temperature > 0:
@@ -91,19 +93,19 @@ class SamplingParams:
         if self.top_p is not None and self.top_p < 1.0:
             if sorted_BxK is None:
                 sorted_BxK = -jnp.sort(-x_BxV, axis=-1)
-            # The normalizer comes from all surviving logits (ties beyond k included), not the k values.
+            # The normalizer comes from all surviving logits (ties beyond k included), not only the
+            # k sorted values.
             log_norm_Bx1 = jax.nn.logsumexp(x_BxV, axis=-1, keepdims=True)
             probs_BxK = jnp.exp(sorted_BxK - log_norm_Bx1)
             mass_before_BxK = jnp.cumsum(probs_BxK, axis=-1) - probs_BxK
-            num_kept_B = jnp.sum(
-                mass_before_BxK < self.top_p, axis=-1
-            )  # >= 1: first mass_before is 0
+            # >= 1 kept: the first mass_before is 0.
+            num_kept_B = jnp.sum(mass_before_BxK < self.top_p, axis=-1)
             threshold_Bx1 = jnp.take_along_axis(sorted_BxK, num_kept_B[:, None] - 1, axis=-1)
             x_BxV = jnp.where(x_BxV >= threshold_Bx1, x_BxV, -jnp.inf)
         return x_BxV
 
     def next_tokens(self, logits_BxV: jax.Array, rng: jax.Array) -> jax.Array:
-        """Int32 token ids [B]: the argmax when greedy, else a draw from `process_logits(logits)`."""
+        """Int32 token ids [B]: the argmax when greedy, else a draw from `process_logits`."""
         if self.greedy:
             return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
         return jax.random.categorical(rng, self.process_logits(logits_BxV), axis=-1).astype(
@@ -117,7 +119,8 @@ class SampleOutput:
 
     tokens_BxN: int32; `pad_id` after the first EOS and wherever decoding stopped early.
     logprobs_BxN: float32 log-prob of each token under the model's unprocessed distribution
-      (log_softmax of the raw logits, the same as a full forward pass gives); 0 where the mask is False.
+      (log_softmax of the raw logits, the same as a full forward pass gives); 0 where the mask is
+      False.
     mask_BxN: bool; True up to and including the first EOS (all True when no EOS within the budget).
     lengths_B: int32; the number of True entries of each mask row.
     """
@@ -140,7 +143,7 @@ class _DecodeState:
 
 
 def _pick(
-    params: SamplingParams,
+    method: SamplingMethod,
     logits_BxV: jax.Array,
     rng: jax.Array,
     done_B: jax.Array,
@@ -148,7 +151,7 @@ def _pick(
     pad_id: int,
 ):
     """Chooses the next tokens and their raw log-probs; finished rows get `pad_id` and 0."""
-    tokens_B = params.next_tokens(logits_BxV, rng)
+    tokens_B = method.next_tokens(logits_BxV, rng)
     logprobs_BxV = jax.nn.log_softmax(logits_BxV.astype(jnp.float32), axis=-1)
     logprob_B = jnp.take_along_axis(logprobs_BxV, tokens_B[:, None], axis=-1)[:, 0]
     tokens_B = jnp.where(done_B, pad_id, tokens_B)
@@ -171,15 +174,15 @@ def _sample(
     active_B: jax.Array,
     *,
     max_new_tokens: int,
-    params: SamplingParams,
+    method: SamplingMethod,
     eos_ids: tuple[int, ...],
     pad_id: int,
 ) -> SampleOutput:
     """`sample` with a traced token budget (<= max_new_tokens) and rows that start finished.
 
-    `budget` lets `generate` compile one loop for a whole budget bucket: the while condition stops at
-    the real budget, the static `max_new_tokens` only sizes the buffers. Rows with `active_B` False
-    (batch padding) emit nothing and never keep the loop running.
+    `budget` lets `generate` compile one loop for a whole budget bucket: the while condition stops
+    at the real budget, the static `max_new_tokens` only sizes the buffers. Rows with `active_B`
+    False (batch padding) emit nothing and never keep the loop running.
     """
     b, p = prompt_ids_BxP.shape
     n = max_new_tokens
@@ -191,8 +194,8 @@ def _sample(
     mask_BxP = prompt_mask_BxP.astype(bool)
     n_prompt_B = jnp.sum(mask_BxP, axis=-1).astype(jnp.int32)
 
-    # Prefill: all prompt slots at once; positions from the mask (cumsum - 1). Left padding puts every
-    # row's last real token at slot P - 1, the only slot whose logits are needed.
+    # Prefill: all prompt slots at once; positions from the mask (cumsum - 1). Left padding puts
+    # every row's last real token at slot P - 1, the only slot whose logits are needed.
     cache = model.init_cache(b, p + n)
     vocab = model.cfg.vocab_size
     # Padding slots are fed token 0, not `pad_id`: an id >= vocab_size embeds as NaN (out-of-bounds
@@ -202,7 +205,7 @@ def _sample(
     logits_BxV = model.logits(out.hidden_BxLxD[:, -1])
     done_B = ~active_B.astype(bool) | (budget <= 0)
     first_B, logprob_B, done_after_B = _pick(
-        params, logits_BxV, jax.random.fold_in(rng, 0), done_B, eos_ids, pad_id
+        method, logits_BxV, jax.random.fold_in(rng, 0), done_B, eos_ids, pad_id
     )
     tokens_BxN = _write_column(jnp.full((b, n), pad_id, jnp.int32), first_B, 0)
     logprobs_BxN = _write_column(jnp.zeros((b, n), jnp.float32), logprob_B, 0)
@@ -221,7 +224,8 @@ def _sample(
 
     def body(s: _DecodeState) -> _DecodeState:
         step_model = nnx.merge(graphdef, state)
-        # The token fed now was produced at step - 1, so it is the row's (n_prompt + step - 1)-th token.
+        # The token fed now was produced at step - 1, so it is the row's (n_prompt + step - 1)-th
+        # token.
         positions_Bx1 = (n_prompt_B + s.step - 1)[:, None]
         # Finished rows feed `pad_id`, clipped into the vocabulary for the same reason as above.
         fwd = step_model.forward(
@@ -229,7 +233,7 @@ def _sample(
         )
         logits_BxV = step_model.logits(fwd.hidden_BxLxD[:, 0])
         tok_B, lp_B, done_B = _pick(
-            params, logits_BxV, jax.random.fold_in(rng, s.step), s.done_B, eos_ids, pad_id
+            method, logits_BxV, jax.random.fold_in(rng, s.step), s.done_B, eos_ids, pad_id
         )
         return _DecodeState(
             step=s.step + 1,
@@ -258,7 +262,7 @@ def sample(
     rng: jax.Array,
     *,
     max_new_tokens: int,
-    params: SamplingParams,
+    method: SamplingMethod,
     eos_ids: tuple[int, ...],
     pad_id: int,
 ) -> SampleOutput:
@@ -269,7 +273,7 @@ def sample(
       prompt_ids_BxP / prompt_mask_BxP: left-padded prompts; every row needs >= 1 real token.
       rng: a PRNG key (unused when greedy). Step t draws with `fold_in(rng, t)`.
       max_new_tokens: static budget N; the KV cache has P + N slots.
-      params: temperature / top-k / top-p (static).
+      method: how each token is chosen: temperature / top-k / top-p (static).
       eos_ids: tokens that end a row (static; empty = run the full budget).
       pad_id: written after a row's first EOS; any int (it is never fed to the model, so an id
         outside the vocabulary is fine).
@@ -287,7 +291,7 @@ def sample(
         jnp.asarray(max_new_tokens, jnp.int32),
         jnp.ones((b,), bool),
         max_new_tokens=max_new_tokens,
-        params=params,
+        method=method,
         eos_ids=tuple(int(e) for e in eos_ids),
         pad_id=int(pad_id),
     )
@@ -298,7 +302,7 @@ def sample(
 # --------------------------------------------------------------------------------------------------
 
 
-@functools.partial(jax.jit, static_argnames=("max_new_tokens", "params", "eos_ids", "pad_id"))
+@functools.partial(jax.jit, static_argnames=("max_new_tokens", "method", "eos_ids", "pad_id"))
 def _generate_jit(
     model,
     prompt_ids_BxP,
@@ -308,7 +312,7 @@ def _generate_jit(
     active_B,
     *,
     max_new_tokens,
-    params,
+    method,
     eos_ids,
     pad_id,
 ):
@@ -323,7 +327,7 @@ def _generate_jit(
         budget,
         active_B,
         max_new_tokens=max_new_tokens,
-        params=params,
+        method=method,
         eos_ids=eos_ids,
         pad_id=pad_id,
     )
@@ -341,15 +345,15 @@ def generate(
     seed: int = 0,
     pad_id: int = 0,
 ) -> SampleOutput:
-    """Samples continuations of token-id prompts of any lengths; returns numpy arrays [len(prompts), N].
+    """Samples continuations of token-id prompts of any lengths; numpy arrays [len(prompts), N].
 
-    Shapes are bucketed so that a run compiles a few times, not per batch: prompts are left-padded to
-    the next power of two >= the longest (min 8), the batch to `bucket_batch`, and the budget to the
-    next power of two >= `max_new_tokens` (min 8). The real budget is passed to the loop as a traced
-    value, so the loop stops at `max_new_tokens` exactly (bucketing never changes the result); the
-    outputs are trimmed to `max_new_tokens` columns and the real rows. With greedy decoding a row's
-    tokens do not depend on the other rows or the buckets; with sampling the draws depend on `seed`
-    and the bucketed batch size.
+    Shapes are bucketed so that a run compiles a few times, not per batch: prompts are left-padded
+    to the next power of two >= the longest (min 8), the batch to `bucket_batch`, and the budget to
+    the next power of two >= `max_new_tokens` (min 8). The real budget is passed to the loop as a
+    traced value, so the loop stops at `max_new_tokens` exactly (bucketing never changes the
+    result); the outputs are trimmed to `max_new_tokens` columns and the real rows. With greedy
+    decoding a row's tokens do not depend on the other rows or the buckets; with sampling the draws
+    depend on `seed` and the bucketed batch size.
     """
     if not prompts:
         raise ValueError("generate: prompts is empty")
@@ -358,7 +362,7 @@ def generate(
             raise ValueError(f"generate: prompt {i} is empty (every prompt needs >= 1 token)")
     if max_new_tokens < 1:
         raise ValueError(f"generate: max_new_tokens must be >= 1, got {max_new_tokens}")
-    params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)
+    method = SamplingMethod(temperature=temperature, top_k=top_k, top_p=top_p)
     vocab = model.cfg.vocab_size
     for i, prompt in enumerate(prompts):
         bad = [t for t in prompt if not 0 <= int(t) < vocab]
@@ -378,12 +382,15 @@ def generate(
         np.int32(max_new_tokens),
         active_B,
         max_new_tokens=bucket_length(max_new_tokens),
-        params=params,
+        method=method,
         eos_ids=tuple(int(e) for e in eos_ids),
         pad_id=int(pad_id),
     )
     out = jax.device_get(out)
-    trim = lambda x: np.asarray(x)[:rows, :max_new_tokens]
+
+    def trim(x):
+        return np.asarray(x)[:rows, :max_new_tokens]
+
     return SampleOutput(
         tokens_BxN=trim(out.tokens_BxN),
         logprobs_BxN=trim(out.logprobs_BxN),

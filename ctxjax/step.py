@@ -5,15 +5,19 @@
 1. sample      y ~ p_student(. | x)                 (no gradient: the tokens are data)
 2. teacher     log p_teacher(. | c, x, y<t)         (stop_gradient)
 3. student     log p_student(. | x, y<t)            (gradient from L_OPD)
-4. student     log p_student(. | c, x, y<t)         (gradient from the consistency term; skipped
-                                                     when beta == 0, which is then plain OPD exactly)
+4. student     log p_student(. | c, x, y<t)         (gradient from the consistency term;
+                                                     skipped when beta == 0: plain OPD exactly)
 5. loss        L = L_OPD(3 || 2) + beta(step) * D(3, 4[, 2])   fp32, mean over response tokens
 6. update      optax
 
-The three passes see the same response tokens. `[x | y]` and `[c | x | y]` are built from left-padded
-prompts with the response appended, and positions are `cumsum(mask) - 1`, so response token t sits at
-RoPE position len(prompt) + t in its own view. Only response positions are projected to the
-vocabulary, optionally in rematerialized chunks, so no `[B, L, V]` logits are ever materialized.
+The three passes see the same response tokens. `[x | y]` and `[c | x | y]` are built from
+left-padded prompts with the response appended, and positions are `cumsum(mask) - 1`, so response
+token t sits at RoPE position len(prompt) + t in its own view. Only response positions are
+projected to the vocabulary, optionally in rematerialized chunks, so no `[B, L, V]` logits are ever
+materialized.
+
+The loss is `make_distill_loss`: `teacher_targets` (step 2) then `make_student_loss` (steps 3-5)
+on a `DistillBatch`; the per-token losses come by name from the registry in `ctxjax.losses`.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from flax import nnx, struct
 from ctxjax import losses
 from ctxjax.config import LossConfig, OptimConfig, RolloutConfig
 from ctxjax.model import Transformer
-from ctxjax.sampling import SamplingParams, sample
+from ctxjax.sampling import SamplingMethod, sample
 
 
 @struct.dataclass
@@ -64,7 +68,7 @@ def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransfor
 
 
 def beta_at(cfg: LossConfig, step: jax.Array) -> jax.Array:
-    """The consistency weight at `step`: constant, delayed (0 before the start), or a linear ramp."""
+    """The consistency weight at `step`: constant, delayed (0 before the start), or linear ramp."""
     step = jnp.asarray(step, jnp.float32)
     if cfg.beta_schedule == "constant":
         return jnp.asarray(cfg.beta, jnp.float32)
@@ -81,11 +85,40 @@ def init_state(model: Transformer, tx: optax.GradientTransformation) -> tuple[An
     )
 
 
+@struct.dataclass
+class DistillBatch:
+    """The loss's input: both left-padded prompt views and the sampled response (tokens are data).
+
+    `[x]` is `prompt_*` (width P), `[c | x]` is `ctx_prompt_*` (width C); the response is
+    right-padded, `resp_mask_BxN` True up to and including the first EOS.
+    """
+
+    prompt_ids_BxP: jax.Array
+    prompt_mask_BxP: jax.Array
+    ctx_prompt_ids_BxC: jax.Array
+    ctx_prompt_mask_BxC: jax.Array
+    resp_BxN: jax.Array
+    resp_mask_BxN: jax.Array
+
+
+def distill_batch(batch: dict, resp_BxN: jax.Array, resp_mask_BxN: jax.Array) -> DistillBatch:
+    """A `DistillBatch` from a data batch (`prompt_ids`, `prompt_mask`, `ctx_prompt_ids`,
+    `ctx_prompt_mask`) and a rollout; the response tokens carry no gradient."""
+    return DistillBatch(
+        prompt_ids_BxP=batch["prompt_ids"],
+        prompt_mask_BxP=batch["prompt_mask"],
+        ctx_prompt_ids_BxC=batch["ctx_prompt_ids"],
+        ctx_prompt_mask_BxC=batch["ctx_prompt_mask"],
+        resp_BxN=jax.lax.stop_gradient(resp_BxN),
+        resp_mask_BxN=resp_mask_BxN,
+    )
+
+
 def append_response(prompt_ids_BxP, prompt_mask_BxP, resp_BxN, resp_mask_BxN):
-    """`[prompt | response]` ids and mask; a response token t sits at slot P + t."""
-    ids = jnp.concatenate([prompt_ids_BxP, resp_BxN.astype(prompt_ids_BxP.dtype)], axis=1)
-    mask = jnp.concatenate([prompt_mask_BxP, resp_mask_BxN], axis=1)
-    return ids, mask
+    """`[prompt | response]` ids and mask, [B, P+N]; a response token t sits at slot P + t."""
+    ids_BxL = jnp.concatenate([prompt_ids_BxP, resp_BxN.astype(prompt_ids_BxP.dtype)], axis=1)
+    mask_BxL = jnp.concatenate([prompt_mask_BxP, resp_mask_BxN], axis=1)
+    return ids_BxL, mask_BxL
 
 
 def response_hidden(
@@ -93,117 +126,149 @@ def response_hidden(
 ) -> jax.Array:
     """Final-norm hidden states that predict each response token: slots P-1 ... P+N-2. [B, N, D]."""
     p, n = prompt_ids_BxP.shape[1], resp_BxN.shape[1]
-    ids, mask = append_response(prompt_ids_BxP, prompt_mask_BxP, resp_BxN, resp_mask_BxN)
-    hidden = model.forward(ids, mask_BxL=mask).hidden_BxLxD
-    return jax.lax.dynamic_slice_in_dim(hidden, p - 1, n, axis=1)
+    ids_BxL, mask_BxL = append_response(prompt_ids_BxP, prompt_mask_BxP, resp_BxN, resp_mask_BxN)
+    hidden_BxLxD = model.forward(ids_BxL, mask_BxL=mask_BxL).hidden_BxLxD
+    return jax.lax.dynamic_slice_in_dim(hidden_BxLxD, p - 1, n, axis=1)
 
 
-def _token_terms(loss_cfg: LossConfig, with_consistency: bool):
-    """Per-token (opd, consistency, reverse-KL diagnostic) from hidden states of one chunk."""
+def _project(h_BxNxD: jax.Array, w_DxV: jax.Array) -> jax.Array:
+    """Float32 logits of hidden states (the same einsum as `Transformer.logits`)."""
+    return jnp.einsum(
+        "bnd,dv->bnv", h_BxNxD, w_DxV.astype(h_BxNxD.dtype), preferred_element_type=jnp.float32
+    )
 
-    def terms(h_nc, h_c, h_t, w_s, w_t, tokens):
-        s_nc = jnp.einsum(
-            "bnd,dv->bnv", h_nc, w_s.astype(h_nc.dtype), preferred_element_type=jnp.float32
+
+def _token_terms(loss_cfg: LossConfig, with_consistency: bool) -> Callable:
+    """Per-token (opd, consistency, reverse-KL diagnostic) [B, n] from the hidden states of one
+    chunk of n response positions; the losses come from the registry by name."""
+    opd_spec = losses.opd_loss(loss_cfg.opd)
+    cons_spec = losses.consistency_loss(loss_cfg.consistency)
+    options = dict(top_k=loss_cfg.top_k, jsd_beta=loss_cfg.jsd_beta)
+
+    def terms(h_nc_BxNxD, h_c_BxNxD, h_t_BxNxD, w_s_DxV, w_t_DxV, tokens_BxN):
+        s_nc_BxNxV = _project(h_nc_BxNxD, w_s_DxV)
+        t_BxNxV = jax.lax.stop_gradient(_project(h_t_BxNxD, w_t_DxV))
+        tokens_BxN = tokens_BxN if opd_spec.needs_tokens else None
+        opd_BxN = opd_spec.fn(s_nc_BxNxV, t_BxNxV, tokens_BxN, **options)
+        rkl_BxN = jax.lax.stop_gradient(losses.reverse_kl(s_nc_BxNxV, t_BxNxV))
+        if not with_consistency:
+            return opd_BxN, jnp.zeros_like(opd_BxN), rkl_BxN
+        s_c_BxNxV = _project(h_c_BxNxD, w_s_DxV)
+        # DualOPD pulls the with-context view to the teacher with the run's own divergence.
+        cons_BxN = cons_spec.fn(
+            s_nc_BxNxV, s_c_BxNxV, t_BxNxV, divergence=opd_spec.divergence, **options
         )
-        t = jax.lax.stop_gradient(
-            jnp.einsum(
-                "bnd,dv->bnv", h_t, w_t.astype(h_t.dtype), preferred_element_type=jnp.float32
-            )
-        )
-        if loss_cfg.opd == "sampled_token":
-            opd = losses.sampled_token_pg(
-                losses.token_logprobs(s_nc, tokens), losses.token_logprobs(t, tokens)
-            )
-        else:
-            opd = losses.opd_divergence(
-                loss_cfg.opd, s_nc, t, top_k=loss_cfg.top_k, jsd_beta=loss_cfg.jsd_beta
-            )
-        rkl = jax.lax.stop_gradient(losses.reverse_kl(s_nc, t))
-        if with_consistency:
-            s_c = jnp.einsum(
-                "bnd,dv->bnv", h_c, w_s.astype(h_c.dtype), preferred_element_type=jnp.float32
-            )
-            # DualOPD pulls the with-context view to the teacher with the run's own divergence.
-            cons = losses.consistency_divergence(
-                loss_cfg.consistency,
-                s_nc,
-                s_c,
-                t,
-                top_k=loss_cfg.top_k,
-                jsd_beta=loss_cfg.jsd_beta,
-                opd_kind="reverse_kl" if loss_cfg.opd == "sampled_token" else loss_cfg.opd,
-            )
-        else:
-            cons = jnp.zeros_like(opd)
-        return opd, cons, rkl
+        return opd_BxN, cons_BxN, rkl_BxN
 
     return terms
 
 
 def per_token_losses(
-    loss_cfg: LossConfig, with_consistency: bool, h_nc, h_c, h_t, w_s, w_t, tokens_BxN
-):
-    """[B, N] terms; with `chunk_size`, a rematerialized scan over response chunks keeps only one
-    chunk's [B, chunk, V] logits alive in the forward and in the backward pass."""
-    terms = _token_terms(loss_cfg, with_consistency)
+    loss_cfg: LossConfig,
+    h_nc_BxNxD: jax.Array,
+    h_c_BxNxD: jax.Array | None,
+    h_t_BxNxD: jax.Array,
+    w_s_DxV: jax.Array,
+    w_t_DxV: jax.Array,
+    tokens_BxN: jax.Array,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Per-token (L_OPD, L_consistency, reverse KL) [B, N]; the consistency term is 0 when there
+    is no with-context view (`h_c_BxNxD` None). With `chunk_size`, a rematerialized scan over
+    response chunks keeps only one chunk's [B, chunk, V] logits alive in the forward and the
+    backward pass."""
+    terms = _token_terms(loss_cfg, with_consistency=h_c_BxNxD is not None)
     b, n = tokens_BxN.shape
     chunk = loss_cfg.chunk_size
     if not chunk or chunk >= n:
-        return terms(h_nc, h_c, h_t, w_s, w_t, tokens_BxN)
+        return terms(h_nc_BxNxD, h_c_BxNxD, h_t_BxNxD, w_s_DxV, w_t_DxV, tokens_BxN)
     pad = -n % chunk
 
-    def split(x):  # [B, N, ...] -> [C, B, chunk, ...]
-        x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
-        return jnp.moveaxis(x.reshape(b, -1, chunk, *x.shape[2:]), 1, 0)
+    def split(x_BxNx):  # [B, N, ...] -> [N/chunk, B, chunk, ...]
+        x_BxNx = jnp.pad(x_BxNx, [(0, 0), (0, pad)] + [(0, 0)] * (x_BxNx.ndim - 2))
+        return jnp.moveaxis(x_BxNx.reshape(b, -1, chunk, *x_BxNx.shape[2:]), 1, 0)
 
-    h_c = h_nc if h_c is None else h_c
-    body = jax.checkpoint(lambda carry, xs: (carry, terms(*xs[:3], w_s, w_t, xs[3])))
-    _, out = jax.lax.scan(body, None, (split(h_nc), split(h_c), split(h_t), split(tokens_BxN)))
+    # Without a with-context view the scan still needs an array there; `terms` never reads it.
+    h_c_BxNxD = h_nc_BxNxD if h_c_BxNxD is None else h_c_BxNxD
+    body = jax.checkpoint(lambda carry, xs: (carry, terms(*xs[:3], w_s_DxV, w_t_DxV, xs[3])))
+    xs = (split(h_nc_BxNxD), split(h_c_BxNxD), split(h_t_BxNxD), split(tokens_BxN))
+    _, out = jax.lax.scan(body, None, xs)
     return tuple(jnp.moveaxis(o, 0, 1).reshape(b, -1)[:, :n] for o in out)
 
 
-def distill_loss(
-    params,
-    data: dict,
-    teacher_params,
-    graphdef,
-    teacher_graphdef,
-    loss_cfg: LossConfig,
-    beta: jax.Array,
-    count: jax.Array,
-):
-    """Steps 2-5 on fixed response tokens: `(L, (sum L_OPD, sum L_cons, sum reverse-KL))`.
+def teacher_targets(teacher_graphdef, teacher_params, batch: DistillBatch):
+    """Step 2, the teacher on `[c | x | y]`: `(h_t_BxNxD, w_t_DxV)`, both constants (no gradient
+    reaches the teacher). The loss projects them to logits chunk by chunk."""
+    teacher = nnx.merge(teacher_graphdef, teacher_params)
+    h_t_BxNxD = jax.lax.stop_gradient(
+        response_hidden(
+            teacher,
+            batch.ctx_prompt_ids_BxC,
+            batch.ctx_prompt_mask_BxC,
+            batch.resp_BxN,
+            batch.resp_mask_BxN,
+        )
+    )
+    return h_t_BxNxD, jax.lax.stop_gradient(teacher.unembed_matrix())
 
-    `data` holds both prompts (`prompt_*` = [x], `ctx_prompt_*` = [c|x]), the response `resp` [B, N]
-    and its `mask`. L is the per-token sum divided by `count` (the batch's response-token count), so
-    micro-batch losses add up to the full batch's masked mean. The teacher is a constant.
+
+def make_student_loss(graphdef, loss_cfg: LossConfig) -> Callable:
+    """Steps 3-5 given the teacher's targets:
+    `fn(params, batch, h_t_BxNxD, w_t_DxV, beta, count) -> (L, (sum L_OPD, sum L_cons, sum rkl))`.
+
+    L is the per-token sum over response tokens divided by `count` (the whole batch's response-token
+    count), so micro-batch losses add up to the full batch's masked mean. The with-context pass runs
+    only when `loss_cfg.uses_consistency` (beta > 0 in the config).
     """
     with_consistency = loss_cfg.uses_consistency
-    teacher = nnx.merge(teacher_graphdef, teacher_params)
-    h_t = jax.lax.stop_gradient(
-        response_hidden(
-            teacher, data["ctx_prompt_ids"], data["ctx_prompt_mask"], data["resp"], data["mask"]
+
+    def student_loss(params, batch: DistillBatch, h_t_BxNxD, w_t_DxV, beta, count):
+        model = nnx.merge(graphdef, params, copy=True)
+        h_nc_BxNxD = response_hidden(
+            model, batch.prompt_ids_BxP, batch.prompt_mask_BxP, batch.resp_BxN, batch.resp_mask_BxN
         )
-    )
-    w_t = jax.lax.stop_gradient(teacher.unembed_matrix())
-    model = nnx.merge(graphdef, params, copy=True)
-    h_nc = response_hidden(
-        model, data["prompt_ids"], data["prompt_mask"], data["resp"], data["mask"]
-    )
-    h_c = (
-        response_hidden(
-            model, data["ctx_prompt_ids"], data["ctx_prompt_mask"], data["resp"], data["mask"]
+        h_c_BxNxD = (
+            response_hidden(
+                model,
+                batch.ctx_prompt_ids_BxC,
+                batch.ctx_prompt_mask_BxC,
+                batch.resp_BxN,
+                batch.resp_mask_BxN,
+            )
+            if with_consistency
+            else None
         )
-        if with_consistency
-        else None
-    )
-    opd, cons, rkl = per_token_losses(
-        loss_cfg, with_consistency, h_nc, h_c, h_t, model.unembed_matrix(), w_t, data["resp"]
-    )
-    m = data["mask"].astype(jnp.float32)
-    opd_sum, cons_sum, rkl_sum = (opd * m).sum(), (cons * m).sum(), (rkl * m).sum()
-    loss = (opd_sum + (beta * cons_sum if with_consistency else 0.0)) / count
-    return loss, (opd_sum, cons_sum, rkl_sum)
+        opd_BxN, cons_BxN, rkl_BxN = per_token_losses(
+            loss_cfg,
+            h_nc_BxNxD,
+            h_c_BxNxD,
+            h_t_BxNxD,
+            model.unembed_matrix(),
+            w_t_DxV,
+            batch.resp_BxN,
+        )
+        m_BxN = batch.resp_mask_BxN.astype(jnp.float32)
+        opd_sum, cons_sum, rkl_sum = (
+            (opd_BxN * m_BxN).sum(),
+            (cons_BxN * m_BxN).sum(),
+            (rkl_BxN * m_BxN).sum(),
+        )
+        loss = (opd_sum + (beta * cons_sum if with_consistency else 0.0)) / count
+        return loss, (opd_sum, cons_sum, rkl_sum)
+
+    return student_loss
+
+
+def make_distill_loss(graphdef, teacher_graphdef, loss_cfg: LossConfig) -> Callable:
+    """Steps 2-5 on fixed response tokens:
+    `fn(params, teacher_params, batch, beta, count) -> (L, (sum L_OPD, sum L_cons, sum rkl))`,
+    `teacher_targets` then `make_student_loss`'s function. The teacher is a constant."""
+    student_loss = make_student_loss(graphdef, loss_cfg)
+
+    def distill_loss(params, teacher_params, batch: DistillBatch, beta, count):
+        h_t_BxNxD, w_t_DxV = teacher_targets(teacher_graphdef, teacher_params, batch)
+        return student_loss(params, batch, h_t_BxNxD, w_t_DxV, beta, count)
+
+    return distill_loss
 
 
 @dataclasses.dataclass(frozen=True)
@@ -219,49 +284,50 @@ class StepConfig:
     pad_id: int
 
 
+def _nonfinite(tree) -> jax.Array:
+    """1.0 if any leaf of `tree` holds a NaN or inf, else 0.0 (a float: it logs like a metric)."""
+    finite = [jnp.isfinite(x).all() for x in jax.tree.leaves(tree)]
+    return 1.0 - jnp.stack(finite).all().astype(jnp.float32)
+
+
 def make_train_step(
     graphdef, teacher_graphdef, tx: optax.GradientTransformation, cfg: StepConfig
 ) -> Callable:
     """The un-jitted pure step; `jit_train_step` wraps it with donation and shardings."""
-    sampling = SamplingParams(
+    method = SamplingMethod(
         temperature=cfg.rollout.temperature, top_k=cfg.rollout.top_k, top_p=cfg.rollout.top_p
     )
+    distill_loss = make_distill_loss(graphdef, teacher_graphdef, cfg.loss)
+    grad_fn = jax.value_and_grad(distill_loss, has_aux=True)
 
     def train_step(state: TrainState, teacher_params, batch: dict, rng: jax.Array):
         student = nnx.merge(graphdef, state.params)
-        # 1. On-policy rollout without the context. Tokens are data: no gradient flows into sampling.
+        # 1. On-policy rollout without the context. Tokens are data: no gradient into sampling.
         rollout = sample(
             student,
             batch["prompt_ids"],
             batch["prompt_mask"],
             rng,
             max_new_tokens=cfg.rollout.max_new_tokens,
-            params=sampling,
+            method=method,
             eos_ids=cfg.eos_ids,
             pad_id=cfg.pad_id,
         )
-        data = dict(
-            prompt_ids=batch["prompt_ids"],
-            prompt_mask=batch["prompt_mask"],
-            ctx_prompt_ids=batch["ctx_prompt_ids"],
-            ctx_prompt_mask=batch["ctx_prompt_mask"],
-            resp=jax.lax.stop_gradient(rollout.tokens_BxN),
-            mask=rollout.mask_BxN,
-        )
+        data = distill_batch(batch, rollout.tokens_BxN, rollout.mask_BxN)
         # Token-level mean over the whole batch, also when it is split into micro-batches.
         count = jnp.maximum(rollout.mask_BxN.sum(), 1).astype(jnp.float32)
         beta = beta_at(cfg.loss, state.step)
-        grad_fn = jax.value_and_grad(distill_loss, has_aux=True)
-        args = (teacher_params, graphdef, teacher_graphdef, cfg.loss, beta, count)
         if cfg.micro_batches == 1:
-            (loss, (opd_sum, cons_sum, rkl_sum)), grads = grad_fn(state.params, data, *args)
+            (loss, (opd_sum, cons_sum, rkl_sum)), grads = grad_fn(
+                state.params, teacher_params, data, beta, count
+            )
         else:  # gradient accumulation over micro-batches, one rematerialized pass set at a time
             k = cfg.micro_batches
             micro = jax.tree.map(lambda x: x.reshape(k, x.shape[0] // k, *x.shape[1:]), data)
 
-            def acc(carry, mb):
-                (l, aux), g = grad_fn(state.params, mb, *args)
-                return jax.tree.map(jnp.add, carry, (l, aux, g)), None
+            def acc(carry, mb: DistillBatch):
+                (mb_loss, aux), g = grad_fn(state.params, teacher_params, mb, beta, count)
+                return jax.tree.map(jnp.add, carry, (mb_loss, aux, g)), None
 
             zeros = (
                 jnp.zeros(()),
@@ -282,6 +348,12 @@ def make_train_step(
             lr=lr_schedule(cfg.optim, cfg.total_steps)(state.step),
             response_len=rollout.lengths_B.astype(jnp.float32).mean(),
             response_tokens=rollout.mask_BxN.sum(),
+            # Divergence flags (1.0 = some value is NaN/inf), reduced on device and fetched with the
+            # other metrics one step late: the loop stops on them before anything is saved. All
+            # three: a blow-up can leave the loss finite while gradients and update are NaN.
+            nonfinite_loss=_nonfinite(loss),
+            nonfinite_grads=_nonfinite(grads),
+            nonfinite_params=_nonfinite(params),
         )
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 

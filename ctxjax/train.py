@@ -1,4 +1,6 @@
-"""The training loop around the pure step: set-up, logging, evaluation, checkpoints, summary.
+"""The training loop around the pure step: set-up, logging, evaluation, checkpoints, summary,
+and the guards that never lose a run: divergence stops before anything non-finite is saved,
+SIGTERM/SIGINT save and exit, an out_dir holding a run is locked and never silently reused.
 
 `run(cfg, resume=False)` is everything `python scripts/train.py` does.
 """
@@ -10,6 +12,8 @@ import hashlib
 import json
 import logging
 import os
+import signal
+import threading
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, NamedTuple
@@ -21,12 +25,28 @@ from flax import nnx
 
 from ctxjax import hf, sharding
 from ctxjax.base import build_or_reuse_base
-from ctxjax.checkpoint import Checkpointer
-from ctxjax.config import RunConfig, to_dict
-from ctxjax.data import check_budgets, load_jsonl, make_iterator
+from ctxjax.checkpoint import Checkpointer, CheckpointError
+from ctxjax.config import EvalConfig, RunConfig, to_dict
+from ctxjax.data import (
+    check_budgets,
+    check_has_context,
+    load_jsonl,
+    make_iterator,
+    resolve_context,
+)
 from ctxjax.evaluate import evaluate_context
 from ctxjax.metrics import SUMMARY_KEYS, markdown_table
 from ctxjax.model import ModelConfig, Transformer
+from ctxjax.run_dir import (
+    Lock,
+    RunRefused,
+    check_resume_config,
+    check_reusable,
+    record_config_change,
+    remove_run,
+    write_atomic,
+    write_json_atomic,
+)
 from ctxjax.step import (
     StepConfig,
     TrainState,
@@ -36,6 +56,7 @@ from ctxjax.step import (
     make_train_step,
 )
 from ctxjax.tasks import Task, get_task
+from ctxjax.tasks.jsonl import JsonlTask
 
 if TYPE_CHECKING:  # imported lazily at run time: grain and transformers are slow to import
     import grain
@@ -59,7 +80,7 @@ class Run:
     model_cfg: ModelConfig  # the student's architecture, from its config.json
     mesh: jax.sharding.Mesh
     tokenizer: PreTrainedTokenizerBase
-    task: Task | None  # None for task.name="jsonl": no verifier, no evaluation
+    task: Task
     records: list[dict]
     graphdef: nnx.GraphDef
     teacher_graphdef: nnx.GraphDef
@@ -90,26 +111,58 @@ def resolve_student(cfg: RunConfig, progress: bool = True) -> str:
     )
 
 
-def training_records(cfg: RunConfig, task: Task | None) -> list[dict]:
-    """Prompts the student answers during OPD: a JSONL file, or the task's training split."""
+def training_records(cfg: RunConfig, task: Task) -> list[dict]:
+    """Prompts the student answers during OPD: the user's train split, or the task's."""
+    if isinstance(task, JsonlTask):
+        return list(task.train_split)  # the held-out eval prompts never reach training
     if cfg.data.train_file:
         return load_jsonl(cfg.data.train_file)
-    if task is None:
-        raise ValueError("task.name='jsonl' needs data.train_file")
     n = max(cfg.data.batch_size * cfg.train.steps, 4 * cfg.data.batch_size, 256)
     return task.train_records(cfg.task.context, min(n, 20000), cfg.train.seed)
 
 
-def load_task(cfg: RunConfig) -> Task | None:
+def load_task(cfg: RunConfig) -> Task:
     if cfg.task.name == "jsonl":
-        return None
-    task = get_task(cfg.task.name, **dict(cfg.task.options))
-    if cfg.task.context not in task.contexts():
-        raise KeyError(
-            f"task.context={cfg.task.context!r} is not a context of task "
-            f"{cfg.task.name!r}; valid: {sorted(task.contexts())}"
+        return load_jsonl_task(cfg)
+    return get_task(cfg.task.name, **dict(cfg.task.options))
+
+
+def load_jsonl_task(cfg: RunConfig) -> JsonlTask:
+    """The user's records as a task: `data.train_file`, the eval split (`data.eval_file` or
+    `task.options.eval_fraction`) and the verifier (`task.options.verifier` or per record)."""
+    if not cfg.data.train_file:
+        raise ValueError("task.name='jsonl' needs data.train_file")
+    valid = ("eval_fraction", "verifier", "context_regime")
+    unknown = sorted(set(cfg.task.options) - set(valid))
+    if unknown:
+        raise ValueError(f"unknown task.options {unknown} for task 'jsonl'; valid: {list(valid)}")
+    return JsonlTask(
+        train_file=cfg.data.train_file,
+        eval_file=cfg.data.eval_file,
+        context=resolve_context(cfg.data),
+        **dict(cfg.task.options),
+    )
+
+
+def distilled_context(cfg: RunConfig, task: Task) -> str:
+    """The name of the context distilled: `task.context`; for a JSONL run left at "", the
+    run-level context's name, or the file's only context."""
+    if cfg.task.context or not isinstance(task, JsonlTask):
+        if cfg.task.context not in task.contexts():
+            raise KeyError(
+                f"task.context={cfg.task.context!r} is not a context of task "
+                f"{cfg.task.name!r}; valid: {sorted(task.contexts())}"
+            )
+        return cfg.task.context
+    run_context = resolve_context(cfg.data)
+    if run_context:
+        return task.context_name(run_context)
+    if len(task.contexts()) != 1:
+        raise ValueError(
+            f"the records hold {len(task.contexts())} contexts: set task.context to the one "
+            f"to evaluate, one of {sorted(task.contexts())}"
         )
-    return task
+    return next(iter(task.contexts()))
 
 
 def check_batch_fits_mesh(cfg: RunConfig, mesh: jax.sharding.Mesh) -> None:
@@ -129,10 +182,17 @@ class Models(NamedTuple):
     teacher_params: nnx.State
 
 
-def load_models(cfg: RunConfig, student_path: str, mesh: jax.sharding.Mesh) -> Models:
+def load_models(
+    cfg: RunConfig,
+    student_path: str,
+    mesh: jax.sharding.Mesh,
+    tokenizer: PreTrainedTokenizerBase,
+) -> Models:
     """Student and teacher split into graphdef and sharded params; `teacher=""` is the frozen
-    starting student."""
+    starting student. A teacher must share the student's tokenizer, and no model may have fewer
+    embeddings than the tokenizer has tokens (the clamped gather would train on wrong rows)."""
     student = hf.load_model(student_path, cfg.numerics)
+    hf.check_vocab(tokenizer, student.cfg, f"student {student_path}")
     graphdef, params = nnx.split(student, nnx.Param)
     params = sharding.shard_params(params, mesh)
     if not cfg.teacher:  # a real copy, since the student's buffers get donated
@@ -140,6 +200,11 @@ def load_models(cfg: RunConfig, student_path: str, mesh: jax.sharding.Mesh) -> M
             student.cfg, graphdef, params, graphdef, jax.tree.map(lambda x: x.copy(), params)
         )
     teacher = hf.load_model(cfg.teacher, cfg.numerics)
+    hf.check_vocab(tokenizer, teacher.cfg, f"teacher {cfg.teacher}")
+    try:
+        hf.check_same_tokenizer(tokenizer, hf.load_tokenizer(cfg.teacher))
+    except ValueError as e:
+        raise ValueError(f"teacher {cfg.teacher} vs student {student_path}: {e}") from None
     if teacher.cfg.vocab_size != student.cfg.vocab_size:
         raise ValueError(
             f"teacher {cfg.teacher} has vocab {teacher.cfg.vocab_size}, student "
@@ -189,10 +254,11 @@ def build_step(
 
 
 def build_data(
-    cfg: RunConfig, task: Task | None, tokenizer: PreTrainedTokenizerBase
+    cfg: RunConfig, task: Task, tokenizer: PreTrainedTokenizerBase
 ) -> tuple[list[dict], grain.DatasetIterator]:
     """The training records and this host's checkpointable batch iterator over them."""
     records = training_records(cfg, task)
+    check_has_context(records, resolve_context(cfg.data))
     check_budgets(records, tokenizer, cfg.data)
     data_cfg = dataclasses.replace(cfg.data, seed=cfg.data.seed + cfg.train.seed)
     data_iter = make_iterator(
@@ -210,9 +276,14 @@ def setup(cfg: RunConfig, progress: bool = True, mesh: jax.sharding.Mesh | None 
     mesh = mesh or sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
     check_batch_fits_mesh(cfg, mesh)
     task = load_task(cfg)
+    check_evaluation_settings(cfg, task)
+    # A JSONL run's context name is resolved here, so config.json records the one evaluated.
+    cfg = dataclasses.replace(
+        cfg, task=dataclasses.replace(cfg.task, context=distilled_context(cfg, task))
+    )
     student_path = resolve_student(cfg, progress)
     tokenizer = hf.load_tokenizer(cfg.tokenizer or student_path)
-    models = load_models(cfg, student_path, mesh)
+    models = load_models(cfg, student_path, mesh, tokenizer)
     tx, state, state_shardings = init_train_state(
         cfg, nnx.merge(models.graphdef, models.params), mesh
     )
@@ -237,8 +308,26 @@ def setup(cfg: RunConfig, progress: bool = True, mesh: jax.sharding.Mesh | None 
     )
 
 
+def evaluable(task: Task) -> bool:
+    """False only for a JSONL run without an eval split (no eval_file, no eval_fraction)."""
+    return not isinstance(task, JsonlTask) or bool(task.eval_split)
+
+
+def check_evaluation_settings(cfg: RunConfig, task: Task) -> None:
+    """Evaluation settings on a run that evaluates nothing are an error, not silently unused."""
+    if evaluable(task):
+        return
+    keys = ["train.eval_every"] if cfg.train.eval_every else []
+    keys += [f"eval.{k}" for k, v in vars(cfg.eval).items() if getattr(EvalConfig(), k) != v]
+    if keys:
+        raise ValueError(
+            f"{', '.join(keys)} would be ignored: this jsonl run has no eval split "
+            "(set data.eval_file or task.options.eval_fraction, and task.options.verifier)"
+        )
+
+
 def evaluate_student(run: Run, params=None, retention: bool = True) -> dict | None:
-    if run.task is None:
+    if not evaluable(run.task):
         return None
     cfg = run.cfg
     model = nnx.merge(run.graphdef, params if params is not None else run.state.params)
@@ -293,18 +382,41 @@ def evaluate_start(run: Run) -> dict | None:
     return result
 
 
+def _truncate_rows(path: str, start: int) -> None:
+    """Keeps the rows of `path` (metrics.jsonl) up to step `start`: what a resume replays is
+    logged once. A torn last line (a crash mid-write) goes too."""
+    if not os.path.exists(path):
+        return
+    kept = []
+    with open(path) as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            if row.get("step", 0) <= start:
+                kept.append(line if line.endswith("\n") else line + "\n")
+    write_atomic(path, "".join(kept))
+
+
 class MetricsLog:
     """Progress bar, JSONL file and TensorBoard, fed host-side numbers."""
 
     def __init__(self, out_dir: str, total: int, start: int, progress: bool):
         os.makedirs(out_dir, exist_ok=True)
+        path = os.path.join(out_dir, "metrics.jsonl")
+        if jax.process_index() == 0:
+            _truncate_rows(path, start)  # a resumed run replays the steps after its checkpoint
         # Open for the whole run (closed by `close`), appended to after every step.
-        self.jsonl = open(os.path.join(out_dir, "metrics.jsonl"), "a")  # noqa: SIM115
+        self.jsonl = open(path, "a")  # noqa: SIM115
         try:
             from tensorboardX import SummaryWriter
 
+            # purge_step: TensorBoard drops the events a resumed run writes again.
             self.tb = (
-                SummaryWriter(os.path.join(out_dir, "tb")) if jax.process_index() == 0 else None
+                SummaryWriter(os.path.join(out_dir, "tb"), purge_step=start + 1)
+                if jax.process_index() == 0
+                else None
             )
         except ImportError:  # tensorboardX is in requirements.txt; keep training without it
             self.tb = None
@@ -318,7 +430,7 @@ class MetricsLog:
         if jax.process_index() != 0:
             return
         row = {"step": step, **{k: float(v) for k, v in values.items() if np.ndim(v) == 0}}
-        self.jsonl.write(json.dumps(row) + "\n")
+        self.jsonl.write(json.dumps(row) + "\n")  # NaN/inf as NaN/Infinity, never 0
         self.jsonl.flush()
         if self.tb is not None:
             for k, v in row.items():
@@ -345,78 +457,227 @@ class MetricsLog:
         self.jsonl.close()
 
 
+class Diverged(RuntimeError):
+    """A step produced NaN/inf; the message names the step, the terms and how to resume."""
+
+
+# The step's divergence flags and what each one means in a message.
+NONFINITE_TERMS = {
+    "nonfinite_loss": "the loss",
+    "nonfinite_grads": "the gradients",
+    "nonfinite_params": "the parameters after the update",
+}
+
+
+class StopSignal:
+    """While active, SIGTERM/SIGINT only ask the loop to stop after the current step (it then
+    saves a checkpoint); a second SIGINT stops at once. Off the main thread it does nothing
+    (Python delivers signals to the main thread only)."""
+
+    def __init__(self):
+        self.name: str | None = None
+        self._previous: dict = {}
+
+    def __enter__(self) -> StopSignal:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.name is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.name = signal.Signals(signum).name
+        log.warning(
+            "%s: finishing the current step, then saving a checkpoint (SIGINT again: stop now)",
+            self.name,
+        )
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
 def train(
     run: Run,
     *,
     resume: bool = False,
+    overwrite: bool = False,
+    allow_config_change: bool = False,
+    resume_step: int | None = None,
     progress: bool = True,
     checkpointer: Checkpointer | None = None,
 ) -> dict:
-    """Runs the loop from step 0 or the latest checkpoint to `train.steps`; returns the summary."""
+    """Runs the loop from step 0 or a checkpoint to `train.steps`; returns the summary.
+
+    `resume`: continue the run in out_dir (from step 0 if it has no checkpoint yet);
+    `resume_step`: from that checkpoint (implies `resume`); `overwrite`: replace the run in
+    out_dir (its files are removed once this run holds the lock). An out_dir holding a run is
+    refused otherwise. A stop by signal returns the summary with `interrupted` set (no final/).
+    """
+    resume = resume or resume_step is not None
+    out_dir = run.cfg.train.out_dir
+    os.makedirs(out_dir, exist_ok=True)
+    check_reusable(out_dir, resume=resume, overwrite=overwrite)
+    lock = Lock(out_dir, take_stale=resume)
+    if jax.process_index() == 0:
+        lock.acquire()
+    try:
+        if overwrite and jax.process_index() == 0:
+            remove_run(out_dir)
+        with StopSignal() as stop:
+            return _train(
+                run, resume, allow_config_change, resume_step, progress, checkpointer, stop
+            )
+    finally:
+        lock.release()
+
+
+def _train(
+    run: Run,
+    resume: bool,
+    allow_config_change: bool,
+    resume_step: int | None,
+    progress: bool,
+    checkpointer: Checkpointer | None,
+    stop: StopSignal,
+) -> dict:
     cfg = run.cfg
     out_dir = cfg.train.out_dir
-    os.makedirs(out_dir, exist_ok=True)
     cfg_dict = run_record(run)
-    with open(os.path.join(out_dir, "config.json"), "w") as f:
-        f.write(json.dumps(cfg_dict, indent=2, sort_keys=True))
+    config_path = os.path.join(out_dir, "config.json")
+    changes = {}
+    if resume and os.path.exists(config_path):  # refused before anything is touched
+        changes = check_resume_config(out_dir, cfg_dict, allow_change=allow_config_change)
     ckpt = checkpointer
-    if ckpt is None and cfg.train.checkpoint_every:
-        ckpt = Checkpointer(os.path.join(out_dir, "checkpoints"), keep=cfg.train.keep_checkpoints)
-    start = 0
-    if resume:
-        if ckpt is None:
-            raise ValueError("--resume needs checkpoints (train.checkpoint_every > 0)")
-        abstract = jax.tree.map(
-            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), run.state
-        )
-        run.state, start = ckpt.restore(abstract, run.data_iter, cfg_dict)
-        log.info("resumed from step %d", start)
-    summary: dict = {"config": cfg_dict, "student": run.student_path}
-    if start == 0 and run.task is not None:
-        summary["before"] = evaluate_start(run)
+    if ckpt is None and (cfg.train.checkpoint_every or resume):
+        ckpt = _checkpointer(cfg)
+    summary_path = os.path.join(out_dir, "summary.json")
+    summary: dict = {
+        "config": cfg_dict,
+        "student": run.student_path,
+        # The text itself, not only a name or a file path: what the student was taught to do
+        # without.
+        "context_text": run.task.contexts()[cfg.task.context],
+    }
+    if evaluable(run.task):  # the starting student's numbers, before a restore replaces it
+        summary["before"] = (_saved_before(summary_path) if resume else None) or evaluate_start(run)
+    start = _restore(run, ckpt, cfg_dict, resume_step) if resume else 0
+    if jax.process_index() == 0:
+        record_config_change(out_dir, start, changes)
+        if not os.path.exists(config_path):
+            write_json_atomic(config_path, cfg_dict)
+        write_json_atomic(summary_path, summary)
     base_rng = jax.random.key(cfg.train.seed)
     mlog = MetricsLog(out_dir, cfg.train.steps, start, progress)
     pending = None  # metrics of the previous step, fetched one step late to keep dispatch async
     t_last = time.time()
-    for step in range(start, cfg.train.steps):
-        batch = sharding.place_batch(next(run.data_iter), run.mesh)
-        run.state, metrics = run.step_fn(
-            run.state, run.teacher_params, batch, jax.random.fold_in(base_rng, step)
-        )
+    step = start - 1
+    try:
+        for step in range(start, cfg.train.steps):
+            batch = sharding.place_batch(next(run.data_iter), run.mesh)
+            run.state, metrics = run.step_fn(
+                run.state, run.teacher_params, batch, jax.random.fold_in(base_rng, step)
+            )
+            if pending is not None:
+                _log(mlog, pending, cfg, t_last)
+                t_last = time.time()
+            pending = (step, metrics)
+            mlog.advance()
+            evaluate = cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0
+            every = cfg.train.checkpoint_every
+            save = stop.name or (every and ((step + 1) % every == 0 or step + 1 == cfg.train.steps))
+            if save and ckpt is None:  # a signal with checkpoints off still saves this step
+                ckpt = Checkpointer(
+                    os.path.join(out_dir, "checkpoints"), keep=cfg.train.keep_checkpoints
+                )
+            if evaluate or save:  # sync points anyway: check this step is finite first
+                _log(mlog, pending, cfg, t_last)
+                pending, t_last = None, time.time()
+            if evaluate:
+                ev = evaluate_student(run, retention=False)
+                if ev is not None:
+                    mlog.write(
+                        step + 1,
+                        {f"eval/{k}": ev[k] for k in SUMMARY_KEYS if ev.get(k) is not None},
+                        show=False,
+                    )
+            if save:
+                ckpt.save(step + 1, run.state, run.data_iter, cfg_dict)
+            if stop.name:
+                break
         if pending is not None:
             _log(mlog, pending, cfg, t_last)
-            t_last = time.time()
-        pending = (step, metrics)
-        mlog.advance()
-        if cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0:
-            ev = evaluate_student(run, retention=False)
-            if ev is not None:
-                mlog.write(
-                    step + 1,
-                    {f"eval/{k}": ev[k] for k in SUMMARY_KEYS if ev.get(k) is not None},
-                    show=False,
-                )
-        if (
-            ckpt is not None
-            and cfg.train.checkpoint_every
-            and ((step + 1) % cfg.train.checkpoint_every == 0 or step + 1 == cfg.train.steps)
-        ):
-            ckpt.save(step + 1, run.state, run.data_iter, cfg_dict)
-    if pending is not None:
-        _log(mlog, pending, cfg, t_last)
-    mlog.close()
-    if ckpt is not None:
-        ckpt.wait()
-    if run.task is not None:
+    except Diverged as e:
+        raise Diverged(_diverged_message(str(e), ckpt, out_dir)) from None
+    finally:
+        mlog.close()
+        if ckpt is not None:
+            ckpt.wait()  # seals (checksums) every finished save, also on the way out of an error
+    if stop.name and step + 1 < cfg.train.steps:
+        summary["interrupted"] = {"signal": stop.name, "step": step + 1}
+        if jax.process_index() == 0:
+            print(
+                f"\n{stop.name}: stopped after step {step + 1}, checkpoint saved in "
+                f"{ckpt.step_dir(step + 1)}; continue with the same command and --resume"
+            )
+        return summary
+    if evaluable(run.task):
         summary["after"] = evaluate_student(run)
     final_dir = os.path.join(out_dir, "final")
     if jax.process_index() == 0:
         final = nnx.merge(run.graphdef, run.state.params)
         hf.export_pretrained(final, run.tokenizer, final_dir, source=run.student_path)
-        with open(os.path.join(out_dir, "summary.json"), "w") as f:
-            json.dump(summary, f, indent=2, default=float)
+        write_json_atomic(summary_path, summary)
     summary["final_dir"] = final_dir
     return summary
+
+
+def _checkpointer(cfg: RunConfig) -> Checkpointer:
+    return Checkpointer(
+        os.path.join(cfg.train.out_dir, "checkpoints"), keep=cfg.train.keep_checkpoints
+    )
+
+
+def _saved_before(summary_path: str) -> dict | None:
+    """The `before` section an earlier part of this run wrote (a resumed run keeps it)."""
+    try:
+        with open(summary_path) as f:
+            return json.load(f).get("before")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _restore(run: Run, ckpt: Checkpointer | None, cfg_dict: dict, resume_step: int | None) -> int:
+    """Restores run.state and run.data_iter from the newest intact (or the chosen) checkpoint;
+    returns its step, 0 when there is none yet."""
+    if ckpt is None:
+        raise RunRefused("--resume needs checkpoints (train.checkpoint_every > 0)")
+    if resume_step is None and not ckpt.manager.all_steps():
+        log.info("--resume: no checkpoint in %s yet, starting from step 0", ckpt.directory)
+        return 0
+    abstract = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), run.state
+    )
+    try:
+        run.state, start = ckpt.restore(abstract, run.data_iter, cfg_dict, step=resume_step)
+    except FileNotFoundError as e:
+        raise CheckpointError(str(e)) from None
+    log.info("resumed from step %d (%s)", start, ckpt.step_dir(start))
+    return start
+
+
+def _diverged_message(what: str, ckpt: Checkpointer | None, out_dir: str) -> str:
+    last = ckpt.manager.latest_step() if ckpt is not None else None
+    if last is None:
+        keep = "no checkpoint was saved"
+    else:
+        keep = (
+            f"the last good checkpoint is {ckpt.step_dir(last)}; continue from it with a lower "
+            f"learning rate: the same command with --resume --allow-config-change "
+            f"optim.learning_rate=<lower>"
+        )
+    return f"{what}; stopped, nothing non-finite saved, no final/ written in {out_dir}; {keep}"
 
 
 def _log(mlog: MetricsLog, pending, cfg: RunConfig, t_last: float) -> None:
@@ -426,6 +687,9 @@ def _log(mlog: MetricsLog, pending, cfg: RunConfig, t_last: float) -> None:
     values["step_time_s"] = dt
     values["tokens_per_s"] = float(values["response_tokens"]) / dt
     mlog.write(step + 1, values, show=(step + 1) % cfg.train.log_every == 0)
+    bad = [term for key, term in NONFINITE_TERMS.items() if values.get(key)]
+    if bad:
+        raise Diverged(f"step {step + 1}: non-finite {', '.join(bad)} (NaN/inf)")
 
 
 def format_summary(summary: dict) -> str:
@@ -439,12 +703,42 @@ def format_summary(summary: dict) -> str:
     return markdown_table(rows, ["", "before", "after"])
 
 
-def run(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> dict:
-    run_ = setup(cfg, progress=progress)
-    summary = train(run_, resume=resume, progress=progress)
-    if jax.process_index() == 0:
+def _shorten(text: str, width: int = 60) -> str:
+    text = " ".join(text.split())
+    return repr(text if len(text) <= width else text[: width - 3] + "...")
+
+
+def run(
+    cfg: RunConfig,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    allow_config_change: bool = False,
+    resume_step: int | None = None,
+    progress: bool = True,
+) -> dict:
+    """Set-up and training. Bad input is a one-line `RunRefused`; divergence is `Diverged`."""
+    # Refused before the slow set-up; `train` checks again once it holds the lock.
+    check_reusable(cfg.train.out_dir, resume=resume or resume_step is not None, overwrite=overwrite)
+    Lock(cfg.train.out_dir, take_stale=resume or resume_step is not None).check_free()
+    try:
+        run_ = setup(cfg, progress=progress)
+    except (KeyError, ValueError, FileNotFoundError) as e:
+        message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+        raise RunRefused(" ".join(str(message).split())) from e
+    summary = train(
+        run_,
+        resume=resume,
+        overwrite=overwrite,
+        allow_config_change=allow_config_change,
+        resume_step=resume_step,
+        progress=progress,
+    )
+    if jax.process_index() == 0 and "interrupted" not in summary:
+        cfg = run_.cfg  # with the context name resolved
         print(
             f"\nctxjax: task={cfg.task.name} context={cfg.task.context} "
+            f"({_shorten(summary['context_text'])}) "
             f"loss={cfg.loss.opd}+{cfg.loss.beta}*{cfg.loss.consistency} steps={cfg.train.steps}"
         )
         print(format_summary(summary))

@@ -8,14 +8,15 @@ python scripts/bench.py train [--out bench_train.json] [--preset small|medium] [
 import argparse
 import sys
 
-from ctxjax import benchmarks
+from experiments import bench
+from experiments.bench.measure import TRAIN_PRESETS
 
 
 def _train_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--preset",
         default="small",
-        choices=sorted(benchmarks.TRAIN_PRESETS),
+        choices=sorted(TRAIN_PRESETS),
         help="model and batch sizes of the timing part (small = the CPU default run)",
     )
     parser.add_argument(
@@ -24,19 +25,8 @@ def _train_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="tiny sizes everywhere (a smoke test)")
 
 
-# subcommand -> (help, function(out_json, **options) -> dict, adds the subcommand's options or None)
-BENCHMARKS = {
-    "sample": (
-        "greedy decoding tokens/s, ctxjax vs transformers (torch CPU)",
-        benchmarks.bench_sample,
-        None,
-    ),
-    "train": (
-        "OPD+NCA train step: time per part, FLOPs vs matmul peak, loss memory",
-        benchmarks.bench_train,
-        _train_args,
-    ),
-}
+# subcommand -> adds its options
+OPTIONS = {"sample": None, "train": _train_args}
 
 
 def main(argv: list[str]) -> None:
@@ -44,14 +34,14 @@ def main(argv: list[str]) -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     sub = parser.add_subparsers(dest="benchmark", required=True)
-    for name, (help_text, _, add_args) in BENCHMARKS.items():
+    for name, (help_text, _, _) in bench.BENCHMARKS.items():
         p = sub.add_parser(name, help=help_text)
         p.add_argument("--out", default=None, help="write the results as JSON to this file")
-        if add_args:
-            add_args(p)
+        if OPTIONS[name]:
+            OPTIONS[name](p)
     args = vars(parser.parse_args(argv))
     name, out = args.pop("benchmark"), args.pop("out")
-    BENCHMARKS[name][1](out, **args)
+    bench.run(name, out, **args)
 
 
 if __name__ == "__main__":

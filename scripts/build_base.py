@@ -6,10 +6,7 @@ python scripts/build_base.py --config configs/base_models.yaml [--out docs/base_
 import argparse
 import sys
 
-import yaml
-
-from ctxjax.base import build_all
-from ctxjax.report import compare_table
+from experiments.base_models import build_and_write
 
 
 def main(argv: list[str]) -> None:
@@ -20,19 +17,7 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--out", default="docs/base_models.md")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
-    with open(args.config) as f:
-        spec = yaml.safe_load(f)
-    rows = build_all(spec, progress=not args.no_progress)
-    table = compare_table(
-        rows, ["task", "size", "context", "regime", "acc_x", "acc_xc", "delta_len"]
-    )
-    text = (
-        "# Base models\n\nWritten by `python scripts/build_base.py`. Acc_x: no context; "
-        "Acc_xc: the context in front (sampled answers, temperature 1).\n\n" + table + "\n"
-    )
-    with open(args.out, "w") as f:
-        f.write(text)
-    print(table)
+    print(build_and_write(args.config, args.out, progress=not args.no_progress))
 
 
 if __name__ == "__main__":

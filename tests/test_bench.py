@@ -1,12 +1,17 @@
-"""ctxjax.benchmarks.bench_train in its quick mode: the JSON it writes has every figure, and the
-figures are sane (positive times and FLOPs, memory sizes that add up, chunking that saves
-memory)."""
+"""experiments.bench: the train benchmark in its quick mode (the JSON it writes has every figure,
+and the figures are sane: positive times and FLOPs, memory sizes that add up, chunking that saves
+memory), and the weight-streaming rate against an exact fake clock and a numpy reference."""
 
 import json
+import statistics
+import time
+import types
 
+import numpy as np
 import pytest
 
-from ctxjax import benchmarks
+from experiments import bench
+from experiments.bench import measure
 
 PARTS = ("step", "sample", "teacher", "student", "optimizer")
 
@@ -14,7 +19,7 @@ PARTS = ("step", "sample", "teacher", "student", "optimizer")
 @pytest.fixture(scope="module")
 def result(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "bench_train.json"
-    returned = benchmarks.bench_train(str(out), quick=True)
+    returned = bench.run("train", str(out), quick=True)
     written = json.loads(out.read_text())
     assert written == json.loads(json.dumps(returned))  # the file is the returned dict
     return written
@@ -63,7 +68,7 @@ def test_memory_figures(result):
     assert list(mem["train_step"]) == [str(k) for k in s["step_chunks"]]
     assert list(mem["loss_only"]) == [str(k) for k in s["loss_chunks"]]
     for prog in ("train_step", "loss_only"):
-        for chunk, row in mem[prog].items():
+        for row in mem[prog].values():
             assert row["temp_bytes"] > 0 and row["argument_bytes"] > 0 and row["output_bytes"] > 0
             assert row["temp_over_full_logits"] == pytest.approx(
                 row["temp_bytes"] / mem["full_logits_bytes"], abs=1e-4
@@ -102,9 +107,69 @@ def test_decode_bytes_per_step_counts_every_read_weight_and_the_cache(tie):
     per_layer = d * (4 + 2 * 2) * dh + 4 * dh * d + 3 * d * f + 2 * d
     read_params = 3 * per_layer + d + d * 96
     kv = 3 * 2 * 5 * 2 * 40 * 8  # layers x (K, V) x batch x kv heads x slots x head dim
-    assert benchmarks.decode_bytes_per_step(cfg, batch=5, cache_slots=40) == 4 * (read_params + kv)
+    assert measure.decode_bytes_per_step(cfg, batch=5, cache_slots=40) == 4 * (read_params + kv)
 
 
-def test_weight_stream_rate_is_a_plausible_bandwidth():
-    rate = benchmarks.weight_stream_rate(width=64, mats=4, reps=10, calls=3)
-    assert 1e8 < rate < 1e13  # 0.1 GB/s .. 10 TB/s: a real measurement, not a constant
+def test_weight_stream_rate_divides_the_bytes_streamed_by_the_median_call(monkeypatch):
+    # A fake clock: call i of the timed loop takes (i + 1) * 0.25 s, so the median of 3 is 0.5 s.
+    ticks = iter([0.0, 0.25, 1.0, 1.5, 2.0, 2.75])
+    monkeypatch.setattr(measure, "time", types.SimpleNamespace(perf_counter=lambda: next(ticks)))
+    width, mats, reps = 32, 3, 7
+    rate = measure.weight_stream_rate(width=width, mats=mats, reps=reps, calls=3)
+    assert rate == pytest.approx(mats * reps * (width * 4 * width * 4) / 0.5)
+
+
+def _numpy_stream_rate(batch: int, width: int, mats: int, reps: int, calls: int) -> float:
+    """The same loop in numpy (BLAS), the same bytes over the median call."""
+    rng = np.random.default_rng(0)
+    ws = [rng.normal(0, 0.01, (width, 4 * width)).astype(np.float32) for _ in range(mats)]
+    times = []
+    for _ in range(calls):
+        x = np.ones((batch, width), np.float32)
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            for w in ws:
+                x = x + (x @ w)[:, :width] * 1e-3
+        times.append(time.perf_counter() - t0)
+    return mats * reps * ws[0].nbytes / statistics.median(times)
+
+
+def test_weight_stream_rate_is_near_numpys():
+    # Same matmuls, same byte count: the jitted loop is within 20x of numpy's either way (on a
+    # quiet CPU within 2x; the slack is for other processes on a shared machine). A unit slip
+    # (MiB vs bytes, a missed `reps` or `mats`) is off by 16x-1000x and fails.
+    kw = dict(batch=8, width=64, mats=4, reps=10, calls=5)
+    ours = measure.weight_stream_rate(**kw)
+    assert 0.05 < ours / _numpy_stream_rate(**kw) < 20
+
+
+def test_print_sample_reads_only_the_result(capsys):
+    """Printing is apart from measuring: a hand-made result prints, each figure where it belongs."""
+    timing = {"tokens_per_s": 60.2, "median_s": 0.133, "best_s": 0.13}
+    result = {
+        "setup": {"batch": 2, "prompt_len": 4, "new_tokens": 4, "reps": 3, "load_avg_1min": [1, 2]},
+        "ctxjax": {**timing, "compile_s": 17.8},
+        "transformers": {**timing, "tokens_per_s": 21.8, "torch_threads": 1},
+        "transformers_by_threads": {
+            "1": {**timing, "tokens_per_s": 21.8},
+            "4": {"skipped": "slow"},
+        },
+        "speedup": 2.76,
+        "tokens_identical": True,
+        "memory_floor": {
+            "bytes_per_decode_step": 2**24,
+            "weight_stream_gb_per_s": 11.9,
+            "floor_ms_per_step": 1.5,
+            "ctxjax_ms_per_step": 33.2,
+            "floor_tokens_per_s": 1356.0,
+            "floor_speedup": 62.2,
+        },
+    }
+    bench.BENCHMARKS["sample"][2](result)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("sample: batch 2, prompt 4, 4 new tokens, greedy, median of 3")
+    assert lines[2].split() == ["ctxjax", "60.2", "0.1330", "0.1300", "17.80"]
+    assert lines[3].split()[-4:] == ["21.8", "0.1330", "0.1300", "-"]
+    assert lines[4].split()[-2:] == ["skipped:", "slow"]
+    assert "(1 thr): 2.76x; identical tokens: True" in lines[5]
+    assert "16.0 MiB per decode step" in lines[6]

@@ -243,12 +243,6 @@ def test_numerics_section_is_apart_from_the_architecture():
             r"^model\.num_layers, model\.rope_theta would be ignored \(with student= the "
             r"architecture comes from the student's config\.json\)",
         ),
-        (
-            ["task.name=jsonl", "train.eval_every=5"],
-            r"^train\.eval_every would be ignored \(task\.name='jsonl' has no verifier",
-        ),
-        (["task.name=jsonl", "eval.examples=3"], r"^eval\.examples would be ignored"),
-        (["task.name=jsonl", "task.context=hint"], r"^task\.context would be ignored"),
     ],
 )
 def test_ignored_settings_are_errors_naming_the_keys(overrides, pattern):
@@ -283,3 +277,18 @@ def test_to_dict_is_plain_json():
         "remat": False,
         "scan_layers": False,
     }
+
+
+def test_jsonl_task_drops_the_synthetic_defaults():
+    cfg = load_config(None, ["task.name=jsonl"])
+    assert cfg.task.options == {} and cfg.task.context == ""
+    cfg = load_config(None, ["task.name=jsonl", "task.options.eval_fraction=0.25"])
+    assert cfg.task.options == {"eval_fraction": 0.25}
+
+
+def test_steps_within_the_warmup_warn(caplog):
+    with caplog.at_level(logging.WARNING, logger="ctxjax"):
+        load_config(None, ["train.steps=20"])  # above the default warmup of 10
+        assert not caplog.records
+        load_config(None, ["train.steps=5"])
+    assert "train.steps=5 is not above optim.warmup_steps=10" in caplog.text

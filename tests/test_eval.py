@@ -20,12 +20,20 @@ from ctxjax import hf
 from ctxjax import metrics as metrics_lib
 from ctxjax.base import tokenizer_corpus
 from ctxjax.config import SAMPLED_EVAL_DRAWS, EvalConfig, eval_draws, load_config
-from ctxjax.evaluate import ViewAnswers, evaluate_context, layer_cosine, stream_seed
+from ctxjax.evaluate import (
+    InputError,
+    ViewAnswers,
+    evaluate_checkpoint,
+    evaluate_context,
+    layer_cosine,
+    stream_seed,
+)
 from ctxjax.model import ModelConfig, create_model
-from ctxjax.report import compare_table, format_cell, metrics_table, write_report
 from ctxjax.tasks import get_task
 from ctxjax.train import format_summary
 from ctxjax.vocab import build_tokenizer
+from experiments.eval_report import metrics_table, write_report
+from experiments.tables import Stat, compare_table, format_cell
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "scripts", "eval.py")
@@ -415,7 +423,8 @@ def test_write_report_table_matches_dict(tmp_path):
     )
     paths = write_report(result, str(tmp_path), "hand", baseline=baseline)
     assert set(paths) == {"json", "markdown", "accuracy", "layer_cosine", "lengths", "retention"}
-    md = open(paths["markdown"]).read()
+    with open(paths["markdown"]) as f:
+        md = f.read()
     assert md.startswith("# hand")
     table = _table(md)
     expected = {
@@ -442,11 +451,13 @@ def test_write_report_table_matches_dict(tmp_path):
         )
     assert table["n"] == ["40", "40"]
     assert "6 \\| 6" in md  # a `|` inside a sample answer does not split the cell
-    saved = json.load(open(paths["json"]))
+    with open(paths["json"]) as f:
+        saved = json.load(f)
     assert saved["delta_len"] is None and saved["acc_x"] == 0.625  # strict JSON: NaN -> null
     assert saved["baseline"]["retention"] == {"hint": 0.9, "pirate": 0.25}
     for name in ("accuracy", "layer_cosine", "lengths", "retention"):
-        assert open(paths[name], "rb").read(8) == PNG_SIGNATURE
+        with open(paths[name], "rb") as f:
+            assert f.read(8) == PNG_SIGNATURE
 
 
 def test_write_report_skips_missing_plots(tmp_path):
@@ -476,6 +487,10 @@ def test_compare_table_formats_cells():
         "| b\\|c | 2.000 | - | - |",
     ]
     assert format_cell(True) == "True" and format_cell(None) == "-"
+    # A metric over seeds: mean ± std, the mean alone for one run, "-" when undefined.
+    assert format_cell(Stat(0.25, 0.0625, 2)) == "0.250 ± 0.062"
+    assert format_cell(Stat(0.25, 0.0, 1)) == "0.250"
+    assert format_cell(Stat(float("nan"), float("nan"), 2)) == "-"
     assert format_cell("two\nlines") == "two lines"
 
 
@@ -551,3 +566,35 @@ def test_script_end_to_end_with_baseline(checkpoints, script_run):
     for name in ("accuracy", "layer_cosine", "lengths", "retention"):
         data = (out / f"{name}.png").read_bytes()
         assert data.startswith(PNG_SIGNATURE) and len(data) > 5000, name
+
+
+def test_evaluate_checkpoint_on_a_users_jsonl(checkpoints, tmp_path):
+    """`scripts/eval.py --data FILE.jsonl`'s path: the user's records with a verifier, their only
+    context picked, every metric present; a mistyped verifier is a one-line InputError."""
+    records = get_task("synthetic", **TASK_OPTIONS).eval_records("careful", 6, 0)
+    data = tmp_path / "eval.jsonl"
+    data.write_text("".join(json.dumps({k: r[k] for k in ("context", "prompt", "answer")}) + "\n"
+                            for r in records))  # fmt: skip
+    out = evaluate_checkpoint(
+        checkpoints[0], "jsonl", "", task_options={"eval_file": str(data), "verifier": "exact"},
+        examples=6, max_new_tokens=6, batch_size=8, temperature=0.0, retention=False,
+        with_cosine=False,
+    )  # fmt: skip
+    assert out["context"] == "ctx0" and out["context_text"] == records[0]["context"]
+    assert out["n"] == 6 and out["mode"] == "greedy"
+    assert {"acc_x", "acc_xc", "harm", "both_correct", "delta_len"} <= set(out)
+    with pytest.raises(InputError, match=r"^the run's verifier: unknown verifier type 'exakt'"):
+        evaluate_checkpoint(
+            checkpoints[0], "jsonl", "", task_options={"eval_file": str(data), "verifier": "exakt"}
+        )
+
+
+def test_eval_script_needs_a_task_or_data(capsys):
+    """Without --task or --data the script refuses (it used to run the digit task on any model)."""
+    spec = importlib.util.spec_from_file_location("eval_script", SCRIPT)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    with pytest.raises(SystemExit) as exit_info:
+        script.main(["--model", "m", "--out", "o"])
+    assert exit_info.value.code == 2
+    assert "give --task NAME (and --context) or --data FILE.jsonl" in capsys.readouterr().err

@@ -6,6 +6,7 @@ back -> load with HF -> compare again. No network. HF logits come from torch (te
 
 import json
 import os
+import re
 import shutil
 
 import hf_fixtures as F
@@ -88,18 +89,22 @@ def _edit_weights(folder, edit):
     save_file(tensors, file, metadata={"format": "pt"})
 
 
+def _read_config(folder):
+    with open(os.path.join(folder, hf.CONFIG_FILE)) as fh:
+        return json.load(fh)
+
+
 def _edit_config(folder, edit):
     file = os.path.join(folder, hf.CONFIG_FILE)
-    with open(file) as fh:
-        cfg = json.load(fh)
+    cfg = _read_config(folder)
     edit(cfg)
     with open(file, "w") as fh:
         json.dump(cfg, fh)
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Parity
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
@@ -141,7 +146,7 @@ def test_llama3_rope_scaling_matches_hf(ckpt, tmp_path):
     assert _max_diff(_ours(hf.load_model(unscaled_dir), ids, mask), ref, mask) > 1e-2
 
     out = hf.save_model(model, tmp_path / "export")
-    assert json.load(open(os.path.join(out, hf.CONFIG_FILE)))["rope_parameters"] == LLAMA3_ROPE
+    assert _read_config(out)["rope_parameters"] == LLAMA3_ROPE
     assert _max_diff(F.hf_logits(out, ids, mask), ref, mask) < ATOL
 
 
@@ -191,8 +196,9 @@ def test_bf16_checkpoint_loads(ckpt, tmp_path):
 
     out = hf.save_model(m32, tmp_path / "export", dtype="bfloat16")  # lossless: values are bf16
     with safe_open(os.path.join(out, hf.WEIGHTS_FILE), framework="numpy") as f:
-        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
-    assert json.load(open(os.path.join(out, hf.CONFIG_FILE)))["dtype"] == "bfloat16"
+        # safe_open has keys() but is not iterable, so SIM118's `k in f` would raise.
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}  # noqa: SIM118
+    assert _read_config(out)["dtype"] == "bfloat16"
     assert _max_diff(F.hf_logits(F.load_hf(out, "float32"), ids, mask), ref, mask) < ATOL
 
 
@@ -225,7 +231,7 @@ def test_sharded_checkpoint_loads(ckpt, tmp_path):
     assert _max_diff(F.hf_logits(sharded, ids, mask), ref, mask) < ATOL  # a valid HF folder too
 
     os.remove(os.path.join(sharded, "model-00002-of-00002.safetensors"))
-    with pytest.raises(FileNotFoundError, match="model-00002-of-00002.safetensors"):
+    with pytest.raises(FileNotFoundError, match=r"model-00002-of-00002\.safetensors"):
         hf.load_model(sharded)
 
 
@@ -245,9 +251,9 @@ def test_sharded_index_must_match_shards(ckpt, tmp_path):
         hf.load_model(sharded)
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Config mapping
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -382,9 +388,9 @@ def test_sliding_window_flag_without_window_is_full_attention():
     assert hf.config_from_hf(hf_cfg).family == "qwen2"
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Strict loading
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 
 def test_unsupported_model_type_folder(ckpt, tmp_path):
@@ -425,14 +431,14 @@ def test_missing_tensor_is_an_error(ckpt, tmp_path):
 def test_untied_config_needs_lm_head(ckpt, tmp_path):
     folder = _copy(ckpt("llama", tie=True), tmp_path / "m")
     _edit_config(folder, lambda c: c.update(tie_word_embeddings=False))
-    with pytest.raises(ValueError, match="lm_head.kernel <- lm_head.weight"):
+    with pytest.raises(ValueError, match=r"lm_head\.kernel <- lm_head\.weight"):
         hf.load_model(folder)
 
 
 def test_tied_config_with_untied_checkpoint_is_an_error(ckpt, tmp_path):
     folder = _copy(ckpt("llama", tie=False), tmp_path / "m")
     _edit_config(folder, lambda c: c.update(tie_word_embeddings=True))
-    with pytest.raises(ValueError, match="lm_head.weight differs"):
+    with pytest.raises(ValueError, match=r"lm_head\.weight differs"):
         hf.load_model(folder)
 
 
@@ -448,12 +454,22 @@ def test_tied_checkpoint_may_carry_a_copy_of_the_head(ckpt, tmp_path):
 
 
 def test_rotary_inv_freq_buffer_is_derived_not_loaded(ckpt, tmp_path):
-    folder = _copy(ckpt("llama"), tmp_path / "m")
+    # Older exports carry the rotary frequencies as a tensor. A wrong one (all ones) is accepted and
+    # ignored: the frequencies come from the config, so the logits still equal HF's on the clean
+    # checkpoint (all-ones frequencies would rotate every pair differently and move the logits).
+    path = ckpt("llama")
+    folder = _copy(path, tmp_path / "m")
     _edit_weights(
         folder,
         lambda t: t.update({"model.layers.0.self_attn.rotary_emb.inv_freq": np.ones(8, "f4")}),
     )
-    hf.load_model(folder)
+    ids, mask = _padded_batch()
+    ours = _ours(hf.load_model(folder), ids, mask)
+    assert _max_diff(ours, F.hf_logits(path, ids, mask), mask) < ATOL
+    # The check has teeth: rope_theta = 1 makes every frequency theta^(-2i/d) = 1, the buffer's.
+    ones = _copy(path, tmp_path / "ones")
+    _edit_config(ones, lambda c: c["rope_parameters"].update(rope_theta=1.0))
+    assert _max_diff(_ours(hf.load_model(ones), ids, mask), ours, mask) > 100 * ATOL
 
 
 def test_wrong_shape_names_tensor_and_shapes(ckpt, tmp_path):
@@ -470,14 +486,16 @@ def test_wrong_shape_names_tensor_and_shapes(ckpt, tmp_path):
 
 
 def test_missing_files_are_named(ckpt, tmp_path):
-    with pytest.raises(FileNotFoundError, match="model folder not found.*nowhere"):
+    with pytest.raises(FileNotFoundError, match=r"model folder not found.*nowhere"):
         hf.load_model(tmp_path / "nowhere")
     folder = _copy(ckpt("llama"), tmp_path / "m")
     os.remove(os.path.join(folder, hf.WEIGHTS_FILE))
-    with pytest.raises(FileNotFoundError, match="no model.safetensors or model.safetensors.index"):
+    with pytest.raises(
+        FileNotFoundError, match=r"no model\.safetensors or model\.safetensors\.index"
+    ):
         hf.load_model(folder)
     os.remove(os.path.join(folder, hf.CONFIG_FILE))
-    with pytest.raises(FileNotFoundError, match="config.json not found"):
+    with pytest.raises(FileNotFoundError, match=r"config\.json not found"):
         hf.load_model(folder)
 
 
@@ -485,10 +503,11 @@ def test_missing_files_are_named(ckpt, tmp_path):
 def test_corrupt_safetensors_is_named(ckpt, tmp_path, damage):
     folder = _copy(ckpt("llama"), tmp_path / "m")
     file = os.path.join(folder, hf.WEIGHTS_FILE)
-    data = open(file, "rb").read()
+    with open(file, "rb") as fh:
+        data = fh.read()
     with open(file, "wb") as fh:
         fh.write(data[: len(data) // 2] if damage == "truncate" else b"\x07" * 64)
-    with pytest.raises(ValueError, match=f"corrupt safetensors file {file}"):
+    with pytest.raises(ValueError, match=f"corrupt safetensors file {re.escape(file)}"):
         hf.load_model(folder)
 
 
@@ -496,7 +515,7 @@ def test_corrupt_config_is_named(ckpt, tmp_path):
     folder = _copy(ckpt("llama"), tmp_path / "m")
     with open(os.path.join(folder, hf.CONFIG_FILE), "w") as fh:
         fh.write("{")
-    with pytest.raises(ValueError, match="corrupt .*config.json"):
+    with pytest.raises(ValueError, match=r"corrupt .*config\.json"):
         hf.load_model(folder)
 
 

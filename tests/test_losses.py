@@ -1,5 +1,7 @@
 """ctxjax.losses against float64 numpy formulas written out here (never by calling the jax code)."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,9 +13,9 @@ B, T, V = 3, 5, 13
 ATOL, RTOL = 2e-6, 2e-5
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # float64 numpy references
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 
 def np_log_softmax(x):
@@ -83,9 +85,9 @@ def views():
     return nc, c, t, mask
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # masked reductions
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 
 def test_masked_mean_and_sum_match_numpy():
@@ -118,9 +120,9 @@ def test_masked_mean_rejects_shape_mismatch():
         losses.masked_mean(jnp.zeros((3, 5)), jnp.ones((3, 4)))
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # values
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("name", list(REFERENCES))
@@ -138,9 +140,12 @@ def test_divergence_matches_numpy_and_masked_mean_is_safe(name, views):
 
 
 @pytest.mark.parametrize("k", [V, V + 7])
-def test_topk_with_k_at_least_vocab_equals_full_reverse_kl_exactly(k, views):
+def test_topk_with_k_at_least_vocab_is_the_full_reverse_kl(k, views):
     nc, _, t, _ = views
-    np.testing.assert_array_equal(losses.reverse_kl_topk(nc, t, k=k), losses.reverse_kl(nc, t))
+    # The numpy reference keeps all V tokens (argsort[:k] of V entries) and renormalizes nothing.
+    got = losses.reverse_kl_topk(nc, t, k=k)
+    np.testing.assert_allclose(got, np_topk_reverse_kl(nc, t, k), rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(got, np_kl(nc, t), rtol=RTOL, atol=ATOL)
 
 
 @pytest.mark.parametrize("k", [1, 2, 7, V - 1])
@@ -166,14 +171,85 @@ def test_jsd_endpoints_are_the_scaled_limits_not_nan(views):
 
 def test_identical_logits_give_zero(views):
     nc, _, _, _ = views
-    for name in losses.OPD_DIVERGENCES:
-        np.testing.assert_allclose(losses.opd_divergence(name, nc, nc, top_k=5), 0.0, atol=1e-6)
+    tokens = np.zeros((B, T), np.int32)
+    for name, spec in losses.OPD_LOSSES.items():
+        got = spec.fn(nc, nc, tokens, top_k=5, jsd_beta=0.3)
+        np.testing.assert_allclose(got, 0.0, atol=1e-6, err_msg=name)
     for beta in (0.0, 0.3, 1.0):
         np.testing.assert_allclose(losses.generalized_jsd(nc, nc, beta), 0.0, atol=1e-6)
-    for name in losses.CONSISTENCY_DIVERGENCES:
-        np.testing.assert_allclose(losses.consistency_divergence(name, nc, nc, nc), 0.0, atol=1e-6)
-    lp = losses.token_logprobs(nc, np.zeros((B, T), np.int32))
-    np.testing.assert_allclose(losses.sampled_token_pg(lp, lp), 0.0, atol=1e-6)
+    for name, spec in losses.CONSISTENCY_LOSSES.items():
+        got = spec.fn(nc, nc, nc, divergence="reverse_kl", top_k=5, jsd_beta=0.3)
+        np.testing.assert_allclose(got, 0.0, atol=1e-6, err_msg=name)
+
+
+# --------------------------------------------------------------------------------------------------
+# the registry: each name computes its numpy formula (what the train step calls by config name)
+# --------------------------------------------------------------------------------------------------
+
+
+def np_sampled_token(student, teacher, tokens):
+    """Value of the policy-gradient surrogate: -A * log p_s(y), A = -(log p_s(y) - log p_t(y))."""
+
+    def pick(logits):
+        return np.take_along_axis(np_log_softmax(logits), tokens[..., None], -1)[..., 0]
+
+    lp_s, lp_t = pick(student), pick(teacher)
+    return (lp_s - lp_t) * lp_s
+
+
+NP_OPD = {  # name: numpy fn of (student, teacher, tokens), top_k=4, jsd_beta=0.3
+    "reverse_kl": lambda s, t, y: np_kl(s, t),
+    "reverse_kl_topk": lambda s, t, y: np_topk_reverse_kl(s, t, 4),
+    "forward_kl": lambda s, t, y: np_kl(t, s),
+    "jsd": lambda s, t, y: np_jsd(s, t, 0.3),
+    "sampled_token": np_sampled_token,
+}
+
+
+@pytest.mark.parametrize("name", list(NP_OPD))
+def test_opd_registry_matches_numpy(name, views):
+    nc, _, t, _ = views
+    tokens = np.random.default_rng(5).integers(0, V, (B, T))
+    spec = losses.opd_loss(name)
+    got = spec.fn(nc, t, tokens if spec.needs_tokens else None, top_k=4, jsd_beta=0.3)
+    want = NP_OPD[name](nc, t, tokens)
+    assert np.all(np.abs(want) > 1e-4)
+    np.testing.assert_allclose(got, want, rtol=RTOL, atol=ATOL)
+    # DualOPD's stand-in: the divergence itself, or the one the sampled-token estimator estimates.
+    divergence = "reverse_kl" if name == "sampled_token" else name
+    assert spec.divergence == divergence
+    assert spec.needs_tokens == (name == "sampled_token")
+
+
+@pytest.mark.parametrize("divergence", ["reverse_kl", "reverse_kl_topk", "forward_kl", "jsd"])
+def test_consistency_registry_matches_numpy(divergence, views):
+    nc, c, t, _ = views
+    want = {
+        "nca": np_kl(nc, c),
+        "sym_kl": np_kl(nc, c) + np_kl(c, nc),
+        "dual_opd": NP_OPD[divergence](c, t, None),  # the with-context view in the student's place
+    }
+    assert sorted(losses.CONSISTENCY_LOSSES) == sorted(want)
+    for name, spec in losses.CONSISTENCY_LOSSES.items():
+        got = spec.fn(nc, c, t, divergence=divergence, top_k=4, jsd_beta=0.3)
+        np.testing.assert_allclose(got, want[name], rtol=RTOL, atol=ATOL, err_msg=name)
+        assert spec.needs_teacher == (name == "dual_opd")
+        # Only DualOPD reads the teacher: any other teacher changes nothing for the other two.
+        other = spec.fn(nc, c, c, divergence=divergence, top_k=4, jsd_beta=0.3)
+        assert np.array_equal(other, got) != spec.needs_teacher, name
+
+
+def test_config_accepts_exactly_the_registry_names():
+    from ctxjax.config import LossConfig
+
+    for name in losses.OPD_LOSSES:
+        assert LossConfig(opd=name).opd == name
+    for name in losses.CONSISTENCY_LOSSES:
+        assert LossConfig(consistency=name).consistency == name
+    with pytest.raises(ValueError, match=r"loss\.opd must be one of.*'sampled_token'.*got 'kl'"):
+        LossConfig(opd="kl")
+    with pytest.raises(ValueError, match=r"loss\.consistency must be one of.*'sym_kl'.*got 'anc'"):
+        LossConfig(consistency="anc")
 
 
 def test_bf16_inputs_are_computed_in_fp32(views):
@@ -198,7 +274,7 @@ def test_bf16_inputs_are_computed_in_fp32(views):
 def test_any_leading_dims_and_jit():
     rng = np.random.default_rng(2)
     s, t = (rng.standard_normal((2, 3, 4, V)).astype(np.float32) for _ in range(2))
-    f = jax.jit(lambda s, t: losses.opd_divergence("reverse_kl_topk", s, t, top_k=5))
+    f = jax.jit(lambda s, t: losses.opd_loss("reverse_kl_topk").fn(s, t, None, top_k=5, jsd_beta=0))
     got = f(s, t)
     assert got.shape == (2, 3, 4)
     np.testing.assert_allclose(got, np_topk_reverse_kl(s, t, 5), rtol=RTOL, atol=ATOL)
@@ -208,7 +284,8 @@ def test_any_leading_dims_and_jit():
 
 
 def test_neg_inf_vocab_entries_count_zero_with_finite_gradients(views):
-    """A vocabulary entry both models mask to -inf (padded vocab) contributes nothing, also to grads."""
+    """A vocabulary entry both models mask to -inf (padded vocab) contributes nothing, also to
+    gradients."""
     nc, c, t, _ = views
     keep = [v for v in range(V) if v != 4]
     nc_inf, c_inf, t_inf = (x.copy() for x in (nc, c, t))
@@ -224,23 +301,33 @@ def test_neg_inf_vocab_entries_count_zero_with_finite_gradients(views):
             err_msg=name,
         )
         for arg in range(3):
-            g = jax.grad(lambda *xs: jax_fn(*xs).sum(), argnums=arg)(nc_inf, c_inf, t_inf)
+            g = _grad(jax_fn, arg, nc_inf, c_inf, t_inf)
             assert np.all(np.isfinite(g)), (name, arg)
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # gradients
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 
 def _grad(fn, argnum, *args):
     return np.asarray(jax.grad(lambda *xs: fn(*xs).sum(), argnums=argnum)(*args))
 
 
-@pytest.mark.parametrize("name", losses.OPD_DIVERGENCES)
-def test_opd_divergences_give_teacher_exactly_zero_gradient(name, views):
+def _two_view_term(name):
+    """The registry's consistency term `name` as a function of the two student views only."""
+    spec = losses.consistency_loss(name)
+    return lambda nc, c: spec.fn(nc, c, None, divergence="reverse_kl", top_k=5, jsd_beta=0.3)
+
+
+@pytest.mark.parametrize("name", list(losses.OPD_LOSSES))
+def test_opd_losses_give_teacher_exactly_zero_gradient(name, views):
     nc, _, t, _ = views
-    fn = lambda s, t: losses.opd_divergence(name, s, t, top_k=5, jsd_beta=0.3)
+    tokens = np.random.default_rng(6).integers(0, V, (B, T))
+
+    def fn(s, t):
+        return losses.opd_loss(name).fn(s, t, tokens, top_k=5, jsd_beta=0.3)
+
     assert np.all(_grad(fn, 1, nc, t) == 0.0)
     assert np.abs(_grad(fn, 0, nc, t)).max() > 1e-3
 
@@ -248,10 +335,14 @@ def test_opd_divergences_give_teacher_exactly_zero_gradient(name, views):
 def test_jsd_endpoints_and_dual_opd_give_teacher_zero_gradient(views):
     _, c, t, _ = views
     for beta in (0.0, 1.0):
-        assert np.all(_grad(lambda s, t: losses.generalized_jsd(s, t, beta), 1, c, t) == 0.0)
-    assert np.all(
-        _grad(lambda c, t: losses.consistency_divergence("dual_opd", c, c, t), 1, c, t) == 0.0
-    )
+        jsd = functools.partial(losses.generalized_jsd, beta=beta)
+        assert np.all(_grad(jsd, 1, c, t) == 0.0)
+    dual = losses.consistency_loss("dual_opd").fn
+
+    def fn(c, t):
+        return dual(c, c, t, divergence="reverse_kl_topk", top_k=5, jsd_beta=0.3)
+
+    assert np.all(_grad(fn, 1, c, t) == 0.0)
     assert np.abs(_grad(lambda c, t: losses.dual_opd(c, t), 0, c, t)).max() > 1e-3
 
 
@@ -259,7 +350,7 @@ def test_reverse_kl_student_gradient_matches_closed_form(views):
     nc, _, t, mask = views
     w = mask / max(mask.sum(), 1)
     got = jax.grad(lambda s: losses.masked_mean(losses.reverse_kl(s, t), mask))(nc)
-    # d/dz_s Σ p_s (log p_s − log p_t) = p_s ⊙ (log p_s − log p_t − KL)
+    # d/dz_s Σ p_s (log p_s - log p_t) = p_s ⊙ (log p_s - log p_t - KL)
     logp_s, logp_t = np_log_softmax(nc), np_log_softmax(t)
     d = logp_s - logp_t
     want = np.exp(logp_s) * (d - np_kl(nc, t)[..., None]) * w[..., None]
@@ -268,21 +359,24 @@ def test_reverse_kl_student_gradient_matches_closed_form(views):
 
 def test_nca_gradient_only_reaches_the_with_context_view(views):
     nc, c, _, mask = views
-    fn = lambda nc, c: losses.masked_mean(losses.nca(nc, c), mask)
+
+    def fn(nc, c):
+        return losses.masked_mean(losses.nca(nc, c), mask)
+
     g_nc, g_c = jax.grad(fn, argnums=(0, 1))(nc, c)
     assert np.all(np.asarray(g_nc) == 0.0)
-    # d/dz_c Σ sg[p_nc] (log p_nc − log p_c) = p_c − p_nc, weighted by the masked-mean weights.
+    # d/dz_c Σ sg[p_nc] (log p_nc - log p_c) = p_c - p_nc, weighted by the masked-mean weights.
     w = mask / max(mask.sum(), 1)
     want = (np.exp(np_log_softmax(c)) - np.exp(np_log_softmax(nc))) * w[..., None]
     np.testing.assert_allclose(g_c, want, rtol=1e-4, atol=1e-7)
     assert np.abs(want).max() > 1e-3
-    # Through the dispatcher, with no teacher at all.
-    assert np.all(_grad(lambda nc, c: losses.consistency_divergence("nca", nc, c), 0, nc, c) == 0.0)
+    # Through the registry, with no teacher at all.
+    assert np.all(_grad(_two_view_term("nca"), 0, nc, c) == 0.0)
 
 
 def test_sym_kl_gradient_reaches_both_views(views):
     nc, c, _, _ = views
-    fn = lambda nc, c: losses.consistency_divergence("sym_kl", nc, c)
+    fn = _two_view_term("sym_kl")
     assert np.abs(_grad(fn, 0, nc, c)).max() > 1e-3
     assert np.abs(_grad(fn, 1, nc, c)).max() > 1e-3
 
@@ -319,21 +413,25 @@ def test_sampled_token_pg_gradient_is_minus_advantage_times_score(views):
     np.testing.assert_allclose(loss(s, t), np_masked_mean(-advantage * lp_s, mask), rtol=RTOL)
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # errors
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 
 def test_unknown_names_raise_listing_valid_ones(views):
-    nc, c, t, _ = views
-    with pytest.raises(ValueError, match="'kl'.*reverse_kl, reverse_kl_topk, forward_kl, jsd"):
-        losses.opd_divergence("kl", nc, t)
-    with pytest.raises(ValueError, match="'anchor'.*nca, dual_opd, sym_kl"):
-        losses.consistency_divergence("anchor", nc, c, t)
-    with pytest.raises(ValueError, match="'sampled'.*reverse_kl, reverse_kl_topk, forward_kl, jsd"):
+    _, c, t, _ = views
+    valid_opd = "reverse_kl, reverse_kl_topk, forward_kl, jsd, sampled_token"
+    with pytest.raises(ValueError, match=f"OPD loss 'kl'; valid: {valid_opd}$"):
+        losses.opd_loss("kl")
+    with pytest.raises(
+        ValueError, match=r"consistency loss 'anchor'; valid: nca, dual_opd, sym_kl$"
+    ):
+        losses.consistency_loss("anchor")
+    with pytest.raises(ValueError, match=f"'sampled'; valid: {valid_opd}$"):
         losses.dual_opd(c, t, kind="sampled")
-    with pytest.raises(ValueError, match="needs teacher_logits"):
-        losses.consistency_divergence("dual_opd", nc, c)
+    # DualOPD needs a divergence between two distributions, not a per-sample estimator.
+    with pytest.raises(ValueError, match="'sampled_token' needs the sampled tokens"):
+        losses.dual_opd(c, t, kind="sampled_token")
 
 
 def test_bad_arguments_raise(views):

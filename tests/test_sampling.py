@@ -2,6 +2,7 @@
 forward pass for the log-probs, HF transformers' greedy `generate` for the tokens."""
 
 import functools
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -11,7 +12,7 @@ from flax import nnx
 
 from ctxjax import sampling
 from ctxjax.model import ModelConfig, Transformer, create_model
-from ctxjax.sampling import SampleOutput, SamplingParams, generate, sample
+from ctxjax.sampling import SampleOutput, SamplingMethod, generate, sample
 
 CFG = ModelConfig(
     vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2
@@ -60,7 +61,7 @@ _forward_logprobs = nnx.jit(_forward_logprobs_raw)  # eager op-by-op dispatch is
 
 
 @functools.partial(
-    jax.jit, static_argnames=("graphdef", "max_new_tokens", "params", "eos_ids", "pad_id")
+    jax.jit, static_argnames=("graphdef", "max_new_tokens", "method", "eos_ids", "pad_id")
 )
 def _sample_jit(graphdef, state, ids, mask, rng, **kw):
     """`sample` under a plain jax.jit (shared by tests so that equal arguments compile once)."""
@@ -69,12 +70,12 @@ def _sample_jit(graphdef, state, ids, mask, rng, **kw):
 
 # One sampling setup shared by the jit / grad tests (one compile of the plain-jit reference).
 JIT_KW = dict(
-    max_new_tokens=6, params=SamplingParams(temperature=1.0, top_p=0.9), eos_ids=(6,), pad_id=0
+    max_new_tokens=6, method=SamplingMethod(temperature=1.0, top_p=0.9), eos_ids=(6,), pad_id=0
 )
 
 
 # --------------------------------------------------------------------------------------------------
-# SamplingParams: validation and the processing order against numpy
+# SamplingMethod: validation and the processing order against numpy
 # --------------------------------------------------------------------------------------------------
 
 
@@ -90,13 +91,13 @@ JIT_KW = dict(
         (dict(top_p=1.5), "top_p"),
     ],
 )
-def test_params_validation_names_field(kwargs, field):
+def test_method_validation_names_field(kwargs, field):
     with pytest.raises(ValueError, match=field):
-        SamplingParams(**kwargs)
+        SamplingMethod(**kwargs)
 
 
-def test_params_hashable_static():
-    a, b = SamplingParams(0.7, 5, 0.9), SamplingParams(0.7, 5, 0.9)
+def test_method_hashable_static():
+    a, b = SamplingMethod(0.7, 5, 0.9), SamplingMethod(0.7, 5, 0.9)
     assert a == b and hash(a) == hash(b)
     f = jax.jit(lambda x, p: p.process_logits(x), static_argnums=1)
     np.testing.assert_allclose(f(jnp.ones((1, 4)), a), jnp.full((1, 4), 1 / 0.7), rtol=1e-6)
@@ -121,7 +122,8 @@ def np_process(logits, temperature, top_k, top_p):
                 if mass >= top_p:
                     break
                 smallest_kept = probs[idx]
-                # Guard: the reference and the float32 kernel must not disagree by rounding at a boundary.
+                # Guard: the reference and the float32 kernel must not disagree by rounding at a
+                # boundary.
                 assert abs(mass - top_p) > 1e-4
                 mass += probs[idx]
             row[probs < smallest_kept] = -np.inf
@@ -144,7 +146,7 @@ def np_process(logits, temperature, top_k, top_p):
 )
 def test_process_logits_matches_numpy(temperature, top_k, top_p):
     logits = np.random.default_rng(0).normal(0, 2, size=(6, 40)).astype(np.float32)
-    got = np.asarray(SamplingParams(temperature, top_k, top_p).process_logits(jnp.asarray(logits)))
+    got = np.asarray(SamplingMethod(temperature, top_k, top_p).process_logits(jnp.asarray(logits)))
     want = np_process(logits, temperature, top_k, top_p)
     np.testing.assert_array_equal(np.isinf(got), np.isinf(want))
     finite = np.isfinite(want)
@@ -152,33 +154,34 @@ def test_process_logits_matches_numpy(temperature, top_k, top_p):
 
 
 def test_process_logits_order_and_ties_by_hand():
-    # Temperature 0.5 turns [2, 1, 1, 0, -3] into [4, 2, 2, 0, -6]; top-k 2 keeps the tie at 2 (three
-    # tokens); renormalized p = [e^4, e^2, e^2] / Z = [0.787, 0.106, 0.106]. top_p 0.8: the mass before
-    # the second token is 0.787 < 0.8, so it is kept, and its tie (mass before 0.894) is kept with it.
+    # Temperature 0.5 turns [2, 1, 1, 0, -3] into [4, 2, 2, 0, -6]; top-k 2 keeps the tie at 2
+    # (three tokens); renormalized p = [e^4, e^2, e^2] / Z = [0.787, 0.106, 0.106]. top_p 0.8: the
+    # mass before the second token is 0.787 < 0.8, so it is kept, and its tie (mass before 0.894) is
+    # kept with it.
     logits = jnp.array([[2.0, 1.0, 1.0, 0.0, -3.0]])
-    got = SamplingParams(0.5, 2, 0.8).process_logits(logits)
+    got = SamplingMethod(0.5, 2, 0.8).process_logits(logits)
     np.testing.assert_allclose(got, [[4.0, 2.0, 2.0, -np.inf, -np.inf]])
     # top_p 0.7 < 0.787: only the argmax survives.
-    got = SamplingParams(0.5, 2, 0.7).process_logits(logits)
+    got = SamplingMethod(0.5, 2, 0.7).process_logits(logits)
     np.testing.assert_allclose(got, [[4.0, -np.inf, -np.inf, -np.inf, -np.inf]])
-    # Without top-k, p = [0.776, 0.105, 0.105, 0.014, 0.00003]: top_p 0.9 keeps three tokens (mass
-    # before the third is 0.881 < 0.9, before the fourth 0.986). top-k 1 first leaves only the argmax
-    # whatever top_p says: top-k comes before top-p.
+    # Without top-k, p = [0.776, 0.105, 0.105, 0.014, 0.00003]: top_p 0.9 keeps three tokens
+    # (mass before the third is 0.881 < 0.9, before the fourth 0.986). top-k 1 first leaves only the
+    # argmax whatever top_p says: top-k comes before top-p.
     np.testing.assert_allclose(
-        SamplingParams(0.5, None, 0.9).process_logits(logits), [[4.0, 2.0, 2.0, -np.inf, -np.inf]]
+        SamplingMethod(0.5, None, 0.9).process_logits(logits), [[4.0, 2.0, 2.0, -np.inf, -np.inf]]
     )
     np.testing.assert_allclose(
-        SamplingParams(0.5, 1, 0.9).process_logits(logits),
+        SamplingMethod(0.5, 1, 0.9).process_logits(logits),
         [[4.0, -np.inf, -np.inf, -np.inf, -np.inf]],
     )
 
 
 def test_top_k_1_equals_greedy():
     logits = jax.random.normal(jax.random.key(1), (16, 50)) * 3
-    greedy = SamplingParams().next_tokens(logits, jax.random.key(0))
+    greedy = SamplingMethod().next_tokens(logits, jax.random.key(0))
     np.testing.assert_array_equal(greedy, np.argmax(np.asarray(logits), axis=-1))
     for seed in range(3):
-        top1 = SamplingParams(temperature=1.5, top_k=1).next_tokens(logits, jax.random.key(seed))
+        top1 = SamplingMethod(temperature=1.5, top_k=1).next_tokens(logits, jax.random.key(seed))
         np.testing.assert_array_equal(top1, greedy)
 
 
@@ -190,7 +193,7 @@ def test_sampling_frequencies(temperature, top_k, top_p):
     logits = np.array([2.0, 1.5, 1.0, 0.5, 0.0, -1.0], np.float32)
     want = np.exp(np_process(logits[None], temperature, top_k, top_p)[0])
     want /= want.sum()
-    draws = SamplingParams(temperature, top_k, top_p).next_tokens(
+    draws = SamplingMethod(temperature, top_k, top_p).next_tokens(
         jnp.tile(jnp.asarray(logits), (n, 1)), jax.random.key(0)
     )
     freq = np.bincount(np.asarray(draws), minlength=logits.size) / n
@@ -242,9 +245,9 @@ def test_sampled_tokens_vary_with_seed(model):
 
 
 class CountingTransformer(Transformer):
-    """Counts forward calls at run time (inside the compiled while loop) through a debug callback."""
+    """Counts forward calls at run time (inside the compiled while loop) via a debug callback."""
 
-    calls = [0]
+    calls: ClassVar[list[int]] = [0]
 
     def forward(self, tokens_BxL, **kwargs):
         jax.debug.callback(lambda: CountingTransformer.calls.__setitem__(0, self.calls[0] + 1))
@@ -265,7 +268,7 @@ def test_eos_mask_pad_lengths_and_early_stop(model):
     CountingTransformer.calls[0] = 0
     out = jax.jit(
         functools.partial(
-            sample, max_new_tokens=n, params=SamplingParams(), pad_id=pad_id, eos_ids=eos_ids
+            sample, max_new_tokens=n, method=SamplingMethod(), pad_id=pad_id, eos_ids=eos_ids
         )
     )(counting, ids, mask, jax.random.key(0))
     out = jax.device_get(out)
@@ -288,11 +291,11 @@ def test_no_eos_runs_full_budget_and_generate_trims(model):
 
 
 def test_padding_invariance(model):
-    """A greedy row does not depend on the other rows, the prompt bucket, the batch or budget bucket."""
+    """A greedy row is independent of the other rows and of the prompt, batch and budget buckets."""
     alone = generate(model, [PROMPTS[1]], max_new_tokens=6)
     batched = generate(model, PROMPTS, max_new_tokens=6)  # other rows, batch bucket 4
     long_prompt = list(range(1, 21))  # prompt bucket 32 instead of 8; batch 5 -> bucket 8
-    wide = generate(model, PROMPTS + [long_prompt], max_new_tokens=20)  # budget bucket 32
+    wide = generate(model, [*PROMPTS, long_prompt], max_new_tokens=20)  # budget bucket 32
     for other, row in ((batched, 1), (wide, 1)):
         np.testing.assert_array_equal(other.tokens_BxN[row, :6], alone.tokens_BxN[0])
         np.testing.assert_allclose(other.logprobs_BxN[row, :6], alone.logprobs_BxN[0], atol=1e-5)

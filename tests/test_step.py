@@ -21,14 +21,15 @@ from jax.sharding import PartitionSpec
 from ctxjax import sharding
 from ctxjax.config import LossConfig, OptimConfig, RolloutConfig
 from ctxjax.model import ModelConfig, create_model
-from ctxjax.sampling import SamplingParams, sample
+from ctxjax.sampling import SamplingMethod, sample
 from ctxjax.step import (
+    DistillBatch,
     StepConfig,
     beta_at,
-    distill_loss,
     init_state,
     jit_train_step,
     lr_schedule,
+    make_distill_loss,
     make_optimizer,
     make_train_step,
     response_hidden,
@@ -79,7 +80,7 @@ class World:
     eos: int  # a token row 0 emits first under greedy decoding: rollouts end unevenly
     prompts: list  # [x] token lists
     ctx_prompts: list  # [c|x] token lists
-    data: dict  # distill_loss input: left-padded views, response, mask
+    data: DistillBatch  # the loss's input: left-padded views, response, mask
     count: float
 
 
@@ -95,25 +96,26 @@ def world():
     # Ids from 3 up: no padding or special-looking ids inside a prompt.
     prompts = [list(rng.integers(3, CFG.vocab_size, n)) for n in PROMPT_LENS]
     ctx_prompts = [
-        list(rng.integers(3, CFG.vocab_size, c)) + x for c, x in zip(CONTEXT_LENS, prompts)
+        list(rng.integers(3, CFG.vocab_size, c)) + x
+        for c, x in zip(CONTEXT_LENS, prompts, strict=True)
     ]
     resp = rng.integers(3, CFG.vocab_size, (B, N)).astype(np.int32)
     mask = np.arange(N)[None, :] < np.asarray(RESP_LENS)[:, None]
     ids_x, mask_x = _left_pad(prompts, P)
     ids_c, mask_c = _left_pad(ctx_prompts, Q)
-    data = dict(
-        prompt_ids=ids_x,
-        prompt_mask=mask_x,
-        ctx_prompt_ids=ids_c,
-        ctx_prompt_mask=mask_c,
-        resp=resp,
-        mask=mask,
+    data = DistillBatch(
+        prompt_ids_BxP=jnp.asarray(ids_x),
+        prompt_mask_BxP=jnp.asarray(mask_x),
+        ctx_prompt_ids_BxC=jnp.asarray(ids_c),
+        ctx_prompt_mask_BxC=jnp.asarray(mask_c),
+        resp_BxN=jnp.asarray(resp),
+        resp_mask_BxN=jnp.asarray(mask),
     )
     graphdef, params = nnx.split(student, nnx.Param)
     teacher_graphdef, teacher_params = nnx.split(teacher, nnx.Param)
     # EOS for the rollouts: row 0's first greedy token, so row 0 stops at once and the others later
     # or never. Computed at the reference forward's shape ([x|y] right-padded): no extra compile.
-    width = max(len(x) + n for x, n in zip(prompts, RESP_LENS))
+    width = max(len(x) + n for x, n in zip(prompts, RESP_LENS, strict=True))
     ids, _ = _right_pad([x + [PAD] * (width - len(x)) for x in prompts])
     real = np.arange(width)[None, :] < np.asarray(PROMPT_LENS)[:, None]
     logits = np.asarray(_full_logits(graphdef, params, ids, real))
@@ -126,16 +128,16 @@ def world():
         eos,
         prompts,
         ctx_prompts,
-        {k: jnp.asarray(v) for k, v in data.items()},
+        data,
         float(mask.sum()),
     )
 
 
 def _reference_logits(w: World, graphdef, params, prefixes):
     """Per row, the [n_resp, V] float64 logits that predict the response tokens, from one full
-    forward pass over the *right*-padded `[prefix | y]` (natural positions, no left padding involved),
-    sliced by hand: the logits at index len(prefix) - 1 + t predict response token t."""
-    resp, lens = np.asarray(w.data["resp"]), RESP_LENS
+    forward pass over the *right*-padded `[prefix | y]` (natural positions, no left padding
+    involved), sliced by hand: the logits at index len(prefix) - 1 + t predict response token t."""
+    resp, lens = np.asarray(w.data.resp_BxN), RESP_LENS
     ids, mask = _right_pad([list(p) + list(resp[b, : lens[b]]) for b, p in enumerate(prefixes)])
     logits = np.asarray(_full_logits(graphdef, params, ids, mask), np.float64)
     return [logits[b, len(p) - 1 : len(p) - 1 + lens[b]] for b, p in enumerate(prefixes)]
@@ -143,7 +145,7 @@ def _reference_logits(w: World, graphdef, params, prefixes):
 
 @pytest.fixture(scope="module")
 def ref(world):
-    """Reference logits of the three passes: student on [x|y], student on [c|x|y], teacher on [c|x|y]."""
+    """Reference logits of the three passes: student on [x|y] and [c|x|y], teacher on [c|x|y]."""
     return dict(
         s_nc=_reference_logits(world, world.graphdef, world.params, world.prompts),
         s_c=_reference_logits(world, world.graphdef, world.params, world.ctx_prompts),
@@ -180,9 +182,9 @@ def _token_mean(per_row):
     return float(np.concatenate(per_row).sum() / sum(map(len, per_row)))
 
 
-# ---------------------------------------------------------------------------------------------------
-# distill_loss programs: one compile per loss config, shared by the tests below
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
+# Loss programs (`make_distill_loss`): one compile per loss config, shared by the tests below
+# --------------------------------------------------------------------------------------------------
 
 # XLA's cheap backend settings: these tests check semantics, and on CPU compiling is most of their
 # cost (the tiny programs run in milliseconds).
@@ -202,18 +204,12 @@ def program(world):
 
     def get(loss_cfg):
         if loss_cfg not in cache:
+            distill_loss = make_distill_loss(world.graphdef, world.teacher_graphdef, loss_cfg)
 
             def fn(params, teacher_params, data, beta):
                 def values(p, tp):
                     loss, (opd, cons, rkl) = distill_loss(
-                        p,
-                        data,
-                        tp,
-                        world.graphdef,
-                        world.teacher_graphdef,
-                        loss_cfg,
-                        beta,
-                        jnp.float32(world.count),
+                        p, tp, data, beta, jnp.float32(world.count)
                     )
                     vec = jnp.stack([loss, opd, cons])
                     return vec, (vec, rkl)
@@ -246,16 +242,16 @@ def _flat(tree, row=None):
 RKL_NCA = LossConfig(opd="reverse_kl")
 
 
-# ---------------------------------------------------------------------------------------------------
-# 1. Alignment: distill_loss against full forwards sliced by hand and float64 numpy KLs
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
+# 1. Alignment: the step's loss against full forwards sliced by hand and float64 numpy KLs
+# --------------------------------------------------------------------------------------------------
 
 
 def test_distill_loss_matches_full_forward_reference(world, ref, program):
     beta = 0.7
     (loss, opd_sum, cons_sum), rkl_sum, _, _ = _run(world, program, RKL_NCA, beta)
-    want_opd = _token_mean([np_kl(s, t) for s, t in zip(ref["s_nc"], ref["t"])])
-    want_nca = _token_mean([np_kl(nc, c) for nc, c in zip(ref["s_nc"], ref["s_c"])])
+    want_opd = _token_mean([np_kl(s, t) for s, t in zip(ref["s_nc"], ref["t"], strict=True)])
+    want_nca = _token_mean([np_kl(nc, c) for nc, c in zip(ref["s_nc"], ref["s_c"], strict=True)])
     assert want_opd > 0.05 and want_nca > 0.05  # the views really differ: the check has teeth
     np.testing.assert_allclose(opd_sum / world.count, want_opd, rtol=1e-4)
     np.testing.assert_allclose(rkl_sum / world.count, want_opd, rtol=1e-4)
@@ -289,11 +285,13 @@ VARIANTS = {
 def test_loss_variants_match_numpy_finite_grads_frozen_teacher(world, ref, program, name):
     loss_cfg, np_opd, np_cons = VARIANTS[name]
     (loss, opd_sum, cons_sum), _, g_student, g_teacher = _run(world, program, loss_cfg)
-    resp = np.asarray(world.data["resp"])
+    resp = np.asarray(world.data.resp_BxN)
     ys = [resp[b, :n] for b, n in enumerate(RESP_LENS)]
-    cat = lambda f: np.concatenate(
-        [f(nc, c, t, y) for nc, c, t, y in zip(ref["s_nc"], ref["s_c"], ref["t"], ys)]
-    )
+    per_row = list(zip(ref["s_nc"], ref["s_c"], ref["t"], ys, strict=True))
+
+    def cat(f):
+        return np.concatenate([f(nc, c, t, y) for nc, c, t, y in per_row])
+
     want_opd, want_cons = cat(np_opd).mean(), cat(np_cons).mean()
     np.testing.assert_allclose(opd_sum / world.count, want_opd, rtol=2e-4, atol=1e-6)
     np.testing.assert_allclose(cons_sum / world.count, want_cons, rtol=2e-4, atol=1e-6)
@@ -304,46 +302,52 @@ def test_loss_variants_match_numpy_finite_grads_frozen_teacher(world, ref, progr
     assert np.all(_flat(g_teacher) == 0.0)
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 2. Empty context: the two student views line up exactly
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 
 def test_empty_context_views_identical_and_nca_zero(world, program):
     # [c|x] holds the same tokens as [x], only left-padded to a different width.
     ids_c, mask_c = _left_pad(world.prompts, Q)
-    data = dict(world.data, ctx_prompt_ids=jnp.asarray(ids_c), ctx_prompt_mask=jnp.asarray(mask_c))
+    data = world.data.replace(
+        ctx_prompt_ids_BxC=jnp.asarray(ids_c), ctx_prompt_mask_BxC=jnp.asarray(mask_c)
+    )
 
-    def both_views(params, d):
+    def both_views(params, d: DistillBatch):
         model = nnx.merge(world.graphdef, params)
-        h_x = response_hidden(model, d["prompt_ids"], d["prompt_mask"], d["resp"], d["mask"])
+        h_x = response_hidden(
+            model, d.prompt_ids_BxP, d.prompt_mask_BxP, d.resp_BxN, d.resp_mask_BxN
+        )
         h_c = response_hidden(
-            model, d["ctx_prompt_ids"], d["ctx_prompt_mask"], d["resp"], d["mask"]
+            model, d.ctx_prompt_ids_BxC, d.ctx_prompt_mask_BxC, d.resp_BxN, d.resp_mask_BxN
         )
         return model.logits(h_x), model.logits(h_c)
 
     logits_x, logits_c = map(
         np.asarray, _compile(both_views, world.params, data)(world.params, data)
     )
-    m = np.asarray(data["mask"])
+    m = np.asarray(data.resp_mask_BxN)
     np.testing.assert_allclose(logits_x[m], logits_c[m], atol=1e-5)
     (_, opd_sum, cons_sum), _, _, _ = _run(world, program, RKL_NCA, data=data)
     assert opd_sum / world.count > 0.05
     np.testing.assert_allclose(cons_sum / world.count, 0.0, atol=1e-6)
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 3. The NCA anchor: gradient of a KL to a *constant* no-context distribution
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 
 def test_nca_gradient_equals_kl_to_constant_anchor(world, ref, program):
-    resp = np.asarray(world.data["resp"])
+    resp = np.asarray(world.data.resp_BxN)
     ids, mask = _right_pad(
         [p + list(resp[b, : RESP_LENS[b]]) for b, p in enumerate(world.ctx_prompts)]
     )
     rows = np.concatenate([[b] * n for b, n in enumerate(RESP_LENS)])
-    cols = np.concatenate([len(p) - 1 + np.arange(n) for p, n in zip(world.ctx_prompts, RESP_LENS)])
+    cols = np.concatenate(
+        [len(p) - 1 + np.arange(n) for p, n in zip(world.ctx_prompts, RESP_LENS, strict=True)]
+    )
     # p_nc precomputed (float64 numpy, from the reference forward) and fed in as data.
     anchor_logp = jnp.asarray(np_log_softmax(np.concatenate(ref["s_nc"])), jnp.float32)
 
@@ -365,9 +369,9 @@ def test_nca_gradient_equals_kl_to_constant_anchor(world, ref, program):
     assert np.abs(g_sym - g_ref).max() > 0.1 * scale
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 4. Chunking the loss over the response changes nothing
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 
 def test_chunked_loss_matches_unchunked(world, program):
@@ -381,9 +385,9 @@ def test_chunked_loss_matches_unchunked(world, program):
         np.testing.assert_allclose(a, b, atol=1e-6 * np.abs(b).max(), rtol=1e-4)
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The whole jitted train step: beta=0, micro-batches, sharding (shared compiles)
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 OPTIM = OptimConfig(learning_rate=1e-3, warmup_steps=0, weight_decay=0.01, grad_clip=0.0)
 GREEDY = RolloutConfig(max_new_tokens=N, temperature=0.0)
@@ -419,10 +423,12 @@ def _run_steps(world, step_cfg, mesh, steps):
     state = jax.device_put(state, state_shardings)
     teacher = sharding.shard_params(world.teacher_params, mesh)
     batch = sharding.place_batch(
-        {
-            k: np.asarray(world.data[k])
-            for k in ("prompt_ids", "prompt_mask", "ctx_prompt_ids", "ctx_prompt_mask")
-        },
+        dict(
+            prompt_ids=np.asarray(world.data.prompt_ids_BxP),
+            prompt_mask=np.asarray(world.data.prompt_mask_BxP),
+            ctx_prompt_ids=np.asarray(world.data.ctx_prompt_ids_BxC),
+            ctx_prompt_mask=np.asarray(world.data.ctx_prompt_mask_BxC),
+        ),
         mesh,
     )
     rngs = [jax.random.fold_in(jax.random.key(7), i) for i in range(steps)]
@@ -488,12 +494,12 @@ def _hand_opd_update(world, response_len):
             mask,
             jax.random.key(0),
             max_new_tokens=N,
-            params=SamplingParams(0.0),
+            method=SamplingMethod(0.0),
             eos_ids=(world.eos,),
             pad_id=PAD,
         )
 
-    args = (world.params, world.data["prompt_ids"], world.data["prompt_mask"])
+    args = (world.params, world.data.prompt_ids_BxP, world.data.prompt_mask_BxP)
     out = _compile(rollout, *args)(*args)
     tokens, lens = np.asarray(out.tokens_BxN), np.asarray(out.lengths_B)
     assert float(response_len) == pytest.approx(lens.mean())
@@ -502,7 +508,9 @@ def _hand_opd_update(world, response_len):
     def gather(prefixes):
         ids, mask = _right_pad([p + list(tokens[b, : lens[b]]) for b, p in enumerate(prefixes)])
         rows = np.concatenate([[b] * n for b, n in enumerate(lens)])
-        cols = np.concatenate([len(p) - 1 + np.arange(n) for p, n in zip(prefixes, lens)])
+        cols = np.concatenate(
+            [len(p) - 1 + np.arange(n) for p, n in zip(prefixes, lens, strict=True)]
+        )
         return jnp.asarray(ids), jnp.asarray(mask), rows, cols
 
     ids_x, mask_x, rows_x, cols_x = gather(world.prompts)
@@ -547,10 +555,10 @@ def test_beta_zero_is_plain_opd(world, run_a):
 def test_micro_batches_match_one_batch(world, run_a):
     _, states, history = _run_steps(world, _step_cfg(world, micro_batches=2), _one_device_mesh(), 2)
     assert float(history[1]["beta"]) == 0.5 and float(history[1]["l_consistency"]) > 1e-3
-    for got, want in zip(history, run_a["metrics"]):
+    for got, want in zip(history, run_a["metrics"], strict=True):
         for key in want:
             np.testing.assert_allclose(got[key], want[key], rtol=1e-5, atol=1e-6, err_msg=key)
-    for got, want in zip(states, run_a["states"]):
+    for got, want in zip(states, run_a["states"], strict=True):
         _assert_same_update(got, want)
 
 
@@ -571,16 +579,16 @@ def test_sharded_step_matches_single_device(world, run_a):
     ]
     assert len(moments) == 2 * CFG.num_layers  # mu and nu
     assert all(x.sharding.spec == PartitionSpec("tensor", "fsdp") for x in moments)
-    for got, want in zip(history, run_a["metrics"]):
+    for got, want in zip(history, run_a["metrics"], strict=True):
         for key in want:
             np.testing.assert_allclose(got[key], want[key], rtol=1e-5, atol=1e-6, err_msg=key)
-    for got, want in zip(states, run_a["states"]):
+    for got, want in zip(states, run_a["states"], strict=True):
         _assert_same_update(got, want)
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 6. Schedules against hand values
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(

@@ -130,12 +130,12 @@ class StepSpy:
 
 
 def _jsonl_cfg(folders, out_dir):
-    # task "jsonl": no task, hence no evaluation; just the loop.
+    # task "jsonl" without an eval split: no evaluation; just the loop.
     return _cfg(
         folders,
         out_dir,
         task=TaskConfig(name="jsonl"),
-        eval=EvalConfig(),  # evaluation settings with task "jsonl" would be a config error
+        eval=EvalConfig(),  # evaluation settings without an eval split are a config error
         data=DataConfig(
             train_file=folders["jsonl"],
             batch_size=8,
@@ -333,3 +333,31 @@ def test_train_script_shows_the_library_info_messages():
     )
     assert "ctxjax.train: resumed from step 7" in out.stderr
     assert "not shown" not in out.stderr
+
+
+def test_jsonl_run_is_evaluated_on_its_held_out_split(folders, tmp_path):
+    """A user's JSONL run with a verifier and a held-out fraction gets before/after metrics on
+    prompts it never trained on, and records the context text it distilled."""
+    cfg = _jsonl_cfg(folders, tmp_path / "run")
+    cfg = dataclasses.replace(
+        cfg,
+        task=TaskConfig(name="jsonl", options={"eval_fraction": 0.25, "verifier": "normalized"}),
+        eval=EvalConfig(examples=8, batch_size=8, temperature=0.0, max_new_tokens=6),
+        train=dataclasses.replace(cfg.train, steps=2, checkpoint_every=0),
+    )
+    run = train.setup(cfg, progress=False)
+    held_out = {r["prompt"] for r in run.task.eval_split}
+    assert held_out and not held_out & {r["prompt"] for r in run.records}
+    assert run.cfg.task.context == "ctx0"
+    summary = train.train(run, progress=False)
+    for view in ("before", "after"):
+        assert summary[view]["mode"] == "greedy" and 0.0 <= summary[view]["acc_x"] <= 1.0
+    assert summary["context_text"] == run.task.contexts()["ctx0"]
+    assert summary["context_text"].startswith("system:")
+
+
+def test_jsonl_run_without_eval_split_refuses_eval_settings(folders, tmp_path):
+    cfg = _jsonl_cfg(folders, tmp_path / "run")
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, eval_every=2))
+    with pytest.raises(ValueError, match=r"^train\.eval_every would be ignored: this jsonl run"):
+        train.setup(cfg, progress=False)

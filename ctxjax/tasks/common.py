@@ -83,8 +83,14 @@ def read_jsonl(
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{what} not found: {path}")
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
+    with open(path, "rb") as f:  # bytes: a line that is not UTF-8 is named, not a traceback
+        for line_no, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(
+                    f"{path}:{line_no}: not UTF-8 (byte 0x{raw[e.start]:02x} at offset {e.start})"
+                ) from None
             if not line.strip():
                 continue
             try:

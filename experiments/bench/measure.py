@@ -1,4 +1,5 @@
-"""Benchmarks run by `scripts/bench.py`; each returns a JSON-ready dict and can write it to a file.
+"""Measuring the benchmarks of `scripts/bench.py`: each returns a JSON-ready dict and prints nothing
+(`experiments.bench.report` prints and writes them).
 
 torch and transformers are imported inside the functions that compare against them: they are
 test/bench-only dependencies, never needed to train or sample.
@@ -8,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
 import statistics
 import tempfile
@@ -16,7 +16,7 @@ import time
 
 import numpy as np
 
-# bench_sample: a tiny Llama, big enough that the decode step is real work on a CPU.
+# measure_sample: a tiny Llama, big enough that the decode step is real work on a CPU.
 SAMPLE_MODEL = dict(
     vocab_size=512,
     hidden_size=256,
@@ -27,14 +27,9 @@ SAMPLE_MODEL = dict(
     max_position_embeddings=512,
 )
 # Random weights at HF's std 0.02 give near-uniform logits whose argmax flips on float rounding;
-# std 0.1 spreads the logits over several units so the two implementations can agree token for token.
+# std 0.1 spreads the logits over several units so the two implementations can agree token for
+# token.
 SAMPLE_INIT_STD = 0.1
-
-
-def _write_json(result: dict, out_json: str | None) -> None:
-    if out_json:
-        with open(out_json, "w") as fh:
-            json.dump(result, fh, indent=2)
 
 
 def weight_stream_rate(
@@ -42,10 +37,10 @@ def weight_stream_rate(
 ) -> float:
     """Bytes/s at which a jitted loop of `x[batch, width] @ W[width, 4*width]` streams its weights.
 
-    `mats` distinct fp32 matrices (1 MiB each at width 256, 16 MiB in all: more than the caches of a
-    small CPU) are multiplied in turn, `reps` times inside one `fori_loop`, so the rate is that of the
-    decode step's own kind of matmul (a few rows against a large weight matrix), launch overheads
-    included. The median of `calls` timed calls.
+    `mats` distinct fp32 matrices (1 MiB each at width 256, 16 MiB in all: more than the caches of
+    a small CPU) are multiplied in turn, `reps` times inside one `fori_loop`, so the rate is that of
+    the decode step's own kind of matmul (a few rows against a large weight matrix), launch
+    overheads included. The median of `calls` timed calls.
     """
     import jax
     import jax.numpy as jnp
@@ -75,8 +70,9 @@ def weight_stream_rate(
 
 
 def decode_bytes_per_step(cfg, batch: int, cache_slots: int) -> int:
-    """Bytes one decode step must read at least: every weight but the embedding table (one row of it
-    per token), and every layer's K and V cache over all slots (the attention reads the whole cache)."""
+    """Bytes one decode step must read at least: every weight but the embedding table (one row of
+    it per token), and every layer's K and V cache over all slots (the attention reads the whole
+    cache)."""
     d, v = cfg.hidden_size, cfg.vocab_size
     weights = cfg.num_params() - (0 if cfg.tie_embeddings else v * d)
     kv = cfg.num_layers * 2 * batch * cfg.num_kv_heads * cache_slots * cfg.resolved_head_dim
@@ -93,8 +89,7 @@ def _timing(times_s: list[float], tokens: int) -> dict:
     }
 
 
-def bench_sample(
-    out_json: str | None = None,
+def measure_sample(
     *,
     batch: int = 8,
     prompt_len: int = 16,
@@ -104,18 +99,21 @@ def bench_sample(
     hf_threads: tuple[int, ...] | None = None,
     hf_skip_s: float = 10.0,
 ) -> dict:
-    """Greedy decoding tokens/s: `ctxjax.sampling.generate` vs transformers `generate()` (torch CPU).
+    """Greedy decoding tokens/s: `ctxjax.sampling.generate` vs transformers `generate()` (torch
+    CPU).
 
-    Both run the same random HF Llama (saved with `save_pretrained`, loaded by `ctxjax.hf.load_model`)
-    on the same prompts (no padding, no EOS, `min_new_tokens` so HF cannot stop early). Each side is
-    warmed up once (ours: the compile, reported as `compile_s` = first call minus the median call),
-    then timed `reps` times, alternating ours / theirs so that load from other processes hits both
-    alike. Tokens/s counts generated tokens (batch x new_tokens) over the median wall time of a call.
+    Both run the same random HF Llama (saved with `save_pretrained`, loaded by
+    `ctxjax.hf.load_model`) on the same prompts (no padding, no EOS, `min_new_tokens` so HF cannot
+    stop early). Each side is warmed up once (ours: the compile, reported as `compile_s` = first
+    call minus the median call), then timed `reps` times, alternating ours / theirs so that load
+    from other processes hits both alike. Tokens/s counts generated tokens (batch x new_tokens)
+    over the median wall time of a call.
 
-    torch runs at each thread count in `hf_threads` (default: 1 and torch's default). On a shared CPU
-    torch's multi-threaded kernels can be ~50x slower than single-threaded (its threads wait on a
-    descheduled peer), so the transformers baseline is the *fastest* setting (the ratio is the
-    conservative one); a setting whose warm-up call exceeds `hf_skip_s` seconds is reported, not timed.
+    torch runs at each thread count in `hf_threads` (default: 1 and torch's default). On a shared
+    CPU torch's multi-threaded kernels can be ~50x slower than single-threaded (its threads wait on
+    a descheduled peer), so the transformers baseline is the *fastest* setting (the ratio is the
+    conservative one); a setting whose warm-up call exceeds `hf_skip_s` seconds is reported, not
+    timed.
     """
     import jax
     import torch
@@ -183,7 +181,8 @@ def bench_sample(
         torch.set_num_threads(default_threads)
 
     # The floor memory traffic sets: bytes a decode step must read over the rate at which this
-    # machine streams weights into small-batch matmuls (measured here, same conditions as the timing).
+    # machine streams weights into small-batch matmuls (measured here, under the timing's
+    # conditions).
     from ctxjax.sampling import bucket_length
 
     stream_bps = weight_stream_rate(batch=batch)
@@ -241,41 +240,11 @@ def bench_sample(
             "floor_speedup": round(batch / floor_step_s / theirs["tokens_per_s"], 2),
         },
     }
-    print(
-        f"sample: batch {batch}, prompt {prompt_len}, {new_tokens} new tokens, greedy, "
-        f"median of {reps}; load avg {load_before:.2f} -> {load_after:.2f}"
-    )
-    print(f"  {'':22s}{'tokens/s':>10s}{'median s':>10s}{'best s':>10s}{'compile s':>11s}")
-    print(
-        f"  {'ctxjax':22s}{ours['tokens_per_s']:10.1f}{ours['median_s']:10.4f}"
-        f"{ours['best_s']:10.4f}{ours['compile_s']:11.2f}"
-    )
-    for th, row in per_threads.items():
-        name = f"transformers ({th} thr)"
-        if "skipped" in row:
-            print(f"  {name:22s}  skipped: {row['skipped']}")
-        else:
-            print(
-                f"  {name:22s}{row['tokens_per_s']:10.1f}{row['median_s']:10.4f}{row['best_s']:10.4f}"
-                f"{'-':>11s}"
-            )
-    print(
-        f"  speedup vs the fastest transformers setting ({best} thr): {result['speedup']}x; "
-        f"identical tokens: {result['tokens_identical']}"
-    )
-    mf = result["memory_floor"]
-    print(
-        f"  memory floor: {mf['bytes_per_decode_step'] / 2**20:.1f} MiB per decode step at "
-        f"{mf['weight_stream_gb_per_s']} GB/s = {mf['floor_ms_per_step']} ms/step "
-        f"(ours {mf['ctxjax_ms_per_step']} ms/token step, prefill included) -> at most "
-        f"{mf['floor_tokens_per_s']} tok/s, {mf['floor_speedup']}x transformers"
-    )
-    _write_json(result, out_json)
     return result
 
 
 # --------------------------------------------------------------------------------------------------
-# bench_train: where the time of one OPD + NCA step goes, and the memory of its loss
+# measure_train: where the time of one OPD + NCA step goes, and the memory of its loss
 # --------------------------------------------------------------------------------------------------
 
 # Part 1 (timing). "small" is the CPU default run (`RunConfig`'s model and data sizes); rollouts run
@@ -429,39 +398,6 @@ def _train_batch(
     return dict(prompt_ids=ids_x, prompt_mask=mask_x, ctx_prompt_ids=ids_c, ctx_prompt_mask=mask_c)
 
 
-def _student_loss(params, data: dict, h_t, w_t, graphdef, loss_cfg, beta, count):
-    """`step.distill_loss` with the teacher's hidden states given: the two student passes + loss."""
-    import jax.numpy as jnp
-    from flax import nnx
-
-    from ctxjax.step import per_token_losses, response_hidden
-
-    model = nnx.merge(graphdef, params, copy=True)
-    h_nc = response_hidden(
-        model, data["prompt_ids"], data["prompt_mask"], data["resp"], data["mask"]
-    )
-    h_c = (
-        response_hidden(
-            model, data["ctx_prompt_ids"], data["ctx_prompt_mask"], data["resp"], data["mask"]
-        )
-        if loss_cfg.uses_consistency
-        else None
-    )
-    opd, cons, rkl = per_token_losses(
-        loss_cfg,
-        loss_cfg.uses_consistency,
-        h_nc,
-        h_c,
-        h_t,
-        model.unembed_matrix(),
-        w_t,
-        data["resp"],
-    )
-    m = data["mask"].astype(jnp.float32)
-    loss = ((opd * m).sum() + beta * (cons * m).sum()) / count
-    return loss, (rkl * m).sum()
-
-
 def _forward_flops(cfg, rows: int, queries: int, keys: int, projected: int) -> int:
     """Matmul FLOPs of one forward: `queries` slots per row attending to `keys` slots (the model
     computes every query x key score, masked or not), `projected` positions per row unembedded."""
@@ -520,15 +456,18 @@ def _peak_matmul(reps: int) -> dict:
     }
 
 
-def _train_parts(graphdef, teacher_graphdef, tx, new_tokens: int, sampling, copts: dict | None):
+def _train_parts(
+    graphdef, teacher_graphdef, tx, new_tokens: int, method, loss_cfg, copts: dict | None
+):
     """The step's parts, each its own jitted function: sampling, the teacher's hidden states and
-    logits, value_and_grad of the student passes + loss (`_student_loss`), the optax update."""
+    logits (`step.teacher_targets`), value_and_grad of the student passes + loss
+    (`step.make_student_loss`), the optax update."""
     import jax
     import optax
     from flax import nnx
 
     from ctxjax.sampling import sample
-    from ctxjax.step import response_hidden
+    from ctxjax.step import make_student_loss, teacher_targets
 
     @functools.partial(jax.jit, compiler_options=copts)
     def sample_part(params, ids, mask, rng):
@@ -538,22 +477,18 @@ def _train_parts(graphdef, teacher_graphdef, tx, new_tokens: int, sampling, copt
             mask,
             rng,
             max_new_tokens=new_tokens,
-            params=sampling,
+            method=method,
             eos_ids=(),
             pad_id=0,
         )
 
     @functools.partial(jax.jit, compiler_options=copts)
     def teacher_part(teacher_params, data):
-        teacher = nnx.merge(teacher_graphdef, teacher_params)
-        h_t = response_hidden(
-            teacher, data["ctx_prompt_ids"], data["ctx_prompt_mask"], data["resp"], data["mask"]
-        )
-        return h_t, teacher.unembed_matrix(), teacher.logits(h_t)
+        h_t, w_t = teacher_targets(teacher_graphdef, teacher_params, data)
+        return h_t, w_t, nnx.merge(teacher_graphdef, teacher_params).logits(h_t)
 
     student_part = jax.jit(
-        jax.value_and_grad(_student_loss, has_aux=True),
-        static_argnums=(4, 5),
+        jax.value_and_grad(make_student_loss(graphdef, loss_cfg), has_aux=True),
         compiler_options=copts,
     )
 
@@ -573,8 +508,15 @@ def _time_train_step(preset: dict, reps: int, seed: int, copts: dict | None) -> 
 
     from ctxjax.config import LossConfig, OptimConfig, RolloutConfig
     from ctxjax.model import ModelConfig, create_model, init_cache
-    from ctxjax.sampling import SamplingParams
-    from ctxjax.step import StepConfig, init_state, jit_train_step, make_optimizer, make_train_step
+    from ctxjax.sampling import SamplingMethod
+    from ctxjax.step import (
+        StepConfig,
+        distill_batch,
+        init_state,
+        jit_train_step,
+        make_optimizer,
+        make_train_step,
+    )
 
     cfg = ModelConfig(**preset["model"])
     b, p, q, n = (
@@ -604,21 +546,21 @@ def _time_train_step(preset: dict, reps: int, seed: int, copts: dict | None) -> 
     # The parts get their own copy: the whole step donates (and so consumes) its state.
     params, opt_state = jax.tree.map(jnp.copy, (state.params, state.opt_state))
     step = jit_train_step(make_train_step(graphdef, teacher_graphdef, tx, step_cfg))
-    sampling = SamplingParams(temperature=rollout.temperature)
+    method = SamplingMethod(temperature=rollout.temperature)
 
     sample_part, teacher_part, student_part, optimizer_part = _train_parts(
-        graphdef, teacher_graphdef, tx, n, sampling, copts
+        graphdef, teacher_graphdef, tx, n, method, loss_cfg, copts
     )
 
     rng = jax.random.key(seed)
     rollout_out, sample_first = _time_call(
         sample_part, params, batch["prompt_ids"], batch["prompt_mask"], rng
     )
-    data = dict(batch, resp=rollout_out.tokens_BxN, mask=rollout_out.mask_BxN)
-    count = jnp.maximum(data["mask"].sum(), 1).astype(jnp.float32)
+    data = distill_batch(batch, rollout_out.tokens_BxN, rollout_out.mask_BxN)
+    count = jnp.maximum(data.resp_mask_BxN.sum(), 1).astype(jnp.float32)
     beta = jnp.float32(loss_cfg.beta)
     (h_t, w_t, _), teacher_first = _time_call(teacher_part, teacher_params, data)
-    student_args = (params, data, h_t, w_t, graphdef, loss_cfg, beta, count)
+    student_args = (params, data, h_t, w_t, beta, count)
     (_, grads), student_first = _time_call(student_part, *student_args)
     _, optimizer_first = _time_call(optimizer_part, grads, opt_state, params)
     # Compiled ahead of time (and called as such) for XLA's FLOPs; calls donate `state`.
@@ -716,7 +658,7 @@ def _loss_memory(mem: dict, full_logits_bytes: int, copts: dict | None) -> dict:
         loss_cfg = LossConfig(chunk_size=chunk)
 
         def loss(h_nc, h_c, h_t, w_s, w_t, tokens, mask, loss_cfg=loss_cfg):
-            opd, cons, rkl = per_token_losses(loss_cfg, True, h_nc, h_c, h_t, w_s, w_t, tokens)
+            opd, cons, rkl = per_token_losses(loss_cfg, h_nc, h_c, h_t, w_s, w_t, tokens)
             return (
                 losses.masked_mean(opd + loss_cfg.beta * cons, mask),
                 losses.masked_sum(rkl, mask),
@@ -775,62 +717,7 @@ def _step_memory(mem: dict, full_logits_bytes: int, seed: int, copts: dict | Non
     return out
 
 
-def _print_train(r: dict) -> None:
-    t, f, s = r["time"], r["time"]["flops"], r["time"]["setup"]
-    peak = r["peak_matmul"]["flops_per_s"]
-    step_s = t["timing"]["step"]["median_s"]
-    print(
-        f"train step: model {s['model']}, batch {s['batch']}, [x] {s['prompt_len']} / [c|x] "
-        f"{s['ctx_prompt_len']} slots, {s['new_tokens']} new tokens at T={s['temperature']} "
-        f"(no EOS), "
-        f"loss {s['loss']['opd']}+{s['loss']['consistency']}; median of {s['reps']}; "
-        f"load avg {s['load_avg_1min'][0]:.2f} -> {s['load_avg_1min'][1]:.2f}"
-    )
-    print(f"  {'part':12s}{'median s':>10s}{'best s':>10s}{'share':>8s}{'compile s':>11s}")
-    for name, row in t["timing"].items():
-        print(
-            f"  {name:12s}{row['median_s']:10.4f}{row['best_s']:10.4f}{row['share_of_step']:8.2f}"
-            f"{row['compile_s']:11.2f}"
-        )
-    print(
-        f"  sum of parts {t['sum_of_parts_s']:.4f} s; {t['timing']['step']['tokens_per_s']:.1f} "
-        f"response tokens/s"
-    )
-    print(f"  peak fp32 matmul {r['peak_matmul']['shape_mnk']}: {peak / 1e9:.2f} GFLOP/s")
-    for name, flops in (
-        ("analytic", f["analytic"]["total"]),
-        ("XLA, loop-corrected", f["xla_loop_corrected"]),
-        ("XLA raw (loop body once)", f["xla_raw"]),
-    ):
-        print(
-            f"  step FLOPs {name:26s}{flops / 1e9:9.3f} GFLOP -> {flops / step_s / 1e9:7.2f} "
-            f"GFLOP/s = {flops / step_s / peak:6.1%} of peak"
-        )
-    m = r["memory"]
-    ms = m["setup"]
-    mib = lambda x: f"{x / 2**20:.1f} MiB"
-    print(
-        f"loss memory: vocab {ms['model']['vocab_size']}, batch {ms['batch']}, "
-        f"c {ms['context_len']} + x {ms['prompt_len']} + y {ms['new_tokens']}; full fp32 logits of "
-        f"the three passes {mib(m['full_logits_bytes'])} (response slots only "
-        f"{mib(m['response_logits_bytes'])}); target temp <= {LOSS_MEMORY_TARGET:.3f} x full"
-    )
-    print(
-        f"  {'program':22s}{'chunk':>6s}{'temp MiB':>10s}{'args MiB':>10s}{'out MiB':>9s}"
-        f"{'temp/full':>10s}"
-    )
-    for prog in ("train_step", "loss_only"):
-        for chunk, row in m[prog].items():
-            print(
-                f"  {prog:22s}{chunk:>6s}{row['temp_bytes'] / 2**20:10.1f}"
-                f"{row['argument_bytes'] / 2**20:10.1f}{row['output_bytes'] / 2**20:9.1f}"
-                f"{row['temp_over_full_logits']:10.3f}"
-            )
-    print(f"  loss-only target met at chunk sizes: {m['target_met_chunks']}")
-
-
-def bench_train(
-    out_json: str | None = None,
+def measure_train(
     *,
     preset: str = "small",
     quick: bool = False,
@@ -904,6 +791,4 @@ def bench_train(
         "peak_matmul": peak,
         "memory": memory,
     }
-    _print_train(result)
-    _write_json(result, out_json)
     return result

@@ -1,0 +1,66 @@
+"""Running a plan: each `RunSpec` is an ordinary `ctxjax.train.run`; a run whose `summary.json`
+exists is reused, so an interrupted reproduction resumes where it stopped."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+
+from ctxjax.config import load_config
+from experiments.grid import RunSpec
+
+log = logging.getLogger(__name__)
+SUMMARY_FILE = "summary.json"
+TIMING_FILE = "timing.json"
+
+
+def _read_json(path: str) -> dict:
+    with open(path) as f:
+        return json.load(f)
+
+
+def _train(spec: RunSpec, run_dir: str, base_cache: str, progress: bool) -> float:
+    """Trains one run into `run_dir`; returns its wall time (any base model it built included)."""
+    from ctxjax.train import run as train_run
+
+    t0 = time.time()
+    cfg = load_config(
+        None, [*spec.overrides, f"train.out_dir={run_dir}", f"base.cache_dir={base_cache}"]
+    )
+    train_run(cfg, progress=progress)
+    seconds = time.time() - t0
+    with open(os.path.join(run_dir, TIMING_FILE), "w") as f:
+        json.dump({"seconds": seconds}, f)
+    return seconds
+
+
+def run_all(
+    specs: list[RunSpec], out_dir: str, *, base_cache: str, progress: bool = False
+) -> list[dict]:
+    """Runs each spec (reusing those with a summary already) and returns one record per run: the
+    spec, its cell, its wall time (None if never recorded), whether it ran now, and its evaluation
+    before and after distillation with every field `ctxjax.train` wrote."""
+    records = []
+    for i, spec in enumerate(specs):
+        run_dir = os.path.join(out_dir, spec.run_dir_name)
+        ran = not os.path.exists(os.path.join(run_dir, SUMMARY_FILE))
+        if ran:
+            seconds = _train(spec, run_dir, base_cache, progress)
+            log.info("[%d/%d] %s done in %.0fs", i + 1, len(specs), spec.name, seconds)
+        summary = _read_json(os.path.join(run_dir, SUMMARY_FILE))
+        timing = os.path.join(run_dir, TIMING_FILE)
+        records.append(
+            dict(
+                spec=dataclasses.asdict(spec),
+                name=spec.name,
+                cell=spec.cell,
+                seconds=_read_json(timing)["seconds"] if os.path.exists(timing) else None,
+                ran=ran,
+                before=summary.get("before") or {},
+                after=summary.get("after") or {},
+            )
+        )
+    return records

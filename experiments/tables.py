@@ -1,0 +1,34 @@
+"""The one table and cell formatter of the harness: every markdown table it writes goes through
+`compare_table`, every cell through `format_cell`."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+from ctxjax.metrics import format_value, markdown_table
+
+
+class Stat(NamedTuple):
+    """A metric over runs (seeds): mean, standard deviation and count; NaN mean when undefined."""
+
+    mean: float
+    std: float
+    n: int
+
+
+def format_cell(value: Any) -> str:
+    """A table cell: a `Stat` as "mean ± std" (the mean alone for one run, "-" when undefined),
+    anything else as the library formats it (`ctxjax.metrics.format_value`)."""
+    if isinstance(value, Stat):
+        if math.isnan(value.mean):
+            return "-"
+        mean = format_value(value.mean)
+        return f"{mean} ± {format_value(value.std)}" if value.n > 1 else mean
+    return format_value(value)
+
+
+def compare_table(rows: list[dict], columns: list[str]) -> str:
+    """A markdown table with one line per row dict and the given columns, in order; cells through
+    `format_cell`, a key a row lacks shows "-"."""
+    return markdown_table(rows, columns, format_cell)

@@ -1,0 +1,413 @@
+"""Faults never lose a run: divergence stops before a save, a signal saves and resumes exactly, a
+corrupt checkpoint falls back, a used or locked out_dir is refused, a resume with a changed config
+names the keys, and bad inputs are one-line refusals with exit status 2.
+
+Reuses test_train's tiny student and JSONL records; the in-process runs share one compiled step
+(`StepSpy`), so the whole file costs a few compiles.
+"""
+
+import dataclasses
+import json
+import logging
+import os
+import re
+import runpy
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from test_train import TINY, StepSpy, _cfg, _jsonl_cfg, _save_student, folders  # noqa: F401
+
+from ctxjax import hf, losses, train
+from ctxjax.base import tokenizer_corpus
+from ctxjax.checkpoint import MANIFEST, Checkpointer, CheckpointError
+from ctxjax.config import OptimConfig, TrainConfig
+from ctxjax.run_dir import LOCK_FILE, Lock, RunRefused
+from ctxjax.tasks import get_task
+from ctxjax.vocab import build_tokenizer
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _leaves(tree):
+    return [np.asarray(x) for x in jax.tree.leaves(jax.device_get(tree))]
+
+
+def _assert_bitwise(want, got):
+    for i, (a, b) in enumerate(zip(_leaves(want), _leaves(got), strict=True)):
+        np.testing.assert_array_equal(a, b, err_msg=f"leaf {i}")
+
+
+def _abstract(state):
+    return jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state
+    )
+
+
+def _steps_logged(out_dir):
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        return [json.loads(line)["step"] for line in f]
+
+
+def _largest_file(step_dir):
+    """The biggest file of a checkpoint step (the parameters), as listed in its manifest."""
+    with open(step_dir / MANIFEST) as f:
+        return max(json.load(f), key=lambda name: os.path.getsize(step_dir / name))
+
+
+def _read(path):
+    with open(path) as f:
+        return f.read()
+
+
+class SignalSpy(StepSpy):
+    """Sends `signum` to this process while step `at` runs: the loop finishes it, then stops."""
+
+    def __init__(self, step_fn, compiled, at, signum=signal.SIGTERM):
+        super().__init__(step_fn, compiled)
+        self.at, self.signum = at, signum
+
+    def __call__(self, state, teacher_params, batch, rng):
+        if len(self.prompt_ids) == self.at:
+            os.kill(os.getpid(), self.signum)
+        return super().__call__(state, teacher_params, batch, rng)
+
+
+@pytest.fixture(scope="module")
+def straight(folders, tmp_path_factory):  # noqa: F811
+    """An uninterrupted 4-step run (checkpoints at 2 and 4) and its compiled step."""
+    run = train.setup(_jsonl_cfg(folders, tmp_path_factory.mktemp("straight") / "run"), False)
+    run.step_fn = spy = StepSpy(run.step_fn)
+    train.train(run, progress=False)
+    return run, spy.compiled
+
+
+def test_signal_saves_and_resume_is_bitwise_equal(folders, straight, tmp_path, caplog):  # noqa: F811
+    reference, compiled = straight
+    cfg = _jsonl_cfg(folders, tmp_path / "run")
+    handler = signal.getsignal(signal.SIGTERM)
+    # A restart wrapper always passes --resume: with no checkpoint yet it starts from step 0.
+    first = train.setup(cfg, progress=False)
+    first.step_fn = SignalSpy(first.step_fn, compiled, at=0)
+    with caplog.at_level("INFO", logger="ctxjax"):
+        summary = train.train(first, resume=True, progress=False)
+    assert "no checkpoint in" in caplog.text and "starting from step 0" in caplog.text
+    # SIGTERM during step 1: the step finished, a checkpoint at step 1, no final/, lock gone.
+    assert summary["interrupted"] == {"signal": "SIGTERM", "step": 1}
+    assert not os.path.exists(tmp_path / "run" / "final")
+    assert not os.path.exists(tmp_path / "run" / LOCK_FILE)
+    assert Checkpointer(str(tmp_path / "run" / "checkpoints")).manager.all_steps() == [1]
+    assert signal.getsignal(signal.SIGTERM) is handler  # handlers restored
+
+    second = train.setup(cfg, progress=False)
+    second.step_fn = StepSpy(second.step_fn, compiled)
+    with caplog.at_level("INFO", logger="ctxjax"):
+        train.train(second, resume=True, progress=False)
+    assert "resumed from step 1" in caplog.text
+    _assert_bitwise(reference.state, second.state)
+    assert _steps_logged(tmp_path / "run") == [1, 2, 3, 4]  # no duplicate rows
+
+    # Flipped bytes in the newest checkpoint: resume names it, falls back to step 2, sets step 4
+    # aside and ends bitwise equal again.
+    ckpt_dir = tmp_path / "run" / "checkpoints"
+    victim = _largest_file(ckpt_dir / "4")
+    with open(ckpt_dir / "4" / victim, "r+b") as f:
+        f.seek(os.path.getsize(ckpt_dir / "4" / victim) // 2)
+        data = f.read(8)
+        f.seek(-len(data), 1)
+        f.write(bytes(b ^ 0xFF for b in data))
+    # Asked for explicitly, the corrupt step is a one-line error naming the file.
+    third = train.setup(cfg, progress=False)
+    with pytest.raises(CheckpointError, match=rf"checksum mismatch in .*4/{victim}") as e:
+        train.train(third, resume_step=4, progress=False)
+    assert "\n" not in str(e.value)
+    third.step_fn = StepSpy(third.step_fn, compiled)
+    with caplog.at_level("INFO", logger="ctxjax"):
+        train.train(third, resume=True, progress=False)
+    assert f"checkpoints/4 is unusable (checksum mismatch in {ckpt_dir}/4/{victim}" in caplog.text
+    assert "resumed from step 2" in caplog.text
+    assert os.path.isdir(tmp_path / "run" / "checkpoints.set_aside" / "4")
+    _assert_bitwise(reference.state, third.state)
+    assert _steps_logged(tmp_path / "run") == [1, 2, 3, 4]
+
+    # An emptied file: one line naming it, and no intact step left when every one is damaged.
+    for step in Checkpointer(str(ckpt_dir)).manager.all_steps():
+        (ckpt_dir / str(step) / _largest_file(ckpt_dir / str(step))).write_bytes(b"")
+    fourth = train.setup(cfg, progress=False)
+    with pytest.raises(CheckpointError, match=r"no intact checkpoint.*checksum mismatch") as e:
+        train.train(fourth, resume=True, progress=False)
+    assert "\n" not in str(e.value)
+
+
+def test_divergence_stops_before_saving_and_keeps_the_good_checkpoint(folders, tmp_path):  # noqa: F811
+    # Warmup from lr 0: step 1 does not move the parameters, step 2 moves them by ~5e29 (huge but
+    # finite), step 3's gradients and parameters go NaN.
+    out = tmp_path / "run"
+    cfg = dataclasses.replace(
+        _jsonl_cfg(folders, out),
+        optim=OptimConfig(learning_rate=1e30, warmup_steps=2),
+        train=TrainConfig(
+            steps=6, checkpoint_every=1, keep_checkpoints=1, log_every=1, out_dir=str(out)
+        ),
+    )
+    run = train.setup(cfg, progress=False)
+    run.step_fn = StepSpy(run.step_fn)
+    with pytest.raises(train.Diverged, match=r"step 3: non-finite the gradients, the param") as e:
+        train.train(run, progress=False)
+    assert "checkpoints/2; continue from it with a lower learning rate" in str(e.value)
+    assert "--resume --allow-config-change optim.learning_rate=" in str(e.value)
+    assert not os.path.exists(out / "final") and not os.path.exists(out / LOCK_FILE)
+    # keep_checkpoints=1: the last finite step was not rotated out for the NaN one; it is intact
+    # (its manifest verifies) and finite.
+    ckpt = Checkpointer(str(out / "checkpoints"))
+    assert ckpt.manager.all_steps() == [2]
+    fresh = train.setup(cfg, progress=False)
+    state, step = ckpt.restore(_abstract(fresh.state), fresh.data_iter, train.run_record(fresh))
+    assert step == 2 and all(np.isfinite(x).all() for x in _leaves(state.params))
+    # The diverged step is logged with its flags, NaN as NaN.
+    with open(out / "metrics.jsonl") as f:
+        rows = [json.loads(line) for line in f]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert [r["nonfinite_params"] for r in rows] == [0.0, 0.0, 1.0]
+    assert np.isnan(rows[2]["grad_norm"])
+
+
+def test_a_nan_student_gives_a_nan_loss_not_zero():
+    """The logged loss read 0.0 once the parameters were NaN: `p > 0` is False for NaN, so the
+    KL's support mask dropped every term."""
+    student = jnp.full((1, 2, 8), jnp.nan)
+    teacher = jnp.asarray(np.random.default_rng(0).normal(size=(1, 2, 8)), jnp.float32)
+    assert np.isnan(np.asarray(losses.reverse_kl(student, teacher))).all()
+    assert np.isnan(np.asarray(losses.reverse_kl_topk(student, teacher, k=4))).all()
+
+
+def test_a_used_or_locked_out_dir_is_refused(folders, tmp_path, caplog):  # noqa: F811
+    out = tmp_path / "run"
+    cfg = _jsonl_cfg(folders, out)
+    os.makedirs(out)
+    (out / "config.json").write_text('{"old": "run"}')
+    with pytest.raises(RunRefused, match=r"already holds a run \(config\.json\): pass --resume"):
+        train.run(cfg, progress=False)
+    with pytest.raises(RunRefused, match=r"--resume and --overwrite exclude each other"):
+        train.run(cfg, resume=True, overwrite=True, progress=False)
+
+    # A live lock (another process holding it) refuses, even --overwrite, and touches nothing.
+    (out / LOCK_FILE).write_text(json.dumps({"host": os.uname().nodename, "pid": os.getppid()}))
+    with pytest.raises(RunRefused, match=rf"in use by PID {os.getppid()}"):
+        train.run(cfg, overwrite=True, progress=False)
+    assert (out / "config.json").read_text() == '{"old": "run"}'
+    # A stale lock from a dead process is reported with how to clear it, not taken.
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (out / LOCK_FILE).write_text(json.dumps({"host": os.uname().nodename, "pid": dead.pid}))
+    with pytest.raises(
+        RunRefused, match=rf"stale lock .*PID {dead.pid} .*is dead.*--resume.*delete the lock"
+    ):
+        Lock(str(out)).acquire()
+    assert json.loads((out / LOCK_FILE).read_text())["pid"] == dead.pid  # untouched
+    # --resume takes a dead process's lock over (a restart wrapper after a crash), saying so.
+    with caplog.at_level(logging.WARNING, logger="ctxjax"):
+        lock = Lock(str(out), take_stale=True)
+        lock.acquire()
+    assert f"took over the stale lock {out / LOCK_FILE} of PID {dead.pid}" in caplog.text
+    assert json.loads((out / LOCK_FILE).read_text())["pid"] == os.getpid()
+    lock.release()
+    assert not (out / LOCK_FILE).exists()
+
+
+def test_resume_with_a_changed_config(folders, straight, tmp_path):  # noqa: F811
+    reference, _ = straight
+    out = reference.cfg.train.out_dir
+    before = _read(os.path.join(out, "config.json"))
+    changed = dataclasses.replace(
+        reference.cfg,
+        optim=OptimConfig(learning_rate=5e-4, warmup_steps=1),
+        train=reference.cfg.train,
+    )
+    run = train.setup(changed, progress=False)
+    with pytest.raises(RunRefused, match=r"optim\.learning_rate: 0\.001 -> 0\.0005") as e:
+        train.train(run, resume=True, progress=False)
+    assert "--allow-config-change" in str(e.value) and "optim.warmup_steps" not in str(e.value)
+    assert _read(os.path.join(out, "config.json")) == before
+    # Accepted: recorded in the history, config.json keeps the original (the run is at its end:
+    # no step runs, only final/ is written again).
+    more_logging = dataclasses.replace(changed.train, log_every=2)
+    run = train.setup(dataclasses.replace(changed, train=more_logging), progress=False)
+    train.train(run, resume=True, allow_config_change=True, progress=False)
+    assert _read(os.path.join(out, "config.json")) == before
+    with open(os.path.join(out, "config_history.jsonl")) as f:
+        (row,) = [json.loads(line) for line in f]
+    assert row["step"] == 4
+    assert row["changes"] == {"optim.learning_rate": [1e-3, 5e-4], "train.log_every": [1, 2]}
+
+
+def _write(path, data: bytes) -> str:
+    path.write_bytes(data)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def bad_inputs(folders, tmp_path_factory):  # noqa: F811
+    root = tmp_path_factory.mktemp("bad")
+    task = get_task("synthetic", families=["seq"], max_len=4)
+    other_tok = build_tokenizer(tokenizer_corpus(task, task.sft_records(50, 1)), vocab_size=300)
+    small_vocab = dataclasses.replace(TINY, vocab_size=64)
+    same_tok = hf.load_tokenizer(folders["student"])
+    record = json.dumps({"prompt": "max 1 2", "context": "rule: x"}).encode() + b"\n"
+    return dict(
+        other_tokenizer=_save_student(root / "other_tok", TINY, other_tok),
+        small_vocab=_save_student(root / "small_vocab", small_vocab, same_tok),
+        no_context=_write(root / "plain.jsonl", b'{"prompt": "max 1 2"}\n' * 8),
+        not_utf8=_write(root / "latin1.jsonl", record + b'{"prompt": "caf\xe9"}\n'),
+        empty=_write(root / "empty.jsonl", b"\n"),
+        a_file=str(root / "plain.jsonl"),
+    )
+
+
+def test_refused_inputs_exit_2_with_one_line(folders, bad_inputs, tmp_path, capsys):  # noqa: F811
+    main = runpy.run_path(os.path.join(REPO, "scripts", "train.py"))["main"]
+    common = [
+        f"student={folders['student']}",
+        "task.name=jsonl",
+        "data.batch_size=8",
+        "data.max_prompt_tokens=24",
+        "data.max_context_prompt_tokens=40",
+    ]
+    data = f"data.train_file={folders['jsonl']}"
+    cases = [
+        ([data, f"teacher={bad_inputs['other_tokenizer']}"], r"teacher .*: tokenizers differ"),
+        ([data, f"student={bad_inputs['small_vocab']}"], r"the tokenizer has \d+ tokens but"),
+        ([f"data.train_file={bad_inputs['no_context']}"], r"no record of .*plain\.jsonl has a"),
+        ([f"data.train_file={bad_inputs['not_utf8']}"], r"latin1\.jsonl:2: not UTF-8"),
+        ([f"data.train_file={bad_inputs['empty']}"], r"data file holds no records: .*empty"),
+        ([data, "mesh.fsdp=0"], r"mesh\.fsdp must be >= 1 or -1"),
+        ([data, "mesh.tensor=-2"], r"mesh\.tensor must be >= 1 or -1"),
+        ([data, "loss.beta=nan"], r"loss\.beta must be a finite number, got nan"),
+        ([data, "optim.learning_rate=inf"], r"optim\.learning_rate must be a finite number"),
+        ([data, f"student={bad_inputs['a_file']}"], r"path is a file, not a folder: .*plain"),
+    ]
+    for i, (overrides, message) in enumerate(cases):
+        out = f"train.out_dir={tmp_path / str(i)}"
+        with pytest.raises(SystemExit) as e:
+            main(["--no-progress", *common, *overrides, out])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2, (overrides, err)
+        assert len(err) == 1 and re.search(message, err[0]), (overrides, err)
+        # A refused run leaves no run behind.
+        assert not os.path.exists(tmp_path / str(i) / "config.json")
+
+
+def test_eval_script_on_a_half_written_model_folder(folders, tmp_path, capsys):  # noqa: F811
+    model = tmp_path / "half"
+    model.mkdir()
+    for name in os.listdir(folders["student"]):
+        if os.path.isfile(os.path.join(folders["student"], name)):
+            shutil.copy(os.path.join(folders["student"], name), model / name)
+    weights = model / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    main = runpy.run_path(os.path.join(REPO, "scripts", "eval.py"))["main"]
+    with pytest.raises(SystemExit) as e:
+        main(["--model", str(model), "--out", str(tmp_path / "eval"), "--examples", "2"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and "model.safetensors" in err[0], err
+
+
+def test_second_sigint_stops_at_once():
+    with train.StopSignal() as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.01)
+        assert stop.name == "SIGINT"
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.01)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_overwrite_replaces_the_old_run_once_set_up(folders, straight, tmp_path):  # noqa: F811
+    _, compiled = straight
+    out = tmp_path / "run"
+    os.makedirs(out / "final")
+    (out / "config.json").write_text('{"old": "run"}')
+    (out / "metrics.jsonl").write_text('{"step": 99, "loss": 1.0}\n')
+    run = train.setup(_jsonl_cfg(folders, out), progress=False)
+    run.step_fn = StepSpy(run.step_fn, compiled)
+    train.train(run, overwrite=True, progress=False)
+    assert json.loads(_read(out / "config.json")) == train.run_record(run)
+    assert _steps_logged(out) == [1, 2, 3, 4]
+    assert os.path.exists(out / "final" / "config.json")
+
+
+def test_sigterm_to_the_train_script_saves_and_exits_0(folders, tmp_path):  # noqa: F811
+    """A real process and signal; checkpoints off (train.checkpoint_every=0): the stop saves one."""
+    out = tmp_path / "run"
+    env = dict(os.environ, PYTHONPATH=REPO)
+    env["XLA_FLAGS"] += " --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes"
+    cmd = [
+        sys.executable,
+        os.path.join(REPO, "scripts", "train.py"),
+        "--no-progress",
+        f"student={folders['student']}",
+        "task.name=jsonl",
+        f"data.train_file={folders['jsonl']}",
+        "data.batch_size=8",
+        "data.max_prompt_tokens=24",
+        "data.max_context_prompt_tokens=40",
+        "rollout.max_new_tokens=6",
+        "train.steps=10000",
+        "train.checkpoint_every=0",
+        f"train.out_dir={out}",
+    ]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 240
+        while not (out / "metrics.jsonl").exists() or not _read(out / "metrics.jsonl"):
+            assert proc.poll() is None and time.time() < deadline, proc.communicate()
+            time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, stderr[-2000:]
+    (step,) = Checkpointer(str(out / "checkpoints")).manager.all_steps()
+    assert f"SIGTERM: stopped after step {step}" in stdout and "--resume" in stdout
+    assert step >= 2 and _steps_logged(out)[-1] == step
+    assert not (out / "final").exists() and not (out / LOCK_FILE).exists()
+
+    # The lock a kill -9 leaves behind (written here for the now dead PID): the next run names it
+    # as stale and exits 2 before any set-up.
+    (out / LOCK_FILE).write_text(json.dumps({"host": os.uname().nodename, "pid": proc.pid}))
+    again = subprocess.run([*cmd, "--resume"], env=env, capture_output=True, text=True)
+    assert again.returncode == 2, again.stderr[-2000:]
+    line = again.stderr.strip().splitlines()[-1]
+    assert f"stale lock {out / LOCK_FILE}: PID {proc.pid}" in line and "delete the lock" in line
+
+
+def test_a_resumed_run_keeps_the_before_section(folders, tmp_path, monkeypatch, caplog):  # noqa: F811
+    """The starting student's evaluation is not redone on the trained parameters after a restore:
+    it comes from summary.json. (Resumed at its last step: no step runs, nothing compiles.)"""
+    out = tmp_path / "run"
+    cfg = _cfg(folders, out, train=TrainConfig(steps=2, checkpoint_every=2, out_dir=str(out)))
+    run = train.setup(cfg, progress=False)
+    ckpt = Checkpointer(str(out / "checkpoints"), async_save=False)
+    ckpt.save(2, run.state, run.data_iter, train.run_record(run))
+    ckpt.wait()
+    (out / "config.json").write_text(json.dumps(train.run_record(run)))
+    (out / "summary.json").write_text(json.dumps({"before": {"acc_x": 0.25}}))
+
+    def must_not_run(run):
+        raise AssertionError("evaluate_start ran again on a resume")
+
+    monkeypatch.setattr(train, "evaluate_start", must_not_run)
+    monkeypatch.setattr(train, "evaluate_student", lambda run, **kw: {"acc_x": 0.75})
+    with caplog.at_level("INFO", logger="ctxjax"):
+        train.train(run, resume=True, progress=False)
+    assert "resumed from step 2" in caplog.text
+    saved = json.loads(_read(out / "summary.json"))
+    assert saved["before"] == {"acc_x": 0.25} and saved["after"] == {"acc_x": 0.75}
