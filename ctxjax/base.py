@@ -34,6 +34,10 @@ log = logging.getLogger(__name__)
 DONE_FILE = "ctxjax_base.json"
 
 
+def _key_numerics(numerics: Numerics) -> dict:
+    return {k: v for k, v in dataclasses.asdict(numerics).items() if k != "scan_layers"}
+
+
 def base_key(
     task_name: str,
     task_options: dict,
@@ -47,7 +51,9 @@ def base_key(
             task=task_name,
             options=task_options,
             # One flat section, as when the numerics were ModelConfig fields: the same keys as ever.
-            model={**dataclasses.asdict(model_cfg), **dataclasses.asdict(numerics)},
+            # scan_layers only changes the parameter layout (same numbers; tests/test_scan.py), and
+            # the base is saved per layer either way, so it does not name another base.
+            model={**dataclasses.asdict(model_cfg), **_key_numerics(numerics)},
             base={
                 k: v
                 for k, v in dataclasses.asdict(base_cfg).items()

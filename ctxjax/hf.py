@@ -21,14 +21,21 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from ctxjax.model import FAMILIES, ModelConfig, Numerics, Transformer
+from ctxjax.model import (
+    FAMILIES,
+    ModelConfig,
+    Numerics,
+    Transformer,
+    fill_unrolled,
+    unrolled_params,
+    unrolled_shapes,
+)
 
 _ARCHITECTURES = {
     "llama": "LlamaForCausalLM",
@@ -306,7 +313,10 @@ def hf_to_ctxjax_name(hf_name: str) -> tuple[str | None, bool] | None:
 
 
 def ctxjax_to_hf_name(path: str) -> tuple[str, bool]:
-    """(HF tensor name, transpose) of a ctxjax parameter path like `layers.0.mlp.up_proj.kernel`."""
+    """(HF tensor name, transpose) of a ctxjax parameter path like `layers.0.mlp.up_proj.kernel`.
+
+    Paths are unrolled (one layer each): a `scan_layers` model's stacked parameters are named per
+    layer by `model.unrolled_params`/`unrolled_shapes`, as load and save do."""
     for _, hf, ours_re, _, transpose in _RULES:
         m = ours_re.fullmatch(path) if ours_re is not None else None
         if m:
@@ -476,9 +486,10 @@ def load_model(
 
     The architecture comes from config.json; how it runs from `numerics`, or for short from
     `param_dtype` (default float32) and `compute_dtype` (default `param_dtype`).
-    Strict: fails listing leftovers unless every checkpoint tensor fills exactly one parameter and
-    every parameter is filled. The model is built abstractly (`nnx.eval_shape`), so no random
-    weights are ever allocated; parameters are cast to the param dtype.
+    Strict: fails listing leftovers unless every checkpoint tensor fills exactly one parameter (one
+    layer of a stacked one, with `numerics.scan_layers`) and every parameter is filled. The model
+    is built abstractly (`nnx.eval_shape`), so no random weights are ever allocated; parameters
+    are cast to the param dtype.
     """
     if numerics is None:
         param_dtype = param_dtype or "float32"
@@ -489,17 +500,15 @@ def load_model(
     cfg = config_from_hf(read_hf_config(path))
     ckpt = _Checkpoint(path)
     abstract = nnx.eval_shape(lambda: Transformer(cfg, numerics, rngs=nnx.Rngs(0)))
-    graphdef, state = nnx.split(abstract)
-    flat = list(nnx.to_flat_state(state))
-    expected = {".".join(map(str, p)): tuple(v.shape) for p, v in flat}
-    plan = _plan(ckpt, expected, cfg)
-    dtype = numerics.params
-    filled = []
-    for p, var in flat:
-        hf_name, transpose = plan[".".join(map(str, p))]
+    # Planned by unrolled paths (one per HF tensor); a `scan_layers` model stacks them as it fills.
+    plan = _plan(ckpt, unrolled_shapes(abstract), cfg)
+
+    def read(path: str) -> np.ndarray:
+        hf_name, transpose = plan[path]
         arr = ckpt.read(hf_name)
-        filled.append((p, var.replace(jnp.asarray(arr.T if transpose else arr, dtype=dtype))))
-    return nnx.merge(graphdef, nnx.from_flat_state(filled))
+        return arr.T if transpose else arr
+
+    return fill_unrolled(abstract, read)
 
 
 def save_model(model: Transformer, path: str | os.PathLike, *, dtype: str | None = None) -> str:
@@ -512,9 +521,9 @@ def save_model(model: Transformer, path: str | os.PathLike, *, dtype: str | None
         raise ValueError(f"save dtype must be one of {sorted(_NUMPY_DTYPES)}, got {dtype!r}")
     hf_cfg = config_to_hf(model.cfg, dtype)
     tensors = {}
-    for p, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-        hf_name, transpose = ctxjax_to_hf_name(".".join(map(str, p)))
-        arr = np.asarray(jax.device_get(var[...]))
+    for ours, value in unrolled_params(model).items():  # per-layer tensors, stacked or not
+        hf_name, transpose = ctxjax_to_hf_name(ours)
+        arr = np.asarray(jax.device_get(value))
         tensors[hf_name] = np.ascontiguousarray(
             (arr.T if transpose else arr).astype(_NUMPY_DTYPES[dtype])
         )

@@ -9,9 +9,10 @@ Shape suffixes: B batch, L query length, S key length (cache slots), D model wid
 K key/value heads, G = H // K query heads per kv head, Dh head width, F MLP width, V vocabulary.
 
 Slots and positions. Every token lives in a *slot* (its index in the padded sequence or in the KV
-cache) and has a RoPE *position* (its index among the row's real tokens, `cumsum(mask) - 1`). A query
-attends to keys whose slot is not after its own and whose mask bit is set. Left padding therefore
-changes slots but not positions, so a row's logits do not depend on how much padding it got.
+cache) and has a RoPE *position* (its index among the row's real tokens, `cumsum(mask) - 1`). A
+query attends to keys whose slot is not after its own and whose mask bit is set. Left padding
+therefore changes slots but not positions, so a row's logits do not depend on how much padding it
+got.
 
 Architecture and numerics are separate: `ModelConfig` is what a checkpoint's config.json fixes,
 `Numerics` is how this process runs it. Dtype policy: parameters in `param_dtype`, matmuls in
@@ -21,7 +22,9 @@ Architecture and numerics are separate: `ModelConfig` is what a checkpoint's con
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -45,8 +48,8 @@ class ModelConfig:
     num_kv_heads: int = 2
     head_dim: int | None = None  # None: hidden_size // num_heads (Qwen3 sets it explicitly)
     rope_theta: float = 10000.0
-    # HF `rope_scaling` / `rope_parameters` beyond theta: None or ("llama3", factor, low_freq_factor,
-    # high_freq_factor, original_max_position_embeddings).
+    # HF `rope_scaling` / `rope_parameters` beyond theta: None or ("llama3", factor,
+    # low_freq_factor, high_freq_factor, original_max_position_embeddings).
     rope_scaling: tuple | None = None
     rms_norm_eps: float = 1e-6
     tie_embeddings: bool = True
@@ -98,9 +101,14 @@ class Numerics:
 
     param_dtype: str = "float32"
     compute_dtype: str = "float32"
-    remat: bool = (
-        False  # rematerialize each block in the backward pass (per-layer activation memory)
-    )
+    remat: bool = False  # rematerialize each block in the backward pass (per-layer activations)
+    # Run the blocks as one `lax.scan` over parameters stacked on a leading layer axis, so the
+    # compiled program holds one block whatever the depth (compile time flat in num_layers). The
+    # parameters then live stacked (`layers.mlp.up_proj.kernel` is [num_layers, D, F]); HF folders
+    # keep per-layer tensors either way (`unrolled_params` / `fill_unrolled`). Opt-in: on the 2-core
+    # CPU it halves the first step of a 30-layer model but compiles the 4-layer default no faster
+    # and a scanned fwd+bwd ran ~30% slower per call there (no cross-layer fusion or scheduling).
+    scan_layers: bool = False
 
     def __post_init__(self):
         for name in ("param_dtype", "compute_dtype"):
@@ -130,8 +138,9 @@ class KVCache:
 
     # Slots on the third axis, [B, K, S, Dh]: the attention einsums read it without a transpose,
     # whereas [B, S, K, Dh] made XLA copy every layer's whole cache at every decode step.
-    k: tuple[jax.Array, ...]  # num_layers x [B, K, S, Dh]
-    v: tuple[jax.Array, ...]
+    # num_layers x [B, K, S, Dh]; one stacked [num_layers, B, K, S, Dh] array when the layers scan.
+    k: tuple[jax.Array, ...] | jax.Array
+    v: tuple[jax.Array, ...] | jax.Array
     mask_BxS: jax.Array  # bool: slot holds a real (non-padding) token
     index: jax.Array  # int32 scalar: first slot not yet written
 
@@ -140,18 +149,25 @@ class KVCache:
         return self.mask_BxS.shape[1]
 
 
-def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: str = "float32") -> KVCache:
-    """An empty cache of `max_len` slots in `dtype` (a DTYPES name: the model's compute dtype)."""
+def init_cache(
+    cfg: ModelConfig, batch: int, max_len: int, dtype: str = "float32", *, stacked: bool = False
+) -> KVCache:
+    """An empty cache of `max_len` slots in `dtype` (a DTYPES name: the model's compute dtype),
+    per layer or `stacked` (what a `scan_layers` model reads); `Transformer.init_cache` picks
+    both for a model."""
     dtype = DTYPES[dtype]
     shape = (batch, cfg.num_kv_heads, max_len, cfg.resolved_head_dim)
-    zeros = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))
+    if stacked:
+        zeros = jnp.zeros((cfg.num_layers, *shape), dtype)
+    else:
+        zeros = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))
     return KVCache(
         k=zeros, v=zeros, mask_BxS=jnp.zeros((batch, max_len), bool), index=jnp.zeros((), jnp.int32)
     )
 
 
 def positions_from_mask(mask_BxL: jax.Array) -> jax.Array:
-    """RoPE positions of left- (or right-) padded rows: the count of real tokens before each slot."""
+    """RoPE positions of left- (or right-) padded rows: how many real tokens precede each slot."""
     return jnp.maximum(jnp.cumsum(mask_BxL.astype(jnp.int32), axis=-1) - 1, 0)
 
 
@@ -237,7 +253,7 @@ class Attention(nnx.Module):
             keys_BxKxSxDh = k_BxLxKxDh.transpose(0, 2, 1, 3)
             values_BxKxSxDh = v_BxLxKxDh.transpose(0, 2, 1, 3)
             new_kv = None
-        else:  # write this call's tokens at slots [index, index + L) and attend over the whole cache
+        else:  # write this call's tokens at slots [index, index + L), attend over the whole cache
             cache_k, cache_v, index = cache_kv
             start = (0, 0, index, 0)
             keys_BxKxSxDh = jax.lax.dynamic_update_slice(
@@ -301,6 +317,18 @@ class Block(nnx.Module):
         return x_BxLxD, new_kv
 
 
+def _run_block(block_def: nnx.GraphDef, block_state: nnx.State, *args) -> tuple:
+    """A block as a pure function of its state, without a cache (what jax.checkpoint wraps)."""
+    return nnx.merge(block_def, block_state)(*args, None)
+
+
+def stack_blocks(blocks: list[Block]) -> Block:
+    """One Block whose every parameter is the blocks' stacked on a leading layer axis."""
+    graphdef, first = nnx.split(blocks[0])
+    states = [first, *(nnx.state(block) for block in blocks[1:])]
+    return nnx.merge(graphdef, jax.tree.map(lambda *xs: jnp.stack(xs), *states))
+
+
 @struct.dataclass
 class ForwardOutput:
     hidden_BxLxD: jax.Array  # after the final norm: what the unembedding sees
@@ -322,7 +350,9 @@ class Transformer(nnx.Module):
             embedding_init=nnx.initializers.normal(0.02),
             rngs=rngs,
         )
-        self.layers = nnx.List([Block(cfg, numerics, rngs) for _ in range(cfg.num_layers)])
+        # Built one by one either way, so a seed gives the same weights stacked or not.
+        blocks = [Block(cfg, numerics, rngs) for _ in range(cfg.num_layers)]
+        self.layers = stack_blocks(blocks) if numerics.scan_layers else nnx.List(blocks)
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, numerics.params)
         if not cfg.tie_embeddings:
             self.lm_head = _linear(cfg.hidden_size, cfg.vocab_size, False, numerics, rngs)
@@ -338,9 +368,9 @@ class Transformer(nnx.Module):
     ) -> ForwardOutput:
         """Runs the blocks. With `cache`, the tokens are written at slots `cache.index` onward.
 
-        `mask_BxL` marks real tokens (False = padding; default all real); `positions_BxL` defaults to
-        `positions_from_mask(mask_BxL)`, which is right for a full left-padded sequence. A decode step
-        must pass its positions explicitly (the cache knows the slots, not the row's token count).
+        `mask_BxL` marks real tokens (False = padding; default all real); `positions_BxL` defaults
+        to `positions_from_mask(mask_BxL)`, which is right for a full left-padded sequence. A decode
+        step must pass its positions explicitly (the cache knows slots, not the row's token count).
         """
         cfg = self.cfg
         b, l = tokens_BxL.shape
@@ -356,37 +386,73 @@ class Transformer(nnx.Module):
         else:
             keys_mask_BxS = jax.lax.dynamic_update_slice(cache.mask_BxS, mask_BxL, (0, cache.index))
             query_slots_L = cache.index + jnp.arange(l)
+        if cache is not None and isinstance(cache.k, tuple) == self.numerics.scan_layers:
+            raise ValueError(
+                f"KV cache layout does not fit numerics.scan_layers={self.numerics.scan_layers}: "
+                "make it with model.init_cache"
+            )
         x_BxLxD = self.embed_tokens(tokens_BxL)
-        layer_hidden = [x_BxLxD] if return_layer_hidden else None
-        new_k, new_v = [], []
-        for i, block in enumerate(self.layers):
-            cache_kv = None if cache is None else (cache.k[i], cache.v[i], cache.index)
-            if self.numerics.remat and cache is None:
-                # Plain jax.checkpoint over the block's state: `nnx.remat` refuses to run on a module
-                # merged inside an outer jax.grad (the train step), a pure function works everywhere.
-                block_def, block_state = nnx.split(block)
-                run = lambda st, *a: nnx.merge(block_def, st)(*a, None)  # noqa: E731
-                x_BxLxD, kv = jax.checkpoint(run)(
-                    block_state, x_BxLxD, positions_BxL, inv_freq, keys_mask_BxS, query_slots_L
-                )
-            else:
-                x_BxLxD, kv = block(
-                    x_BxLxD, positions_BxL, inv_freq, keys_mask_BxS, query_slots_L, cache_kv
-                )
-            if kv is not None:
-                new_k.append(kv[0])
-                new_v.append(kv[1])
-            if return_layer_hidden:
-                layer_hidden.append(x_BxLxD)
+        args = (positions_BxL, inv_freq, keys_mask_BxS, query_slots_L)
+        run = self._scan_blocks if self.numerics.scan_layers else self._loop_blocks
+        x_BxLxD, new_kv, layer_hidden = run(x_BxLxD, args, cache, return_layer_hidden)
         if cache is not None:
             new_cache = KVCache(
-                k=tuple(new_k), v=tuple(new_v), mask_BxS=keys_mask_BxS, index=cache.index + l
+                k=new_kv[0], v=new_kv[1], mask_BxS=keys_mask_BxS, index=cache.index + l
             )
         return ForwardOutput(
             hidden_BxLxD=self.norm(x_BxLxD),
             cache=new_cache,
-            layer_hidden=None if layer_hidden is None else tuple(layer_hidden),
+            layer_hidden=layer_hidden,
         )
+
+    def _loop_blocks(self, x_BxLxD, args, cache, keep_hidden):
+        """The blocks one after another: (output, (new k, new v) per layer, streams or None)."""
+        layer_hidden = [x_BxLxD] if keep_hidden else None
+        new_k, new_v = [], []
+        for i, block in enumerate(self.layers):
+            cache_kv = None if cache is None else (cache.k[i], cache.v[i], cache.index)
+            if self.numerics.remat and cache is None:
+                # Plain jax.checkpoint over the block's state: `nnx.remat` refuses to run on a
+                # module merged inside an outer jax.grad (the train step), a pure function works
+                # everywhere.
+                block_def, block_state = nnx.split(block)
+                run = functools.partial(_run_block, block_def)
+                x_BxLxD, kv = jax.checkpoint(run)(block_state, x_BxLxD, *args)
+            else:
+                x_BxLxD, kv = block(x_BxLxD, *args, cache_kv)
+            if kv is not None:
+                new_k.append(kv[0])
+                new_v.append(kv[1])
+            if keep_hidden:
+                layer_hidden.append(x_BxLxD)
+        hidden = None if layer_hidden is None else tuple(layer_hidden)
+        return x_BxLxD, (tuple(new_k), tuple(new_v)), hidden
+
+    def _scan_blocks(self, x_BxLxD, args, cache, keep_hidden):
+        """`_loop_blocks` as one `lax.scan` over the stacked layers (and the stacked cache)."""
+        block_def, stacked = nnx.split(self.layers)
+
+        def body(x_BxLxD, layer):
+            block_state, kv = layer
+            cache_kv = None if kv is None else (*kv, cache.index)
+            x_BxLxD, new_kv = nnx.merge(block_def, block_state)(x_BxLxD, *args, cache_kv)
+            return x_BxLxD, (new_kv, x_BxLxD if keep_hidden else None)
+
+        if self.numerics.remat and cache is None:
+            # Same policy as the loop: keep each block's input, recompute its inside. CSE cannot
+            # merge the recomputation across scan iterations, so its guard is not needed.
+            body = jax.checkpoint(body, prevent_cse=False)
+        kv_in = None if cache is None else (cache.k, cache.v)
+        out_BxLxD, (new_kv, hidden_NxBxLxD) = jax.lax.scan(body, x_BxLxD, (stacked, kv_in))
+        hidden = None
+        if keep_hidden:  # the same tuple of streams as the loop gives: embeddings, then each block
+            hidden = (x_BxLxD, *(hidden_NxBxLxD[i] for i in range(hidden_NxBxLxD.shape[0])))
+        return out_BxLxD, new_kv, hidden
+
+    def init_cache(self, batch: int, max_len: int) -> KVCache:
+        """An empty KV cache in the layout and dtype this model's numerics read."""
+        n = self.numerics
+        return init_cache(self.cfg, batch, max_len, n.compute_dtype, stacked=n.scan_layers)
 
     def unembed_matrix(self) -> jax.Array:
         """The output projection as [D, V] (the transposed embedding table when tied)."""
@@ -416,3 +482,61 @@ def create_model(
 ) -> Transformer:
     """A randomly initialized model (normal(0.02) weights, unit norms)."""
     return Transformer(cfg, numerics, rngs=nnx.Rngs(seed))
+
+
+# Parameters by their unrolled path (`layers.3.mlp.up_proj.kernel`), whatever the layout: the names
+# HF folders map to, and the way to move weights between a stacked and an unrolled model.
+
+
+def _unrolled_paths(model: Transformer) -> list[tuple[tuple, nnx.Variable, list[str] | None]]:
+    """(flat state path, variable, its layers' unrolled paths if stacked else None)."""
+    out = []
+    for p, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        layer_paths = None
+        if model.numerics.scan_layers and p[0] == "layers":
+            rest = ".".join(map(str, p[1:]))
+            layer_paths = [f"layers.{i}.{rest}" for i in range(model.cfg.num_layers)]
+        out.append((p, var, layer_paths))
+    return out
+
+
+def unrolled_shapes(model: Transformer) -> dict[str, tuple[int, ...]]:
+    """{unrolled path: shape} of every parameter; works on an abstract (`nnx.eval_shape`) model."""
+    shapes = {}
+    for p, var, layer_paths in _unrolled_paths(model):
+        if layer_paths is None:
+            shapes[".".join(map(str, p))] = tuple(var.shape)
+        else:
+            shapes.update(dict.fromkeys(layer_paths, tuple(var.shape[1:])))
+    return shapes
+
+
+def unrolled_params(model: Transformer) -> dict[str, jax.Array]:
+    """{unrolled path: array} of every parameter, a stacked one split into its layers."""
+    params = {}
+    for p, var, layer_paths in _unrolled_paths(model):
+        if layer_paths is None:
+            params[".".join(map(str, p))] = var[...]
+        else:
+            params.update({path: var[...][i] for i, path in enumerate(layer_paths)})
+    return params
+
+
+def fill_unrolled(model: Transformer, get: Callable[[str], Any]) -> Transformer:
+    """`model` (abstract or not) with every parameter set from `get(unrolled path)` (array-like),
+    cast to the param dtype; a stacked parameter stacks its layers' arrays."""
+    graphdef = nnx.graphdef(model)
+    filled = []
+    for p, var, layer_paths in _unrolled_paths(model):
+        if layer_paths is None:
+            value = jnp.asarray(get(".".join(map(str, p))), var.dtype)
+        else:
+            value = jnp.stack([jnp.asarray(get(path), var.dtype) for path in layer_paths])
+        filled.append((p, var.replace(value)))
+    return nnx.merge(graphdef, nnx.from_flat_state(filled))
+
+
+def with_numerics(model: Transformer, numerics: Numerics) -> Transformer:
+    """The same weights run by `numerics`: stacked or unrolled layers, params cast to its dtype."""
+    target = nnx.eval_shape(lambda: Transformer(model.cfg, numerics, rngs=nnx.Rngs(0)))
+    return fill_unrolled(target, unrolled_params(model).__getitem__)

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
-from ctxjax.model import Transformer, init_cache
+from ctxjax.model import Transformer
 from ctxjax.padding import bucket_batch, bucket_length, pad_left_rows
 
 
@@ -196,7 +196,7 @@ def _sample(
 
     # Prefill: all prompt slots at once; positions from the mask (cumsum - 1). Left padding puts
     # every row's last real token at slot P - 1, the only slot whose logits are needed.
-    cache = init_cache(model.cfg, b, p + n, model.numerics.compute_dtype)
+    cache = model.init_cache(b, p + n)
     vocab = model.cfg.vocab_size
     # Padding slots are fed token 0, not `pad_id`: an id >= vocab_size embeds as NaN (out-of-bounds
     # gathers fill with NaN), and a NaN value in a masked slot still poisons attention (0 * NaN).

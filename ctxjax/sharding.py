@@ -33,6 +33,10 @@ PARTITION_RULES: tuple[tuple[str, P], ...] = (
     (r"down_proj/kernel$", P("tensor", "fsdp")),
     (r".*", P()),  # norms, other biases, scalars: replicated
 )
+# With `numerics.scan_layers` a block parameter is stacked, [num_layers, *its per-layer shape], and
+# its path has no layer index (`layers/mlp/up_proj/kernel`): it takes its per-layer rule behind an
+# unsplit layer axis, so each scan step reads one layer laid out as an unrolled model's.
+STACKED_LAYERS = r"(^|/)layers/(?!\d+(/|$))"
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +118,8 @@ def spec_for(path: str, shape: tuple[int, ...], mesh: jax.sharding.Mesh) -> P:
     """The first matching rule's spec, with axes the dimension can't be split over dropped."""
     # The catch-all last rule always matches.
     spec = next(spec for pattern, spec in PARTITION_RULES if re.search(pattern, path))
+    if re.search(STACKED_LAYERS, path):
+        spec = P(None, *spec)
     if len(spec) > len(shape):
         spec = P()
     fixed = []

@@ -275,6 +275,7 @@ def test_to_dict_is_plain_json():
         "param_dtype": "float32",
         "compute_dtype": "float32",
         "remat": False,
+        "scan_layers": False,
     }
 
 
