@@ -97,9 +97,9 @@ def _read_json(file: str) -> dict:
     return data
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Config
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 
 def _need(hf_cfg: dict, key: str) -> Any:
@@ -268,14 +268,14 @@ def config_to_hf(cfg: ModelConfig, dtype: str = "float32") -> dict:
     return hf_cfg
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Parameter names: one table, both directions
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
-# (HF tensor name, ctxjax parameter path, transpose). `{i}` is a layer index and `{lin}` / `{norm}` a
-# submodule path, the same on both sides. HF Linear stores weight [out, in]; nnx.Linear's kernel is
-# [in, out], hence the transpose (its own inverse, so export uses the same flag). The embedding is
-# [V, D] on both sides. A None path marks a tensor that is derived, not learned: read and dropped.
+# (HF tensor name, ctxjax parameter path, transpose). `{i}` is a layer index and `{lin}` /
+# `{norm}` a submodule path, the same on both sides. HF Linear stores weight [out, in];
+# nnx.Linear's kernel is [in, out], hence the transpose (its own inverse, so export uses the same
+# flag). The embedding is [V, D] on both sides. A None path marks a tensor that is derived, not learned: read and dropped.
 _LIN = r"self_attn\.[qkvo]_proj|mlp\.(?:gate|up|down)_proj"
 _NORM = r"input_layernorm|post_attention_layernorm|self_attn\.[qk]_norm"
 _NAME_TABLE = (
@@ -324,9 +324,9 @@ def ctxjax_to_hf_name(path: str) -> tuple[str, bool]:
     raise ValueError(f"ctxjax parameter {path!r} has no HF name")
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Safetensors reading
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 
 def _read_header(file: str) -> tuple[dict[str, dict], int]:
@@ -414,9 +414,9 @@ class _Checkpoint:
         return arr
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Load and save
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 
 def read_hf_config(path: str | os.PathLike) -> dict:
@@ -626,9 +626,9 @@ def _write_folder_atomically(path: str | os.PathLike, write: Callable[[str], Non
     return path
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Tokenizers
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 
 def load_tokenizer(path: str | os.PathLike) -> Any:

@@ -239,11 +239,11 @@ class Attention(nnx.Module):
 
     def __call__(self, x_BxLxD, positions_BxL, inv_freq, keys_mask_BxS, query_slots_L, cache_kv):
         cfg = self.cfg
-        b, l, _ = x_BxLxD.shape
+        b, seq_len, _ = x_BxLxD.shape
         h, k, dh = cfg.num_heads, cfg.num_kv_heads, cfg.resolved_head_dim
-        q_BxLxHxDh = self.q_proj(x_BxLxD).reshape(b, l, h, dh)
-        k_BxLxKxDh = self.k_proj(x_BxLxD).reshape(b, l, k, dh)
-        v_BxLxKxDh = self.v_proj(x_BxLxD).reshape(b, l, k, dh)
+        q_BxLxHxDh = self.q_proj(x_BxLxD).reshape(b, seq_len, h, dh)
+        k_BxLxKxDh = self.k_proj(x_BxLxD).reshape(b, seq_len, k, dh)
+        v_BxLxKxDh = self.v_proj(x_BxLxD).reshape(b, seq_len, k, dh)
         if cfg.qk_norm:
             q_BxLxHxDh, k_BxLxKxDh = self.q_norm(q_BxLxHxDh), self.k_norm(k_BxLxKxDh)
         q_BxLxHxDh = apply_rope(q_BxLxHxDh, positions_BxL, inv_freq)
@@ -266,7 +266,7 @@ class Attention(nnx.Module):
 
         s = keys_BxKxSxDh.shape[2]
         g = h // k
-        q_BxLxKxGxDh = q_BxLxHxDh.reshape(b, l, k, g, dh)
+        q_BxLxKxGxDh = q_BxLxHxDh.reshape(b, seq_len, k, g, dh)
         scores_BxKxGxLxS = jnp.einsum(
             "blkgd,bksd->bkgls",
             q_BxLxKxGxDh,
@@ -281,7 +281,7 @@ class Attention(nnx.Module):
         out_BxLxKxGxDh = jnp.einsum(
             "bkgls,bksd->blkgd", probs_BxKxGxLxS.astype(values_BxKxSxDh.dtype), values_BxKxSxDh
         )
-        out_BxLxD = self.o_proj(out_BxLxKxGxDh.reshape(b, l, h * dh).astype(x_BxLxD.dtype))
+        out_BxLxD = self.o_proj(out_BxLxKxGxDh.reshape(b, seq_len, h * dh).astype(x_BxLxD.dtype))
         return out_BxLxD, new_kv
 
 
@@ -373,19 +373,19 @@ class Transformer(nnx.Module):
         step must pass its positions explicitly (the cache knows slots, not the row's token count).
         """
         cfg = self.cfg
-        b, l = tokens_BxL.shape
+        b, seq_len = tokens_BxL.shape
         if mask_BxL is None:
-            mask_BxL = jnp.ones((b, l), bool)
+            mask_BxL = jnp.ones((b, seq_len), bool)
         if positions_BxL is None:
             positions_BxL = positions_from_mask(mask_BxL)
         inv_freq = rope_inv_freq(cfg)
         if cache is None:
             keys_mask_BxS = mask_BxL
-            query_slots_L = jnp.arange(l)
+            query_slots_L = jnp.arange(seq_len)
             new_cache = None
         else:
             keys_mask_BxS = jax.lax.dynamic_update_slice(cache.mask_BxS, mask_BxL, (0, cache.index))
-            query_slots_L = cache.index + jnp.arange(l)
+            query_slots_L = cache.index + jnp.arange(seq_len)
         if cache is not None and isinstance(cache.k, tuple) == self.numerics.scan_layers:
             raise ValueError(
                 f"KV cache layout does not fit numerics.scan_layers={self.numerics.scan_layers}: "
@@ -397,7 +397,7 @@ class Transformer(nnx.Module):
         x_BxLxD, new_kv, layer_hidden = run(x_BxLxD, args, cache, return_layer_hidden)
         if cache is not None:
             new_cache = KVCache(
-                k=new_kv[0], v=new_kv[1], mask_BxS=keys_mask_BxS, index=cache.index + l
+                k=new_kv[0], v=new_kv[1], mask_BxS=keys_mask_BxS, index=cache.index + seq_len
             )
         return ForwardOutput(
             hidden_BxLxD=self.norm(x_BxLxD),

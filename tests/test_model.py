@@ -13,6 +13,7 @@ import pytest
 from flax import nnx
 
 from ctxjax.model import (
+    DEFAULT_NUMERICS,
     KVCache,
     ModelConfig,
     Numerics,
@@ -46,7 +47,7 @@ B, L = 3, 12  # one batch shape for (almost) every call, so each jitted function
 
 
 @functools.cache
-def _model(seed=0, numerics=Numerics(), **overrides):
+def _model(seed=0, numerics=DEFAULT_NUMERICS, **overrides):
     """A model with random weights everywhere (norm gains and biases too), logits O(1).
 
     Built abstractly and filled from numpy: no per-shape jax init kernels to compile. Cached, so
@@ -182,7 +183,9 @@ def _streams(model, ids):
         jnp.arange(ids.shape[1]),
         None,
     )
-    by_block = [block(x, *args)[0] for block, x in zip(model.layers, out.layer_hidden[:-1])]
+    by_block = [
+        block(x, *args)[0] for block, x in zip(model.layers, out.layer_hidden[:-1], strict=True)
+    ]
     no_request = model.forward(ids).layer_hidden  # None unless asked for
     return out, by_block, model.norm(out.layer_hidden[-1]), no_request
 
@@ -282,7 +285,7 @@ def test_numerics_errors_name_the_field(overrides, field):
 
 def test_unknown_rope_scaling_is_an_error():
     cfg = ModelConfig(**{**BASE, "rope_scaling": ("yarn", 4.0, 1.0, 4.0, 16)})
-    with pytest.raises(ValueError, match="'yarn'.*'llama3'"):
+    with pytest.raises(ValueError, match=r"'yarn'.*'llama3'"):
         rope_inv_freq(cfg)
 
 
@@ -304,7 +307,7 @@ def test_remat_inside_grad_of_a_merged_model_matches_plain():
         model = Transformer(cfg, Numerics(remat=remat), rngs=nnx.Rngs(0))
         graphdef, params = nnx.split(model, nnx.Param)
 
-        def loss(p, frozen):
+        def loss(p, frozen, graphdef=graphdef):
             teacher = nnx.merge(graphdef, frozen)
             return (nnx.merge(graphdef, p, copy=True)(ids) * teacher(ids)).sum()
 
@@ -312,5 +315,5 @@ def test_remat_inside_grad_of_a_merged_model_matches_plain():
         jaxpr = str(jax.make_jaxpr(grad_fn)(params, params))
         assert ("checkpoint" in jaxpr or "remat" in jaxpr) == remat
         grads.append(grad_fn(params, params))
-    for a, b in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1])):
+    for a, b in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1]), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
