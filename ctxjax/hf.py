@@ -275,7 +275,8 @@ def config_to_hf(cfg: ModelConfig, dtype: str = "float32") -> dict:
 # (HF tensor name, ctxjax parameter path, transpose). `{i}` is a layer index and `{lin}` /
 # `{norm}` a submodule path, the same on both sides. HF Linear stores weight [out, in];
 # nnx.Linear's kernel is [in, out], hence the transpose (its own inverse, so export uses the same
-# flag). The embedding is [V, D] on both sides. A None path marks a tensor that is derived, not learned: read and dropped.
+# flag). The embedding is [V, D] on both sides. A None path marks a tensor that is derived, not
+# learned: read and dropped.
 _LIN = r"self_attn\.[qkvo]_proj|mlp\.(?:gate|up|down)_proj"
 _NORM = r"input_layernorm|post_attention_layernorm|self_attn\.[qk]_norm"
 _NAME_TABLE = (
