@@ -430,6 +430,19 @@ def read_hf_config(path: str | os.PathLike) -> dict:
     return _read_json(file)
 
 
+def read_architecture(path: str | os.PathLike) -> ModelConfig:
+    """The `ModelConfig` of an HF model folder, from its config.json alone (no weights read); an
+    unsupported or incomplete config is a one-line `HFFolderError` naming the file."""
+    hf_cfg = read_hf_config(path)
+    try:
+        return config_from_hf(hf_cfg)
+    except HFFolderError:
+        raise
+    except ValueError as e:
+        file = os.path.join(os.path.expanduser(os.fspath(path)), CONFIG_FILE)
+        raise HFFolderError(f"{file}: {_one_line(e)}") from e
+
+
 def _plan(
     ckpt: _Checkpoint, expected: dict[str, tuple[int, ...]], cfg: ModelConfig
 ) -> dict[str, tuple[str, bool]]:
@@ -498,7 +511,7 @@ def load_model(
     elif param_dtype is not None or compute_dtype is not None:
         raise ValueError("load_model takes numerics= or param_dtype=/compute_dtype=, not both")
     path = os.fspath(path)
-    cfg = config_from_hf(read_hf_config(path))
+    cfg = read_architecture(path)
     ckpt = _Checkpoint(path)
     abstract = nnx.eval_shape(lambda: Transformer(cfg, numerics, rngs=nnx.Rngs(0)))
     # Planned by unrolled paths (one per HF tensor); a `scan_layers` model stacks them as it fills.

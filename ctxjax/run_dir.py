@@ -196,6 +196,18 @@ def flatten(config: dict, prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+def _nest(flat: dict[str, Any]) -> dict:
+    """The inverse of `flatten`."""
+    tree: dict = {}
+    for key, value in flat.items():
+        *parents, leaf = key.split(".")
+        node = tree
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return tree
+
+
 def config_changes(saved: dict, current: dict) -> dict[str, tuple[Any, Any]]:
     """Dotted keys whose values differ between two run records: {key: (saved, current)}."""
     old, new = flatten(saved), flatten(current)
@@ -211,12 +223,15 @@ def _allowed(key: str) -> bool:
 
 
 def check_resume_config(
-    out_dir: str, current: dict, *, allow_change: bool
+    out_dir: str, current: dict, *, allow_change: bool, defaults: dict | None = None
 ) -> dict[str, tuple[Any, Any]]:
     """Compares a resumed run's record with `out_dir/config.json`; returns the changes.
 
     A change outside `RESUME_ALLOWED` is refused, naming every differing key, unless
     `allow_change`. Nothing is written here: `record_config_change` does, once the run resumes.
+    Records written by another version of ctxjax may lack a key or hold one no longer recorded:
+    a key the saved record lacks compares with its value in `defaults` (the record of a default
+    config), and a key the current record lacks is not compared (nothing reads it any more).
     """
     path = os.path.join(out_dir, "config.json")
     try:
@@ -225,7 +240,14 @@ def check_resume_config(
     except ValueError as e:
         raise RunRefused(f"{path} is corrupt ({e}): cannot compare the resumed config") from None
     # JSON round trip: tuples become lists, as in the saved file.
-    changes = config_changes(saved, json.loads(json.dumps(current, default=float)))
+    current = json.loads(json.dumps(current, default=float))
+    flat_saved, flat_current = flatten(saved), flatten(current)
+    flat_defaults = flatten(json.loads(json.dumps(defaults or {}, default=float)))
+    for key in flat_current.keys() - flat_saved.keys():
+        if key in flat_defaults:
+            flat_saved[key] = flat_defaults[key]
+    flat_saved = {k: v for k, v in flat_saved.items() if k in flat_current}
+    changes = config_changes(_nest(flat_saved), _nest(flat_current))
     altering = [k for k in changes if not _allowed(k)]
     if altering and not allow_change:
         shown = "; ".join(f"{k}: {changes[k][0]!r} -> {changes[k][1]!r}" for k in altering)

@@ -94,7 +94,10 @@ class Run:
 def run_record(run: Run) -> dict:
     """The run's config as JSON, its `model` section the architecture in force (the student's):
     what config.json, the summary and the checkpoints' architecture check hold."""
-    return {**to_dict(run.cfg), "model": to_dict(run.model_cfg)}
+    record = {**to_dict(run.cfg), "model": to_dict(run.model_cfg)}
+    if run.cfg.student:  # no base model is built: its settings would be leftovers, not facts
+        del record["base"]
+    return record
 
 
 def resolve_student(cfg: RunConfig, progress: bool = True) -> str:
@@ -191,8 +194,15 @@ def load_models(
     """Student and teacher split into graphdef and sharded params; `teacher=""` is the frozen
     starting student. A teacher must share the student's tokenizer, and no model may have fewer
     embeddings than the tokenizer has tokens (the clamped gather would train on wrong rows)."""
+    # The checks read config.json and the tokenizers only: they fail before any weight is read.
+    hf.check_vocab(tokenizer, hf.read_architecture(student_path), f"student {student_path}")
+    if cfg.teacher:
+        hf.check_vocab(tokenizer, hf.read_architecture(cfg.teacher), f"teacher {cfg.teacher}")
+        try:
+            hf.check_same_tokenizer(tokenizer, hf.load_tokenizer(cfg.teacher))
+        except ValueError as e:
+            raise ValueError(f"teacher {cfg.teacher} vs student {student_path}: {e}") from None
     student = hf.load_model(student_path, cfg.numerics)
-    hf.check_vocab(tokenizer, student.cfg, f"student {student_path}")
     graphdef, params = nnx.split(student, nnx.Param)
     params = sharding.shard_params(params, mesh)
     if not cfg.teacher:  # a real copy, since the student's buffers get donated
@@ -200,11 +210,6 @@ def load_models(
             student.cfg, graphdef, params, graphdef, jax.tree.map(lambda x: x.copy(), params)
         )
     teacher = hf.load_model(cfg.teacher, cfg.numerics)
-    hf.check_vocab(tokenizer, teacher.cfg, f"teacher {cfg.teacher}")
-    try:
-        hf.check_same_tokenizer(tokenizer, hf.load_tokenizer(cfg.teacher))
-    except ValueError as e:
-        raise ValueError(f"teacher {cfg.teacher} vs student {student_path}: {e}") from None
     if teacher.cfg.vocab_size != student.cfg.vocab_size:
         raise ValueError(
             f"teacher {cfg.teacher} has vocab {teacher.cfg.vocab_size}, student "
@@ -278,6 +283,8 @@ def setup(cfg: RunConfig, progress: bool = True, mesh: jax.sharding.Mesh | None 
     )
     student_path = resolve_student(cfg, progress)
     tokenizer = hf.load_tokenizer(cfg.tokenizer or student_path)
+    # Records and their token budgets first: a bad record fails in seconds, before the weights load.
+    records, data_iter = build_data(cfg, task, tokenizer, mesh)
     models = load_models(cfg, student_path, mesh, tokenizer)
     tx, state, state_shardings = init_train_state(
         cfg, nnx.merge(models.graphdef, models.params), mesh
@@ -285,7 +292,6 @@ def setup(cfg: RunConfig, progress: bool = True, mesh: jax.sharding.Mesh | None 
     step_fn = build_step(
         cfg, models.graphdef, models.teacher_graphdef, tx, tokenizer, state_shardings
     )
-    records, data_iter = build_data(cfg, task, tokenizer, mesh)
     return Run(
         cfg=cfg,
         model_cfg=models.model_cfg,
@@ -543,7 +549,9 @@ def _train(
     config_path = os.path.join(out_dir, "config.json")
     changes = {}
     if resume and os.path.exists(config_path):  # refused before anything is touched
-        changes = check_resume_config(out_dir, cfg_dict, allow_change=allow_config_change)
+        changes = check_resume_config(
+            out_dir, cfg_dict, allow_change=allow_config_change, defaults=to_dict(RunConfig())
+        )
     ckpt = checkpointer
     if ckpt is None and (cfg.train.checkpoint_every or resume):
         ckpt = _checkpointer(cfg)

@@ -491,3 +491,21 @@ def test_a_resumed_run_keeps_the_before_section(folders, tmp_path, monkeypatch, 
     assert "resumed from step 2" in caplog.text
     saved = json.loads(_read(out / "summary.json"))
     assert saved["before"] == {"acc_x": 0.25} and saved["after"] == {"acc_x": 0.75}
+
+
+def test_resume_config_written_by_another_version(tmp_path):
+    """A saved record that lacks a newer key compares it with the default (a non-default value is
+    a change); a key the current record no longer holds is not compared."""
+    from ctxjax.config import RunConfig, to_dict
+    from ctxjax.run_dir import check_resume_config
+
+    defaults = to_dict(RunConfig())
+    saved = to_dict(RunConfig())
+    del saved["numerics"]["scan_layers"]  # written before the setting existed
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    current = to_dict(RunConfig())
+    del current["base"]  # a record that no longer holds base.* (student= runs)
+    assert check_resume_config(str(tmp_path), current, allow_change=False, defaults=defaults) == {}
+    current["numerics"]["scan_layers"] = True
+    with pytest.raises(RunRefused, match=r"numerics\.scan_layers: False -> True"):
+        check_resume_config(str(tmp_path), current, allow_change=False, defaults=defaults)

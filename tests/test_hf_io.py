@@ -386,3 +386,16 @@ def test_check_same_tokenizer(tok, tok_dir):
         ValueError, match=r"special tokens: eos_token '<\|im_end\|>' vs '<\|pad\|>'"
     ):
         hf.check_same_tokenizer(tok, other_eos)
+
+
+def test_a_config_lacking_a_key_is_one_line_naming_the_file(model_dir, tmp_path):
+    folder = _copy(model_dir, tmp_path / "m")
+    config = os.path.join(folder, "config.json")
+    with open(config) as f:
+        cfg = json.load(f)
+    del cfg["hidden_size"]
+    with open(config, "w") as f:
+        json.dump(cfg, f)
+    message = _one_line_error(ValueError, "hidden_size", hf.read_architecture, folder)
+    assert message.startswith(config)
+    _one_line_error(ValueError, "hidden_size", hf.load_model, folder)
