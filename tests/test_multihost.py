@@ -20,7 +20,7 @@ from test_train import TASK_OPTIONS, TINY, _random_model, _save_student
 
 from ctxjax import sharding
 from ctxjax.base import tokenizer_corpus
-from ctxjax.sampling import SamplingParams, sample
+from ctxjax.sampling import SamplingMethod, sample
 from ctxjax.tasks import get_task
 from ctxjax.vocab import build_tokenizer
 
@@ -190,7 +190,7 @@ def test_rollout_draws_do_not_depend_on_the_mesh():
             mask_BxP,
             jax.random.key(3),
             max_new_tokens=8,
-            params=SamplingParams(temperature=1.0),
+            method=SamplingMethod(temperature=1.0),
             eos_ids=(),
             pad_id=0,
         )
