@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from ctxjax.hf import eos_and_pad, render_chat
+from ctxjax.hf import CHAT_PLACEMENTS, eos_and_pad, render_chat
 from ctxjax.padding import pad_left
 from ctxjax.tasks.common import read_jsonl
 
@@ -28,6 +28,9 @@ class DataConfig:
     eval_file: str | None = None
     context: str = ""  # run-level context for records that carry none
     context_file: str | None = None  # its text is the run-level context (excludes `context`)
+    # Where the context goes in the chat (`hf.render_chat`): "system" (the system message) or
+    # "user" (before the prompt in the user message, for templates without a system role).
+    context_placement: str = "system"
     batch_size: int = 16
     max_prompt_tokens: int = 64  # fixed length of the rendered no-context prompt [x]
     max_context_prompt_tokens: int = 128  # fixed length of the rendered [c|x]
@@ -47,6 +50,11 @@ class DataConfig:
             raise ValueError(f"data.worker_count must be >= 0, got {self.worker_count}")
         if self.context and self.context_file:
             raise ValueError("data.context and data.context_file are both set; set at most one")
+        if self.context_placement not in CHAT_PLACEMENTS:
+            raise ValueError(
+                f"data.context_placement must be one of {list(CHAT_PLACEMENTS)}, "
+                f"got {self.context_placement!r}"
+            )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -125,7 +133,7 @@ def encode_record(
         ("prompt", "", "max_prompt_tokens"),
         ("ctx_prompt", context, "max_context_prompt_tokens"),
     ):
-        ids = render_chat(tokenizer, ctx, record["prompt"])
+        ids = render_chat(tokenizer, ctx, record["prompt"], placement=cfg.context_placement)
         budget = getattr(cfg, key)
         if len(ids) > budget:
             raise ValueError(

@@ -62,6 +62,7 @@ def answer_view(
     batch_size: int = 64,
     seed: int = 0,
     stream: int = 0,
+    placement: str = "system",
 ) -> ViewAnswers:
     """Generates an answer for every record, with its context in front or without it; sampling
     noise comes from random stream `stream` of `seed` (see `stream_seed`)."""
@@ -70,7 +71,12 @@ def answer_view(
     for start in range(0, len(records), batch_size):
         chunk = records[start : start + batch_size]
         prompts = [
-            render_chat(tokenizer, r.get("context", "") if with_context else "", r["prompt"])
+            render_chat(
+                tokenizer,
+                r.get("context", "") if with_context else "",
+                r["prompt"],
+                placement=placement,
+            )
             for r in chunk
         ]
         out = generate(
@@ -123,6 +129,7 @@ def layer_cosine(
     records: list[dict],
     answers_x: ViewAnswers,
     batch_size: int = 64,
+    placement: str = "system",
 ) -> np.ndarray:
     """Mean cosine similarity per layer (embeddings first) between the hidden states of the
     no-context answer's tokens read under `[x | y]` and under `[c | x | y]`."""
@@ -135,7 +142,8 @@ def layer_cosine(
         for r, y in zip(chunk, answers_x.tokens[start : start + batch_size], strict=True):
             y = y or [pad_id]
             seqs_x.append(render_chat(tokenizer, "", r["prompt"]) + y)
-            seqs_c.append(render_chat(tokenizer, r.get("context", ""), r["prompt"]) + y)
+            context = r.get("context", "")
+            seqs_c.append(render_chat(tokenizer, context, r["prompt"], placement=placement) + y)
             resp_len.append(len(y))
         width_x = bucket_length(max(map(len, seqs_x)))
         width_c = bucket_length(max(map(len, seqs_c)))
@@ -170,6 +178,7 @@ def evaluate_context(
     seed: int = 1234,
     retention: bool = True,
     with_cosine: bool = True,
+    placement: str = "system",
 ) -> dict:
     """All removability metrics for one context of a task; JSON-ready (undefined ratios are None).
 
@@ -180,12 +189,17 @@ def evaluate_context(
     random numbers): lower variance for a paired comparison, but biased towards Harm 0, since views
     that agree then give identical answers. The result records `mode`, `draws` and `coupled_views`;
     `lengths_x` / `lengths_xc` are [n * draws], item-major; `samples` shows each item's first draw.
+    `placement` is where the context goes in the chat (`hf.render_chat`), as in training.
     """
     draws = eval_draws(temperature, samples, coupled_views)
     records = task.eval_records(context_name, examples, seed)
     rows = [r for r in records for _ in range(draws)]  # item-major: row i * draws + j
     kw = dict(
-        max_new_tokens=max_new_tokens, temperature=temperature, batch_size=batch_size, seed=seed
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        batch_size=batch_size,
+        seed=seed,
+        placement=placement,
     )
     ans_x = answer_view(model, tokenizer, rows, with_context=False, stream=STREAM_X, **kw)
     stream_xc = STREAM_X if coupled_views else STREAM_XC
@@ -206,7 +220,7 @@ def evaluate_context(
     )
     if with_cosine:
         result["layer_cosine"] = [
-            float(c) for c in layer_cosine(model, tokenizer, rows, ans_x, batch_size)
+            float(c) for c in layer_cosine(model, tokenizer, rows, ans_x, batch_size, placement)
         ]
     if retention:
         others = {}
@@ -256,6 +270,7 @@ EVAL_KWARGS = (
     "temperature",
     "samples",
     "coupled_views",
+    "placement",
     "batch_size",
     "seed",
     "retention",
@@ -324,7 +339,19 @@ def _eval_settings(eval_kwargs: dict) -> dict:
     if unknown:
         raise InputError(f"unknown evaluation setting(s) {unknown}; valid: {list(EVAL_KWARGS)}")
     defaults = {k: v for k, v in dataclasses.asdict(EvalConfig()).items() if k in EVAL_KWARGS}
-    settings = {**defaults, "retention": True, "with_cosine": True, **eval_kwargs}
+    settings = {
+        **defaults,
+        "retention": True,
+        "with_cosine": True,
+        "placement": "system",
+        **eval_kwargs,
+    }
+    from ctxjax.hf import CHAT_PLACEMENTS
+
+    if settings["placement"] not in CHAT_PLACEMENTS:
+        raise InputError(
+            f"placement must be one of {list(CHAT_PLACEMENTS)}, got {settings['placement']!r}"
+        )
     try:  # the same range checks as the `eval` section of a training config
         EvalConfig(**{k: settings[k] for k in defaults})
     except (TypeError, ValueError) as e:

@@ -345,6 +345,7 @@ def evaluate_student(run: Run, params=None, retention: bool = True) -> dict | No
         batch_size=cfg.eval.batch_size,
         seed=cfg.eval.seed,
         retention=retention,
+        placement=cfg.data.context_placement,
     )
 
 

@@ -33,6 +33,7 @@ def main(argv: list[str]) -> None:
     add("--temperature", type=float, default=0.0, help="0 = greedy")
     add("--samples", type=int, default=None, help="draws per item and view (sampled; default 4)")
     add("--coupled-views", action="store_true", help="share sampling noise (biases Harm to 0)")
+    add("--placement", default="system", help="context in the system or the user message")
     add("--max-new-tokens", type=int, default=16)
     add("--batch-size", type=int, default=64)
     add("--seed", type=int, default=1234)
@@ -55,7 +56,8 @@ def main(argv: list[str]) -> None:
             task_options=options, out_dir=args.out, baseline_path=args.baseline,
             tokenizer_path=args.tokenizer, param_dtype=args.dtype, title=args.title,
             examples=args.examples, temperature=args.temperature, samples=args.samples,
-            coupled_views=args.coupled_views, max_new_tokens=args.max_new_tokens,
+            coupled_views=args.coupled_views, placement=args.placement,
+            max_new_tokens=args.max_new_tokens,
             batch_size=args.batch_size, seed=args.seed, retention=not args.no_retention,
             with_cosine=not args.no_cosine,
         )  # fmt: skip

@@ -317,6 +317,20 @@ def test_encode_record_views_and_context_choice(tokenizer):
     assert enc["ctx_prompt_ids"][enc["ctx_prompt_mask"]].tolist() == x_ids
 
 
+def test_context_placement_in_the_user_message(tokenizer):
+    """`data.context_placement=user`: the context goes before the prompt in the user turn (for
+    templates with no system role); the no-context view is unchanged."""
+    record = {"prompt": "Name a color:", "context": "Reply in French."}
+    enc = encode_record(record, tokenizer, "", _cfg(context_placement="user"), index=0)
+    user_ids = render_chat(tokenizer, record["context"], record["prompt"], placement="user")
+    assert user_ids != render_chat(tokenizer, record["context"], record["prompt"])
+    assert enc["ctx_prompt_ids"][enc["ctx_prompt_mask"]].tolist() == user_ids
+    x_ids = render_chat(tokenizer, "", record["prompt"])
+    assert enc["prompt_ids"][enc["prompt_mask"]].tolist() == x_ids
+    with pytest.raises(ValueError, match=r"^data\.context_placement must be one of"):
+        _cfg(context_placement="assistant")
+
+
 def test_encode_budget_errors_name_record_and_key(tokenizer, tmp_path):
     cfg = _cfg(max_prompt_tokens=12, max_context_prompt_tokens=20)
     long_prompt = {"prompt": "the quick brown fox jumps over the lazy dog"}

@@ -583,6 +583,8 @@ def test_evaluate_checkpoint_on_a_users_jsonl(checkpoints, tmp_path):
     assert out["context"] == "ctx0" and out["context_text"] == records[0]["context"]
     assert out["n"] == 6 and out["mode"] == "greedy"
     assert {"acc_x", "acc_xc", "harm", "both_correct", "delta_len"} <= set(out)
+    with pytest.raises(InputError, match=r"^placement must be one of \['system', 'user'\]"):
+        evaluate_checkpoint(checkpoints[0], "synthetic", "careful", placement="assistant")
     with pytest.raises(InputError, match=r"^the run's verifier: unknown verifier type 'exakt'"):
         evaluate_checkpoint(
             checkpoints[0], "jsonl", "", task_options={"eval_file": str(data), "verifier": "exakt"}
