@@ -41,26 +41,28 @@ def aggregate(records: list[dict]) -> dict:
 
 
 def where_nca_did_not_help(agg: dict, tol: float = 0.02) -> list[str]:
-    """Cells where NCA's Harm was not lower than OPD's, or NCA cost accuracy without context."""
+    """Cells where NCA's Harm was not lower than OPD's, or NCA cost accuracy; what was measured,
+    nothing more. A cell whose Harm is undefined for either variant (no item right without the
+    context) is left out of the Harm comparison."""
     notes = []
     for cell, variants in sorted(agg.items()):
         if "opd" not in variants or "nca" not in variants:
             continue
         opd, nca = variants["opd"], variants["nca"]
-        if not nca["harm"][0] < opd["harm"][0] - tol:
+        harms = (nca["harm"].mean, opd["harm"].mean)
+        if not any(math.isnan(h) for h in harms) and not harms[0] < harms[1] - tol:
             notes.append(
-                f"{cell}: Harm {nca['harm'][0]:.3f} with NCA vs {opd['harm'][0]:.3f} with "
-                f"plain OPD (no reduction larger than {tol})"
+                f"{cell}: Harm {harms[0]:.3f} with NCA vs {harms[1]:.3f} with plain OPD "
+                f"(no reduction larger than {tol})"
             )
-        if nca["acc_x"][0] < opd["acc_x"][0] - 0.05:
+        if nca["acc_x"].mean < opd["acc_x"].mean - 0.05:
             notes.append(
-                f"{cell}: Acc_x {nca['acc_x'][0]:.3f} with NCA vs {opd['acc_x'][0]:.3f} with "
-                f"plain OPD (NCA held back what OPD learned)"
+                f"{cell}: Acc_x {nca['acc_x'].mean:.3f} with NCA vs {opd['acc_x'].mean:.3f} "
+                f"with plain OPD"
             )
-        if nca["acc_xc"][0] < opd["acc_xc"][0] - 0.1:
+        if nca["acc_xc"].mean < opd["acc_xc"].mean - 0.1:
             notes.append(
-                f"{cell}: Acc_xc {nca['acc_xc'][0]:.3f} with NCA vs {opd['acc_xc'][0]:.3f} with "
-                f"plain OPD (the anchor pulled the with-context view onto a no-context answer "
-                f"that was still wrong: the student stopped following the context)"
+                f"{cell}: Acc_xc {nca['acc_xc'].mean:.3f} with NCA vs {opd['acc_xc'].mean:.3f} "
+                f"with plain OPD"
             )
     return notes

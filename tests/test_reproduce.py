@@ -195,15 +195,16 @@ def test_aggregate_and_where_nca_did_not_help():
     assert agg["a"]["base"]["acc_xc"][0] == pytest.approx(0.9)
     notes = where_nca_did_not_help(agg)
     assert len(notes) == 2 and all(n.startswith("b:") for n in notes)
-    # A cell where NCA erased the with-context behaviour is named as such.
+    # A cell where NCA erased the with-context behaviour is named with what was measured, and its
+    # undefined Harm (no item right without the context) is not compared as if it were 0.
     erased = aggregate(
         [
-            _record("c", "opd", 0, acc_x=0.0, acc_xc=0.8, harm=0.0),
-            _record("c", "nca", 0, acc_x=0.0, acc_xc=0.0, harm=0.0),
+            _record("c", "opd", 0, acc_x=0.0, acc_xc=0.8, harm=None),
+            _record("c", "nca", 0, acc_x=0.0, acc_xc=0.0, harm=None),
         ]
     )
-    [note] = [n for n in where_nca_did_not_help(erased) if "Acc_xc" in n]
-    assert note.startswith("c: Acc_xc 0.000 with NCA vs 0.800")
+    [note] = where_nca_did_not_help(erased)
+    assert note == "c: Acc_xc 0.000 with NCA vs 0.800 with plain OPD"
 
 
 def test_write_results_groups_cells_by_regime(tmp_path):
