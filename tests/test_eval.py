@@ -523,12 +523,17 @@ def _load_script():
 )
 def test_bad_input_exits_2_naming_it(checkpoints, tmp_path, capsys, args, message):
     fill = {"missing": str(tmp_path / "no_such_model"), "model": checkpoints[0]}
-    argv = [a.format(**fill) for a in args] + [
-        "--task-option",
-        "families=[sum]",
-        "--out",
-        str(tmp_path / "out"),
-    ]
+    # The task and context first: a case's own --task / --context comes later and wins.
+    argv = (
+        ["--task", "synthetic", "--context", "careful"]
+        + [a.format(**fill) for a in args]
+        + [
+            "--task-option",
+            "families=[sum]",
+            "--out",
+            str(tmp_path / "out"),
+        ]
+    )
     with pytest.raises(SystemExit) as exit_info:
         _load_script().main(argv)
     assert exit_info.value.code == 2
