@@ -283,7 +283,10 @@ def test_refused_inputs_exit_2_with_one_line(folders, bad_inputs, tmp_path, caps
     cases = [
         ([data, f"teacher={bad_inputs['other_tokenizer']}"], r"teacher .*: tokenizers differ"),
         ([data, f"student={bad_inputs['small_vocab']}"], r"the tokenizer has \d+ tokens but"),
-        ([f"data.train_file={bad_inputs['no_context']}"], r"no record of .*plain\.jsonl has a"),
+        (
+            [f"data.train_file={bad_inputs['no_context']}"],
+            r"plain\.jsonl:1: no 'context' and no run-level context .*nothing to distill",
+        ),
         ([f"data.train_file={bad_inputs['not_utf8']}"], r"latin1\.jsonl:2: not UTF-8"),
         ([f"data.train_file={bad_inputs['empty']}"], r"data file holds no records: .*empty"),
         ([data, "mesh.fsdp=0"], r"mesh\.fsdp must be >= 1 or -1"),
@@ -313,7 +316,8 @@ def test_eval_script_on_a_half_written_model_folder(folders, tmp_path, capsys): 
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     main = runpy.run_path(os.path.join(REPO, "scripts", "eval.py"))["main"]
     with pytest.raises(SystemExit) as e:
-        main(["--model", str(model), "--out", str(tmp_path / "eval"), "--examples", "2"])
+        main(["--model", str(model), "--task", "synthetic", "--context", "careful",
+              "--out", str(tmp_path / "eval"), "--examples", "2"])  # fmt: skip
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and len(err) == 1 and "model.safetensors" in err[0], err
 
