@@ -11,6 +11,7 @@ import pytest
 from ctxjax.data import (
     DataConfig,
     check_budgets,
+    check_has_context,
     encode_record,
     load_jsonl,
     make_iterator,
@@ -450,3 +451,12 @@ def test_check_budgets_finds_the_long_record_up_front(tokenizer):
     check_budgets(records[:3], tokenizer, cfg)  # all fit: no error
     with pytest.raises(ValueError, match=r"record 3: .*data\.max_prompt_tokens=16"):
         check_budgets(records, tokenizer, cfg)
+
+
+def test_check_has_context_refuses_nothing_to_distill(tmp_path):
+    path = _write(tmp_path, "plain.jsonl", [json.dumps({"prompt": "Name a color:"})])
+    records = load_jsonl(path)
+    with pytest.raises(ValueError, match=r"^no record of .*plain\.jsonl has a 'context'"):
+        check_has_context(records, "")
+    check_has_context(records, "Be brief.")  # a run-level context is enough
+    check_has_context([{"prompt": "x", "context": "Be brief."}], "")
