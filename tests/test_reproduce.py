@@ -138,9 +138,9 @@ def test_mistyped_grid_key_is_an_error_naming_file_and_cell(tmp_path, edit, mess
             lambda b: b["tasks"]["mcq"].update(sft_step=1500),
             r"base_models\.yaml: tasks\.mcq: unknown config key 'base\.sft_step'",
         ),
-        (
-            lambda b: b["sizes"]["small"].update(hiden_size=48),
-            r"base_models\.yaml: sizes\.small: unknown config key 'model\.hiden_size'",
+        (  # the sizes are the library's (ctxjax.config.MODEL_SIZES), not the file's
+            lambda b: b.update(sizes={"small": {"hidden_size": 48}}),
+            r"base_models\.yaml: top level: unknown config key 'sizes'",
         ),
         (
             lambda b: b["eval"].update(exampels=64),
