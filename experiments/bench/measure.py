@@ -16,6 +16,8 @@ import time
 
 import numpy as np
 
+from ctxjax.config import MODEL_SIZES
+
 # measure_sample: a tiny Llama, big enough that the decode step is real work on a CPU.
 SAMPLE_MODEL = dict(
     vocab_size=512,
@@ -265,14 +267,7 @@ TRAIN_PRESETS = {
         new_tokens=4,
     ),
     "small": dict(
-        model=dict(
-            vocab_size=320,
-            hidden_size=64,
-            intermediate_size=256,
-            num_layers=4,
-            num_heads=4,
-            num_kv_heads=2,
-        ),
+        model=dict(vocab_size=320, **MODEL_SIZES["medium"]),  # the CPU default run's model
         batch=32,
         prompt_len=32,
         ctx_prompt_len=48,
