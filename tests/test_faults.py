@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_train import TINY, StepSpy, _cfg, _jsonl_cfg, _save_student, folders  # noqa: F401
+from test_train import TINY, StepSpy, _cfg, _jsonl_cfg, _save_student
 
 from ctxjax import hf, losses, train
 from ctxjax.base import tokenizer_corpus
@@ -80,7 +80,7 @@ class SignalSpy(StepSpy):
 
 
 @pytest.fixture(scope="module")
-def straight(folders, tmp_path_factory):  # noqa: F811
+def straight(folders, tmp_path_factory):
     """An uninterrupted 4-step run (checkpoints at 2 and 4) and its compiled step."""
     run = train.setup(_jsonl_cfg(folders, tmp_path_factory.mktemp("straight") / "run"), False)
     run.step_fn = spy = StepSpy(run.step_fn)
@@ -88,7 +88,7 @@ def straight(folders, tmp_path_factory):  # noqa: F811
     return run, spy.compiled
 
 
-def test_signal_saves_and_resume_is_bitwise_equal(folders, straight, tmp_path, caplog):  # noqa: F811
+def test_signal_saves_and_resume_is_bitwise_equal(folders, straight, tmp_path, caplog):
     reference, compiled = straight
     cfg = _jsonl_cfg(folders, tmp_path / "run")
     handler = signal.getsignal(signal.SIGTERM)
@@ -145,7 +145,7 @@ def test_signal_saves_and_resume_is_bitwise_equal(folders, straight, tmp_path, c
     assert "\n" not in str(e.value)
 
 
-def test_divergence_stops_before_saving_and_keeps_the_good_checkpoint(folders, tmp_path):  # noqa: F811
+def test_divergence_stops_before_saving_and_keeps_the_good_checkpoint(folders, tmp_path):
     # Warmup from lr 0: step 1 does not move the parameters, step 2 moves them by ~5e29 (huge but
     # finite), step 3's gradients and parameters go NaN.
     out = tmp_path / "run"
@@ -187,7 +187,7 @@ def test_a_nan_student_gives_a_nan_loss_not_zero():
     assert np.isnan(np.asarray(losses.reverse_kl_topk(student, teacher, k=4))).all()
 
 
-def test_a_used_or_locked_out_dir_is_refused(folders, tmp_path, caplog):  # noqa: F811
+def test_a_used_or_locked_out_dir_is_refused(folders, tmp_path, caplog):
     out = tmp_path / "run"
     cfg = _jsonl_cfg(folders, out)
     os.makedirs(out)
@@ -221,7 +221,7 @@ def test_a_used_or_locked_out_dir_is_refused(folders, tmp_path, caplog):  # noqa
     assert not (out / LOCK_FILE).exists()
 
 
-def test_resume_with_a_changed_config(folders, straight, tmp_path):  # noqa: F811
+def test_resume_with_a_changed_config(folders, straight, tmp_path):
     reference, _ = straight
     out = reference.cfg.train.out_dir
     before = _read(os.path.join(out, "config.json"))
@@ -253,7 +253,7 @@ def _write(path, data: bytes) -> str:
 
 
 @pytest.fixture(scope="module")
-def bad_inputs(folders, tmp_path_factory):  # noqa: F811
+def bad_inputs(folders, tmp_path_factory):
     root = tmp_path_factory.mktemp("bad")
     task = get_task("synthetic", families=["seq"], max_len=4)
     other_tok = build_tokenizer(tokenizer_corpus(task, task.sft_records(50, 1)), vocab_size=300)
@@ -270,7 +270,7 @@ def bad_inputs(folders, tmp_path_factory):  # noqa: F811
     )
 
 
-def test_refused_inputs_exit_2_with_one_line(folders, bad_inputs, tmp_path, capsys):  # noqa: F811
+def test_refused_inputs_exit_2_with_one_line(folders, bad_inputs, tmp_path, capsys):
     main = runpy.run_path(os.path.join(REPO, "scripts", "train.py"))["main"]
     common = [
         f"student={folders['student']}",
@@ -306,7 +306,7 @@ def test_refused_inputs_exit_2_with_one_line(folders, bad_inputs, tmp_path, caps
         assert not os.path.exists(tmp_path / str(i) / "config.json")
 
 
-def test_eval_script_on_a_half_written_model_folder(folders, tmp_path, capsys):  # noqa: F811
+def test_eval_script_on_a_half_written_model_folder(folders, tmp_path, capsys):
     model = tmp_path / "half"
     model.mkdir()
     for name in os.listdir(folders["student"]):
@@ -333,7 +333,7 @@ def test_second_sigint_stops_at_once():
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
-def test_overwrite_replaces_the_old_run_once_set_up(folders, straight, tmp_path):  # noqa: F811
+def test_overwrite_replaces_the_old_run_once_set_up(folders, straight, tmp_path):
     _, compiled = straight
     out = tmp_path / "run"
     os.makedirs(out / "final")
@@ -347,7 +347,7 @@ def test_overwrite_replaces_the_old_run_once_set_up(folders, straight, tmp_path)
     assert os.path.exists(out / "final" / "config.json")
 
 
-def test_sigterm_to_the_train_script_saves_and_exits_0(folders, tmp_path):  # noqa: F811
+def test_sigterm_to_the_train_script_saves_and_exits_0(folders, tmp_path):
     """A real process and signal; checkpoints off (train.checkpoint_every=0): the stop saves one."""
     out = tmp_path / "run"
     env = dict(os.environ, PYTHONPATH=REPO)
@@ -440,7 +440,7 @@ def _kill_9_when(cmd, env, ready, what):
     return what
 
 
-def test_kill_9_inside_a_save_and_mid_run_then_resume_is_bitwise_equal(folders, tmp_path):  # noqa: F811
+def test_kill_9_inside_a_save_and_mid_run_then_resume_is_bitwise_equal(folders, tmp_path):
     """kill -9 while Orbax writes a checkpoint (its temporary folder exists), resume, kill -9 again
     between steps, resume to the end: the final model and the last checkpoint equal an
     uninterrupted run's bit for bit. Each --resume takes over the dead process's lock."""
@@ -473,7 +473,7 @@ def test_kill_9_inside_a_save_and_mid_run_then_resume_is_bitwise_equal(folders, 
     assert _steps_logged(out) == list(range(1, steps + 1))  # no duplicate rows after resumes
 
 
-def test_a_resumed_run_keeps_the_before_section(folders, tmp_path, monkeypatch, caplog):  # noqa: F811
+def test_a_resumed_run_keeps_the_before_section(folders, tmp_path, monkeypatch, caplog):
     """The starting student's evaluation is not redone on the trained parameters after a restore:
     it comes from summary.json. (Resumed at its last step: no step runs, nothing compiles.)"""
     out = tmp_path / "run"

@@ -68,9 +68,9 @@ def _save_student(path, model_cfg, tokenizer, seed=0):
     return str(path)
 
 
-@pytest.fixture(scope="module")
-def folders(tmp_path_factory):
-    """Tiny HF students (the same tokenizer, two architectures) and a JSONL of training records."""
+def make_folders(tmp_path_factory):
+    """Tiny HF students (the same tokenizer, two architectures) and a JSONL of training records:
+    the `folders` fixture (tests/conftest.py) of this module and of the fault tests."""
     root = tmp_path_factory.mktemp("train")
     task = get_task("synthetic", **TASK_OPTIONS)
     tokenizer = build_tokenizer(tokenizer_corpus(task, task.sft_records(200, 0)), vocab_size=320)
