@@ -413,19 +413,23 @@ def parse_overrides(overrides: list[str]) -> dict:
     return tree
 
 
+def read_yaml_mapping(path: str, what: str = "config file") -> dict:
+    """A YAML file holding a mapping (empty file: {}); FileNotFoundError or ValueError naming it."""
+    try:
+        with open(path) as f:
+            values = yaml.safe_load(f) or {}
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{what} not found: {path}") from None
+    except yaml.YAMLError as e:
+        raise ValueError(f"{what} {path} is not valid YAML: {e}") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"{what} {path} must hold a mapping at the top level")
+    return values
+
+
 def load_config(path: str | None = None, overrides: list[str] = ()) -> RunConfig:
     """Defaults, then the YAML preset at `path`, then the dotted overrides, all strictly checked."""
-    values: dict = {}
-    if path:
-        try:
-            with open(path) as f:
-                values = yaml.safe_load(f) or {}
-        except FileNotFoundError:
-            raise FileNotFoundError(f"config file not found: {path}") from None
-        except yaml.YAMLError as e:
-            raise ValueError(f"config file {path} is not valid YAML: {e}") from None
-        if not isinstance(values, dict):
-            raise ValueError(f"config file {path} must hold a mapping at the top level")
+    values = read_yaml_mapping(path) if path else {}
     # Task options: a preset's `options` (or `task.options={...}`) replaces the defaults as a whole,
     # while `task.options.key=value` changes one option of whatever options are in force.
     option_edits = [o for o in overrides if o.split("=", 1)[0].strip().startswith("task.options.")]

@@ -24,6 +24,7 @@ from ctxjax.config import (
     TaskConfig,
     from_dict,
     load_config,
+    read_yaml_mapping,
 )
 from ctxjax.model import ModelConfig
 
@@ -39,15 +40,9 @@ class GridError(ValueError):
 
 def _read_yaml(path: str) -> dict:
     try:
-        with open(path) as f:
-            values = yaml.safe_load(f) or {}
-    except FileNotFoundError:
-        raise GridError(f"file not found: {path}") from None
-    except yaml.YAMLError as e:
-        raise GridError(f"{path} is not valid YAML: {e}") from None
-    if not isinstance(values, dict):
-        raise GridError(f"{path} must hold a mapping at the top level")
-    return values
+        return read_yaml_mapping(path, what="file")
+    except (FileNotFoundError, ValueError) as e:
+        raise GridError(str(e)) from None
 
 
 def _parse(cls: type, values: Any, path: str, where: str) -> Any:
