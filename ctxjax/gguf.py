@@ -21,16 +21,20 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from ctxjax.hf import (
+    _LOAD_ONLY_TOKENIZER_KWARGS,
     CONFIG_FILE,
     GENERATION_CONFIG_FILE,
     WEIGHTS_FILE,
     HFFolderError,
     _one_line,
+    _read_json,
     _write_folder_atomically,
     _write_json,
     config_to_hf,
 )
 from ctxjax.model import ModelConfig
+
+TOKENIZER_FILE = "tokenizer.json"
 
 ARCHITECTURE = "llama"  # general.architecture values convert_gguf reads
 # GGUF tensor names (llama.cpp's `gguf.constants.TENSOR_NAMES`) -> HF names. `{i}` is a layer.
@@ -180,8 +184,9 @@ def read_gguf_weights(reader: Any, cfg: ModelConfig) -> dict[str, np.ndarray]:
     return out
 
 
-def _read(gguf_path: str) -> tuple[ModelConfig, dict[str, np.ndarray], dict[str, int]]:
-    """(architecture, HF tensors, token ids) of a GGUF file; errors are `GGUFError`s naming it."""
+def _read(gguf_path: str) -> tuple[ModelConfig, dict[str, np.ndarray], dict[str, int], int]:
+    """(architecture, HF tensors, token ids, number of tokens) of a GGUF file; errors are
+    `GGUFError`s naming it."""
     gguf = _import_gguf()
     try:
         reader = gguf.GGUFReader(gguf_path)
@@ -196,17 +201,45 @@ def _read(gguf_path: str) -> tuple[ModelConfig, dict[str, np.ndarray], dict[str,
     except ValueError as e:
         raise GGUFError(f"{gguf_path}: {_one_line(e)}") from e
     ids = {hf: int(_field(reader, k)) for k, hf in _TOKEN_ID_KEYS.items() if k in reader.fields}
-    return cfg, tensors, ids
+    tokens = reader.fields.get("tokenizer.ggml.tokens")
+    if tokens is None:
+        raise GGUFError(f"{gguf_path}: no tokenizer (metadata key 'tokenizer.ggml.tokens')")
+    return cfg, tensors, ids, len(tokens.data)
 
 
-def _tokenizer(gguf_path: str) -> Any:
+def _tokenizer(gguf_path: str, n_tokens: int) -> tuple[Any, list[int]]:
+    """(transformers' tokenizer of the file, ids of tokens it added past the file's `n_tokens`).
+
+    transformers builds a byte-level (gpt2) GGUF tokenizer through `GPT2Tokenizer`, whose default
+    unk/bos/eos `<|endoftext|>` becomes an extra token at id n_tokens when the vocabulary lacks it:
+    a token with no embedding row (`hf.check_vocab` would refuse the model). Such strays are
+    dropped from the written tokenizer.json, unless the tokenizer uses one as bos/eos/unk/pad.
+    """
     from transformers import AutoTokenizer
 
     folder, name = os.path.split(os.path.abspath(gguf_path))
     try:
-        return AutoTokenizer.from_pretrained(folder, gguf_file=name, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name, local_files_only=True)
     except Exception as e:  # transformers raises many kinds for a file it cannot read
         raise GGUFError(f"cannot build a tokenizer from {gguf_path}: {_one_line(e)}") from e
+    for key in _LOAD_ONLY_TOKENIZER_KWARGS:  # not a setting of the tokenizer (see hf.py)
+        tokenizer.init_kwargs.pop(key, None)
+    stray = {i: t.content for i, t in tokenizer.added_tokens_decoder.items() if i >= n_tokens}
+    for role in ("bos", "eos", "unk", "pad"):
+        if getattr(tokenizer, f"{role}_token", None) in stray.values():
+            raise GGUFError(
+                f"{gguf_path}: transformers made {getattr(tokenizer, f'{role}_token')!r} the "
+                f"{role} token, which is not among the file's {n_tokens} tokens "
+                f"(tokenizer.ggml.*_token_id metadata missing?)"
+            )
+    return tokenizer, sorted(stray)
+
+
+def _drop_added_tokens(folder: str, ids: list[int]) -> None:
+    file = os.path.join(folder, TOKENIZER_FILE)
+    data = _read_json(file)
+    data["added_tokens"] = [t for t in data.get("added_tokens", []) if t["id"] not in ids]
+    _write_json(file, data)
 
 
 def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike) -> str:
@@ -221,8 +254,8 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike) -> st
     gguf_path = os.path.expanduser(os.fspath(gguf_path))
     if not os.path.isfile(gguf_path):
         raise GGUFError(f"GGUF file not found: {gguf_path}")
-    cfg, tensors, ids = _read(gguf_path)
-    tokenizer = _tokenizer(gguf_path)
+    cfg, tensors, ids, n_tokens = _read(gguf_path)
+    tokenizer, stray = _tokenizer(gguf_path, n_tokens)
 
     def write(folder: str) -> None:
         # "format": "pt" is what transformers itself writes and checks for.
@@ -230,5 +263,7 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike) -> st
         _write_json(os.path.join(folder, CONFIG_FILE), {**config_to_hf(cfg), **ids})
         _write_json(os.path.join(folder, GENERATION_CONFIG_FILE), ids)
         tokenizer.save_pretrained(folder)
+        if stray:
+            _drop_added_tokens(folder, stray)
 
     return _write_folder_atomically(out_dir, write)
