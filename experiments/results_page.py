@@ -117,6 +117,11 @@ def _intro(doc: dict) -> list[str]:
 
 def _count_line(diffs: dict) -> str:
     lowered, defined = harm_count(diffs)
+    if not defined:
+        return (
+            "No cell has a defined 95% interval of the paired Harm difference NCA - OPD (it needs "
+            "at least 2 pairs, same base seed and seed, with Harm defined in both runs)."
+        )
     return (
         f"NCA lowers Harm in **{lowered} of {defined}** cells: those whose paired difference "
         "NCA - OPD (same base seed, same seed) has a 95% interval below 0, of the cells where that "

@@ -305,6 +305,7 @@ def test_paired_difference_matches_base_and_seed_and_counts_cells():
     assert stats.lowers_harm(diffs["a/x/small"]["harm"])
     assert not stats.lowers_harm(diffs["b/x/small"]["harm"])
     assert stats.harm_count(diffs) == (1, 2)  # c and d have no interval: not counted either way
+    assert stats.harm_count({"d": diffs["d/x/small"]}) == (0, 0)
     notes = stats.where_nca_did_not_help(diffs)
     assert [n.split(":")[0] for n in notes] == ["b/x/small", "c/x/small", "d/x/small"]
     assert "undefined in every pair" in notes[1]
