@@ -225,6 +225,14 @@ def _linear(din: int, dout: int, bias: bool, num: Numerics, rngs: nnx.Rngs) -> n
     )
 
 
+def _dense(layer: nnx.Linear, x_BxLxDin: jax.Array) -> jax.Array:
+    """`layer` applied to the rows of a 2-D [B*L, Din] view. On a 3-D input the backward's weight
+    gradient contracts over two axes (B and L), which XLA CPU lowers as a transpose copy plus a
+    plain dot off its fast (YNNPACK) GEMM path; one row axis keeps every dot on it."""
+    *lead, din = x_BxLxDin.shape
+    return layer(x_BxLxDin.reshape(-1, din)).reshape(*lead, -1)
+
+
 class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, num: Numerics, rngs: nnx.Rngs):
         d, h, k, dh = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.resolved_head_dim
@@ -241,9 +249,9 @@ class Attention(nnx.Module):
         cfg = self.cfg
         b, seq_len, _ = x_BxLxD.shape
         h, k, dh = cfg.num_heads, cfg.num_kv_heads, cfg.resolved_head_dim
-        q_BxLxHxDh = self.q_proj(x_BxLxD).reshape(b, seq_len, h, dh)
-        k_BxLxKxDh = self.k_proj(x_BxLxD).reshape(b, seq_len, k, dh)
-        v_BxLxKxDh = self.v_proj(x_BxLxD).reshape(b, seq_len, k, dh)
+        q_BxLxHxDh = _dense(self.q_proj, x_BxLxD).reshape(b, seq_len, h, dh)
+        k_BxLxKxDh = _dense(self.k_proj, x_BxLxD).reshape(b, seq_len, k, dh)
+        v_BxLxKxDh = _dense(self.v_proj, x_BxLxD).reshape(b, seq_len, k, dh)
         if cfg.qk_norm:
             q_BxLxHxDh, k_BxLxKxDh = self.q_norm(q_BxLxHxDh), self.k_norm(k_BxLxKxDh)
         q_BxLxHxDh = apply_rope(q_BxLxHxDh, positions_BxL, inv_freq)
@@ -281,7 +289,8 @@ class Attention(nnx.Module):
         out_BxLxKxGxDh = jnp.einsum(
             "bkgls,bksd->blkgd", probs_BxKxGxLxS.astype(values_BxKxSxDh.dtype), values_BxKxSxDh
         )
-        out_BxLxD = self.o_proj(out_BxLxKxGxDh.reshape(b, seq_len, h * dh).astype(x_BxLxD.dtype))
+        out_BxLxHDh = out_BxLxKxGxDh.reshape(b, seq_len, h * dh).astype(x_BxLxD.dtype)
+        out_BxLxD = _dense(self.o_proj, out_BxLxHDh)
         return out_BxLxD, new_kv
 
 
@@ -293,7 +302,8 @@ class MLP(nnx.Module):
         self.down_proj = _linear(f, d, cfg.mlp_bias, num, rngs)
 
     def __call__(self, x_BxLxD):
-        return self.down_proj(jax.nn.silu(self.gate_proj(x_BxLxD)) * self.up_proj(x_BxLxD))
+        hidden_BxLxF = jax.nn.silu(_dense(self.gate_proj, x_BxLxD)) * _dense(self.up_proj, x_BxLxD)
+        return _dense(self.down_proj, hidden_BxLxF)
 
 
 class Block(nnx.Module):
