@@ -233,6 +233,28 @@ def _dense(layer: nnx.Linear, x_BxLxDin: jax.Array) -> jax.Array:
     return layer(x_BxLxDin.reshape(-1, din)).reshape(*lead, -1)
 
 
+def _attend(q_BxLxHxDh, keys_BxKxSxDh, values_BxKxSxDh, allowed_BxLxS) -> jax.Array:
+    """Grouped-query softmax attention of each query over the keys it is `allowed`: [B, L, H, Dh].
+    Scores and softmax in float32."""
+    b, seq_len, h, dh = q_BxLxHxDh.shape
+    k = keys_BxKxSxDh.shape[1]
+    g = h // k
+    q_BxLxKxGxDh = q_BxLxHxDh.reshape(b, seq_len, k, g, dh)
+    scores_BxKxGxLxS = jnp.einsum(
+        "blkgd,bksd->bkgls",
+        q_BxLxKxGxDh,
+        keys_BxKxSxDh.astype(q_BxLxKxGxDh.dtype),
+        preferred_element_type=jnp.float32,
+    ) / math.sqrt(dh)
+    # A finite floor instead of -inf: padding queries see no key at all and must stay NaN-free.
+    scores_BxKxGxLxS = jnp.where(allowed_BxLxS[:, None, None], scores_BxKxGxLxS, -1e30)
+    probs_BxKxGxLxS = jax.nn.softmax(scores_BxKxGxLxS, axis=-1)
+    out_BxLxKxGxDh = jnp.einsum(
+        "bkgls,bksd->blkgd", probs_BxKxGxLxS.astype(values_BxKxSxDh.dtype), values_BxKxSxDh
+    )
+    return out_BxLxKxGxDh.reshape(b, seq_len, h, dh)
+
+
 class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, num: Numerics, rngs: nnx.Rngs):
         d, h, k, dh = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.resolved_head_dim
@@ -273,23 +295,10 @@ class Attention(nnx.Module):
             new_kv = (keys_BxKxSxDh, values_BxKxSxDh)
 
         s = keys_BxKxSxDh.shape[2]
-        g = h // k
-        q_BxLxKxGxDh = q_BxLxHxDh.reshape(b, seq_len, k, g, dh)
-        scores_BxKxGxLxS = jnp.einsum(
-            "blkgd,bksd->bkgls",
-            q_BxLxKxGxDh,
-            keys_BxKxSxDh.astype(q_BxLxKxGxDh.dtype),
-            preferred_element_type=jnp.float32,
-        ) / math.sqrt(dh)
         causal_LxS = jnp.arange(s)[None, :] <= query_slots_L[:, None]
         allowed_BxLxS = causal_LxS[None] & keys_mask_BxS[:, None, :]
-        # A finite floor instead of -inf: padding queries see no key at all and must stay NaN-free.
-        scores_BxKxGxLxS = jnp.where(allowed_BxLxS[:, None, None], scores_BxKxGxLxS, -1e30)
-        probs_BxKxGxLxS = jax.nn.softmax(scores_BxKxGxLxS, axis=-1)
-        out_BxLxKxGxDh = jnp.einsum(
-            "bkgls,bksd->blkgd", probs_BxKxGxLxS.astype(values_BxKxSxDh.dtype), values_BxKxSxDh
-        )
-        out_BxLxHDh = out_BxLxKxGxDh.reshape(b, seq_len, h * dh).astype(x_BxLxD.dtype)
+        out_BxLxHxDh = _attend(q_BxLxHxDh, keys_BxKxSxDh, values_BxKxSxDh, allowed_BxLxS)
+        out_BxLxHDh = out_BxLxHxDh.reshape(b, seq_len, h * dh).astype(x_BxLxD.dtype)
         out_BxLxD = _dense(self.o_proj, out_BxLxHDh)
         return out_BxLxD, new_kv
 
