@@ -322,8 +322,8 @@ def test_remat_inside_grad_of_a_merged_model_matches_plain():
 
 def test_block_backward_contracts_one_axis_per_weight_gradient():
     """The projections run on a 2-D [B*L, D] view, so each weight gradient of a block is a plain
-    [Din, B*L] x [B*L, Dout] GEMM. On [B, L, D] it contracted two axes, which XLA CPU lowered as a
-    transpose copy plus a dot off its fast GEMM path (~26% of the 42M fwd+bwd's CPU time)."""
+    [Din, B*L] x [B*L, Dout] GEMM. On [B, L, D] it contracted two axes, which XLA CPU lowered with a
+    transposed copy of the activations before each dot (~26% of the 42M fwd+bwd's CPU time)."""
     model = _model()
     block_def, block_state = nnx.split(model.layers[0])
     x_BxLxD = jnp.ones((B, L, model.cfg.hidden_size))
