@@ -225,6 +225,37 @@ def _linear(din: int, dout: int, bias: bool, num: Numerics, rngs: nnx.Rngs) -> n
     )
 
 
+def _dense(layer: nnx.Linear, x_BxLxDin: jax.Array) -> jax.Array:
+    """`layer` applied to the rows of a 2-D [B*L, Din] view. On a 3-D input the backward's weight
+    gradient contracts two axes (B and L), which XLA CPU lowered as a transposed copy of the
+    activations before each dot; with one row axis the dot reads them in place (bitwise-equal
+    results, ~26% less CPU time for a 42M model's fwd+bwd)."""
+    *lead, din = x_BxLxDin.shape
+    return layer(x_BxLxDin.reshape(-1, din)).reshape(*lead, -1)
+
+
+def _attend(q_BxLxHxDh, keys_BxKxSxDh, values_BxKxSxDh, allowed_BxLxS) -> jax.Array:
+    """Grouped-query softmax attention of each query over the keys it is `allowed`: [B, L, H, Dh].
+    Scores and softmax in float32."""
+    b, seq_len, h, dh = q_BxLxHxDh.shape
+    k = keys_BxKxSxDh.shape[1]
+    g = h // k
+    q_BxLxKxGxDh = q_BxLxHxDh.reshape(b, seq_len, k, g, dh)
+    scores_BxKxGxLxS = jnp.einsum(
+        "blkgd,bksd->bkgls",
+        q_BxLxKxGxDh,
+        keys_BxKxSxDh.astype(q_BxLxKxGxDh.dtype),
+        preferred_element_type=jnp.float32,
+    ) / math.sqrt(dh)
+    # A finite floor instead of -inf: padding queries see no key at all and must stay NaN-free.
+    scores_BxKxGxLxS = jnp.where(allowed_BxLxS[:, None, None], scores_BxKxGxLxS, -1e30)
+    probs_BxKxGxLxS = jax.nn.softmax(scores_BxKxGxLxS, axis=-1)
+    out_BxLxKxGxDh = jnp.einsum(
+        "bkgls,bksd->blkgd", probs_BxKxGxLxS.astype(values_BxKxSxDh.dtype), values_BxKxSxDh
+    )
+    return out_BxLxKxGxDh.reshape(b, seq_len, h, dh)
+
+
 class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, num: Numerics, rngs: nnx.Rngs):
         d, h, k, dh = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.resolved_head_dim
@@ -241,9 +272,9 @@ class Attention(nnx.Module):
         cfg = self.cfg
         b, seq_len, _ = x_BxLxD.shape
         h, k, dh = cfg.num_heads, cfg.num_kv_heads, cfg.resolved_head_dim
-        q_BxLxHxDh = self.q_proj(x_BxLxD).reshape(b, seq_len, h, dh)
-        k_BxLxKxDh = self.k_proj(x_BxLxD).reshape(b, seq_len, k, dh)
-        v_BxLxKxDh = self.v_proj(x_BxLxD).reshape(b, seq_len, k, dh)
+        q_BxLxHxDh = _dense(self.q_proj, x_BxLxD).reshape(b, seq_len, h, dh)
+        k_BxLxKxDh = _dense(self.k_proj, x_BxLxD).reshape(b, seq_len, k, dh)
+        v_BxLxKxDh = _dense(self.v_proj, x_BxLxD).reshape(b, seq_len, k, dh)
         if cfg.qk_norm:
             q_BxLxHxDh, k_BxLxKxDh = self.q_norm(q_BxLxHxDh), self.k_norm(k_BxLxKxDh)
         q_BxLxHxDh = apply_rope(q_BxLxHxDh, positions_BxL, inv_freq)
@@ -265,23 +296,11 @@ class Attention(nnx.Module):
             new_kv = (keys_BxKxSxDh, values_BxKxSxDh)
 
         s = keys_BxKxSxDh.shape[2]
-        g = h // k
-        q_BxLxKxGxDh = q_BxLxHxDh.reshape(b, seq_len, k, g, dh)
-        scores_BxKxGxLxS = jnp.einsum(
-            "blkgd,bksd->bkgls",
-            q_BxLxKxGxDh,
-            keys_BxKxSxDh.astype(q_BxLxKxGxDh.dtype),
-            preferred_element_type=jnp.float32,
-        ) / math.sqrt(dh)
         causal_LxS = jnp.arange(s)[None, :] <= query_slots_L[:, None]
         allowed_BxLxS = causal_LxS[None] & keys_mask_BxS[:, None, :]
-        # A finite floor instead of -inf: padding queries see no key at all and must stay NaN-free.
-        scores_BxKxGxLxS = jnp.where(allowed_BxLxS[:, None, None], scores_BxKxGxLxS, -1e30)
-        probs_BxKxGxLxS = jax.nn.softmax(scores_BxKxGxLxS, axis=-1)
-        out_BxLxKxGxDh = jnp.einsum(
-            "bkgls,bksd->blkgd", probs_BxKxGxLxS.astype(values_BxKxSxDh.dtype), values_BxKxSxDh
-        )
-        out_BxLxD = self.o_proj(out_BxLxKxGxDh.reshape(b, seq_len, h * dh).astype(x_BxLxD.dtype))
+        out_BxLxHxDh = _attend(q_BxLxHxDh, keys_BxKxSxDh, values_BxKxSxDh, allowed_BxLxS)
+        out_BxLxHDh = out_BxLxHxDh.reshape(b, seq_len, h * dh).astype(x_BxLxD.dtype)
+        out_BxLxD = _dense(self.o_proj, out_BxLxHDh)
         return out_BxLxD, new_kv
 
 
@@ -293,7 +312,8 @@ class MLP(nnx.Module):
         self.down_proj = _linear(f, d, cfg.mlp_bias, num, rngs)
 
     def __call__(self, x_BxLxD):
-        return self.down_proj(jax.nn.silu(self.gate_proj(x_BxLxD)) * self.up_proj(x_BxLxD))
+        hidden_BxLxF = jax.nn.silu(_dense(self.gate_proj, x_BxLxD)) * _dense(self.up_proj, x_BxLxD)
+        return _dense(self.down_proj, hidden_BxLxF)
 
 
 class Block(nnx.Module):
