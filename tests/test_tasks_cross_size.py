@@ -6,6 +6,7 @@ forward of the teacher's and the student's folders, and the reverse KL computed 
 
 import dataclasses
 import json
+import os
 
 import jax
 import jax.numpy as jnp
@@ -16,8 +17,9 @@ from hf_fixtures import hf_logits
 from test_train import TINY, StepSpy, _cfg, _save_student
 
 from ctxjax import hf, train
-from ctxjax.config import BaseModelConfig, LossConfig, RunConfig, TaskConfig
+from ctxjax.config import BaseModelConfig, LossConfig, RunConfig, TaskConfig, load_config
 from ctxjax.step import distill_batch, make_distill_loss
+from experiments.grid import load_grid, plan
 
 # Twice the student's depth and a wider residual stream: another architecture, the same tokenizer.
 LARGER = dataclasses.replace(TINY, num_layers=4, hidden_size=48, intermediate_size=96)
@@ -123,3 +125,13 @@ def test_base_teacher_names_the_task_base_model_of_another_size(tmp_path, monkey
         train.resolve_teacher(dataclasses.replace(cfg, teacher="base:huge"))
     with pytest.raises(ValueError, match=r"the student must be too"):
         train.resolve_teacher(dataclasses.replace(cfg, student="/s"))
+
+
+def test_grid_cross_size_cells_plan_the_small_student_under_the_medium_base():
+    grid = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs/grids/reproduce.yaml")
+    specs = [s for s in plan(load_grid(grid)) if "xsize" in s.task]
+    assert specs and {s.size for s in specs} == {"small"}
+    assert {s.variant for s in specs} == {"opd", "nca"}
+    for spec in specs:
+        cfg = load_config(None, list(spec.overrides))
+        assert cfg.teacher == "base:medium" and cfg.model.num_layers == 2 and not cfg.student
