@@ -255,6 +255,11 @@ class _GridTask:
 
     sloppy_rate: float = 0.4
     tips_share: float = 0.5
+    # False: each sloppy answer is a fresh failing plan, so the mistakes scatter and the right plan
+    # stays the no-context mode (greedy answers without tips are as good as with them). True: one
+    # failing plan per level (drawn from the level alone), so with sloppy_rate > 0.5 the mistake is
+    # the mode and the tips change the greedy answer too.
+    consistent_mistakes: bool = False
     max_moves: int = 10
     heldout_fraction: float = 0.2
     tips: str = ""
@@ -312,7 +317,8 @@ class _GridTask:
             if rng.random() < self.tips_share:
                 records.append(self._record(grid, plan, self.tips, sloppy=False))
             elif rng.random() < self.sloppy_rate:
-                bad = self._failing_plan(rng, grid, plan)
+                mistake_rng = self._level_rng(grid) if self.consistent_mistakes else rng
+                bad = self._failing_plan(mistake_rng, grid, plan)
                 if bad is not None:  # none found for this level: draw another level
                     records.append(self._record(grid, bad, "", sloppy=True))
             else:
@@ -345,6 +351,10 @@ class _GridTask:
             f"{self.name}: no solvable level within {self.max_moves} moves in {_MAX_DRAWS} draws; "
             "loosen max_moves or the level settings"
         )
+
+    def _level_rng(self, grid: Grid) -> np.random.Generator:
+        """A generator fixed by the level alone: the same draws for every record of it."""
+        return seeded_rng(0, self.name, "mistake", " ".join(grid))
 
     def _failing_plan(
         self, rng: np.random.Generator, grid: Grid, plan: list[str]
