@@ -278,7 +278,8 @@ def _check_finite(cfg: Any, prefix: str = "") -> None:
 class RunConfig:
     # HF folder of the student; "" builds/reuses the tiny base model for `task` (CPU default).
     student: str = ""
-    # HF folder of a teacher sharing the tokenizer (cross-size distillation); "": frozen student.
+    # HF folder of a teacher sharing the tokenizer (cross-size distillation); "": frozen student;
+    # "base:<size>": the task's base model at that size of MODEL_SIZES (train.resolve_teacher).
     teacher: str = ""
     tokenizer: str = ""  # HF tokenizer folder; "" = the student's folder
     # The architecture of the base model to build; with `student` set it comes from that folder's

@@ -26,7 +26,7 @@ from flax import nnx
 from ctxjax import hf, sharding
 from ctxjax.base import build_or_reuse_base
 from ctxjax.checkpoint import Checkpointer, CheckpointError
-from ctxjax.config import EvalConfig, RunConfig, to_dict
+from ctxjax.config import MODEL_SIZES, EvalConfig, RunConfig, to_dict
 from ctxjax.data import (
     check_budgets,
     check_has_context,
@@ -112,6 +112,27 @@ def resolve_student(cfg: RunConfig, progress: bool = True) -> str:
         progress=progress,
         numerics=cfg.numerics,
     )
+
+
+# `teacher=base:<size>`: the task's own base model at another size of `config.MODEL_SIZES` (built or
+# reused like the student's), so a grid can name a cross-size teacher without knowing its folder.
+BASE_TEACHER = "base:"
+
+
+def resolve_teacher(cfg: RunConfig, progress: bool = True) -> str:
+    """The teacher's HF folder: `cfg.teacher` itself, or the `base:<size>` base model's."""
+    if not cfg.teacher.startswith(BASE_TEACHER):
+        return cfg.teacher
+    size = cfg.teacher[len(BASE_TEACHER) :]
+    if size not in MODEL_SIZES:
+        raise ValueError(
+            f"teacher={cfg.teacher}: unknown size {size!r}; valid: {sorted(MODEL_SIZES)}"
+        )
+    if cfg.student:
+        raise ValueError(f"teacher={cfg.teacher} names a built base model; the student must be too")
+    model_cfg = dataclasses.replace(cfg.model, **MODEL_SIZES[size])
+    teacher_cfg = dataclasses.replace(cfg, model=model_cfg, teacher="")
+    return resolve_student(teacher_cfg, progress)
 
 
 def training_records(cfg: RunConfig, task: Task) -> list[dict]:
@@ -285,6 +306,7 @@ def setup(cfg: RunConfig, progress: bool = True, mesh: jax.sharding.Mesh | None 
     tokenizer = hf.load_tokenizer(cfg.tokenizer or student_path)
     # Records and their token budgets first: a bad record fails in seconds, before the weights load.
     records, data_iter = build_data(cfg, task, tokenizer, mesh)
+    cfg = dataclasses.replace(cfg, teacher=resolve_teacher(cfg, progress))
     models = load_models(cfg, student_path, mesh, tokenizer)
     tx, state, state_shardings = init_train_state(
         cfg, nnx.merge(models.graphdef, models.params), mesh

@@ -165,7 +165,9 @@ class _TaskEntry:
 class Cell:
     task: str = ""  # a label of the grid's `tasks`
     context: str = ""
-    size: str = ""  # ablation cells only: headline cells take every size of the grid
+    # Ablation cells name theirs; a headline cell takes every size of the grid unless it names one
+    # (a cross-size cell: only the student smaller than its `teacher=base:<size>` makes sense).
+    size: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -243,6 +245,8 @@ def _raw_grid(path: str) -> dict:
 
 
 def _cells(items: tuple, path: str, where: str, grid_tasks: dict, sizes) -> tuple[Cell, ...]:
+    """`sizes`: the valid sizes of cells that must name one (ablations); None: headline cells."""
+    all_sizes = MODEL_SIZES if sizes is None else sizes
     cells = []
     for i, item in enumerate(items):
         cell = _parse(Cell, item, path, f"{where}[{i}]")
@@ -252,10 +256,8 @@ def _cells(items: tuple, path: str, where: str, grid_tasks: dict, sizes) -> tupl
             )
         if not cell.context:
             raise GridError(f"{path}: {where}[{i}]: a cell needs a context")
-        if sizes is None and cell.size:
-            raise GridError(f"{path}: {where}[{i}]: headline cells take every size; no size here")
-        if sizes is not None and cell.size not in sizes:
-            raise GridError(f"{path}: {where}[{i}]: size {cell.size!r} not in {sorted(sizes)}")
+        if (sizes is not None or cell.size) and cell.size not in all_sizes:
+            raise GridError(f"{path}: {where}[{i}]: size {cell.size!r} not in {sorted(all_sizes)}")
         cells.append(cell)
     return tuple(cells)
 
@@ -375,7 +377,7 @@ def plan(grid: Grid) -> list[RunSpec]:
     specs = [
         _spec(grid, cell, size, variant, base_seed, seed)
         for cell in grid.cells
-        for size in grid.sizes
+        for size in ((cell.size,) if cell.size else grid.sizes)
         for base_seed in grid.base_seeds
         for seed in grid.seeds
         for variant in grid.headline_variants

@@ -42,7 +42,7 @@ from ctxjax.tasks.synthetic import CONTEXTS, SyntheticTask, default_answer, defa
 
 
 def test_registry_builds_every_task_and_rejects_unknown_names():
-    assert sorted(TASKS) == ["frozenlake", "math", "mcq", "sokoban", "synthetic"]
+    assert sorted(TASKS) == ["frozenlake", "math", "mcq", "sokoban", "synthetic", "worked"]
     for name in TASKS:
         task = get_task(name)
         assert isinstance(task, Task) and task.name == name

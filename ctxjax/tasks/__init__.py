@@ -47,6 +47,7 @@ class Task(Protocol):
 from ctxjax.tasks.gridworld import FrozenLakeTask, SokobanTask  # noqa: E402
 from ctxjax.tasks.qa import MathTask, MCQTask  # noqa: E402
 from ctxjax.tasks.synthetic import SyntheticTask  # noqa: E402
+from ctxjax.tasks.worked import WorkedSumsTask  # noqa: E402
 
 TASKS: dict[str, type] = {
     "synthetic": SyntheticTask,
@@ -54,6 +55,7 @@ TASKS: dict[str, type] = {
     "sokoban": SokobanTask,
     "mcq": MCQTask,
     "math": MathTask,
+    "worked": WorkedSumsTask,
 }
 
 

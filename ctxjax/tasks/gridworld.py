@@ -46,6 +46,7 @@ DIRS: dict[str, Cell] = {"U": (-1, 0), "D": (1, 0), "L": (0, -1), "R": (0, 1)}
 # Tie-break order among shortest plans ("prefer right then down", as the FrozenLake tips say).
 MOVE_ORDER = "RDLU"
 _MAX_DRAWS = 100_000
+MISTAKES = ("scattered", "systematic")  # how no-context SFT answers go wrong (_GridTask.mistakes)
 
 FROZENLAKE_TIPS = "tips: avoid holes, prefer right then down"
 SOKOBAN_TIPS = "tips: stand behind the box and push it to the target"
@@ -255,6 +256,12 @@ class _GridTask:
 
     sloppy_rate: float = 0.4
     tips_share: float = 0.5
+    # "scattered": each sloppy answer is a fresh failing plan (cut short or one move changed), so
+    # the mistakes spread and the right plan stays the no-context mode: greedy answers without tips
+    # are about as good as with them. "systematic": the plan without its last move, one rule for
+    # every level, so with sloppy_rate > 0.5 the mistake is the mode and the tips change the greedy
+    # answer too. (A failing plan fixed per level by its hash did not: held-out levels are new.)
+    mistakes: str = "scattered"
     max_moves: int = 10
     heldout_fraction: float = 0.2
     tips: str = ""
@@ -269,6 +276,8 @@ class _GridTask:
             raise ValueError(
                 "heldout_fraction must be > 0 (eval records come from the held-out split)"
             )
+        if self.mistakes not in MISTAKES:
+            raise ValueError(f"mistakes must be one of {MISTAKES}, got {self.mistakes!r}")
         if self.max_moves < 1:
             raise ValueError(f"max_moves must be >= 1, got {self.max_moves}")
         if not self.tips.strip():
@@ -312,7 +321,8 @@ class _GridTask:
             if rng.random() < self.tips_share:
                 records.append(self._record(grid, plan, self.tips, sloppy=False))
             elif rng.random() < self.sloppy_rate:
-                bad = self._failing_plan(rng, grid, plan)
+                bad = plan[:-1] if self.mistakes == "systematic" else None
+                bad = bad or self._failing_plan(rng, grid, plan)
                 if bad is not None:  # none found for this level: draw another level
                     records.append(self._record(grid, bad, "", sloppy=True))
             else:
