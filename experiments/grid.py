@@ -152,6 +152,7 @@ class _GridFile:
     headline_variants: tuple = ()
     cells: tuple = ()
     ablations: dict | None = None
+    retention: dict | None = None  # the retention-anchor comparison (issue 10, section 5)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,6 +171,15 @@ class Cell:
 @dataclasses.dataclass(frozen=True)
 class _Ablations:
     variants: tuple = ()
+    seeds: tuple = ()
+    cells: tuple = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class _Retention:
+    """Like `ablations`, with its own variants (name -> overrides), planned after them."""
+
+    variants: dict = dataclasses.field(default_factory=dict)
     seeds: tuple = ()
     cells: tuple = ()
 
@@ -214,6 +224,9 @@ class Grid:
     ablation_variants: tuple[str, ...]
     ablation_seeds: tuple[int, ...]
     ablation_cells: tuple[Cell, ...]
+    retention_variants: tuple[str, ...] = ()
+    retention_seeds: tuple[int, ...] = ()
+    retention_cells: tuple[Cell, ...] = ()
 
 
 def _raw_grid(path: str) -> dict:
@@ -280,6 +293,11 @@ def load_grid(path: str) -> Grid:
     }
     sizes = _names(raw.sizes, base_models.sizes, path, "sizes")
     ablations = _parse(_Ablations, raw.ablations or {}, path, "ablations")
+    retention = _parse(_Retention, raw.retention or {}, path, "retention")
+    for name, v in retention.variants.items():
+        if name in variants:
+            raise GridError(f"{path}: retention.variants.{name}: already a name in variants")
+        variants[name] = _check_overrides(v, path, f"retention.variants.{name}")
     grid = Grid(
         path=path,
         base_models=base_models,
@@ -293,6 +311,9 @@ def load_grid(path: str) -> Grid:
         ablation_variants=_names(ablations.variants, variants, path, "ablations.variants"),
         ablation_seeds=tuple(int(s) for s in ablations.seeds),
         ablation_cells=_cells(ablations.cells, path, "ablations.cells", tasks, base_models.sizes),
+        retention_variants=tuple(retention.variants),
+        retention_seeds=tuple(int(s) for s in retention.seeds),
+        retention_cells=_cells(retention.cells, path, "retention.cells", tasks, base_models.sizes),
     )
     for spec in plan(grid):  # the layers are valid one by one; their combination must be too
         try:
@@ -360,5 +381,11 @@ def plan(grid: Grid) -> list[RunSpec]:
         for cell in grid.ablation_cells
         for variant in grid.ablation_variants
         for seed in grid.ablation_seeds
+    ]
+    specs += [
+        _spec(grid, cell, cell.size, variant, seed)
+        for cell in grid.retention_cells
+        for variant in grid.retention_variants
+        for seed in grid.retention_seeds
     ]
     return specs
