@@ -145,6 +145,7 @@ def load_base_models(path: str) -> BaseModelsSpec:
 class _GridFile:
     base_models: str = "../base_models.yaml"
     sizes: tuple = ()
+    base_seeds: tuple = (0,)
     seeds: tuple = ()
     common: dict = dataclasses.field(default_factory=dict)
     tasks: dict = dataclasses.field(default_factory=dict)
@@ -171,6 +172,7 @@ class Cell:
 @dataclasses.dataclass(frozen=True)
 class _Ablations:
     variants: tuple = ()
+    base_seeds: tuple = ()  # none: the grid's
     seeds: tuple = ()
     cells: tuple = ()
 
@@ -190,13 +192,16 @@ class RunSpec:
     context: str
     size: str
     variant: str
-    seed: int
+    base_seed: int  # `base.seed`: the runs of one base seed share one built base model
+    seed: int  # `train.seed`: the distillation's own seed
     task_name: str  # the task (`ctxjax.tasks`) the label's base model is built on
     overrides: tuple[str, ...]  # dotted `key=value` overrides of the run config, in order
 
     @property
     def name(self) -> str:
-        return f"{self.task}-{self.context}-{self.size}-{self.variant}-s{self.seed}"
+        return (
+            f"{self.task}-{self.context}-{self.size}-{self.variant}-b{self.base_seed}-s{self.seed}"
+        )
 
     @property
     def cell(self) -> str:
@@ -215,6 +220,7 @@ class Grid:
     path: str
     base_models: BaseModelsSpec
     sizes: tuple[str, ...]
+    base_seeds: tuple[int, ...]
     seeds: tuple[int, ...]
     common: dict
     tasks: dict[str, tuple[BaseModelEntry, dict]]  # label -> (its base model, its overrides)
@@ -222,6 +228,7 @@ class Grid:
     headline_variants: tuple[str, ...]
     cells: tuple[Cell, ...]
     ablation_variants: tuple[str, ...]
+    ablation_base_seeds: tuple[int, ...]
     ablation_seeds: tuple[int, ...]
     ablation_cells: tuple[Cell, ...]
     retention_variants: tuple[str, ...] = ()
@@ -273,6 +280,15 @@ def _names(items: tuple, valid, path: str, where: str) -> tuple:
     return tuple(items)
 
 
+def _seeds(items: tuple, path: str, where: str) -> tuple[int, ...]:
+    """Distinct integers: a repeated seed would count one run twice in every mean and interval."""
+    if not all(isinstance(x, int) and not isinstance(x, bool) for x in items):
+        raise GridError(f"{path}: {where}: seeds are integers, got {list(items)}")
+    if len(set(items)) != len(items):
+        raise GridError(f"{path}: {where}: a seed is repeated in {list(items)}")
+    return tuple(items)
+
+
 def load_grid(path: str) -> Grid:
     """A grid file, strictly (see the module docstring); every run it plans is a valid config."""
     raw = _parse(_GridFile, _raw_grid(path), path, "")
@@ -302,14 +318,18 @@ def load_grid(path: str) -> Grid:
         path=path,
         base_models=base_models,
         sizes=sizes,
-        seeds=tuple(int(s) for s in raw.seeds),
+        base_seeds=_seeds(raw.base_seeds, path, "base_seeds"),
+        seeds=_seeds(raw.seeds, path, "seeds"),
         common=common,
         tasks=tasks,
         variants=variants,
         headline_variants=_names(raw.headline_variants, variants, path, "headline_variants"),
         cells=_cells(raw.cells, path, "cells", tasks, None),
         ablation_variants=_names(ablations.variants, variants, path, "ablations.variants"),
-        ablation_seeds=tuple(int(s) for s in ablations.seeds),
+        ablation_base_seeds=_seeds(
+            ablations.base_seeds or raw.base_seeds, path, "ablations.base_seeds"
+        ),
+        ablation_seeds=_seeds(ablations.seeds, path, "ablations.seeds"),
         ablation_cells=_cells(ablations.cells, path, "ablations.cells", tasks, base_models.sizes),
         retention_variants=tuple(retention.variants),
         retention_seeds=tuple(int(s) for s in retention.seeds),
@@ -352,7 +372,7 @@ def dotted(overrides: dict, cls: type = RunConfig, prefix: str = "") -> list[str
     return out
 
 
-def _spec(grid: Grid, cell: Cell, size: str, variant: str, seed: int) -> RunSpec:
+def _spec(grid: Grid, cell: Cell, size: str, variant: str, base_seed: int, seed: int) -> RunSpec:
     base_model, task_overrides = grid.tasks[cell.task]
     layers = (
         grid.common,
@@ -361,25 +381,31 @@ def _spec(grid: Grid, cell: Cell, size: str, variant: str, seed: int) -> RunSpec
         {"task": {"context": cell.context}},
         {"model": grid.base_models.sizes[size]},
         grid.variants[variant],
-        {"train": {"seed": seed}},
+        {"base": {"seed": base_seed}, "train": {"seed": seed}},
     )
     overrides = tuple(o for layer in layers for o in dotted(layer))
-    return RunSpec(cell.task, cell.context, size, variant, seed, base_model.task, overrides)
+    return RunSpec(
+        cell.task, cell.context, size, variant, base_seed, seed, base_model.task, overrides
+    )
 
 
 def plan(grid: Grid) -> list[RunSpec]:
-    """Every run of the grid, headline first (cell, size, seed, variant), then the ablations."""
+    """Every run of the grid, headline first (cell, size, base seed, seed, variant), then the
+    ablations. Each cell crosses base seeds with distillation seeds: a base model rebuilt with
+    another seed (or on another CPU) differs, and the intervals must include that variation."""
     specs = [
-        _spec(grid, cell, size, variant, seed)
+        _spec(grid, cell, size, variant, base_seed, seed)
         for cell in grid.cells
         for size in grid.sizes
+        for base_seed in grid.base_seeds
         for seed in grid.seeds
         for variant in grid.headline_variants
     ]
     specs += [
-        _spec(grid, cell, cell.size, variant, seed)
+        _spec(grid, cell, cell.size, variant, base_seed, seed)
         for cell in grid.ablation_cells
         for variant in grid.ablation_variants
+        for base_seed in grid.ablation_base_seeds
         for seed in grid.ablation_seeds
     ]
     specs += [

@@ -49,10 +49,11 @@ def grouped_bars(
     ax,
     labels: list[str],
     series: list[tuple[str, list[float]]],
-    errors: list[list[float]] | None = None,
+    errors: list[list] | None = None,
     ylim: tuple[float, float] | None = (0, 1.1),
 ) -> None:
-    """Bars of each series side by side per label, labelled with their values; NaN draws no bar."""
+    """Bars of each series side by side per label, labelled with their values; NaN draws no bar.
+    `errors[i]` is series i's error bars: one value per bar, or [below, above] lists."""
     x = np.arange(len(labels))
     width = 0.8 / len(series)
     for i, (name, values) in enumerate(series):
@@ -153,11 +154,14 @@ def plot_retention(
 
 
 def plot_harm_by_cell(agg: dict, cells: Sequence[str], path: str) -> str:
-    """Harm of plain OPD and of NCA per cell, mean over seeds with the std as error bars."""
+    """Harm of plain OPD and of NCA per cell: the mean over runs, its 95% interval as error bars
+    (none drawn where a cell has no interval)."""
     series, errors = [], []
     for variant, label in (("opd", "plain OPD"), ("nca", "OPD + NCA")):
-        series.append((label, [agg[c][variant]["harm"].mean for c in cells]))
-        errors.append([agg[c][variant]["harm"].std for c in cells])
+        stats = [agg[c][variant]["harm"] for c in cells]
+        series.append((label, [s.mean for s in stats]))
+        below = [0.0 if math.isnan(s.lo) else s.mean - s.lo for s in stats]
+        errors.append([below, [0.0 if math.isnan(s.hi) else s.hi - s.mean for s in stats]])
     fig, ax = figure(max(6, 0.9 * len(cells)), 4)
     grouped_bars(ax, list(cells), series, errors, ylim=None)
     ax.set_ylabel("Harm = P(wrong with c | right without c)")

@@ -3,7 +3,7 @@
 The grid is data (`configs/grids/reproduce.yaml`, `quick.yaml`); every run is an ordinary
 `ctxjax.train.run` whose `summary.json` is the record; finished runs are reused, so an interrupted
 reproduction resumes. `results.md` holds tables and plots, and a plain list of the cells where NCA
-did not help.
+did not help; the README's "Results" block is generated from the same `results.json`.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import logging
 import os
 import time
 
+from experiments.environment import machine
 from experiments.grid import load_grid, plan
 from experiments.results_page import write_results
 from experiments.runner import run_all
@@ -32,14 +33,19 @@ def reproduce(
     quick: bool = False,
     grid_path: str | None = None,
     seeds: int | None = None,
+    base_seeds: int | None = None,
+    readme: str | None = None,
 ) -> str:
-    """Plans the grid (`GRIDS`; `seeds` replaces its headline seeds by 0..seeds-1), runs (or
-    reuses) every run under `out_dir`, writes `results_path`."""
+    """Plans the grid (`GRIDS`; `seeds` / `base_seeds` replace its headline distillation / base
+    seeds by 0..n-1), runs (or reuses) every run under `out_dir`, writes `results_path` and
+    `readme`'s results block."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     t0 = time.time()
     grid = load_grid(grid_path or GRIDS["quick" if quick else "full"])
     if seeds is not None:
         grid = dataclasses.replace(grid, seeds=tuple(range(seeds)))
+    if base_seeds is not None:
+        grid = dataclasses.replace(grid, base_seeds=tuple(range(base_seeds)))
     specs = plan(grid)
     log.info("%d runs planned", len(specs))
     # The full run shares base models with `scripts/train.py` and `scripts/build_base.py`
@@ -48,4 +54,6 @@ def reproduce(
     records = run_all(specs, out_dir, base_cache=base_cache)
     # An invocation that only rewrites the page from finished runs has no time worth reporting.
     seconds = time.time() - t0 if any(r["ran"] for r in records) else None
-    return write_results(records, results_path, quick=quick, seconds=seconds)
+    return write_results(
+        records, results_path, quick=quick, seconds=seconds, environment=machine(), readme=readme
+    )

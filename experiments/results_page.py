@@ -1,18 +1,39 @@
-"""`results.md` (and `results.json`) of a reproduction: the headline tables by regime, the
-ablations, the Harm plot, and the plain list of cells where NCA did not help."""
+"""`results.md` and `results.json` of a reproduction, and the README's "Results" block: the paired
+NCA - OPD differences and their count, the headline tables by regime, the ablations, the Harm plot,
+and the plain list of cells where NCA did not help.
+
+Every page is text generated from the saved document (`results.json`: the records, the machine,
+the time): `rewrite_results` regenerates them from it, and a test checks that the README's block is
+what the saved document generates.
+"""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 
+from experiments.environment import describe
 from experiments.plots import plot_harm_by_cell
-from experiments.stats import METRICS, aggregate, where_nca_did_not_help
-from experiments.tables import compare_table
+from experiments.stats import (
+    INTERVAL_METHOD,
+    METRICS,
+    PAIRED_METRICS,
+    aggregate,
+    harm_count,
+    paired_differences,
+    where_nca_did_not_help,
+)
+from experiments.tables import Stat, compare_table
 
 REGIME_ORDER = ("nudge", "flip", "format")
 HEADLINE_MODELS = ("base", "opd", "nca")
 ABLATION_MODELS = ("opd", "nca", "dual_opd", "sym_kl", "nca_b0.1", "nca_b1.0", "nca_late")
+HARM_FIGURE = os.path.join("figures", "harm_opd_vs_nca.png")
+README_BEGIN = (
+    "<!-- results:begin (generated from docs/results.json by experiments/results_page.py) -->"
+)
+README_END = "<!-- results:end -->"
 
 
 def cell_regime(task_name: str, context: str) -> str:
@@ -25,7 +46,42 @@ def cell_regime(task_name: str, context: str) -> str:
         return "other"
 
 
-def _intro(records: list[dict], quick: bool, seconds: float | None) -> list[str]:
+# --------------------------------------------------------------------------------------------------
+# Text, from the saved document alone
+# --------------------------------------------------------------------------------------------------
+
+
+def protocol(records: list[dict]) -> str:
+    """How the records' evaluations were made, read from the records themselves."""
+    afters = [r["after"] for r in records if r["after"]]
+    if any("mode" not in a for a in afters):
+        return (
+            "**Old protocol**: these records predate independent sampling of the two views (the "
+            "views of an item shared their sampling noise, which pushes Harm towards 0 wherever "
+            "the views agree and so flatters NCA), and they were made with one base model per "
+            "cell. Help and the counts behind Harm were not kept, and an undefined Harm (no item "
+            "right without the context) was saved as 0, so a Harm of 0 here may be undefined. "
+            "Regenerate with `python scripts/reproduce.py`."
+        )
+    modes = sorted({a["mode"] for a in afters})
+    coupled = any(a.get("coupled_views") for a in afters)
+    draws = sorted({a["draws"] for a in afters if a.get("draws") is not None})
+    return (
+        f"Evaluation: {', '.join(modes)}"
+        + (f", {'/'.join(map(str, draws))} draw(s) per item and view" if draws else "")
+        + (", views coupled (common random numbers)" if coupled else ", views drawn independently")
+        + "."
+    )
+
+
+def _seeds(records: list[dict]) -> str:
+    bases = sorted({r["spec"].get("base_seed", 0) for r in records})
+    seeds = sorted({r["spec"]["seed"] for r in records})
+    return f"base seeds {bases} x distillation seeds {seeds}"
+
+
+def _intro(doc: dict) -> list[str]:
+    records, seconds = doc["records"], doc.get("seconds")
     run_seconds = [r["seconds"] for r in records if r.get("seconds") is not None]
     timing = f"; the runs took {sum(run_seconds) / 60:.1f} minutes in all" if run_seconds else ""
     if len(run_seconds) < len(records):
@@ -33,15 +89,24 @@ def _intro(records: list[dict], quick: bool, seconds: float | None) -> list[str]
     lines = [
         "# Results: OPD vs OPD + NCA at CPU scale",
         "",
-        f"Written by `python scripts/reproduce.py{' --quick' if quick else ''}` from "
-        f"{len(records)} runs{timing}, counting any base model a run had to build first"
+        f"Written by `python scripts/reproduce.py{' --quick' if doc.get('quick') else ''}` from "
+        f"{len(records)} runs ({_seeds(records)}){timing}, counting any base model a run had to "
+        "build first"
         + (f" (this invocation: {seconds / 60:.1f} minutes)" if seconds else "")
-        + ". Each cell: a tiny base model trained here to follow the task's contexts, then "
-        "distilled on one context with plain OPD (`beta=0`) or OPD + NCA (`beta=0.5`); "
-        "mean ± std over seeds. Evaluation samples answers at temperature 1.",
+        + ".",
+        "",
+        protocol(records),
+        "",
+        "Each cell: a tiny base model trained here to follow the task's contexts, then distilled "
+        f"on one context with plain OPD (`beta=0`) or OPD + NCA (`beta=0.5`). Cells: mean "
+        f"[{INTERVAL_METHOD}]; a mean alone where there is one run; '-' where undefined (e.g. Harm "
+        "with no item right without the context), left out of means. `cosine` is the per-layer "
+        "hidden cosine between the views, mean over the transformer blocks.",
+        "",
+        describe(doc.get("environment")),
         "",
     ]
-    if quick:
+    if doc.get("quick"):
         lines += [
             "**Quick mode**: a CI smoke run with tiny budgets; the numbers say nothing about the "
             "method.",
@@ -50,30 +115,64 @@ def _intro(records: list[dict], quick: bool, seconds: float | None) -> list[str]
     return lines
 
 
+def _count_line(diffs: dict) -> str:
+    lowered, defined = harm_count(diffs)
+    if not defined:
+        return (
+            "No cell has a defined 95% interval of the paired Harm difference NCA - OPD (it needs "
+            "at least 2 pairs, same base seed and seed, with Harm defined in both runs)."
+        )
+    return (
+        f"NCA lowers Harm in **{lowered} of {defined}** cells: those whose paired difference "
+        "NCA - OPD (same base seed, same seed) has a 95% interval below 0, of the cells where that "
+        "interval is defined (at least 2 pairs with Harm defined in both runs)."
+    )
+
+
+def _paired_table(agg: dict, diffs: dict) -> str:
+    rows = [
+        {
+            "cell": cell,
+            "pairs": d["harm"].n,
+            "harm opd": agg[cell]["opd"]["harm"],
+            "harm nca": agg[cell]["nca"]["harm"],
+            **{f"{k} nca-opd": d[k] for k in PAIRED_METRICS},
+        }
+        for cell, d in sorted(diffs.items())
+    ]
+    columns = ["cell", "pairs", "harm opd", "harm nca", *(f"{k} nca-opd" for k in PAIRED_METRICS)]
+    return compare_table(rows, columns)
+
+
 def _rows(agg: dict, cell: str, models: tuple[str, ...]) -> list[dict]:
     variants = agg[cell]
     return [
-        {"cell": cell, "model": v, **{k: variants[v][k] for k in METRICS}}
+        {"cell": cell, "model": v, "runs": variants[v]["acc_x"].n, **variants[v]}
         for v in models
         if v in variants
     ]
 
 
+def _task_name(spec: dict) -> str:
+    """The task a run's cell is built on (records before `task_name` was kept: its override)."""
+    if "task_name" in spec:
+        return spec["task_name"]
+    names = [o.split("=", 1)[1] for o in spec["overrides"] if o.startswith("task.name=")]
+    return names[-1] if names else spec["task"]
+
+
 def _headline(records: list[dict], agg: dict) -> list[str]:
     lines = [
-        "## Headline",
+        "## By regime",
         "",
-        (
-            "By regime (`ctxjax/tasks/synthetic.py`): a *nudge* context keeps the right answer and "
-            "makes the model reliable, a *flip* rule changes the right answer, a *format* "
-            "instruction changes its form. `base` is the model before distillation. Harm is "
-            "conditioned on the questions answered right without the context: where Acc_x is "
-            "near 0 (most flip and format cells) it rests on a handful of questions and says "
-            "little; read Acc_xc there."
-        ),
+        "By regime (`ctxjax/tasks/synthetic.py`): a *nudge* context keeps the right answer and "
+        "makes the model reliable, a *flip* rule changes the right answer, a *format* instruction "
+        "changes its form. `base` is the model before distillation, over its base seeds. Harm is "
+        "conditioned on the answers right without the context: where Acc_x is near 0 it rests on "
+        "few of them.",
         "",
     ]
-    task_of = {r["cell"]: r["spec"]["task_name"] for r in records}
+    task_of = {r["cell"]: _task_name(r["spec"]) for r in records}
     by_regime: dict[str, list[dict]] = {}
     for cell in sorted(agg):
         rows = _rows(agg, cell, HEADLINE_MODELS)
@@ -82,7 +181,7 @@ def _headline(records: list[dict], agg: dict) -> list[str]:
             by_regime.setdefault(regime, []).extend(rows)
     order = {r: i for i, r in enumerate(REGIME_ORDER)}
     for regime in sorted(by_regime, key=lambda r: (order.get(r, len(REGIME_ORDER)), r)):
-        table = compare_table(by_regime[regime], ["cell", "model", *METRICS])
+        table = compare_table(by_regime[regime], ["cell", "model", "runs", *METRICS])
         lines += [f"### {regime}", "", table, ""]
     return lines
 
@@ -99,47 +198,163 @@ def _ablations(agg: dict) -> list[str]:
     return [
         "## Ablations and beta sweep",
         "",
-        (
-            "DualOPD pulls the with-context view to the teacher; SymKL is a symmetric KL "
-            "between the two student views with no stop-gradient; `nca_bX` is NCA with "
-            "beta = X; `nca_late` is NCA (beta 0.5) switched on at step 30 of 60."
-        ),
+        "DualOPD pulls the with-context view to the teacher; SymKL is a symmetric KL between the "
+        "two student views with no stop-gradient; `nca_bX` is NCA with beta = X; `nca_late` is NCA "
+        "(beta 0.5) switched on partway (configs/grids/reproduce.yaml).",
         "",
-        compare_table(rows, ["cell", "model", *METRICS]),
+        compare_table(rows, ["cell", "model", "runs", *METRICS]),
         "",
     ]
 
 
-def _harm_figure(agg: dict, page_dir: str) -> list[str]:
-    cells = [c for c in sorted(agg) if "opd" in agg[c] and "nca" in agg[c]]
-    if not cells:
-        return []
-    figure = plot_harm_by_cell(agg, cells, os.path.join(page_dir, "figures", "harm_opd_vs_nca.png"))
-    link = os.path.relpath(figure, page_dir)
-    return ["## Harm by cell", "", f"![Harm, plain OPD vs NCA]({link})", ""]
+def _figure_cells(agg: dict) -> list[str]:
+    return [c for c in sorted(agg) if "opd" in agg[c] and "nca" in agg[c]]
+
+
+def page_text(doc: dict) -> str:
+    """`results.md` for the saved document `doc` (`results.json`)."""
+    records = doc["records"]
+    agg, diffs = aggregate(records), paired_differences(records)
+    notes = where_nca_did_not_help(diffs)
+    lines = [
+        *_intro(doc),
+        "## NCA vs plain OPD, paired",
+        "",
+        _count_line(diffs),
+        "",
+        _paired_table(agg, diffs),
+        "",
+        *_headline(records, agg),
+        *_ablations(agg),
+    ]
+    if _figure_cells(agg):
+        lines += ["## Harm by cell", "", f"![Harm, plain OPD vs NCA]({HARM_FIGURE})", ""]
+    lines += [
+        "## Where NCA did not help",
+        "",
+        *(
+            [f"- {n}" for n in notes]
+            or ["- In every cell NCA's paired Harm interval lies below 0."]
+        ),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def readme_block(doc: dict, page: str = "docs/results.md") -> str:
+    """The README's "Results" block (markers included) for the saved document `doc`; `page` is the
+    results page as the README links it."""
+    records = doc["records"]
+    agg, diffs = aggregate(records), paired_differences(records)
+    figure = os.path.join(os.path.dirname(page), HARM_FIGURE)
+    lines = [
+        README_BEGIN,
+        f"`python scripts/reproduce.py`: {len(records)} runs ({_seeds(records)}); every table, "
+        f"the machine and library versions, the base models and the ablations: [{page}]({page}).",
+        "",
+        protocol(records),
+        "",
+        _count_line(diffs),
+        "",
+        f"Every cell of the grid run with both variants ({len(diffs)} cells); mean "
+        f"[{INTERVAL_METHOD}], '-' where undefined:",
+        "",
+        _paired_table(agg, diffs),
+        "",
+    ]
+    if _figure_cells(agg):
+        lines += [f"![Harm, plain OPD vs NCA]({figure})", ""]
+    return "\n".join([*lines, README_END])
+
+
+def replace_readme_block(readme: str, block: str) -> None:
+    """Replaces the text between the README's markers (markers included) by `block`."""
+    with open(readme) as f:
+        text = f.read()
+    start, end = text.find(README_BEGIN), text.find(README_END)
+    if start < 0 or end < start:
+        raise ValueError(f"{readme}: no results block (a line {README_BEGIN!r} ... {README_END!r})")
+    with open(readme, "w") as f:
+        f.write(text[:start] + block + text[end + len(README_END) :])
+
+
+def read_readme_block(readme: str) -> str | None:
+    """The README's results block as it stands (markers included), None without one."""
+    with open(readme) as f:
+        text = f.read()
+    start, end = text.find(README_BEGIN), text.find(README_END)
+    return None if start < 0 or end < start else text[start : end + len(README_END)]
+
+
+# --------------------------------------------------------------------------------------------------
+# Writing
+# --------------------------------------------------------------------------------------------------
+
+
+def _json_stat(s: Stat) -> dict:
+    """A `Stat` as JSON: undefined values as null (JSON has no NaN)."""
+    return {
+        k: None if isinstance(v, float) and math.isnan(v) else v for k, v in s._asdict().items()
+    }
+
+
+def _write_pages(doc: dict, path: str, readme: str | None) -> str:
+    records = doc["records"]
+    agg = aggregate(records)
+    # Every text first: a failure leaves the saved pages as they were.
+    text = page_text(doc)
+    saved = dict(
+        doc,
+        aggregate={
+            c: {v: {k: _json_stat(s) for k, s in m.items()} for v, m in vs.items()}
+            for c, vs in agg.items()
+        },
+        paired={
+            c: {k: _json_stat(s) for k, s in d.items()}
+            for c, d in paired_differences(records).items()
+        },
+    )
+    saved_text = json.dumps(saved, indent=1, default=float)
+    page_dir = os.path.dirname(path) or "."
+    os.makedirs(page_dir, exist_ok=True)
+    with open(path, "w") as f:
+        f.write(text)
+    with open(os.path.splitext(path)[0] + ".json", "w") as f:
+        f.write(saved_text)
+    cells = _figure_cells(agg)
+    if cells:
+        plot_harm_by_cell(agg, cells, os.path.join(page_dir, HARM_FIGURE))
+    if readme:
+        page = os.path.relpath(path, os.path.dirname(os.path.abspath(readme)))
+        replace_readme_block(readme, readme_block(doc, page))
+    return path
 
 
 def write_results(
-    records: list[dict], path: str, *, quick: bool = False, seconds: float | None = None
+    records: list[dict],
+    path: str,
+    *,
+    quick: bool = False,
+    seconds: float | None = None,
+    environment: dict | None = None,
+    readme: str | None = None,
 ) -> str:
-    """`path` (markdown; plots next to it in `figures/`) and `results.json` beside it (the records,
-    every evaluation field kept, and the aggregate)."""
-    agg = aggregate(records)
-    page_dir = os.path.dirname(path) or "."
-    notes = where_nca_did_not_help(agg)
-    lines = [
-        *_intro(records, quick, seconds),
-        *_headline(records, agg),
-        *_ablations(agg),
-        *_harm_figure(agg, page_dir),
-        "## Where NCA did not help",
-        "",
-        *([f"- {n}" for n in notes] or ["- In every cell NCA lowered Harm and kept Acc_x."]),
-        "",
-    ]
-    os.makedirs(page_dir, exist_ok=True)
-    with open(path, "w") as f:
-        f.write("\n".join(lines))
-    with open(os.path.splitext(path)[0] + ".json", "w") as f:
-        json.dump(dict(records=records, aggregate=agg), f, indent=1, default=float)
-    return path
+    """`path` (markdown; plots next to it in `figures/`), `results.json` beside it (the records,
+    every evaluation field kept, the machine, the aggregate), and `readme`'s results block."""
+    doc = dict(quick=quick, seconds=seconds, environment=environment, records=records)
+    return _write_pages(doc, path, readme)
+
+
+def load_results(json_path: str) -> dict:
+    """A saved `results.json` as the document the pages are generated from."""
+    with open(json_path) as f:
+        saved = json.load(f)
+    keys = ("quick", "seconds", "environment", "records")
+    return {k: saved.get(k) for k in keys}
+
+
+def rewrite_results(json_path: str, readme: str | None = None) -> str:
+    """Regenerates `results.md` (beside `json_path`), its plot and `readme`'s block from the saved
+    document, without running anything; returns the page's path."""
+    doc = load_results(json_path)
+    return _write_pages(doc, os.path.splitext(json_path)[0] + ".md", readme)

@@ -1,68 +1,152 @@
-"""Aggregation of finished runs: per cell and variant, each metric's mean and spread over seeds; and
-the plain list of cells where NCA did not help."""
+"""Aggregation of finished runs: per cell and variant, each metric's mean and 95% interval over all
+its runs (base seeds x distillation seeds); the paired difference NCA - OPD per cell; and the
+plain list of cells where NCA did not help.
+
+The interval is Student's t over runs: `mean ± t(0.975, n-1) · sd / √n`, with `sd` the sample
+standard deviation (ddof 1) of the run means. The runs are the unit because the largest source of
+variation is the base model (a base rebuilt with another seed or on another CPU reads its contexts
+differently) and then the distillation seed; a bootstrap over items would need per-item answers,
+which a run's summary does not keep, and would count items as independent across runs that share
+one base model. With one run there is no interval (shown as the mean alone).
+"""
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 
 from ctxjax.metrics import SUMMARY_KEYS
-from experiments.tables import Stat
+from experiments.tables import Stat, format_cell
 
-# The metrics of a run's evaluation that the result tables show (a record keeps every field).
-METRICS = SUMMARY_KEYS  # the metrics every table reports (ctxjax.metrics)
+INTERVAL = 0.95
+INTERVAL_METHOD = (
+    "95% t-interval over runs (mean ± t(0.975, n-1) · sd / √n, n runs = base seeds x seeds)"
+)
+# The metrics the result tables show: the library's summary, Help, and the mean over the
+# transformer blocks of the per-layer hidden cosine between the views.
+METRICS = (*SUMMARY_KEYS[:3], "help", *SUMMARY_KEYS[3:], "cosine")
+# The paired differences NCA - OPD reported per cell.
+PAIRED_METRICS = ("harm", "acc_x", "acc_xc")
 
 
-def _mean_std(values: list[float | None]) -> tuple[float, float]:
-    """Over the defined values (None and NaN left out: an empty ratio is not a 0)."""
-    values = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
-    if not values:
-        return float("nan"), float("nan")
-    return float(np.mean(values)), float(np.std(values))
+def _t_quantile(p: float, df: int) -> float:
+    """Student's t quantile (scipy's, imported here: only the harness's aggregation needs it)."""
+    from scipy import stats as scipy_stats
+
+    return float(scipy_stats.t.ppf(p, df))
+
+
+def _defined(values: list[Any]) -> list[float]:
+    """The defined values: None and NaN (an empty ratio) are left out, never read as 0."""
+    return [float(v) for v in values if v is not None and not math.isnan(float(v))]
+
+
+def interval(values: list[Any]) -> Stat:
+    """Mean and 95% t-interval over the defined values; NaN bounds with fewer than 2 of them, an
+    all-NaN `Stat` with none."""
+    xs = _defined(values)
+    n = len(xs)
+    if n == 0:
+        return Stat(math.nan, math.nan, math.nan, 0)
+    mean = float(np.mean(xs))
+    if n < 2:
+        return Stat(mean, math.nan, math.nan, n)
+    half = _t_quantile(0.5 + INTERVAL / 2, n - 1) * float(np.std(xs, ddof=1)) / math.sqrt(n)
+    return Stat(mean, mean - half, mean + half, n)
+
+
+def metric(result: dict, key: str) -> float | None:
+    """One table metric of an evaluation; "cosine" is the mean over the transformer blocks (layer 0,
+    the embeddings, is 1 by construction: the same tokens in both views)."""
+    if key != "cosine":
+        return result.get(key)
+    blocks = (result.get("layer_cosine") or [])[1:]
+    return float(np.mean(blocks)) if blocks else None
+
+
+def _pair_key(rec: dict) -> tuple[int, int]:
+    # Records written before base seeds were in the grid had one base model, seed 0.
+    return rec["spec"].get("base_seed", 0), rec["spec"]["seed"]
+
+
+def _base_rows(records: list[dict]) -> dict[str, list[dict]]:
+    """cell -> the base model's evaluation, once per base seed (its runs share it)."""
+    bases: dict[str, dict] = {}
+    for rec in records:
+        if rec["before"]:
+            bases.setdefault(rec["cell"], {}).setdefault(_pair_key(rec)[0], rec["before"])
+    return {cell: [by_seed[s] for s in sorted(by_seed)] for cell, by_seed in bases.items()}
 
 
 def aggregate(records: list[dict]) -> dict:
-    """cell -> variant -> metric -> `Stat` over seeds (its n counts the runs); the model before
-    distillation as 'base' (from the plain-OPD runs, one per seed)."""
+    """cell -> variant -> metric -> `Stat` over the variant's runs (n counts the runs where the
+    metric is defined); the model before distillation as 'base', over its base seeds."""
     table: dict = {}
     for rec in records:
-        cell, variant = rec["cell"], rec["spec"]["variant"]
-        table.setdefault(cell, {}).setdefault(variant, []).append(rec["after"] or {})
-        if variant == "opd":
-            table[cell].setdefault("base", []).append(rec["before"] or {})
+        table.setdefault(rec["cell"], {}).setdefault(rec["spec"]["variant"], []).append(
+            rec["after"] or {}
+        )
+    for cell, rows in _base_rows(records).items():
+        table[cell] = {"base": rows, **table[cell]}
     return {
         cell: {
-            variant: {k: Stat(*_mean_std([r.get(k) for r in rows]), len(rows)) for k in METRICS}
+            variant: {k: interval([metric(r, k) for r in rows]) for k in METRICS}
             for variant, rows in variants.items()
         }
         for cell, variants in table.items()
     }
 
 
-def where_nca_did_not_help(agg: dict, tol: float = 0.02) -> list[str]:
-    """Cells where NCA's Harm was not lower than OPD's, or NCA cost accuracy; what was measured,
-    nothing more. A cell whose Harm is undefined for either variant (no item right without the
-    context) is left out of the Harm comparison."""
+def paired_differences(records: list[dict], a: str = "nca", b: str = "opd") -> dict:
+    """cell -> metric -> `Stat` of `a - b` over the pairs of runs with the same base seed and seed
+    (a pair where either value is undefined is left out)."""
+    runs: dict = {}
+    for rec in records:
+        runs.setdefault(rec["cell"], {})[(rec["spec"]["variant"], *_pair_key(rec))] = rec["after"]
+    out = {}
+    for cell, by_key in runs.items():
+        pairs = [(r, by_key.get((b, *k[1:]))) for k, r in by_key.items() if k[0] == a]
+        pairs = [(x, y) for x, y in pairs if x and y]
+        if pairs:
+            out[cell] = {
+                k: interval([_difference(metric(x, k), metric(y, k)) for x, y in pairs])
+                for k in PAIRED_METRICS
+            }
+    return out
+
+
+def _difference(x: float | None, y: float | None) -> float | None:
+    return None if x is None or y is None else x - y
+
+
+def lowers_harm(diff: Stat) -> bool:
+    """NCA lowers Harm in a cell only when the paired difference's interval lies below 0."""
+    return diff.hi < 0  # NaN (one pair, or none defined) compares False
+
+
+def harm_count(diffs: dict) -> tuple[int, int]:
+    """(cells where NCA lowers Harm, cells with a defined interval of the Harm difference)."""
+    defined = [d["harm"] for d in diffs.values() if not math.isnan(d["harm"].hi)]
+    return sum(lowers_harm(d) for d in defined), len(defined)
+
+
+def where_nca_did_not_help(diffs: dict) -> list[str]:
+    """What was measured, nothing more: cells where the Harm difference's interval does not lie
+    below 0 (or has none), and cells where NCA's paired Acc_x or Acc_xc interval lies below 0."""
     notes = []
-    for cell, variants in sorted(agg.items()):
-        if "opd" not in variants or "nca" not in variants:
-            continue
-        opd, nca = variants["opd"], variants["nca"]
-        harms = (nca["harm"].mean, opd["harm"].mean)
-        if not any(math.isnan(h) for h in harms) and not harms[0] < harms[1] - tol:
-            notes.append(
-                f"{cell}: Harm {harms[0]:.3f} with NCA vs {harms[1]:.3f} with plain OPD "
-                f"(no reduction larger than {tol})"
-            )
-        if nca["acc_x"].mean < opd["acc_x"].mean - 0.05:
-            notes.append(
-                f"{cell}: Acc_x {nca['acc_x'].mean:.3f} with NCA vs {opd['acc_x'].mean:.3f} "
-                f"with plain OPD"
-            )
-        if nca["acc_xc"].mean < opd["acc_xc"].mean - 0.1:
-            notes.append(
-                f"{cell}: Acc_xc {nca['acc_xc'].mean:.3f} with NCA vs {opd['acc_xc'].mean:.3f} "
-                f"with plain OPD"
-            )
+    for cell, d in sorted(diffs.items()):
+        harm = d["harm"]
+        if math.isnan(harm.mean):
+            notes.append(f"{cell}: Harm undefined in every pair (no item right without c)")
+        elif not lowers_harm(harm):
+            notes.append(f"{cell}: Harm NCA - OPD {_show(harm)}, interval not below 0")
+        for key, label in (("acc_x", "Acc_x"), ("acc_xc", "Acc_xc")):
+            if d[key].hi < 0:
+                notes.append(f"{cell}: {label} NCA - OPD {_show(d[key])}, interval below 0")
     return notes
+
+
+def _show(s: Stat) -> str:
+    return f"{format_cell(s)} (n={s.n})"

@@ -10,21 +10,25 @@ from ctxjax.metrics import format_value, markdown_table
 
 
 class Stat(NamedTuple):
-    """A metric over runs (seeds): mean, standard deviation and count; NaN mean when undefined."""
+    """A metric over runs: mean, the bounds of its interval (`experiments.stats.interval`) and the
+    count of runs where it is defined; NaN mean when undefined, NaN bounds with no interval."""
 
     mean: float
-    std: float
+    lo: float
+    hi: float
     n: int
 
 
 def format_cell(value: Any) -> str:
-    """A table cell: a `Stat` as "mean ± std" (the mean alone for one run, "-" when undefined),
-    anything else as the library formats it (`ctxjax.metrics.format_value`)."""
+    """A table cell: a `Stat` as "mean [lo, hi]" (the mean alone without an interval, "-" when
+    undefined), anything else as the library formats it (`ctxjax.metrics.format_value`)."""
     if isinstance(value, Stat):
         if math.isnan(value.mean):
             return "-"
         mean = format_value(value.mean)
-        return f"{mean} ± {format_value(value.std)}" if value.n > 1 else mean
+        if math.isnan(value.lo):
+            return mean
+        return f"{mean} [{format_value(value.lo)}, {format_value(value.hi)}]"
     return format_value(value)
 
 

@@ -1,7 +1,8 @@
 """Reproduce the paper's comparison at CPU scale: plain OPD vs OPD + NCA, ablations, beta sweep.
 
-    python scripts/reproduce.py            # configs/grids/reproduce.yaml; writes docs/results.md
+    python scripts/reproduce.py            # configs/grids/reproduce.yaml; docs/results.md, README
     python scripts/reproduce.py --quick    # configs/grids/quick.yaml: a few-minute smoke run (CI)
+    python scripts/reproduce.py --rewrite  # the pages again from docs/results.json, nothing run
 
 Finished runs (their summary.json) are reused, so an interrupted reproduction picks up where it
 stopped.
@@ -11,6 +12,7 @@ import argparse
 import sys
 
 from experiments.reproduce import reproduce
+from experiments.results_page import rewrite_results
 
 
 def main(argv: list[str]) -> None:
@@ -19,18 +21,25 @@ def main(argv: list[str]) -> None:
     )
     parser.add_argument("--quick", action="store_true", help="the quick grid (CI)")
     parser.add_argument("--grid", default=None, help="another grid file (default: by --quick)")
-    parser.add_argument("--seeds", type=int, default=None, help="seeds per headline cell")
+    parser.add_argument("--seeds", type=int, default=None, help="distillation seeds per cell")
+    parser.add_argument("--base-seeds", type=int, default=None, help="base-model seeds per cell")
     parser.add_argument("--out", default=None, help="run folder (default runs/reproduce[_quick])")
     parser.add_argument(
         "--results",
         default=None,
         help="markdown written (default docs/results.md; quick: <out>/results.md)",
     )
+    parser.add_argument("--rewrite", action="store_true", help="pages from results.json only")
     args = parser.parse_args(argv)
     out = args.out or ("runs/reproduce_quick" if args.quick else "runs/reproduce")
     results = args.results or (f"{out}/results.md" if args.quick else "docs/results.md")
-    path = reproduce(out, results, quick=args.quick, grid_path=args.grid, seeds=args.seeds)
-    print(path)
+    # Only the full grid's default page feeds the README's results block.
+    readme = "README.md" if results == "docs/results.md" else None
+    if args.rewrite:
+        print(rewrite_results(results.removesuffix(".md") + ".json", readme))
+        return
+    kw = dict(grid_path=args.grid, seeds=args.seeds, base_seeds=args.base_seeds, readme=readme)
+    print(reproduce(out, results, quick=args.quick, **kw))
 
 
 if __name__ == "__main__":

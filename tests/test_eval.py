@@ -488,9 +488,9 @@ def test_compare_table_formats_cells():
     ]
     assert format_cell(True) == "True" and format_cell(None) == "-"
     # A metric over seeds: mean ± std, the mean alone for one run, "-" when undefined.
-    assert format_cell(Stat(0.25, 0.0625, 2)) == "0.250 ± 0.062"
-    assert format_cell(Stat(0.25, 0.0, 1)) == "0.250"
-    assert format_cell(Stat(float("nan"), float("nan"), 2)) == "-"
+    assert format_cell(Stat(0.25, 0.0625, 0.5, 2)) == "0.250 [0.062, 0.500]"
+    assert format_cell(Stat(0.25, float("nan"), float("nan"), 1)) == "0.250"
+    assert format_cell(Stat(float("nan"), float("nan"), float("nan"), 0)) == "-"
     assert format_cell("two\nlines") == "two lines"
 
 

@@ -3,19 +3,34 @@ runs, the aggregation, the results page, and `scripts/reproduce.py --quick` end 
 
 import dataclasses
 import json
+import math
 import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import yaml
+from scipy import stats as scipy_stats
 
 from ctxjax.config import RunConfig, from_dict, load_config
 from experiments import grid as grid_lib
+from experiments import stats
 from experiments.reproduce import GRIDS
-from experiments.results_page import cell_regime, write_results
+from experiments.results_page import (
+    README_BEGIN,
+    README_END,
+    cell_regime,
+    load_results,
+    page_text,
+    protocol,
+    read_readme_block,
+    readme_block,
+    rewrite_results,
+    write_results,
+)
 from experiments.runner import run_all
-from experiments.stats import aggregate, where_nca_did_not_help
+from experiments.stats import aggregate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BASE_MODELS = os.path.join(ROOT, "configs", "base_models.yaml")
@@ -26,9 +41,12 @@ def test_plan_covers_the_issue():
     specs = grid_lib.plan(grid)
     cells = {s.cell for s in specs}
     assert len(cells) >= 12
+    assert len(grid.base_seeds) >= 3 and len(grid.seeds) >= 2
     for cell in cells:
-        variants = {(s.variant, s.seed) for s in specs if s.cell == cell}
-        assert {("opd", 0), ("opd", 1), ("nca", 0), ("nca", 1)} <= variants
+        runs = {(s.variant, s.base_seed, s.seed) for s in specs if s.cell == cell}
+        assert {
+            (v, b, s) for v in ("opd", "nca") for b in grid.base_seeds for s in grid.seeds
+        } <= runs
     for c in grid.ablation_cells:
         assert {"dual_opd", "sym_kl", "nca_b0.1", "nca_b1.0"} <= {
             s.variant for s in specs if s.cell == f"{c.task}/{c.context}/{c.size}"
@@ -40,6 +58,25 @@ def test_plan_covers_the_issue():
     assert changed.name == specs[0].name and changed.run_dir_name != specs[0].run_dir_name
 
 
+def test_runs_of_one_base_seed_share_one_base_model():
+    """base.seed picks the base model (ctxjax.base.base_key); train.seed and the variant do not,
+    so each base seed is built once and shared by its runs."""
+    from ctxjax.base import base_key
+
+    grid = grid_lib.load_grid(GRIDS["full"])
+    keys: dict = {}
+    for spec in grid_lib.plan(grid):
+        if spec.cell != "synthetic/careful/small":
+            continue
+        cfg = load_config(None, list(spec.overrides))
+        assert (cfg.base.seed, cfg.train.seed) == (spec.base_seed, spec.seed)
+        model_cfg = grid.base_models.model_config(spec.size, cfg.base.vocab_size)
+        key = base_key(cfg.task.name, cfg.task.options, model_cfg, cfg.base, cfg.base.seed)
+        keys.setdefault(spec.base_seed, set()).add(key)
+    assert all(len(k) == 1 for k in keys.values())  # one base per base seed ...
+    assert len(set.union(*keys.values())) == len(grid.base_seeds)  # ... and one per seed
+
+
 def test_a_cell_starts_from_its_base_model_entry():
     """A grid task names a base_models.yaml entry: its runs get that entry's task, options and SFT
     budget (one definition), and the task's own overrides come after it."""
@@ -47,26 +84,28 @@ def test_a_cell_starts_from_its_base_model_entry():
     entries = grid_lib.load_base_models(BASE_MODELS).entries
     by_name = {s.name: s for s in grid_lib.plan(grid)}
     for name, entry, sft_steps in (
-        ("mcq-system-small-nca-s1", entries["mcq"], 1500),
-        ("synthetic600-hint-medium-opd-s0", entries["synthetic"], 600),
+        ("mcq-system-small-nca-b2-s1", entries["mcq"], 1500),
+        ("synthetic600-hint-medium-opd-b1-s0", entries["synthetic"], 600),
     ):
         cfg = load_config(None, list(by_name[name].overrides))
         assert (cfg.task.name, cfg.task.options) == (entry.task, entry.options)
-        assert cfg.base.sft_steps == sft_steps and cfg.train.seed == int(name[-1])
+        assert cfg.base.sft_steps == sft_steps
+        assert (cfg.base.seed, cfg.train.seed) == (int(name[-4]), int(name[-1]))
         assert cfg.model.num_layers == grid.base_models.sizes[name.split("-")[2]]["num_layers"]
 
 
 def test_quick_grid_extends_the_full_one():
     quick, full = grid_lib.load_grid(GRIDS["quick"]), grid_lib.load_grid(GRIDS["full"])
-    assert quick.variants == full.variants and quick.tasks == full.tasks
+    assert quick.variants == full.variants
     specs = grid_lib.plan(quick)
     assert [s.name for s in specs] == [
-        "synthetic-careful-small-opd-s0",
-        "synthetic-careful-small-nca-s0",
+        f"synthetic-careful-small-{v}-b{b}-s0" for b in (0, 1) for v in ("opd", "nca")
     ]
     cfg = load_config(None, list(specs[1].overrides))
     assert (cfg.train.steps, cfg.eval.examples, cfg.data.batch_size) == (6, 8, 8)
     assert (cfg.loss.beta, cfg.loss.consistency) == (0.5, "nca")
+    # Its own small base budget wins over the base model entry's 2000 SFT steps (CI time).
+    assert (cfg.base.sft_steps, cfg.task.options) == (150, full.tasks["synthetic"][0].options)
 
 
 @pytest.mark.parametrize(
@@ -122,6 +161,8 @@ def _grid_copy(tmp_path, edit) -> str:
             r"grid\.yaml: tasks\.synthetic600: unknown base_model 'synthetic600'",
         ),
         (lambda g: g.update(seed=[0]), r"grid\.yaml: top level: unknown config key 'seed'"),
+        (lambda g: g.update(base_seeds=[0, 0]), r"grid\.yaml: base_seeds: a seed is repeated"),
+        (lambda g: g.update(seeds=["0"]), r"grid\.yaml: seeds: seeds are integers"),
         (lambda g: g["common"].update(train={"stepz": 3}), r"common: unknown config key"),
     ],
 )
@@ -171,61 +212,168 @@ def test_run_all_reuses_a_finished_run_and_keeps_every_evaluation_field(tmp_path
     assert rec["cell"] == "synthetic/careful/small" and rec["spec"]["task_name"] == "synthetic"
 
 
-def _record(cell, variant, seed, **after):
+def _record(cell, variant, seed, base_seed=0, before=None, **after):
     return dict(
         cell=cell,
-        spec=dict(variant=variant, seed=seed, task_name=cell.split("/")[0].rstrip("0123456789")),
-        before=dict(acc_x=0.5, acc_xc=0.9, harm=0.0),
+        spec=dict(
+            variant=variant,
+            seed=seed,
+            base_seed=base_seed,
+            task_name=cell.split("/")[0].rstrip("0123456789"),
+        ),
+        before=before or dict(acc_x=0.5, acc_xc=0.9, harm=0.0),
         after=after,
     )
 
 
-def test_aggregate_and_where_nca_did_not_help():
+def _scipy_interval(values):
+    """Independent reference: scipy's t-interval around the mean with the standard error."""
+    values = np.asarray(values, float)
+    lo, hi = scipy_stats.t.interval(0.95, len(values) - 1, values.mean(), scipy_stats.sem(values))
+    return values.mean(), lo, hi
+
+
+def test_interval_is_scipys_t_interval_over_the_defined_values():
+    values = [0.30, 0.10, 0.25, None, 0.05, float("nan"), 0.2]
+    mean, lo, hi = _scipy_interval([0.30, 0.10, 0.25, 0.05, 0.2])
+    assert tuple(stats.interval(values)) == pytest.approx((mean, lo, hi, 5))
+    assert tuple(stats.interval([0.4]))[::3] == (0.4, 1) and math.isnan(stats.interval([0.4]).lo)
+    assert stats.interval([None, float("nan")]).n == 0
+    assert math.isnan(stats.interval([]).mean)
+
+
+def test_aggregate_covers_base_seeds_and_seeds_and_skips_undefined():
+    harms = {(0, 0): 0.30, (0, 1): 0.10, (1, 0): None, (1, 1): 0.40, (2, 0): 0.22, (2, 1): 0.12}
     recs = [
-        _record("a", "opd", 0, acc_x=0.9, harm=0.30),
-        _record("a", "opd", 1, acc_x=0.9, harm=0.10),
-        _record("a", "nca", 0, acc_x=0.9, harm=0.0),
-        _record("a", "nca", 1, acc_x=0.9, harm=0.02),
-        _record("b", "opd", 0, acc_x=0.9, harm=0.1),
-        _record("b", "nca", 0, acc_x=0.5, harm=0.1),
+        _record(
+            "a",
+            "opd",
+            s,
+            b,
+            before=dict(acc_xc=0.7 + 0.1 * b),
+            harm=h,
+            help=0.5,
+            layer_cosine=[1.0, 0.5, 0.7 + 0.1 * b],
+        )
+        for (b, s), h in harms.items()
     ]
     agg = aggregate(recs)
-    mean, std, n = agg["a"]["opd"]["harm"]
-    assert (mean, n) == (pytest.approx(0.2), 2) and std == pytest.approx(0.1)
-    assert agg["a"]["base"]["acc_xc"][0] == pytest.approx(0.9)
-    notes = where_nca_did_not_help(agg)
-    assert len(notes) == 2 and all(n.startswith("b:") for n in notes)
-    # A cell where NCA erased the with-context behaviour is named with what was measured, and its
-    # undefined Harm (no item right without the context) is not compared as if it were 0.
-    erased = aggregate(
-        [
-            _record("c", "opd", 0, acc_x=0.0, acc_xc=0.8, harm=None),
-            _record("c", "nca", 0, acc_x=0.0, acc_xc=0.0, harm=None),
-        ]
+    defined = [h for h in harms.values() if h is not None]
+    assert tuple(agg["a"]["opd"]["harm"]) == pytest.approx((*_scipy_interval(defined), 5))
+    # The base model: once per base seed (its runs share it), not once per run.
+    assert tuple(agg["a"]["base"]["acc_xc"]) == pytest.approx(
+        (*_scipy_interval([0.7, 0.8, 0.9]), 3)
     )
-    [note] = where_nca_did_not_help(erased)
-    assert note == "c: Acc_xc 0.000 with NCA vs 0.800 with plain OPD"
+    # cosine: the mean over the transformer blocks, the embeddings' (layer 0, always 1) left out.
+    cos = [np.mean([0.5, 0.7 + 0.1 * b]) for b, _ in harms]
+    assert agg["a"]["opd"]["cosine"].mean == pytest.approx(np.mean(cos))
+    assert agg["a"]["opd"]["help"].mean == pytest.approx(0.5)
+    assert math.isnan(agg["a"]["opd"]["retention_mean"].mean)  # never measured: "-", not 0
 
 
-def test_write_results_groups_cells_by_regime(tmp_path):
+def test_paired_difference_matches_base_and_seed_and_counts_cells():
+    rng = np.random.default_rng(0)
+    opd = {(b, s): float(rng.uniform(0.2, 0.4)) for b in range(3) for s in range(2)}
+    nca = {k: v - 0.1 - 0.01 * k[0] for k, v in opd.items()}
+    recs = [
+        _record("a/x/small", "opd", s, b, harm=h, acc_x=0.9, acc_xc=0.8)
+        for (b, s), h in opd.items()
+    ]
+    recs += [
+        _record("a/x/small", "nca", s, b, harm=h, acc_x=0.9, acc_xc=0.8)
+        for (b, s), h in nca.items()
+    ]
+    recs = [recs[i] for i in rng.permutation(len(recs))]  # pairing by key, not by order
+    # b: NCA raises Harm in one pair and lowers it in the other: the interval straddles 0.
+    recs += [
+        _record("b/x/small", "opd", 0, harm=0.1, acc_x=0.9, acc_xc=0.9),
+        _record("b/x/small", "nca", 0, harm=0.2, acc_x=0.9, acc_xc=0.9),
+        _record("b/x/small", "opd", 1, harm=0.3, acc_x=0.9, acc_xc=0.9),
+        _record("b/x/small", "nca", 1, harm=0.1, acc_x=0.5, acc_xc=0.9),
+    ]
+    # c: Harm undefined in every pair; d: one pair only (a difference, but no interval).
+    recs += [_record("c/x/small", v, 0, harm=None, acc_x=0.0, acc_xc=0.5) for v in ("opd", "nca")]
+    recs += [
+        _record("d/x/small", v, 0, harm=h, acc_x=0.9, acc_xc=0.9)
+        for v, h in (("opd", 0.3), ("nca", 0.0))
+    ]
+    diffs = stats.paired_differences(recs)
+    want = [nca[k] - opd[k] for k in sorted(opd)]
+    assert tuple(diffs["a/x/small"]["harm"]) == pytest.approx((*_scipy_interval(want), 6))
+    assert tuple(diffs["b/x/small"]["harm"]) == pytest.approx((*_scipy_interval([0.1, -0.2]), 2))
+    assert diffs["c/x/small"]["harm"].n == 0 and diffs["d/x/small"]["harm"].n == 1
+    assert stats.lowers_harm(diffs["a/x/small"]["harm"])
+    assert not stats.lowers_harm(diffs["b/x/small"]["harm"])
+    assert stats.harm_count(diffs) == (1, 2)  # c and d have no interval: not counted either way
+    assert stats.harm_count({"d": diffs["d/x/small"]}) == (0, 0)
+    notes = stats.where_nca_did_not_help(diffs)
+    assert [n.split(":")[0] for n in notes] == ["b/x/small", "c/x/small", "d/x/small"]
+    assert "undefined in every pair" in notes[1]
+
+
+def test_write_results_groups_cells_by_regime_and_generates_the_readme_block(tmp_path):
     assert cell_regime("synthetic", "hint") == "nudge"
     recs = [
-        _record(cell, v, s, acc_x=0.9, acc_xc=0.8, harm=h, n=96)
+        _record(
+            cell, v, s, b, acc_x=0.9, acc_xc=0.8, harm=h + 0.01 * s + 0.02 * b, n=96, mode="sampled"
+        )
         for cell in ("synthetic/rev/small", "synthetic600/careful/small")
         for v, h in (("opd", 0.2), ("nca", 0.0))
+        for b in (0, 1)
         for s in (0, 1)
     ]
-    with open(write_results(recs, str(tmp_path / "results.md"))) as f:
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n\n## Results\n\n{README_BEGIN}\nold\n{README_END}\n\n## Next\n")
+    env = dict(cpu="Test CPU", cores=2, machine_cores=4, python="3.11", versions={"jax": "9"})
+    path = write_results(
+        recs, str(tmp_path / "docs" / "results.md"), environment=env, readme=str(readme)
+    )
+    with open(path) as f:
         text = f.read()
     nudge, flip = text.index("### nudge"), text.index("### flip")
-    assert (
-        nudge < text.index("synthetic600/careful/small") < flip < text.index("synthetic/rev/small")
-    )
-    assert "| synthetic/rev/small | opd | 0.900 ± 0.000 | 0.800 ± 0.000 | 0.200 ± 0.000 |" in text
-    assert "In every cell NCA lowered Harm" in text
-    saved = json.loads((tmp_path / "results.json").read_text())
+    # After the paired table (every cell), the regime tables: nudge cells, then flip cells.
+    assert nudge < text.index("synthetic600/careful/small", nudge) < flip
+    assert flip < text.index("synthetic/rev/small", nudge)
+    # opd in synthetic/rev/small: Harm 0.2 + 0.01 s + 0.02 b over 4 runs; Help never measured: "-".
+    mean, lo, hi = _scipy_interval([0.2, 0.21, 0.22, 0.23])
+    harm = f"{mean:.3f} [{lo:.3f}, {hi:.3f}]"
+    same = "0.900 [0.900, 0.900] | 0.800 [0.800, 0.800]"  # 4 equal runs: a zero-width interval
+    assert f"| synthetic/rev/small | opd | 4 | {same} | {harm} | - |" in text
+    assert "Machine: Test CPU, 2 cores used (of 4); Python 3.11, jax 9." in text
+    assert "NCA lowers Harm in **2 of 2** cells" in text
+    assert "In every cell NCA's paired Harm interval lies below 0" in text
+    saved = json.loads((tmp_path / "docs" / "results.json").read_text())
     assert saved["records"][0]["after"]["n"] == 96  # every evaluation field is kept
-    assert (tmp_path / "figures" / "harm_opd_vs_nca.png").read_bytes()[:4] == b"\x89PNG"
+    assert (
+        saved["environment"] == env
+        and saved["aggregate"]["synthetic/rev/small"]["opd"]["help"]["mean"] is None
+    )
+    assert (tmp_path / "docs" / "figures" / "harm_opd_vs_nca.png").read_bytes()[:4] == b"\x89PNG"
+    # The README's block: generated from results.json alone, the text around it untouched.
+    block = readme_block(load_results(str(tmp_path / "docs" / "results.json")), "docs/results.md")
+    assert readme.read_text() == f"# x\n\n## Results\n\n{block}\n\n## Next\n"
+    assert "(docs/figures/harm_opd_vs_nca.png)" in block and "Old protocol" not in block
+    # Regenerating from the json alone gives the same page.
+    with open(rewrite_results(str(tmp_path / "docs" / "results.json"))) as f:
+        assert f.read() == text
+
+
+def test_readme_results_block_is_what_docs_results_json_generates():
+    """README's "Results" section is generated (scripts/reproduce.py, or --rewrite): edited by hand
+    or left stale after a new results.json, this fails."""
+    block = read_readme_block(os.path.join(ROOT, "README.md"))
+    assert block is not None, "README.md has no generated results block"
+    doc = load_results(os.path.join(ROOT, "docs", "results.json"))
+    assert block == readme_block(doc, "docs/results.md")
+    with open(os.path.join(ROOT, "docs", "results.md")) as f:
+        assert f.read() == page_text(doc)
+
+
+def test_old_protocol_records_say_so():
+    recs = [_record("a", v, 0, harm=0.1) for v in ("opd", "nca")]
+    assert protocol(recs).startswith("**Old protocol**")
+    recs = [_record("a", v, 0, harm=0.1, mode="greedy") for v in ("opd", "nca")]
+    assert protocol(recs) == "Evaluation: greedy, views drawn independently."
 
 
 @pytest.mark.slow
@@ -246,8 +394,12 @@ def test_reproduce_quick_end_to_end(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     text = (out / "results.md").read_text()
-    assert "| cell | model | acc_x |" in text and "## Where NCA did not help" in text
+    assert "| cell | model | runs | acc_x |" in text and "## Where NCA did not help" in text
+    assert "base seeds [0, 1] x distillation seeds [0]" in text and "Machine: " in text
     assert (out / "figures" / "harm_opd_vs_nca.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     for variant in ("opd", "nca"):
-        [run] = out.glob(f"synthetic-careful-small-{variant}-s0-*")
-        assert (run / "summary.json").exists()
+        for base_seed in (0, 1):
+            [run] = out.glob(f"synthetic-careful-small-{variant}-b{base_seed}-s0-*")
+            assert (run / "summary.json").exists()
+    # Two base models, one per base seed, each shared by its OPD and NCA runs.
+    assert len(list((out / "base").glob("synthetic-*"))) == 2
