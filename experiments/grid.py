@@ -178,15 +178,6 @@ class _Ablations:
 
 
 @dataclasses.dataclass(frozen=True)
-class _Retention:
-    """Like `ablations`, with its own variants (name -> overrides), planned after them."""
-
-    variants: dict = dataclasses.field(default_factory=dict)
-    seeds: tuple = ()
-    cells: tuple = ()
-
-
-@dataclasses.dataclass(frozen=True)
 class RunSpec:
     task: str  # the cell's task label (e.g. "synthetic600"), not necessarily a task name
     context: str
@@ -232,6 +223,7 @@ class Grid:
     ablation_seeds: tuple[int, ...]
     ablation_cells: tuple[Cell, ...]
     retention_variants: tuple[str, ...] = ()
+    retention_base_seeds: tuple[int, ...] = ()
     retention_seeds: tuple[int, ...] = ()
     retention_cells: tuple[Cell, ...] = ()
 
@@ -309,11 +301,8 @@ def load_grid(path: str) -> Grid:
     }
     sizes = _names(raw.sizes, base_models.sizes, path, "sizes")
     ablations = _parse(_Ablations, raw.ablations or {}, path, "ablations")
-    retention = _parse(_Retention, raw.retention or {}, path, "retention")
-    for name, v in retention.variants.items():
-        if name in variants:
-            raise GridError(f"{path}: retention.variants.{name}: already a name in variants")
-        variants[name] = _check_overrides(v, path, f"retention.variants.{name}")
+    # The retention-anchor comparison has the shape of the ablations, planned after them.
+    retention = _parse(_Ablations, raw.retention or {}, path, "retention")
     grid = Grid(
         path=path,
         base_models=base_models,
@@ -331,8 +320,11 @@ def load_grid(path: str) -> Grid:
         ),
         ablation_seeds=_seeds(ablations.seeds, path, "ablations.seeds"),
         ablation_cells=_cells(ablations.cells, path, "ablations.cells", tasks, base_models.sizes),
-        retention_variants=tuple(retention.variants),
-        retention_seeds=tuple(int(s) for s in retention.seeds),
+        retention_variants=_names(retention.variants, variants, path, "retention.variants"),
+        retention_base_seeds=_seeds(
+            retention.base_seeds or raw.base_seeds, path, "retention.base_seeds"
+        ),
+        retention_seeds=_seeds(retention.seeds, path, "retention.seeds"),
         retention_cells=_cells(retention.cells, path, "retention.cells", tasks, base_models.sizes),
     )
     for spec in plan(grid):  # the layers are valid one by one; their combination must be too
@@ -409,9 +401,10 @@ def plan(grid: Grid) -> list[RunSpec]:
         for seed in grid.ablation_seeds
     ]
     specs += [
-        _spec(grid, cell, cell.size, variant, seed)
+        _spec(grid, cell, cell.size, variant, base_seed, seed)
         for cell in grid.retention_cells
         for variant in grid.retention_variants
+        for base_seed in grid.retention_base_seeds
         for seed in grid.retention_seeds
     ]
     return specs
