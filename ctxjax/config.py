@@ -42,6 +42,13 @@ def _check_range(key: str, value, minimum) -> None:
         raise ValueError(f"{key} must be >= {minimum}, got {value}")
 
 
+def _check_schedule(weight_key: str, schedule: str, ramp_steps: int) -> None:
+    """A weight's schedule (`step.scheduled_weight`): a known kind; "linear" needs a ramp."""
+    _check_choice(f"{weight_key}_schedule", schedule, BETA_SCHEDULES)
+    if schedule == "linear" and ramp_steps == 0:
+        raise ValueError(f"{weight_key}_schedule='linear' needs {weight_key}_ramp_steps >= 1")
+
+
 @dataclasses.dataclass(frozen=True)
 class LossConfig:
     """L = L_OPD + beta(step) * L_consistency, per response token, masked mean."""
@@ -59,7 +66,6 @@ class LossConfig:
     def __post_init__(self):
         _check_choice("loss.opd", self.opd, OPD_LOSSES)
         _check_choice("loss.consistency", self.consistency, CONSISTENCY_LOSSES)
-        _check_choice("loss.beta_schedule", self.beta_schedule, BETA_SCHEDULES)
         _check_range("loss.top_k", self.top_k, 1)
         _check_range("loss.beta", self.beta, 0.0)
         _check_range("loss.beta_start_step", self.beta_start_step, 0)
@@ -67,12 +73,44 @@ class LossConfig:
         _check_range("loss.chunk_size", self.chunk_size, 0)
         if not 0.0 <= self.jsd_beta <= 1.0:
             raise ValueError(f"loss.jsd_beta must be in [0, 1], got {self.jsd_beta}")
-        if self.beta_schedule == "linear" and self.beta_ramp_steps == 0:
-            raise ValueError("loss.beta_schedule='linear' needs loss.beta_ramp_steps >= 1")
+        _check_schedule("loss.beta", self.beta_schedule, self.beta_ramp_steps)
 
     @property
     def uses_consistency(self) -> bool:
         return self.beta > 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class RetentionConfig:
+    """The retention anchor: each step also samples y' ~ p_student(. | c', x) under a context c'
+    drawn per row from the anchor pool, and adds gamma(step) * reverse KL(student || frozen anchor)
+    over the full vocabulary on [c' | x | y'], so distillation keeps the model reading contexts
+    other than the distilled one. The anchor is the step's frozen teacher: the starting student
+    when `teacher=` is empty; with `teacher=` set, that teacher (no third model in memory).
+
+    The pool is the task's contexts minus the distilled one and minus `held_out` (never drawn, so
+    evaluation can tell protected contexts from unseen ones), or the contexts of `pool_file` (one
+    per line of a text file, or JSONL lines `{"context": ..., "name": ...}`) minus `held_out`.
+    """
+
+    gamma: float = 0.0  # 0: off, the step is exactly the plain OPD/NCA step
+    gamma_schedule: str = "constant"  # as loss.beta_schedule: "constant" | "delayed" | "linear"
+    gamma_start_step: int = 0
+    gamma_ramp_steps: int = 0
+    pool_file: str | None = None  # None: the task's other contexts
+    held_out: tuple[str, ...] = ()  # names of pool contexts the anchor never draws
+
+    def __post_init__(self):
+        _check_range("retention.gamma", self.gamma, 0.0)
+        _check_range("retention.gamma_start_step", self.gamma_start_step, 0)
+        _check_range("retention.gamma_ramp_steps", self.gamma_ramp_steps, 0)
+        _check_schedule("retention.gamma", self.gamma_schedule, self.gamma_ramp_steps)
+        if len(set(self.held_out)) != len(self.held_out):
+            raise ValueError(f"retention.held_out names a context twice: {list(self.held_out)}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.gamma > 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -291,6 +329,7 @@ class RunConfig:
     data: DataConfig = DEFAULT_DATA
     rollout: RolloutConfig = RolloutConfig()
     loss: LossConfig = LossConfig()
+    retention: RetentionConfig = RetentionConfig()
     optim: OptimConfig = OptimConfig()
     mesh: MeshConfig = MeshConfig()
     eval: EvalConfig = EvalConfig()
@@ -304,6 +343,14 @@ class RunConfig:
                 (
                     _changed_keys("model", self.model, BASE_ARCHITECTURE),
                     "with student= the architecture comes from the student's config.json",
+                )
+            )
+        if not self.retention.enabled:  # pool and held_out still split the retention report
+            changed = _changed_keys("retention", self.retention, RetentionConfig())
+            ignored.append(
+                (
+                    [k for k in changed if k.startswith("retention.gamma_")],
+                    "retention.gamma is 0: the anchor is off",
                 )
             )
         for keys, why in ignored:

@@ -116,13 +116,36 @@ def resolve_context(cfg: DataConfig) -> str:
     return text
 
 
+def _render_view(
+    tokenizer: Any, context: str, prompt: str, cfg: DataConfig, key: str, where: str, pad_id: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """One chat view left-padded to the budget `data.<key>`: `(ids_L, mask_L)`."""
+    ids = render_chat(tokenizer, context, prompt, placement=cfg.context_placement)
+    budget = getattr(cfg, key)
+    if len(ids) > budget:
+        raise ValueError(
+            f"{where}: the rendered {'[c|x]' if context else '[x]'} view has {len(ids)} tokens, "
+            f"more than data.{key}={budget}; raise data.{key} or shorten the record"
+        )
+    ids_1xL, mask_1xL = pad_left([ids], budget, pad_id)
+    return ids_1xL[0], mask_1xL[0]
+
+
 def encode_record(
-    record: dict[str, Any], tokenizer: Any, run_context: str, cfg: DataConfig, *, index: int
+    record: dict[str, Any],
+    tokenizer: Any,
+    run_context: str,
+    cfg: DataConfig,
+    *,
+    index: int,
+    pool: Sequence[str] = (),
 ) -> dict[str, np.ndarray]:
     """Renders one record's `[x]` and `[c|x]` views, left-padded to the fixed budgets of `cfg`.
 
     The context is the record's own non-empty `context`, else `run_context`. `index` is the record's
     position in the source list, carried through so the evaluator can find the verifier fields.
+    With a retention `pool` (context texts), also `[c'|x]` for every c' of it: `pool_prompt_ids` and
+    `pool_prompt_mask` [K, max_context_prompt_tokens], from which the step draws one per row.
     """
     where = _where(index, record)
     _check_record(record, where)
@@ -133,18 +156,94 @@ def encode_record(
         ("prompt", "", "max_prompt_tokens"),
         ("ctx_prompt", context, "max_context_prompt_tokens"),
     ):
-        ids = render_chat(tokenizer, ctx, record["prompt"], placement=cfg.context_placement)
-        budget = getattr(cfg, key)
-        if len(ids) > budget:
-            raise ValueError(
-                f"{where}: the rendered {'[c|x]' if ctx else '[x]'} view has {len(ids)} tokens, "
-                f"more than data.{key}={budget}; raise data.{key} or shorten the record"
+        views[f"{name}_ids"], views[f"{name}_mask"] = _render_view(
+            tokenizer, ctx, record["prompt"], cfg, key, where, pad_id
+        )
+    if pool:
+        rendered = [
+            _render_view(
+                tokenizer, c, record["prompt"], cfg, "max_context_prompt_tokens", where, pad_id
             )
-        ids_1xL, mask_1xL = pad_left([ids], budget, pad_id)
-        views[f"{name}_ids"] = ids_1xL[0]
-        views[f"{name}_mask"] = mask_1xL[0]
+            for c in pool
+        ]
+        views["pool_prompt_ids"] = np.stack([ids for ids, _ in rendered])
+        views["pool_prompt_mask"] = np.stack([mask for _, mask in rendered])
     views["index"] = np.int32(index)
     return views
+
+
+# ----------------------------------------------------------------------------------------------
+# The retention anchor's pool of other contexts
+
+
+def read_context_pool(path: str) -> dict[str, str]:
+    """Contexts of a pool file, name -> text. `.jsonl`: one JSON object per non-blank line,
+    `{"context": text, "name": optional name}`; any other file: one context
+    per non-blank line. A context without a name is named by its text. Errors name file:line."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"retention.pool_file not found: {path}")
+    pool: dict[str, str] = {}
+    texts: dict[str, str] = {}  # text -> where, to refuse duplicates
+    if path.endswith(".jsonl"):
+        lines = read_jsonl(path, what="retention.pool_file")
+    else:
+        with open(path, encoding="utf-8") as f:
+            lines = [(n, line.rstrip("\n")) for n, line in enumerate(f, 1) if line.strip()]
+    for line_no, entry in lines:
+        where = f"{path}:{line_no}"
+        if isinstance(entry, dict):
+            unknown = sorted(set(entry) - {"context", "name"})
+            if unknown or not isinstance(entry.get("context"), str):
+                raise ValueError(
+                    f"{where}: a pool entry is {{'context': str, 'name': str (optional)}}, "
+                    f"got keys {sorted(entry)}"
+                )
+            text, name = entry["context"], entry.get("name", entry["context"])
+        elif isinstance(entry, str):
+            text, name = entry, entry
+        else:
+            raise ValueError(f"{where}: a pool entry must be a string or an object")
+        if not isinstance(name, str) or not text.strip():
+            raise ValueError(f"{where}: empty context or non-string name")
+        if name in pool or text in texts:
+            raise ValueError(f"{where}: context {name!r} is already in the pool")
+        pool[name], texts[text] = text, where
+    if not pool:
+        raise ValueError(f"retention.pool_file holds no contexts: {path}")
+    return pool
+
+
+def anchor_pool(
+    contexts: dict[str, str],
+    distilled: str,
+    held_out: Sequence[str] = (),
+    pool_file: str | None = None,
+) -> dict[str, str]:
+    """The contexts the retention anchor draws from, name -> text: `pool_file`'s, else the task's
+    `contexts` minus the `distilled` one, and minus the `held_out` names (never drawn)."""
+    if pool_file:
+        candidates = read_context_pool(pool_file)
+        if contexts[distilled] in candidates.values():
+            raise ValueError(
+                f"retention.pool_file {pool_file} holds the distilled context {distilled!r}: "
+                "the anchor must never draw it"
+            )
+    else:
+        candidates = {k: v for k, v in contexts.items() if k != distilled}
+        if not candidates:
+            raise ValueError(
+                f"retention.gamma > 0 needs other contexts than the distilled {distilled!r}, and "
+                "the task has none: set retention.pool_file"
+            )
+    unknown = [name for name in held_out if name not in candidates]
+    if unknown:
+        raise ValueError(
+            f"retention.held_out names {unknown}, not in the pool; valid: {sorted(candidates)}"
+        )
+    pool = {k: v for k, v in candidates.items() if k not in held_out}
+    if not pool:
+        raise ValueError("retention.held_out holds back the whole pool: nothing left to draw")
+    return pool
 
 
 # ----------------------------------------------------------------------------------------------
@@ -161,24 +260,33 @@ class _EncodeRows:
     run_context: str
     cfg: DataConfig
     rows: np.ndarray | None  # positions within the global batch this process encodes; None: all
+    pool: tuple[str, ...] = ()  # the retention anchor's contexts, rendered for every row
 
     def __call__(self, indices_B: np.ndarray) -> dict[str, np.ndarray]:
         indices = np.asarray(indices_B) if self.rows is None else np.asarray(indices_B)[self.rows]
         encoded = [
             encode_record(
-                self.records[int(i)], self.tokenizer, self.run_context, self.cfg, index=int(i)
+                self.records[int(i)],
+                self.tokenizer,
+                self.run_context,
+                self.cfg,
+                index=int(i),
+                pool=self.pool,
             )
             for i in indices
         ]
         return {key: np.stack([e[key] for e in encoded]) for key in encoded[0]}
 
 
-def check_budgets(records: Sequence[dict[str, Any]], tokenizer: Any, cfg: DataConfig) -> None:
-    """Encodes every record once, so a record over its token budget fails at start-up with its
-    index and file:line, not thousands of steps into a run when its batch comes up."""
+def check_budgets(
+    records: Sequence[dict[str, Any]], tokenizer: Any, cfg: DataConfig, pool: Sequence[str] = ()
+) -> None:
+    """Encodes every record once (with every `pool` context), so a record over its token budget
+    fails at start-up with its index and file:line, not thousands of steps into a run when its
+    batch comes up."""
     run_context = resolve_context(cfg)
     for index, record in enumerate(records):
-        encode_record(record, tokenizer, run_context, cfg, index=index)
+        encode_record(record, tokenizer, run_context, cfg, index=index, pool=pool)
 
 
 def make_iterator(
@@ -188,6 +296,7 @@ def make_iterator(
     *,
     num_epochs: int | None = None,
     rows: Sequence[int] | None = None,
+    pool: Sequence[str] = (),
 ) -> Any:
     """A checkpointable grain iterator of batches `{prompt_ids [B,P], prompt_mask [B,P],
     ctx_prompt_ids [B,Q], ctx_prompt_mask [B,Q], index [B]}` (numpy).
@@ -199,7 +308,8 @@ def make_iterator(
     global batch, `sharding.process_rows`) picks the rows this process feeds to its devices, so B is
     `len(rows)` and only those rows are encoded. The batches, hence the state, do not depend on the
     number of processes: `it.get_state()` from any process, set on a fresh iterator built with the
-    same records and `cfg` (any `rows`), resumes with exactly the same global batches.
+    same records and `cfg` (any `rows`), resumes with exactly the same global batches. A retention
+    `pool` (context texts) adds `pool_prompt_ids` / `pool_prompt_mask` [B, K, Q] (`encode_record`).
     """
     import grain
 
@@ -218,7 +328,7 @@ def make_iterator(
             raise ValueError(
                 f"rows must be positions in [0, data.batch_size={cfg.batch_size}), got {rows}"
             )
-    encode = _EncodeRows(records, tokenizer, resolve_context(cfg), cfg, rows)
+    encode = _EncodeRows(records, tokenizer, resolve_context(cfg), cfg, rows, tuple(pool))
     ds = grain.MapDataset.source(range(len(records)))
     if cfg.shuffle:
         ds = ds.shuffle(seed=cfg.seed)  # before repeat, so each epoch is a fresh permutation

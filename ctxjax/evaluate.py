@@ -15,6 +15,7 @@ answers are identical and Harm is 0 by construction, which is exactly what NCA t
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterable
 from functools import partial
 from typing import Any
 
@@ -256,6 +257,19 @@ def evaluate_context(
     result["lengths_x"] = ans_x.lengths.tolist()
     result["lengths_xc"] = ans_c.lengths.tolist()
     return result
+
+
+def retention_split(
+    retention: dict[str, float], contexts: dict[str, str], pool_texts: Iterable[str]
+) -> dict[str, float | None]:
+    """Retention accuracy (a result's `retention`, other context -> accuracy) split by the
+    retention anchor's pool: `retention_pool`, the mean over the contexts whose text the anchor
+    draws, and `retention_held_out`, over the others (never drawn); None when a part is empty."""
+    drawn = set(pool_texts)
+    parts: dict[str, list[float]] = {"retention_pool": [], "retention_held_out": []}
+    for name, acc in retention.items():
+        parts["retention_pool" if contexts[name] in drawn else "retention_held_out"].append(acc)
+    return {k: float(np.mean(v)) if v else None for k, v in parts.items()}
 
 
 # --------------------------------------------------------------------------------------------------

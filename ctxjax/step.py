@@ -8,6 +8,9 @@
 4. student     log p_student(. | c, x, y<t)         (gradient from the consistency term;
                                                      skipped when beta == 0: plain OPD exactly)
 5. loss        L = L_OPD(3 || 2) + beta(step) * D(3, 4[, 2])   fp32, mean over response tokens
+   retention   (only with retention.gamma > 0) y' ~ p_student(. | c', x) for a context c' drawn
+               per row from the anchor pool, L += gamma(step) * reverse KL(student || frozen
+               teacher) on [c' | x | y'], full vocabulary, mean over the anchor's response tokens
 6. update      optax
 
 The three passes see the same response tokens. `[x | y]` and `[c | x | y]` are built from
@@ -32,7 +35,7 @@ import optax
 from flax import nnx, struct
 
 from ctxjax import losses
-from ctxjax.config import LossConfig, OptimConfig, RolloutConfig
+from ctxjax.config import LossConfig, OptimConfig, RetentionConfig, RolloutConfig
 from ctxjax.model import Transformer
 from ctxjax.sampling import SamplingMethod, sample
 
@@ -67,15 +70,31 @@ def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransfor
     return optax.chain(*parts)
 
 
-def beta_at(cfg: LossConfig, step: jax.Array) -> jax.Array:
-    """The consistency weight at `step`: constant, delayed (0 before the start), or linear ramp."""
+def scheduled_weight(
+    weight: float, schedule: str, start_step: int, ramp_steps: int, step: jax.Array
+) -> jax.Array:
+    """A loss weight at `step`: constant, delayed (0 before the start), or linear ramp."""
     step = jnp.asarray(step, jnp.float32)
-    if cfg.beta_schedule == "constant":
-        return jnp.asarray(cfg.beta, jnp.float32)
-    if cfg.beta_schedule == "delayed":
-        return jnp.where(step >= cfg.beta_start_step, cfg.beta, 0.0).astype(jnp.float32)
-    frac = (step - cfg.beta_start_step + 1) / cfg.beta_ramp_steps
-    return (cfg.beta * jnp.clip(frac, 0.0, 1.0)).astype(jnp.float32)
+    if schedule == "constant":
+        return jnp.asarray(weight, jnp.float32)
+    if schedule == "delayed":
+        return jnp.where(step >= start_step, weight, 0.0).astype(jnp.float32)
+    frac = (step - start_step + 1) / ramp_steps
+    return (weight * jnp.clip(frac, 0.0, 1.0)).astype(jnp.float32)
+
+
+def beta_at(cfg: LossConfig, step: jax.Array) -> jax.Array:
+    """The consistency weight at `step` (`scheduled_weight` of the `loss.beta*` keys)."""
+    return scheduled_weight(
+        cfg.beta, cfg.beta_schedule, cfg.beta_start_step, cfg.beta_ramp_steps, step
+    )
+
+
+def gamma_at(cfg: RetentionConfig, step: jax.Array) -> jax.Array:
+    """The retention anchor's weight at `step` (`scheduled_weight` of the `retention.gamma*`)."""
+    return scheduled_weight(
+        cfg.gamma, cfg.gamma_schedule, cfg.gamma_start_step, cfg.gamma_ramp_steps, step
+    )
 
 
 def init_state(model: Transformer, tx: optax.GradientTransformation) -> tuple[Any, TrainState]:
@@ -271,6 +290,74 @@ def make_distill_loss(graphdef, teacher_graphdef, loss_cfg: LossConfig) -> Calla
     return distill_loss
 
 
+# The retention anchor's random stream, folded out of the step's key: the rollout keeps the step
+# key itself, so with the anchor off (or on) every existing stream is the same.
+ANCHOR_STREAM = 0x7E7E
+
+
+def draw_anchor_prompts(
+    pool_ids_BxKxQ: jax.Array, pool_mask_BxKxQ: jax.Array, rng: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Per row, one of the K anchor-pool views `[c' | x]`, uniformly: `(ids_BxQ, mask_BxQ, k_B)`."""
+    b, k = pool_ids_BxKxQ.shape[:2]
+    k_B = jax.random.randint(rng, (b,), 0, k)
+
+    def take(x_BxKxQ):
+        return jnp.take_along_axis(x_BxKxQ, k_B[:, None, None], axis=1)[:, 0]
+
+    return take(pool_ids_BxKxQ), take(pool_mask_BxKxQ), k_B
+
+
+def anchor_batch(ids_BxQ, mask_BxQ, resp_BxN, resp_mask_BxN) -> DistillBatch:
+    """The anchor's rollout as a `DistillBatch` whose both views are `[c' | x]`: the anchor model
+    scores it through `teacher_targets`, the student through its no-context slot."""
+    return DistillBatch(
+        prompt_ids_BxP=ids_BxQ,
+        prompt_mask_BxP=mask_BxQ,
+        ctx_prompt_ids_BxC=ids_BxQ,
+        ctx_prompt_mask_BxC=mask_BxQ,
+        resp_BxN=jax.lax.stop_gradient(resp_BxN),
+        resp_mask_BxN=resp_mask_BxN,
+    )
+
+
+def make_retention_loss(graphdef, anchor_graphdef, loss_cfg: LossConfig) -> Callable:
+    """`fn(params, anchor_params, batch, count) -> (sum L_ret / count, sum L_ret)`: the registry's
+    full-vocabulary reverse KL(student(. | c', x, y'<t) || anchor(. | c', x, y'<t)) summed over the
+    response tokens of an `anchor_batch`. The anchor is a constant; `loss.chunk_size` applies."""
+    rkl_cfg = dataclasses.replace(loss_cfg, opd="reverse_kl", beta=0.0)
+
+    def retention_loss(params, anchor_params, batch: DistillBatch, count):
+        h_a_BxNxD, w_a_DxV = teacher_targets(anchor_graphdef, anchor_params, batch)
+        model = nnx.merge(graphdef, params, copy=True)
+        h_s_BxNxD = response_hidden(
+            model, batch.prompt_ids_BxP, batch.prompt_mask_BxP, batch.resp_BxN, batch.resp_mask_BxN
+        )
+        rkl_BxN, _, _ = per_token_losses(
+            rkl_cfg, h_s_BxNxD, None, h_a_BxNxD, model.unembed_matrix(), w_a_DxV, batch.resp_BxN
+        )
+        total = (rkl_BxN * batch.resp_mask_BxN.astype(jnp.float32)).sum()
+        return total / count, total
+
+    return retention_loss
+
+
+def _accumulate(grad_fn: Callable, micro_batches: int, params, data: DistillBatch, *args):
+    """`grad_fn(params, data, *args)` summed over `micro_batches` equal parts of `data`'s rows."""
+    if micro_batches == 1:
+        return grad_fn(params, data, *args)
+    k = micro_batches
+    micro = jax.tree.map(lambda x: x.reshape(k, x.shape[0] // k, *x.shape[1:]), data)
+    first = jax.tree.map(lambda x: x[0], micro)
+    shapes = jax.eval_shape(lambda mb: grad_fn(params, mb, *args), first)
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+    def acc(carry, mb: DistillBatch):
+        return jax.tree.map(jnp.add, carry, grad_fn(params, mb, *args)), None
+
+    return jax.lax.scan(acc, zeros, micro)[0]
+
+
 @dataclasses.dataclass(frozen=True)
 class StepConfig:
     """Static (hashable) parts of the step."""
@@ -282,6 +369,8 @@ class StepConfig:
     micro_batches: int
     eos_ids: tuple[int, ...]
     pad_id: int
+    # gamma 0: no anchor, the step exactly as without it
+    retention: RetentionConfig = dataclasses.field(default_factory=RetentionConfig)
 
 
 def _nonfinite(tree) -> jax.Array:
@@ -299,6 +388,35 @@ def make_train_step(
     )
     distill_loss = make_distill_loss(graphdef, teacher_graphdef, cfg.loss)
     grad_fn = jax.value_and_grad(distill_loss, has_aux=True)
+    retention_grad_fn = jax.value_and_grad(
+        make_retention_loss(graphdef, teacher_graphdef, cfg.loss), has_aux=True
+    )
+
+    def retention_grads(student, params, teacher_params, batch: dict, rng: jax.Array):
+        """The anchor: y' ~ student(. | c', x) for a c' drawn per row from the batch's pool, then
+        the gradient of the retention loss (the anchor is the frozen teacher)."""
+        draw_rng, sample_rng = jax.random.split(jax.random.fold_in(rng, ANCHOR_STREAM))
+        ids_BxQ, mask_BxQ, _ = draw_anchor_prompts(
+            batch["pool_prompt_ids"], batch["pool_prompt_mask"], draw_rng
+        )
+        rollout = sample(
+            student,
+            ids_BxQ,
+            mask_BxQ,
+            sample_rng,
+            max_new_tokens=cfg.rollout.max_new_tokens,
+            method=method,
+            eos_ids=cfg.eos_ids,
+            pad_id=cfg.pad_id,
+        )
+        data = anchor_batch(ids_BxQ, mask_BxQ, rollout.tokens_BxN, rollout.mask_BxN)
+        count = jnp.maximum(rollout.mask_BxN.sum(), 1).astype(jnp.float32)
+
+        def fn(p, mb, count):
+            return retention_grad_fn(p, teacher_params, mb, count)
+
+        (loss, _), grads = _accumulate(fn, cfg.micro_batches, params, data, count)
+        return loss, grads, rollout
 
     def train_step(state: TrainState, teacher_params, batch: dict, rng: jax.Array):
         student = nnx.merge(graphdef, state.params)
@@ -336,6 +454,20 @@ def make_train_step(
             )
             (loss, (opd_sum, cons_sum, rkl_sum), grads), _ = jax.lax.scan(acc, zeros, micro)
 
+        extra = {}
+        if cfg.retention.enabled:
+            gamma = gamma_at(cfg.retention, state.step)
+            l_ret, ret_grads, anchor = retention_grads(
+                student, state.params, teacher_params, batch, rng
+            )
+            loss = loss + gamma * l_ret
+            grads = jax.tree.map(lambda g, r: g + gamma * r, grads, ret_grads)
+            extra = dict(
+                l_retention=l_ret,
+                gamma=gamma,
+                anchor_response_len=anchor.lengths_B.astype(jnp.float32).mean(),
+            )
+
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = dict(
@@ -354,6 +486,7 @@ def make_train_step(
             nonfinite_loss=_nonfinite(loss),
             nonfinite_grads=_nonfinite(grads),
             nonfinite_params=_nonfinite(params),
+            **extra,
         )
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 

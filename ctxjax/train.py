@@ -28,13 +28,14 @@ from ctxjax.base import build_or_reuse_base
 from ctxjax.checkpoint import Checkpointer, CheckpointError
 from ctxjax.config import MODEL_SIZES, EvalConfig, RunConfig, to_dict
 from ctxjax.data import (
+    anchor_pool,
     check_budgets,
     check_has_context,
     load_jsonl,
     make_iterator,
     resolve_context,
 )
-from ctxjax.evaluate import evaluate_context
+from ctxjax.evaluate import evaluate_context, retention_split
 from ctxjax.metrics import SUMMARY_KEYS, markdown_table
 from ctxjax.model import ModelConfig, Transformer
 from ctxjax.run_dir import (
@@ -89,6 +90,8 @@ class Run:
     step_fn: StepFn
     data_iter: grain.DatasetIterator
     student_path: str
+    # The retention anchor's contexts, name -> text (`retention_pool`); {} when none is configured.
+    anchor_pool: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 def run_record(run: Run) -> dict:
@@ -256,6 +259,15 @@ def init_train_state(
     return tx, jax.device_put(state, state_shardings), state_shardings
 
 
+def retention_pool(cfg: RunConfig, task: Task) -> dict[str, str]:
+    """The anchor's pool (`data.anchor_pool`) when the anchor is on or a pool/held-out part is set
+    (then the baseline's retention report is split the same way); else {}."""
+    r = cfg.retention
+    if not (r.enabled or r.pool_file or r.held_out):
+        return {}
+    return anchor_pool(task.contexts(), cfg.task.context, r.held_out, r.pool_file)
+
+
 def build_step(
     cfg: RunConfig,
     graphdef: nnx.GraphDef,
@@ -273,6 +285,7 @@ def build_step(
         micro_batches=cfg.train.micro_batches,
         eos_ids=eos_ids,
         pad_id=pad_id,
+        retention=cfg.retention,
     )
     return jit_train_step(
         make_train_step(graphdef, teacher_graphdef, tx, step_cfg), state_shardings
@@ -280,16 +293,22 @@ def build_step(
 
 
 def build_data(
-    cfg: RunConfig, task: Task, tokenizer: PreTrainedTokenizerBase, mesh: jax.sharding.Mesh
+    cfg: RunConfig,
+    task: Task,
+    tokenizer: PreTrainedTokenizerBase,
+    mesh: jax.sharding.Mesh,
+    pool: dict[str, str] | None = None,
 ) -> tuple[list[dict], grain.DatasetIterator]:
     """The training records and the checkpointable iterator over this process's rows of each
-    global batch (the same global batches for any number of processes)."""
+    global batch (the same global batches for any number of processes). With the retention anchor
+    on, every row also carries its `[c'|x]` view for each context of `pool`."""
     records = training_records(cfg, task)
     check_has_context(records, resolve_context(cfg.data))
-    check_budgets(records, tokenizer, cfg.data)
+    texts = tuple(pool.values()) if pool and cfg.retention.enabled else ()
+    check_budgets(records, tokenizer, cfg.data, pool=texts)
     data_cfg = dataclasses.replace(cfg.data, seed=cfg.data.seed + cfg.train.seed)
     rows = sharding.process_rows(mesh, cfg.data.batch_size)
-    return records, make_iterator(records, tokenizer, data_cfg, rows=rows)
+    return records, make_iterator(records, tokenizer, data_cfg, rows=rows, pool=texts)
 
 
 def setup(cfg: RunConfig, progress: bool = True, mesh: jax.sharding.Mesh | None = None) -> Run:
@@ -305,7 +324,8 @@ def setup(cfg: RunConfig, progress: bool = True, mesh: jax.sharding.Mesh | None 
     student_path = resolve_student(cfg, progress)
     tokenizer = hf.load_tokenizer(cfg.tokenizer or student_path)
     # Records and their token budgets first: a bad record fails in seconds, before the weights load.
-    records, data_iter = build_data(cfg, task, tokenizer, mesh)
+    pool = retention_pool(cfg, task)
+    records, data_iter = build_data(cfg, task, tokenizer, mesh, pool)
     cfg = dataclasses.replace(cfg, teacher=resolve_teacher(cfg, progress))
     models = load_models(cfg, student_path, mesh, tokenizer)
     tx, state, state_shardings = init_train_state(
@@ -328,6 +348,7 @@ def setup(cfg: RunConfig, progress: bool = True, mesh: jax.sharding.Mesh | None 
         step_fn=step_fn,
         data_iter=data_iter,
         student_path=student_path,
+        anchor_pool=pool,
     )
 
 
@@ -588,6 +609,7 @@ def _train(
     }
     if evaluable(run.task):  # the starting student's numbers, before a restore replaces it
         summary["before"] = (_saved_before(summary_path) if resume else None) or evaluate_start(run)
+        _split_retention(run, summary["before"])
     start = _restore(run, ckpt, cfg_dict, resume_step) if resume else 0
     if jax.process_index() == 0:
         record_config_change(out_dir, start, changes)
@@ -649,7 +671,7 @@ def _train(
             )
         return summary
     if evaluable(run.task):
-        summary["after"] = evaluate_student(run)
+        summary["after"] = _split_retention(run, evaluate_student(run))
     final_dir = os.path.join(out_dir, "final")
     params = sharding.gather_to_host(run.state.params)  # a collective: every process takes part
     if jax.process_index() == 0:
@@ -658,6 +680,14 @@ def _train(
         write_json_atomic(summary_path, summary)
     summary["final_dir"] = final_dir
     return summary
+
+
+def _split_retention(run: Run, result: dict | None) -> dict | None:
+    """Adds `retention_pool` / `retention_held_out` to an evaluation when the run has a pool."""
+    if result is not None and run.anchor_pool and result.get("retention") is not None:
+        pool = run.anchor_pool.values()
+        result.update(retention_split(result["retention"], run.task.contexts(), pool))
+    return result
 
 
 def _checkpointer(cfg: RunConfig) -> Checkpointer:

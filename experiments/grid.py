@@ -153,6 +153,7 @@ class _GridFile:
     headline_variants: tuple = ()
     cells: tuple = ()
     ablations: dict | None = None
+    retention: dict | None = None  # the retention-anchor comparison (issue 10, section 5)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -223,6 +224,10 @@ class Grid:
     ablation_base_seeds: tuple[int, ...]
     ablation_seeds: tuple[int, ...]
     ablation_cells: tuple[Cell, ...]
+    retention_variants: tuple[str, ...] = ()
+    retention_base_seeds: tuple[int, ...] = ()
+    retention_seeds: tuple[int, ...] = ()
+    retention_cells: tuple[Cell, ...] = ()
 
 
 def _raw_grid(path: str) -> dict:
@@ -298,6 +303,8 @@ def load_grid(path: str) -> Grid:
     }
     sizes = _names(raw.sizes, base_models.sizes, path, "sizes")
     ablations = _parse(_Ablations, raw.ablations or {}, path, "ablations")
+    # The retention-anchor comparison has the shape of the ablations, planned after them.
+    retention = _parse(_Ablations, raw.retention or {}, path, "retention")
     grid = Grid(
         path=path,
         base_models=base_models,
@@ -315,6 +322,12 @@ def load_grid(path: str) -> Grid:
         ),
         ablation_seeds=_seeds(ablations.seeds, path, "ablations.seeds"),
         ablation_cells=_cells(ablations.cells, path, "ablations.cells", tasks, base_models.sizes),
+        retention_variants=_names(retention.variants, variants, path, "retention.variants"),
+        retention_base_seeds=_seeds(
+            retention.base_seeds or raw.base_seeds, path, "retention.base_seeds"
+        ),
+        retention_seeds=_seeds(retention.seeds, path, "retention.seeds"),
+        retention_cells=_cells(retention.cells, path, "retention.cells", tasks, base_models.sizes),
     )
     for spec in plan(grid):  # the layers are valid one by one; their combination must be too
         try:
@@ -388,5 +401,12 @@ def plan(grid: Grid) -> list[RunSpec]:
         for variant in grid.ablation_variants
         for base_seed in grid.ablation_base_seeds
         for seed in grid.ablation_seeds
+    ]
+    specs += [
+        _spec(grid, cell, cell.size, variant, base_seed, seed)
+        for cell in grid.retention_cells
+        for variant in grid.retention_variants
+        for base_seed in grid.retention_base_seeds
+        for seed in grid.retention_seeds
     ]
     return specs
