@@ -399,3 +399,17 @@ def test_setup_errors_are_one_line_naming_the_value(folders, tmp_path, monkeypat
     os.symlink(folders["student"], tmp_path / "student")
     with pytest.raises(AssertionError, match="weights were read"):
         train.setup(_cfg(folders, tmp_path / "home", student="~/student"), progress=False)
+
+
+def test_large_unrolled_step_warns_naming_the_memory_settings(monkeypatch, caplog):
+    n = TINY.num_params()
+    with caplog.at_level(logging.WARNING, logger="ctxjax.train"):
+        train.warn_step_memory(Numerics(), TINY)  # far below the threshold: quiet
+        assert not caplog.records
+        monkeypatch.setattr(train, "LARGE_MODEL_PARAMS", n)
+        train.warn_step_memory(Numerics(scan_layers=True, remat=True), TINY)  # already lean
+        assert not caplog.records
+        train.warn_step_memory(Numerics(remat=True), TINY)
+    (record,) = caplog.records
+    assert f"{n / 1e6:.0f}M-parameter" in record.message
+    assert "numerics.scan_layers=false numerics.remat=true" in record.message
