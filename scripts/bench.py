@@ -3,6 +3,8 @@
 python scripts/bench.py sample [--out bench_sample.json]   # ctxjax generate vs transformers
 python scripts/bench.py train [--out bench_train.json] [--preset small|medium] [--reps 5]
                               # train-step time split, FLOPs vs matmul peak, loss memory
+python scripts/bench.py train --model PATH [--batch 8] [--new-tokens 32] [--reps 5]
+                              # the same split on an HF folder's weights, its memory, peak RSS
 python scripts/bench.py step [--configs a,b,c] [--reps 5] [--out-md docs/performance.md]
                               # the step, ctxjax vs the PyTorch way: ratio, parts, peak fraction
 python scripts/bench.py gpu [--out bench_gpu.json] [--tiny] [--peak-flops F] [--hbm-bandwidth B]

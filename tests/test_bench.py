@@ -368,3 +368,31 @@ def test_torch_step_equals_make_distill_loss_and_its_adamw_update(tmp_path):
         )
         assert np.abs(step[big]).min() > 0.5 * optim.learning_rate, name  # it did move
     assert settled > 0.8 * total  # most weights are compared
+
+
+def test_train_bench_on_a_model_folder(tmp_path, capsys):
+    """`scripts/bench.py train --model PATH`: the parts split on a tiny local HF folder's weights;
+    its size from transformers, the step's arguments at least student + AdamW moments + teacher."""
+    from hf_fixtures import load_hf, make_tiny_hf
+
+    path = make_tiny_hf("llama", tmp_path / "tiny")
+    out = tmp_path / "real.json"
+    main = runpy.run_path(os.path.join(ROOT, "scripts", "bench.py"))["main"]
+    main(["train", "--model", path, "--batch", "2", "--new-tokens", "3", "--reps", "2",
+          "--out", str(out)])  # fmt: skip
+    r = json.loads(out.read_text())
+    assert "train step on" in capsys.readouterr().out
+    n_params = load_hf(path).num_parameters()
+    assert r["setup"]["num_params"] == n_params
+    assert (r["setup"]["batch"], r["setup"]["new_tokens"], r["setup"]["reps"]) == (2, 3, 2)
+    for name in PARTS:
+        row = r["timing"][name]
+        assert len(row["times_s"]) == 2 and all(t > 0 for t in row["times_s"])
+        assert row["median_s"] == pytest.approx(statistics.median(row["times_s"]), abs=1e-5)
+    assert r["sum_of_parts_s"] == pytest.approx(
+        sum(r["timing"][k]["median_s"] for k in PARTS[1:]), abs=1e-4
+    )
+    assert r["step_memory"]["argument_bytes"] >= 4 * 4 * n_params  # fp32: params, mu, nu, teacher
+    assert r["peak_rss_bytes"]["end"] >= r["peak_rss_bytes"]["after_load"] > 0
+    with pytest.raises(SystemExit):  # a size of --model's without it would silently do nothing
+        main(["train", "--quick", "--batch", "2"])

@@ -9,6 +9,7 @@ import glob
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 
@@ -361,3 +362,54 @@ def test_jsonl_run_without_eval_split_refuses_eval_settings(folders, tmp_path):
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, eval_every=2))
     with pytest.raises(ValueError, match=r"^train\.eval_every would be ignored: this jsonl run"):
         train.setup(cfg, progress=False)
+
+
+def test_setup_errors_are_one_line_naming_the_value(folders, tmp_path, monkeypatch):
+    """A wrong `student=` path, a file for a folder, a `~` path (expanded; one that does not exist
+    is named expanded), a batch the 8-device mesh cannot divide, and a token budget too small:
+    each a one-line RunRefused naming the value, and all of them before any weight is read."""
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("weights were read before the input was checked")
+
+    monkeypatch.setattr(hf, "load_model", no_weights)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    a_file = tmp_path / "model.txt"
+    a_file.write_text("not a folder")
+    cases = [
+        (dict(student=str(tmp_path / "nowhere")), rf"not found: {tmp_path}/nowhere$"),
+        (dict(student="~/nowhere"), rf"not found: {tmp_path}/nowhere$"),
+        (dict(student=str(a_file)), rf"path is a file, not a folder: {a_file}$"),
+        (
+            dict(data=DataConfig(batch_size=6, max_prompt_tokens=24, max_context_prompt_tokens=40)),
+            r"data\.batch_size=6 must be divisible by .* = 8$",
+        ),
+        (
+            dict(data=DataConfig(batch_size=8, max_prompt_tokens=4, max_context_prompt_tokens=40)),
+            r"more than data\.max_prompt_tokens=4",
+        ),
+    ]
+    for i, (sections, message) in enumerate(cases):
+        cfg = _cfg(folders, tmp_path / f"run{i}", **sections)
+        with pytest.raises(train.RunRefused) as e:
+            train.run(cfg, progress=False)
+        text = str(e.value)
+        assert "\n" not in text and re.search(message, text), (sections, text)
+    # `~` reaches the student folder itself (up to the weights, stubbed out here).
+    os.symlink(folders["student"], tmp_path / "student")
+    with pytest.raises(AssertionError, match="weights were read"):
+        train.setup(_cfg(folders, tmp_path / "home", student="~/student"), progress=False)
+
+
+def test_large_unrolled_step_warns_naming_the_memory_settings(monkeypatch, caplog):
+    n = TINY.num_params()
+    with caplog.at_level(logging.WARNING, logger="ctxjax.train"):
+        train.warn_step_memory(Numerics(), TINY)  # far below the threshold: quiet
+        assert not caplog.records
+        monkeypatch.setattr(train, "LARGE_MODEL_PARAMS", n)
+        train.warn_step_memory(Numerics(scan_layers=True, remat=True), TINY)  # already lean
+        assert not caplog.records
+        train.warn_step_memory(Numerics(remat=True), TINY)
+    (record,) = caplog.records
+    assert f"{n / 1e6:.0f}M-parameter" in record.message
+    assert "numerics.scan_layers=false numerics.remat=true" in record.message

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from experiments import bench
-from experiments.bench import report
+from experiments.bench import real, report
 from experiments.bench.measure import STEP_CASES, TRAIN_PRESETS
 
 
@@ -20,6 +20,15 @@ def _train_args(parser: argparse.ArgumentParser) -> None:
         "--reps", type=int, default=5, help="timed calls per part (median reported)"
     )
     parser.add_argument("--quick", action="store_true", help="tiny sizes everywhere (a smoke test)")
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="an HF folder: time the step and its parts on its weights (experiments.bench.real)",
+    )
+    parser.add_argument("--batch", type=int, default=None, help="with --model: rows (8)")
+    parser.add_argument(
+        "--new-tokens", type=int, default=None, help="with --model: tokens sampled per row (32)"
+    )
 
 
 def _step_args(parser: argparse.ArgumentParser) -> None:
@@ -51,6 +60,12 @@ def _gpu_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _real_sizes(args: dict) -> dict:
+    """Pops the sizes only `--model` uses; those given."""
+    sizes = {k: args.pop(k) for k in ("batch", "new_tokens")}
+    return {k: v for k, v in sizes.items() if v is not None}
+
+
 # subcommand -> adds its options
 OPTIONS = {"sample": None, "train": _train_args, "step": _step_args, "gpu": _gpu_args}
 
@@ -67,6 +82,17 @@ def main(argv: list[str], description: str = __doc__) -> None:
             OPTIONS[name](p)
     args = vars(parser.parse_args(argv))
     name, out, out_md = args.pop("benchmark"), args.pop("out"), args.pop("out_md", None)
+    if name == "train":
+        model, sizes = args.pop("model"), _real_sizes(args)
+        if model is not None:  # a real checkpoint: its own measurement
+            if args["quick"] or args["preset"] != "small":
+                parser.error("--model times the folder's own model: no --preset or --quick")
+            result = real.measure_real(model, reps=args["reps"], **sizes)
+            real.print_real(result)
+            report.write_json(result, out)
+            return
+        if sizes:
+            parser.error(f"{', '.join(sizes)} only apply with --model")
     result = bench.run(name, out, **args)
     if out_md:
         command = " ".join(["python scripts/bench.py", *argv])
