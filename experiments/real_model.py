@@ -14,13 +14,15 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 
 import numpy as np
 
 from ctxjax.config import BaseModelConfig, read_yaml_mapping
+from ctxjax.evaluate import evaluate_checkpoint
 from ctxjax.metrics import markdown_table, removability_metrics
+from experiments import runner
 from experiments.grid import RunSpec, dotted
-from experiments.runner import run_all
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA_DIR = os.path.join(_ROOT, "configs", "real_model")
@@ -29,13 +31,15 @@ DOC = os.path.join(_ROOT, "docs", "real_model.md")
 
 # The distilled context and its automatic check (`ctxjax.tasks.verifiers`); why these: the doc.
 SYSTEM_PROMPT = "Answer in one short sentence of at most twelve words."
-VERIFIER = [{"type": "max_sentences", "n": 1}, {"type": "max_words", "n": 12}]
+# A finished answer (it ends a sentence within the token budget) of at most 25 words: the 135M
+# model rarely meets the literal twelve words even with the prompt, so that check measures little.
+VERIFIER = [{"type": "regex", "pattern": "[.!?]$"}, {"type": "max_words", "n": 25}]
 
 # Question forms, each with a {} for the topic.
 QUESTIONS = (
     "Tell me about {}.",
+    "Give a one-line definition of {}.",  # often short without the context: Harm has a denominator
     "Why does {} matter?",
-    "Explain {} to a child.",
 )
 TOPICS = (
     "photosynthesis",
@@ -236,6 +240,57 @@ def plan(
     return specs
 
 
+GREEDY_FILE = "greedy_eval.json"
+
+
+def greedy_eval(model_dir: str, cache: str, cfg: dict) -> dict:
+    """The greedy evaluation (one deterministic answer per item and view) of `model_dir` on the
+    run's eval split with the run's eval settings (`cfg`: its config.json tree), cached in
+    `cache` so that a re-run reuses it."""
+    if os.path.exists(cache):
+        with open(cache) as f:
+            return json.load(f)
+    ev = cfg["eval"]
+    t0 = time.time()
+    result = evaluate_checkpoint(
+        model_dir,
+        "jsonl",
+        "",
+        task_options={"eval_file": cfg["data"]["eval_file"]},
+        examples=ev["examples"],
+        max_new_tokens=ev["max_new_tokens"],
+        temperature=0.0,
+        batch_size=ev["batch_size"],
+        seed=ev["seed"],
+        placement=cfg["data"]["context_placement"],
+        retention=False,
+        with_cosine=False,
+    )
+    result["seconds"] = time.time() - t0
+    with open(cache + ".tmp", "w") as f:
+        json.dump(result, f)
+    os.replace(cache + ".tmp", cache)
+    return result
+
+
+def greedy_evals(specs: list[RunSpec], out_dir: str) -> dict[str, list[dict]]:
+    """variant -> greedy evaluations after distillation, one per seed in seed order; "base" -> the
+    starting model's, once per seed (the same evaluation: its interval is over items)."""
+    out: dict[str, list[dict]] = {}
+    base = None
+    for spec in sorted(specs, key=lambda s: s.seed):
+        run_dir = os.path.join(out_dir, spec.run_dir_name)
+        with open(os.path.join(run_dir, runner.SUMMARY_FILE)) as f:
+            cfg = json.load(f)["config"]
+        if base is None:
+            base = greedy_eval(cfg["student"], os.path.join(out_dir, GREEDY_FILE), cfg)
+        final = os.path.join(run_dir, "final")
+        result = greedy_eval(final, os.path.join(run_dir, GREEDY_FILE), cfg)
+        out.setdefault(spec.variant, []).append(result)
+    out["base"] = [base] * len(out[next(iter(out))])
+    return out
+
+
 # --------------------------------------------------------------------------------------------------
 # Aggregation: bootstrap over seeds x items
 # --------------------------------------------------------------------------------------------------
@@ -313,10 +368,10 @@ def _cosine_summary(results: list[dict]) -> dict:
     return out
 
 
-def aggregate(records: list[dict]) -> dict:
+def aggregate(records: list[dict], greedy: dict[str, list[dict]] | None = None) -> dict:
     """The runner's records -> the results JSON: bootstrapped metrics of the base model (the
     plain-OPD runs' `before`, one per seed) and of each variant after distillation, the cosine
-    summaries, and each run's wall time."""
+    summaries, each run's wall time; and the greedy evaluations' metrics when given."""
     by_variant: dict[str, list[dict]] = {"base": []}
     for rec in sorted(records, key=lambda r: r["spec"]["seed"]):
         by_variant.setdefault(rec["spec"]["variant"], []).append(rec["after"])
@@ -324,6 +379,7 @@ def aggregate(records: list[dict]) -> dict:
             by_variant["base"].append(rec["before"])
     return dict(
         metrics=bootstrap(by_variant),
+        greedy=bootstrap(greedy) if greedy else None,
         cosine={v: _cosine_summary(rs) for v, rs in by_variant.items()},
         seeds=sorted({r["spec"]["seed"] for r in records}),
         items=by_variant["base"][0]["n"],
@@ -353,29 +409,41 @@ def _cos_cell(stat: dict | None) -> str:
     return f"{stat['mean']:.3f} ({stat['range'][0]:.3f}-{stat['range'][1]:.3f})"
 
 
-def results_markdown(results: dict, command: str) -> str:
-    """The generated section of docs/real_model.md."""
-    metrics, cosine = results["metrics"], results["cosine"]
+_VARIANT_LABELS = (("base", "base model"), ("opd", "OPD"), ("nca", "OPD + NCA (β 0.5)"))
+
+
+def _table(metrics: dict, cosine: dict | None) -> str:
     rows = []
-    for v, label in (("base", "base model"), ("opd", "OPD"), ("nca", "OPD + NCA (β 0.5)")):
+    for v, label in _VARIANT_LABELS:
         row = {"": label, **{_LABELS[m]: _cell(metrics[v][m]) for m in _METRICS}}
-        row["cosine (blocks)"] = _cos_cell(cosine[v]["mean"])
-        row["cosine (last)"] = _cos_cell(cosine[v]["last"])
+        if cosine:
+            row["cosine (blocks)"] = _cos_cell(cosine[v]["mean"])
+            row["cosine (last)"] = _cos_cell(cosine[v]["last"])
         rows.append(row)
     diff = {
         "": "NCA - OPD (paired)",
         **{_LABELS[m]: _cell(metrics["nca-opd"][m]) for m in _METRICS},
     }
-    columns = ["", *(_LABELS[m] for m in _METRICS), "cosine (blocks)", "cosine (last)"]
-    minutes = sum(s for s in results["runs"].values() if s) / 60
+    columns = ["", *(_LABELS[m] for m in _METRICS)]
+    columns += ["cosine (blocks)", "cosine (last)"] if cosine else []
+    return markdown_table([*rows, diff], columns, str)
+
+
+def results_markdown(results: dict, command: str) -> str:
+    """The generated section of docs/real_model.md."""
+    seconds = [s for s in results["runs"].values() if s] + [results.get("greedy_seconds") or 0]
+    minutes = sum(seconds) / 60
     return "\n".join(
         [
             f"`{command}`: seeds {results['seeds']}, {results['items']} eval items x "
             f"{results['draws']} sampled draws per item and view (independent streams per view); "
-            f"{len(results['runs'])} runs, {minutes:.1f} min of training and evaluation.",
+            f"{len(results['runs'])} runs; {minutes:.1f} min of training and evaluation in all.",
             "",
-            markdown_table([*rows, diff], columns, str),
+            "Sampled (temperature 1):",
             "",
+            _table(results["metrics"], results["cosine"]),
+            "",
+            *(["Greedy:", "", _table(results["greedy"], None), ""] if results["greedy"] else []),
             "Metrics: pooled point estimate [95% percentile bootstrap over seeds x items, "
             f"{BOOTSTRAP} draws]; the base model's interval is over items (its evaluation is the "
             "same for every seed). Cosine: mean over seeds (min-max over seeds), no per-item "
@@ -405,14 +473,21 @@ def run_real_model(
     seeds: tuple[int, ...] = SEEDS,
     overrides: tuple[str, ...] = (),
     command: str = "python scripts/real_model.py",
+    greedy: bool = True,
 ) -> dict:
-    """Runs (or reuses) every planned run under `out_dir`, writes `results.json` there and the
-    results section of `doc`; returns the results."""
+    """Runs (or reuses) every planned run under `out_dir`, evaluates the base and final models
+    greedily too (`greedy`), writes `results.json` there and the results section of `doc`;
+    returns the results."""
     if not os.path.isfile(os.path.join(model, "config.json")):
         raise ValueError(f"--model {model}: not an HF model folder (no config.json)")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    records = run_all(plan(model, seeds, overrides), out_dir, base_cache=BaseModelConfig.cache_dir)
-    results = aggregate(records)
+    specs = plan(model, seeds, overrides)
+    records = runner.run_all(specs, out_dir, base_cache=BaseModelConfig.cache_dir)
+    evals = greedy_evals(specs, out_dir) if greedy else None
+    results = aggregate(records, evals)
+    if evals:  # the base model's evaluation counted once
+        unique = {id(r): r for rs in evals.values() for r in rs}.values()
+        results["greedy_seconds"] = sum(r.get("seconds") or 0 for r in unique)
     results["overrides"] = list(overrides)
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, RESULTS_FILE), "w") as f:

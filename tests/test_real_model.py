@@ -69,17 +69,30 @@ def _pooled(results: list[dict]) -> dict:
     )
 
 
+def _check(got: dict, want: dict) -> None:
+    for variant, metrics in want.items():
+        for metric, value in metrics.items():
+            stat = got[variant][metric]
+            if value is None:
+                assert stat["mean"] is None and stat["ci95"] is None
+            else:
+                np.testing.assert_allclose(stat["mean"], value, rtol=1e-12)
+                assert stat["ci95"][0] <= stat["ci95"][1]
+
+
 def test_pipeline_end_to_end(setup, monkeypatch):
     monkeypatch.setattr(real_model, "DATA_DIR", setup["data"])
     args = (setup["model"], setup["out"], setup["doc"])
     results = real_model.run_real_model(*args, overrides=TINY_BUDGETS)
 
-    summaries = {}
+    summaries, greedy = {}, {}
     for name in os.listdir(setup["out"]):
         path = os.path.join(setup["out"], name, "summary.json")
         if os.path.exists(path):
             with open(path) as f:
                 summaries[name] = json.load(f)
+            with open(os.path.join(setup["out"], name, real_model.GREEDY_FILE)) as f:
+                greedy[name] = json.load(f)
     assert len(summaries) == 4  # 2 seeds x (OPD, NCA)
     runs = {}
     for name, s in summaries.items():
@@ -87,9 +100,9 @@ def test_pipeline_end_to_end(setup, monkeypatch):
         assert s["config"]["loss"]["beta"] == real_model.VARIANTS[variant]
         assert s["config"]["student"] == os.path.abspath(setup["model"])
         assert s["context_text"] == "Be brief."
-        runs.setdefault(variant, []).append(s)
-    for variant in runs:
-        runs[variant].sort(key=lambda s: s["config"]["train"]["seed"])
+        runs.setdefault(variant, []).append((s["config"]["train"]["seed"], s, greedy[name]))
+    greedy = {v: [g for _, _, g in sorted(rs, key=lambda r: r[0])] for v, rs in runs.items()}
+    runs = {v: [s for _, s, _ in sorted(rs, key=lambda r: r[0])] for v, rs in runs.items()}
     assert [s["config"]["train"]["seed"] for s in runs["nca"]] == [0, 1]
 
     want = {
@@ -97,14 +110,16 @@ def test_pipeline_end_to_end(setup, monkeypatch):
         "opd": _pooled([s["after"] for s in runs["opd"]]),
         "nca": _pooled([s["after"] for s in runs["nca"]]),
     }
-    for variant, metrics in want.items():
-        for metric, value in metrics.items():
-            got = results["metrics"][variant][metric]
-            if value is None:
-                assert got["mean"] is None and got["ci95"] is None
-            else:
-                np.testing.assert_allclose(got["mean"], value, rtol=1e-12)
-                assert got["ci95"][0] <= got["ci95"][1]
+    with open(os.path.join(setup["out"], real_model.GREEDY_FILE)) as f:
+        base_greedy = json.load(f)
+    assert base_greedy["mode"] == "greedy" and base_greedy["draws"] == 1
+    want_greedy = {
+        "base": _pooled([base_greedy]),
+        "opd": _pooled(greedy["opd"]),
+        "nca": _pooled(greedy["nca"]),
+    }
+    for section, wanted in (("metrics", want), ("greedy", want_greedy)):
+        _check(results[section], wanted)
     cos = [np.mean(s["after"]["layer_cosine"][1:]) for s in runs["nca"]]
     assert results["cosine"]["nca"]["mean"]["range"] == pytest.approx([min(cos), max(cos)])
 
@@ -113,15 +128,21 @@ def test_pipeline_end_to_end(setup, monkeypatch):
     with open(setup["doc"]) as f:
         page = f.read()
     assert page.startswith("# Page\n\n") and page.endswith(f"{real_model.END}\n\nafter\n")
-    assert "old" not in page and "OPD + NCA" in page and "NCA - OPD (paired)" in page
+    assert (
+        "old" not in page
+        and "OPD + NCA" in page
+        and "NCA - OPD (paired)" in page
+        and "Greedy:" in page
+    )
 
     # Re-running trains nothing (every run has its summary) and gives the same results.
     def refuse(*a, **k):
         raise AssertionError("a finished run was trained again")
 
     monkeypatch.setattr(runner, "_train", refuse)
+    monkeypatch.setattr(real_model, "evaluate_checkpoint", refuse)
     again = real_model.run_real_model(*args, overrides=TINY_BUDGETS)
-    assert again["metrics"] == results["metrics"]
+    assert again["metrics"] == results["metrics"] and again["greedy"] == results["greedy"]
 
 
 def _result(cx, cxc, lx, lxc):
