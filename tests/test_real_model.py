@@ -176,3 +176,22 @@ def test_bootstrap_pairs_variants_and_spans_seeds():
     assert wide[1] - wide[0] > 2 * (narrow[1] - narrow[0])
     with pytest.raises(ValueError, match="share seeds and items"):
         real_model.bootstrap({"opd": seeds, "nca": seeds[:2]})
+
+
+def test_shipped_prompts_are_the_generator_output(tmp_path):
+    """configs/real_model/ holds exactly what `write_prompts` writes, and the task reads it: no eval
+    topic is trained on, and every eval record is checked by the chosen verifier."""
+    from ctxjax.tasks.jsonl import JsonlTask
+
+    paths = real_model.write_prompts(str(tmp_path))
+    for split, path in paths.items():
+        with open(path) as new, open(os.path.join(real_model.DATA_DIR, f"{split}.jsonl")) as old:
+            assert new.read() == old.read(), split
+    task = JsonlTask(train_file=paths["train"], eval_file=paths["eval"])
+    assert len(task.train_split) >= 200 and len(task.eval_split) >= 64
+    assert task.contexts() == {"ctx0": real_model.SYSTEM_PROMPT}
+    assert not {r["prompt"] for r in task.eval_split} & {r["prompt"] for r in task.train_split}
+    record = task.eval_split[0]
+    assert task.verify(record, "Rainbows are light split by rain drops.")
+    assert not task.verify(record, "Rainbows are light split by rain drops, and")  # unfinished
+    assert not task.verify(record, " ".join(["word"] * 25) + " more.")  # 26 words
