@@ -120,6 +120,15 @@ def test_pipeline_end_to_end(setup, monkeypatch):
     }
     for section, wanted in (("metrics", want), ("greedy", want_greedy)):
         _check(results[section], wanted)
+    # The per-answer values are the ones the evaluation's own metrics came from; with equal item
+    # counts the pooled accuracy is the mean of the runs' accuracies.
+    for s in runs["opd"] + runs["nca"]:
+        for view in ("x", "xc"):
+            assert np.mean(s["after"][f"correct_{view}"]) == pytest.approx(
+                s["after"][f"acc_{view}"]
+            )
+    accs = [s["after"]["acc_xc"] for s in runs["nca"]]
+    assert results["metrics"]["nca"]["acc_xc"]["mean"] == pytest.approx(np.mean(accs))
     cos = [np.mean(s["after"]["layer_cosine"][1:]) for s in runs["nca"]]
     assert results["cosine"]["nca"]["mean"]["range"] == pytest.approx([min(cos), max(cos)])
 
