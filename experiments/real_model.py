@@ -313,7 +313,8 @@ def _table(metrics: dict, cosine: dict | None) -> str:
     }
     columns = ["", *(_LABELS[m] for m in _METRICS)]
     columns += ["cosine (blocks)", "cosine (last)"] if cosine else []
-    return markdown_table([*rows, diff], columns, str)
+    # Cells are preformatted strings; a row without a column (the difference's cosine) shows "-".
+    return markdown_table([*rows, diff], columns, lambda v: "-" if v is None else v)
 
 
 def results_markdown(results: dict, command: str) -> str:

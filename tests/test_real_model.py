@@ -143,6 +143,7 @@ def test_pipeline_end_to_end(setup, monkeypatch):
         and "NCA - OPD (paired)" in page
         and "Greedy:" in page
     )
+    assert "None" not in page
 
     # Re-running trains nothing (every run has its summary) and gives the same results.
     def refuse(*a, **k):
