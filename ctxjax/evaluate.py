@@ -189,7 +189,8 @@ def evaluate_context(
     pairs. `coupled_views=True` gives the with-context view the no-context view's noise (common
     random numbers): lower variance for a paired comparison, but biased towards Harm 0, since views
     that agree then give identical answers. The result records `mode`, `draws` and `coupled_views`;
-    `lengths_x` / `lengths_xc` are [n * draws], item-major; `samples` shows each item's first draw.
+    `lengths_x` / `lengths_xc` and `correct_x` / `correct_xc` (per answer, for intervals over items)
+    are [n * draws], item-major; `samples` shows each item's first draw.
     `placement` is where the context goes in the chat (`hf.render_chat`), as in training.
     """
     draws = eval_draws(temperature, samples, coupled_views)
@@ -256,6 +257,8 @@ def evaluate_context(
     ]
     result["lengths_x"] = ans_x.lengths.tolist()
     result["lengths_xc"] = ans_c.lengths.tolist()
+    result["correct_x"] = correct_x.tolist()
+    result["correct_xc"] = correct_c.tolist()
     return result
 
 
