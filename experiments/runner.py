@@ -23,14 +23,17 @@ def _read_json(path: str) -> dict:
 
 
 def _train(spec: RunSpec, run_dir: str, base_cache: str, progress: bool) -> float:
-    """Trains one run into `run_dir`; returns its wall time (any base model it built included)."""
+    """Trains one run into `run_dir`; returns its wall time (any base model it built included). A
+    folder that a killed or interrupted run left (its config.json, no summary) is resumed from its
+    newest intact checkpoint, not refused; a changed config is still refused by the resume check."""
+    from ctxjax.run_dir import holds_run
     from ctxjax.train import run as train_run
 
     t0 = time.time()
     cfg = load_config(
         None, [*spec.overrides, f"train.out_dir={run_dir}", f"base.cache_dir={base_cache}"]
     )
-    train_run(cfg, progress=progress)
+    train_run(cfg, progress=progress, resume=bool(holds_run(run_dir)))
     seconds = time.time() - t0
     with open(os.path.join(run_dir, TIMING_FILE), "w") as f:
         json.dump({"seconds": seconds}, f)

@@ -212,6 +212,31 @@ def test_run_all_reuses_a_finished_run_and_keeps_every_evaluation_field(tmp_path
     assert rec["cell"] == "synthetic/careful/small" and rec["spec"]["task_name"] == "synthetic"
 
 
+def test_run_all_resumes_a_folder_an_interrupted_run_left(tmp_path, monkeypatch):
+    """A run killed before its summary leaves config.json (and checkpoints): run_all resumes it
+    (train.run's resume path restores the newest intact checkpoint) instead of being refused, and a
+    fresh folder is not resumed."""
+    import ctxjax.train
+
+    [spec] = grid_lib.plan(grid_lib.load_grid(GRIDS["quick"]))[:1]
+    calls = []
+
+    def fake_run(cfg, *, resume=False, progress=False, **_):
+        calls.append(resume)
+        write_dir = cfg.train.out_dir
+        os.makedirs(write_dir, exist_ok=True)
+        with open(os.path.join(write_dir, "summary.json"), "w") as f:
+            json.dump({"before": {}, "after": {}}, f)
+
+    monkeypatch.setattr(ctxjax.train, "run", fake_run)
+    run_all([spec], str(tmp_path / "fresh"), base_cache=str(tmp_path / "base"))
+    interrupted = tmp_path / "old" / spec.run_dir_name
+    interrupted.mkdir(parents=True)
+    (interrupted / "config.json").write_text("{}")
+    run_all([spec], str(tmp_path / "old"), base_cache=str(tmp_path / "base"))
+    assert calls == [False, True]
+
+
 def _record(cell, variant, seed, base_seed=0, before=None, **after):
     return dict(
         cell=cell,
