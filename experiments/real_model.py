@@ -122,7 +122,16 @@ def plan(
             layers = [*preset, *files, f"student={os.path.abspath(model)}", f"loss.beta={beta}"]
             layers += [f"train.seed={seed}", *overrides]
             specs.append(
-                RunSpec("real", "system", "smollm2", variant, seed, "jsonl", tuple(layers))
+                RunSpec(
+                    task="real",
+                    context="system",
+                    size="smollm2",
+                    variant=variant,
+                    base_seed=0,  # one given checkpoint: no base model is built
+                    seed=seed,
+                    task_name="jsonl",
+                    overrides=tuple(layers),
+                )
             )
     return specs
 
