@@ -21,16 +21,16 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from ctxjax.hf import (
-    _LOAD_ONLY_TOKENIZER_KWARGS,
     CONFIG_FILE,
     GENERATION_CONFIG_FILE,
+    LOAD_ONLY_TOKENIZER_KWARGS,
     WEIGHTS_FILE,
     HFFolderError,
-    _one_line,
-    _read_json,
-    _write_folder_atomically,
-    _write_json,
     config_to_hf,
+    one_line,
+    read_json,
+    write_folder_atomically,
+    write_json,
 )
 from ctxjax.model import ModelConfig
 
@@ -191,7 +191,7 @@ def _read(gguf_path: str) -> tuple[ModelConfig, dict[str, np.ndarray], dict[str,
     try:
         reader = gguf.GGUFReader(gguf_path)
     except Exception as e:  # the reader raises ValueError/struct errors/... for a bad file
-        raise GGUFError(f"corrupt GGUF file {gguf_path}: {_one_line(e)}") from e
+        raise GGUFError(f"corrupt GGUF file {gguf_path}: {one_line(e)}") from e
     try:
         shapes = {}
         for tensor in reader.tensors:
@@ -199,7 +199,7 @@ def _read(gguf_path: str) -> tuple[ModelConfig, dict[str, np.ndarray], dict[str,
         cfg = _config(reader, shapes)
         tensors = read_gguf_weights(reader, cfg)
     except ValueError as e:
-        raise GGUFError(f"{gguf_path}: {_one_line(e)}") from e
+        raise GGUFError(f"{gguf_path}: {one_line(e)}") from e
     ids = {hf: int(_field(reader, k)) for k, hf in _TOKEN_ID_KEYS.items() if k in reader.fields}
     tokens = reader.fields.get("tokenizer.ggml.tokens")
     if tokens is None:
@@ -221,8 +221,8 @@ def _tokenizer(gguf_path: str, n_tokens: int) -> tuple[Any, list[int]]:
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name, local_files_only=True)
     except Exception as e:  # transformers raises many kinds for a file it cannot read
-        raise GGUFError(f"cannot build a tokenizer from {gguf_path}: {_one_line(e)}") from e
-    for key in _LOAD_ONLY_TOKENIZER_KWARGS:  # not a setting of the tokenizer (see hf.py)
+        raise GGUFError(f"cannot build a tokenizer from {gguf_path}: {one_line(e)}") from e
+    for key in LOAD_ONLY_TOKENIZER_KWARGS:  # not a setting of the tokenizer (see hf.py)
         tokenizer.init_kwargs.pop(key, None)
     stray = {i: t.content for i, t in tokenizer.added_tokens_decoder.items() if i >= n_tokens}
     for role in ("bos", "eos", "unk", "pad"):
@@ -237,9 +237,9 @@ def _tokenizer(gguf_path: str, n_tokens: int) -> tuple[Any, list[int]]:
 
 def _drop_added_tokens(folder: str, ids: list[int]) -> None:
     file = os.path.join(folder, TOKENIZER_FILE)
-    data = _read_json(file)
+    data = read_json(file)
     data["added_tokens"] = [t for t in data.get("added_tokens", []) if t["id"] not in ids]
-    _write_json(file, data)
+    write_json(file, data)
 
 
 def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike) -> str:
@@ -260,10 +260,10 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike) -> st
     def write(folder: str) -> None:
         # "format": "pt" is what transformers itself writes and checks for.
         save_file(tensors, os.path.join(folder, WEIGHTS_FILE), metadata={"format": "pt"})
-        _write_json(os.path.join(folder, CONFIG_FILE), {**config_to_hf(cfg), **ids})
-        _write_json(os.path.join(folder, GENERATION_CONFIG_FILE), ids)
+        write_json(os.path.join(folder, CONFIG_FILE), {**config_to_hf(cfg), **ids})
+        write_json(os.path.join(folder, GENERATION_CONFIG_FILE), ids)
         tokenizer.save_pretrained(folder)
         if stray:
             _drop_added_tokens(folder, stray)
 
-    return _write_folder_atomically(out_dir, write)
+    return write_folder_atomically(out_dir, write)

@@ -60,7 +60,7 @@ GENERATION_CONFIG_FILE = "generation_config.json"
 # The ids `generate` needs to stop and pad; exported into config.json and generation_config.json.
 TOKEN_ID_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
 # `load_tokenizer`'s loading options, which `save_pretrained` would persist into an export.
-_LOAD_ONLY_TOKENIZER_KWARGS = ("local_files_only",)
+LOAD_ONLY_TOKENIZER_KWARGS = ("local_files_only",)
 
 
 class HFFolderError(ValueError):
@@ -72,7 +72,7 @@ class HFFolderNotFoundError(HFFolderError, FileNotFoundError):
     """A folder or a file it must hold is missing (or is a file where a folder is needed)."""
 
 
-def _one_line(error: BaseException) -> str:
+def one_line(error: BaseException) -> str:
     return " ".join(str(error).split())
 
 
@@ -86,12 +86,12 @@ def _folder(path: str | os.PathLike, what: str = "model") -> str:
     return path
 
 
-def _read_json(file: str) -> dict:
+def read_json(file: str) -> dict:
     try:
         with open(file) as fh:
             data = json.load(fh)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise HFFolderError(f"corrupt {file}: {_one_line(e)}") from e
+        raise HFFolderError(f"corrupt {file}: {one_line(e)}") from e
     if not isinstance(data, dict):
         raise HFFolderError(f"corrupt {file}: expected a JSON object, got {type(data).__name__}")
     return data
@@ -344,7 +344,7 @@ def _read_header(file: str) -> tuple[dict[str, dict], int]:
             (n,) = struct.unpack("<Q", fh.read(8))
             header = json.loads(fh.read(n))
     except Exception as e:  # SafetensorError, struct.error, JSONDecodeError: all mean "corrupt"
-        raise HFFolderError(f"corrupt safetensors file {file}: {_one_line(e)}") from e
+        raise HFFolderError(f"corrupt safetensors file {file}: {one_line(e)}") from e
     header.pop("__metadata__", None)
     return header, 8 + n
 
@@ -368,7 +368,7 @@ def _read_index(index: str) -> dict[str, str]:
         with open(index) as fh:
             weight_map = json.load(fh)["weight_map"]
     except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise HFFolderError(f"corrupt index file {index}: {_one_line(e)!r}") from e
+        raise HFFolderError(f"corrupt index file {index}: {one_line(e)!r}") from e
     if not isinstance(weight_map, dict):
         raise HFFolderError(f"corrupt index file {index}: weight_map is not an object")
     return weight_map
@@ -427,7 +427,7 @@ def read_hf_config(path: str | os.PathLike) -> dict:
     file = os.path.join(path, CONFIG_FILE)
     if not os.path.isfile(file):
         raise HFFolderNotFoundError(f"{CONFIG_FILE} not found in {path}")
-    return _read_json(file)
+    return read_json(file)
 
 
 def read_architecture(path: str | os.PathLike) -> ModelConfig:
@@ -440,7 +440,7 @@ def read_architecture(path: str | os.PathLike) -> ModelConfig:
         raise
     except ValueError as e:
         file = os.path.join(os.path.expanduser(os.fspath(path)), CONFIG_FILE)
-        raise HFFolderError(f"{file}: {_one_line(e)}") from e
+        raise HFFolderError(f"{file}: {one_line(e)}") from e
 
 
 def _plan(
@@ -576,15 +576,15 @@ def export_pretrained(
     def write(folder: str) -> None:
         save_model(model, folder, dtype=dtype)
         config_file = os.path.join(folder, CONFIG_FILE)
-        _write_json(config_file, {**_read_json(config_file), **ids})
+        write_json(config_file, {**read_json(config_file), **ids})
         generation = {}
         if source is not None and os.path.isfile(os.path.join(source, GENERATION_CONFIG_FILE)):
-            generation = _read_json(os.path.join(source, GENERATION_CONFIG_FILE))
+            generation = read_json(os.path.join(source, GENERATION_CONFIG_FILE))
         missing = {k: v for k, v in ids.items() if generation.get(k) is None}
-        _write_json(os.path.join(folder, GENERATION_CONFIG_FILE), {**generation, **missing})
+        write_json(os.path.join(folder, GENERATION_CONFIG_FILE), {**generation, **missing})
         tokenizer.save_pretrained(folder)
 
-    return _write_folder_atomically(path, write)
+    return write_folder_atomically(path, write)
 
 
 def _token_ids(tokenizer: Any, source: str | None) -> dict[str, Any]:
@@ -593,7 +593,7 @@ def _token_ids(tokenizer: Any, source: str | None) -> dict[str, Any]:
     layers = []
     for name in (CONFIG_FILE, GENERATION_CONFIG_FILE) if source is not None else ():
         if os.path.isfile(os.path.join(source, name)):
-            layers.append(_read_json(os.path.join(source, name)))
+            layers.append(read_json(os.path.join(source, name)))
     layers.append({key: getattr(tokenizer, key, None) for key in TOKEN_ID_KEYS})
     ids = {}
     for key in TOKEN_ID_KEYS:
@@ -603,12 +603,12 @@ def _token_ids(tokenizer: Any, source: str | None) -> dict[str, Any]:
     return ids
 
 
-def _write_json(file: str, data: dict) -> None:
+def write_json(file: str, data: dict) -> None:
     with open(file, "w") as fh:
         json.dump(data, fh, indent=2)
 
 
-def _write_folder_atomically(path: str | os.PathLike, write: Callable[[str], None]) -> str:
+def write_folder_atomically(path: str | os.PathLike, write: Callable[[str], None]) -> str:
     """Runs `write(tmp)` on a fresh sibling folder, then swaps it in for `path` (see
     `export_pretrained`). Unique names (not `tempfile.mkdtemp`, whose 0700 mode would stick to the
     final folder) so the folder gets the umask's permissions like any other."""
@@ -658,8 +658,8 @@ def load_tokenizer(path: str | os.PathLike) -> Any:
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError) as e:
-        raise HFFolderError(f"cannot load a tokenizer from {path}: {_one_line(e)}") from e
-    for key in _LOAD_ONLY_TOKENIZER_KWARGS:
+        raise HFFolderError(f"cannot load a tokenizer from {path}: {one_line(e)}") from e
+    for key in LOAD_ONLY_TOKENIZER_KWARGS:
         tokenizer.init_kwargs.pop(key, None)
     return tokenizer
 
