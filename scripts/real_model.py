@@ -14,6 +14,7 @@ import os
 import shutil
 import sys
 
+from ctxjax.train import Diverged
 from experiments.real_model import DOC, SEEDS, SMOKE_OVERRIDES, run_real_model
 
 
@@ -40,6 +41,8 @@ def main(argv: list[str]) -> None:
         )  # fmt: skip
     except (ValueError, FileNotFoundError) as e:
         p.exit(2, f"error: {e}\n")
+    except Diverged as e:  # the finished runs stay and are reused when the command is re-run
+        p.exit(1, f"diverged: {e}\n")
     print(f"results: {os.path.join(out, 'results.json')} and {doc}")
 
 

@@ -11,6 +11,8 @@ stopped.
 import argparse
 import sys
 
+from ctxjax.train import Diverged, RunRefused
+from experiments.grid import GridError
 from experiments.reproduce import reproduce
 from experiments.results_page import rewrite_results
 
@@ -39,7 +41,12 @@ def main(argv: list[str]) -> None:
         print(rewrite_results(results.removesuffix(".md") + ".json", readme))
         return
     kw = dict(grid_path=args.grid, seeds=args.seeds, base_seeds=args.base_seeds, readme=readme)
-    print(reproduce(out, results, quick=args.quick, **kw))
+    try:
+        print(reproduce(out, results, quick=args.quick, **kw))
+    except (GridError, RunRefused) as e:
+        parser.exit(2, f"error: {e}\n")
+    except Diverged as e:  # the finished runs stay and are reused when the command is re-run
+        parser.exit(1, f"diverged: {e}\n")
 
 
 if __name__ == "__main__":

@@ -428,3 +428,40 @@ def test_reproduce_quick_end_to_end(tmp_path):
             assert (run / "summary.json").exists()
     # Two base models, one per base seed, each shared by its OPD and NCA runs.
     assert len(list((out / "base").glob("synthetic-*"))) == 2
+
+
+def _script_main(name: str):
+    """A script's `main`, loaded from scripts/ (not a package)."""
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(__file__), "..", "scripts", f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"script_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize(
+    "script, target, argv",
+    [
+        ("reproduce", "reproduce", ["--quick", "--out", "OUT"]),
+        ("real_model", "run_real_model", ["--model", "M", "--out", "OUT"]),
+    ],
+)
+def test_a_diverged_run_is_one_line_and_exit_1(script, target, argv, tmp_path, monkeypatch, capsys):
+    """A run of the harness that diverges stops the command with exit status 1 and one line (the
+    run's own message: its step, its term and the resume command), not a traceback."""
+    from ctxjax.train import Diverged
+
+    module = _script_main(script)
+
+    def diverge(*_, **__):
+        raise Diverged("step 7: non-finite loss; resume with --resume ...")
+
+    monkeypatch.setattr(module, target, diverge)
+    argv = [str(tmp_path) if a == "OUT" else a for a in argv]
+    with pytest.raises(SystemExit) as exit_info:
+        module.main(argv)
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert err == "diverged: step 7: non-finite loss; resume with --resume ...\n"
