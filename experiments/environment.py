@@ -21,6 +21,14 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def usable_cores() -> int:
+    """CPU cores this process may run on (the affinity mask, else the machine's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 def _version(name: str) -> str:
     try:
         return metadata.version(name)
@@ -30,10 +38,9 @@ def _version(name: str) -> str:
 
 def machine() -> dict:
     """CPU model, cores this process may use and the machine's, Python and library versions."""
-    affinity = getattr(os, "sched_getaffinity", None)
     return dict(
         cpu=cpu_model(),
-        cores=len(affinity(0)) if affinity else os.cpu_count(),
+        cores=usable_cores(),
         machine_cores=os.cpu_count(),
         python=platform.python_version(),
         versions={name: _version(name) for name in LIBRARIES},

@@ -17,6 +17,7 @@ import time
 import numpy as np
 
 from ctxjax.config import MODEL_SIZES
+from experiments.environment import cpu_model, usable_cores
 
 # measure_sample: a tiny Llama, big enough that the decode step is real work on a CPU.
 SAMPLE_MODEL = dict(
@@ -928,28 +929,6 @@ STEP_CASES = {
 STEP_PARTS = ("sample", "teacher", "student", "optimizer")
 
 
-def _cpu_model() -> str:
-    """The CPU's model name as lscpu prints it (from /proc/cpuinfo), or the platform's."""
-    import platform
-
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _cores() -> int:
-    """CPU cores this process may run on (the affinity mask, else the machine's count)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
 def _peak_fractions(flops: dict, medians: dict, peak_flops_per_s: float) -> dict:
     """FLOP rate / peak of the step and of each part with matmul FLOPs (not the optimizer)."""
     out = {"step": round(flops["total"] / medians["step"] / peak_flops_per_s, 5)}
@@ -1083,7 +1062,7 @@ def measure_step(
     if reps < 1:
         raise ValueError(f"reps must be >= 1, got {reps}")
     copts = QUICK_COMPILER_OPTIONS if quick else None
-    threads = torch_threads or _cores()
+    threads = torch_threads or usable_cores()
     default_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -1098,8 +1077,8 @@ def measure_step(
         "benchmark": "step",
         "quick": quick,
         "environment": {
-            "cpu_model": _cpu_model(),
-            "cores": _cores(),
+            "cpu_model": cpu_model(),
+            "cores": usable_cores(),
             "jax_backend": jax.default_backend(),
             "torch_threads": threads,
             "compiler_options": copts or {},
