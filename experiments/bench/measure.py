@@ -650,13 +650,7 @@ def _time_train_step(preset: dict, reps: int, seed: int, copts: dict | None) -> 
         )
     )
 
-    times = {name: [] for name in ("step", *run.parts)}
-    load_before = os.getloadavg()[0]
-    for rep in range(reps):
-        times["step"].append(run.run_step(rep))
-        for name, dt in run.run_parts().items():
-            times[name].append(dt)
-    load_after = os.getloadavg()[0]
+    times, load_before, load_after = _time_step_and_parts(run, reps)
 
     tokens = b * n
     timing = {name: _timing(ts, tokens) for name, ts in times.items()}
@@ -927,6 +921,18 @@ STEP_CASES = {
     ),
 }
 STEP_PARTS = ("sample", "teacher", "student", "optimizer")
+
+
+def _time_step_and_parts(run, reps: int) -> tuple[dict, float, float]:
+    """`reps` interleaved repetitions of the whole step and of each part alone: seconds per name,
+    and the 1-minute load average before and after."""
+    times = {name: [] for name in ("step", *run.parts)}
+    load_before = os.getloadavg()[0]
+    for rep in range(reps):
+        times["step"].append(run.run_step(rep))
+        for name, dt in run.run_parts().items():
+            times[name].append(dt)
+    return times, load_before, os.getloadavg()[0]
 
 
 def _peak_fractions(flops: dict, medians: dict, peak_flops_per_s: float) -> dict:

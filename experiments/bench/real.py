@@ -16,7 +16,13 @@ import time
 
 import numpy as np
 
-from experiments.bench.measure import _build_ctxjax_step, _memory, _timing, _train_batch
+from experiments.bench.measure import (
+    _build_ctxjax_step,
+    _memory,
+    _time_step_and_parts,
+    _timing,
+    _train_batch,
+)
 
 
 def _peak_rss_bytes() -> int:
@@ -55,13 +61,7 @@ def measure_real(
         np.random.default_rng(seed), cfg.vocab_size, batch, prompt_len, ctx_prompt_len
     )
     run = _build_ctxjax_step(student, teacher, batch_np, new_tokens, loss_cfg, seed, None)
-    times = {name: [] for name in ("step", *run.parts)}
-    load_before = os.getloadavg()[0]
-    for rep in range(reps):
-        times["step"].append(run.run_step(rep))
-        for name, dt in run.run_parts().items():
-            times[name].append(dt)
-    load_after = os.getloadavg()[0]
+    times, load_before, load_after = _time_step_and_parts(run, reps)
     timing = {name: _timing(ts, batch * new_tokens) for name, ts in times.items()}
     for name, row in timing.items():
         first = run.step_compile_s if name == "step" else run.firsts[name] - row["median_s"]
