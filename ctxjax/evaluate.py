@@ -108,14 +108,14 @@ def _layer_cosines(graphdef, state, ids_x, mask_x, ids_c, mask_c, resp_x, resp_c
     model = nnx.merge(graphdef, state)
 
     def hidden(ids, mask, resp):
-        layers = model.forward(ids, mask_BxL=mask, return_layer_hidden=True).layer_hidden
-        # Gather the response slots of each layer before stacking: stacking first would hold
-        # [layers+1, B, L, D] at once, which for a real model and long prompts is gigabytes.
+        # Each layer's stream is gathered at the response slots as the forward goes: the whole
+        # streams, [layers+1, B, L, D], would be gigabytes for a real model at an evaluation batch.
         # Response tokens are right-aligned in both sequences, so the same column index of `resp`
         # picks the same response position.
-        return jnp.stack(
-            [jnp.take_along_axis(h.astype(jnp.float32), resp[:, :, None], axis=1) for h in layers]
+        out = model.forward(
+            ids, mask_BxL=mask, return_layer_hidden=True, layer_hidden_slots_BxN=resp
         )
+        return jnp.stack([h.astype(jnp.float32) for h in out.layer_hidden])
 
     h_x, h_c = hidden(ids_x, mask_x, resp_x), hidden(ids_c, mask_c, resp_c)
     # The norm product is floored, not offset (as in `metrics.cosine_by_layer`): identical vectors

@@ -18,7 +18,6 @@ import re
 from typing import Any
 
 import numpy as np
-from safetensors.numpy import save_file
 
 from ctxjax.hf import (
     CONFIG_FILE,
@@ -31,6 +30,7 @@ from ctxjax.hf import (
     read_json,
     write_folder_atomically,
     write_json,
+    write_safetensors,
 )
 from ctxjax.model import ModelConfig
 
@@ -259,7 +259,10 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike) -> st
 
     def write(folder: str) -> None:
         # "format": "pt" is what transformers itself writes and checks for.
-        save_file(tensors, os.path.join(folder, WEIGHTS_FILE), metadata={"format": "pt"})
+        entries = {name: (t.shape, t.dtype) for name, t in tensors.items()}
+        write_safetensors(
+            os.path.join(folder, WEIGHTS_FILE), entries, tensors.__getitem__, {"format": "pt"}
+        )
         write_json(os.path.join(folder, CONFIG_FILE), {**config_to_hf(cfg), **ids})
         write_json(os.path.join(folder, GENERATION_CONFIG_FILE), ids)
         tokenizer.save_pretrained(folder)

@@ -25,7 +25,6 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 from safetensors import safe_open
-from safetensors.numpy import save_file
 
 from ctxjax.model import (
     FAMILIES,
@@ -33,7 +32,7 @@ from ctxjax.model import (
     Numerics,
     Transformer,
     fill_unrolled,
-    unrolled_params,
+    unrolled_param_getters,
     unrolled_shapes,
 )
 
@@ -49,6 +48,12 @@ WEIGHTS_INDEX_FILE = "model.safetensors.index.json"
 _NUMPY_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
 # safetensors dtype tags numpy cannot name -> ml_dtypes, for the raw-bytes reader.
 _RAW_DTYPES = {"BF16": ml_dtypes.bfloat16}
+# numpy dtype -> safetensors dtype tag, for the streaming writer.
+_SAFETENSORS_TAGS = {
+    np.dtype(np.float32): "F32",
+    np.dtype(ml_dtypes.bfloat16): "BF16",
+    np.dtype(np.float16): "F16",
+}
 
 # Used when a tokenizer has no chat template (base models, hand-built tokenizers): the context, a
 # blank line, the prompt, a newline. Documented in README ("Chat rendering").
@@ -416,6 +421,53 @@ class _Checkpoint:
 
 
 # --------------------------------------------------------------------------------------------------
+# Safetensors writing
+# --------------------------------------------------------------------------------------------------
+
+
+def write_safetensors(
+    file: str,
+    entries: dict[str, tuple[tuple[int, ...], Any]],
+    get: Callable[[str], np.ndarray],
+    metadata: dict[str, str] | None = None,
+) -> None:
+    """Writes a safetensors file one tensor at a time: `entries` {name: (shape, numpy dtype)}
+    fixes the header, then `get(name)` supplies each tensor as it is written. The library's
+    `save_file` needs every tensor in memory at once and serializes them into one more buffer,
+    which for a 135M-parameter fp32 model is two extra copies (~1.1 GB) at the moment of export.
+
+    The layout is the format's: an 8-byte little-endian header length, the JSON header (padded with
+    spaces to a multiple of 8), then the tensors' little-endian bytes back to back in header order.
+    """
+    header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
+    offset = 0
+    for name, (shape, dtype) in entries.items():
+        dtype = np.dtype(dtype)
+        if dtype not in _SAFETENSORS_TAGS:
+            raise ValueError(f"safetensors writer: tensor {name!r} has unsupported dtype {dtype}")
+        size = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        header[name] = {
+            "dtype": _SAFETENSORS_TAGS[dtype],
+            "shape": [int(d) for d in shape],
+            "data_offsets": [offset, offset + size],
+        }
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(file, "wb") as fh:
+        fh.write(struct.pack("<Q", len(raw)))
+        fh.write(raw)
+        for name, (shape, dtype) in entries.items():
+            arr = np.ascontiguousarray(get(name), dtype=np.dtype(dtype).newbyteorder("<"))
+            if arr.shape != tuple(shape):
+                raise ValueError(
+                    f"safetensors writer: tensor {name!r} has shape {arr.shape}, header says "
+                    f"{tuple(shape)}"
+                )
+            fh.write(arr.reshape(-1).view(np.uint8).data)  # bytes as they lie (bf16 too)
+
+
+# --------------------------------------------------------------------------------------------------
 # Load and save
 # --------------------------------------------------------------------------------------------------
 
@@ -534,19 +586,26 @@ def save_model(model: Transformer, path: str | os.PathLike, *, dtype: str | None
     if dtype not in _NUMPY_DTYPES:
         raise ValueError(f"save dtype must be one of {sorted(_NUMPY_DTYPES)}, got {dtype!r}")
     hf_cfg = config_to_hf(model.cfg, dtype)
-    tensors = {}
-    for ours, value in unrolled_params(model).items():  # per-layer tensors, stacked or not
+    np_dtype = np.dtype(_NUMPY_DTYPES[dtype])
+    getters = unrolled_param_getters(model)  # per-layer tensors, stacked or not
+    shapes = unrolled_shapes(model)
+    entries, ours_of = {}, {}
+    for ours, shape in shapes.items():
         hf_name, transpose = ctxjax_to_hf_name(ours)
-        arr = np.asarray(jax.device_get(value))
-        tensors[hf_name] = np.ascontiguousarray(
-            (arr.T if transpose else arr).astype(_NUMPY_DTYPES[dtype])
-        )
+        entries[hf_name] = (shape[::-1] if transpose else shape, np_dtype)
+        ours_of[hf_name] = (ours, transpose)
+
+    def get(hf_name: str) -> np.ndarray:  # one tensor on the host at a time
+        ours, transpose = ours_of[hf_name]
+        arr = np.asarray(jax.device_get(getters[ours]()))
+        return (arr.T if transpose else arr).astype(np_dtype)
+
     path = os.fspath(path)
     os.makedirs(path, exist_ok=True)
     with open(os.path.join(path, CONFIG_FILE), "w") as fh:
         json.dump(hf_cfg, fh, indent=2)
     # "format": "pt" is what transformers itself writes and checks for.
-    save_file(tensors, os.path.join(path, WEIGHTS_FILE), metadata={"format": "pt"})
+    write_safetensors(os.path.join(path, WEIGHTS_FILE), entries, get, metadata={"format": "pt"})
     return path
 
 

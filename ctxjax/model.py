@@ -24,7 +24,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -353,7 +353,14 @@ def stack_blocks(blocks: list[Block]) -> Block:
 class ForwardOutput:
     hidden_BxLxD: jax.Array  # after the final norm: what the unembedding sees
     cache: KVCache | None
-    layer_hidden: tuple[jax.Array, ...] | None  # num_layers + 1 residual streams (embeddings first)
+    # num_layers + 1 residual streams (embeddings first), [B, L, D] each, or [B, N, D] at the
+    # slots `forward` was given (`layer_hidden_slots_BxN`).
+    layer_hidden: tuple[jax.Array, ...] | None
+
+
+def _take_slots(h_BxLxD: jax.Array, slots_BxN: jax.Array) -> jax.Array:
+    """[B, N, D]: row b's stream at slots `slots_BxN[b]`."""
+    return jnp.take_along_axis(h_BxLxD, slots_BxN[:, :, None], axis=1)
 
 
 class Transformer(nnx.Module):
@@ -385,12 +392,18 @@ class Transformer(nnx.Module):
         mask_BxL: jax.Array | None = None,
         cache: KVCache | None = None,
         return_layer_hidden: bool = False,
+        layer_hidden_slots_BxN: jax.Array | None = None,
     ) -> ForwardOutput:
         """Runs the blocks. With `cache`, the tokens are written at slots `cache.index` onward.
 
         `mask_BxL` marks real tokens (False = padding; default all real); `positions_BxL` defaults
         to `positions_from_mask(mask_BxL)`, which is right for a full left-padded sequence. A decode
         step must pass its positions explicitly (the cache knows slots, not the row's token count).
+
+        `return_layer_hidden` also returns every residual stream; with `layer_hidden_slots_BxN`
+        (int [B, N]) each stream is gathered at those slots as soon as its layer has run, so only
+        [B, N, D] per layer is kept: the whole streams of a 30-layer model at an evaluation batch
+        are gigabytes.
         """
         cfg = self.cfg
         b, seq_len = tokens_BxL.shape
@@ -414,7 +427,14 @@ class Transformer(nnx.Module):
         x_BxLxD = self.embed_tokens(tokens_BxL)
         args = (positions_BxL, inv_freq, keys_mask_BxS, query_slots_L)
         run = self._scan_blocks if self.numerics.scan_layers else self._loop_blocks
-        x_BxLxD, new_kv, layer_hidden = run(x_BxLxD, args, cache, return_layer_hidden)
+        keep = None
+        if return_layer_hidden:
+            keep = (
+                (lambda h: h)
+                if layer_hidden_slots_BxN is None
+                else functools.partial(_take_slots, slots_BxN=layer_hidden_slots_BxN)
+            )
+        x_BxLxD, new_kv, layer_hidden = run(x_BxLxD, args, cache, keep)
         if cache is not None:
             new_cache = KVCache(
                 k=new_kv[0], v=new_kv[1], mask_BxS=keys_mask_BxS, index=cache.index + seq_len
@@ -425,9 +445,52 @@ class Transformer(nnx.Module):
             layer_hidden=layer_hidden,
         )
 
-    def _loop_blocks(self, x_BxLxD, args, cache, keep_hidden):
-        """The blocks one after another: (output, (new k, new v) per layer, streams or None)."""
-        layer_hidden = [x_BxLxD] if keep_hidden else None
+    def forward_views(self, views: Sequence[tuple[jax.Array, jax.Array]]) -> tuple[jax.Array, ...]:
+        """Final-norm hidden states [B, L_i, D] of several sequences, each (token ids [B, L_i],
+        mask [B, L_i]) as `forward` without a cache reads it, run through the blocks together:
+        layer by layer, every view in turn.
+
+        The numbers are `forward`'s, view for view. What changes is the backward pass: with
+        `scan_layers` one scan carries every view, so each layer's parameter gradient sums the
+        views' contributions inside the scan and one stacked gradient is built, not one per view
+        added afterwards (the train step's two student views on SmolLM2-135M, scanned and
+        rematerialized: XLA's temporaries 1.29 -> 1.02 GiB).
+        """
+        n = self.numerics
+        inv_freq = rope_inv_freq(self.cfg)
+        xs = tuple(self.embed_tokens(ids_BxL) for ids_BxL, _ in views)
+        view_args = tuple(
+            (positions_from_mask(mask_BxL), inv_freq, mask_BxL, jnp.arange(ids_BxL.shape[1]))
+            for ids_BxL, mask_BxL in views
+        )
+        if n.scan_layers:
+            block_def, stacked = nnx.split(self.layers)
+
+            def body(xs, block_state):
+                block = nnx.merge(block_def, block_state)
+                return tuple(
+                    block(x, *a, None)[0] for x, a in zip(xs, view_args, strict=True)
+                ), None
+
+            if n.remat:  # as `_scan_blocks`: keep each block's inputs, recompute its inside
+                body = jax.checkpoint(body, prevent_cse=False)
+            xs, _ = jax.lax.scan(body, xs, stacked)
+        else:
+            for block in self.layers:
+                if n.remat:  # as `_loop_blocks`
+                    block_def, block_state = nnx.split(block)
+                    run = jax.checkpoint(functools.partial(_run_block, block_def))
+                    xs = tuple(
+                        run(block_state, x, *a)[0] for x, a in zip(xs, view_args, strict=True)
+                    )
+                else:
+                    xs = tuple(block(x, *a, None)[0] for x, a in zip(xs, view_args, strict=True))
+        return tuple(self.norm(x) for x in xs)
+
+    def _loop_blocks(self, x_BxLxD, args, cache, keep):
+        """The blocks one after another: (output, (new k, new v) per layer, streams or None);
+        `keep` (None: no streams) maps each stream to what is kept of it."""
+        layer_hidden = None if keep is None else [keep(x_BxLxD)]
         new_k, new_v = [], []
         for i, block in enumerate(self.layers):
             cache_kv = None if cache is None else (cache.k[i], cache.v[i], cache.index)
@@ -443,12 +506,12 @@ class Transformer(nnx.Module):
             if kv is not None:
                 new_k.append(kv[0])
                 new_v.append(kv[1])
-            if keep_hidden:
-                layer_hidden.append(x_BxLxD)
+            if keep is not None:
+                layer_hidden.append(keep(x_BxLxD))
         hidden = None if layer_hidden is None else tuple(layer_hidden)
         return x_BxLxD, (tuple(new_k), tuple(new_v)), hidden
 
-    def _scan_blocks(self, x_BxLxD, args, cache, keep_hidden):
+    def _scan_blocks(self, x_BxLxD, args, cache, keep):
         """`_loop_blocks` as one `lax.scan` over the stacked layers (and the stacked cache)."""
         block_def, stacked = nnx.split(self.layers)
 
@@ -456,7 +519,7 @@ class Transformer(nnx.Module):
             block_state, kv = layer
             cache_kv = None if kv is None else (*kv, cache.index)
             x_BxLxD, new_kv = nnx.merge(block_def, block_state)(x_BxLxD, *args, cache_kv)
-            return x_BxLxD, (new_kv, x_BxLxD if keep_hidden else None)
+            return x_BxLxD, (new_kv, None if keep is None else keep(x_BxLxD))
 
         if self.numerics.remat and cache is None:
             # Same policy as the loop: keep each block's input, recompute its inside. CSE cannot
@@ -465,8 +528,8 @@ class Transformer(nnx.Module):
         kv_in = None if cache is None else (cache.k, cache.v)
         out_BxLxD, (new_kv, hidden_NxBxLxD) = jax.lax.scan(body, x_BxLxD, (stacked, kv_in))
         hidden = None
-        if keep_hidden:  # the same tuple of streams as the loop gives: embeddings, then each block
-            hidden = (x_BxLxD, *(hidden_NxBxLxD[i] for i in range(hidden_NxBxLxD.shape[0])))
+        if keep is not None:  # the same tuple of streams as the loop gives: embeddings, then blocks
+            hidden = (keep(x_BxLxD), *(hidden_NxBxLxD[i] for i in range(hidden_NxBxLxD.shape[0])))
         return out_BxLxD, new_kv, hidden
 
     def init_cache(self, batch: int, max_len: int) -> KVCache:
@@ -531,15 +594,23 @@ def unrolled_shapes(model: Transformer) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def unrolled_params(model: Transformer) -> dict[str, jax.Array]:
-    """{unrolled path: array} of every parameter, a stacked one split into its layers."""
-    params = {}
+def unrolled_param_getters(model: Transformer) -> dict[str, Callable[[], jax.Array]]:
+    """{unrolled path: a function that returns that array}, a stacked parameter's layers sliced
+    only when asked: a writer holds one tensor at a time, not a second copy of the model."""
+    getters = {}
     for p, var, layer_paths in _unrolled_paths(model):
         if layer_paths is None:
-            params[".".join(map(str, p))] = var[...]
+            getters[".".join(map(str, p))] = lambda var=var: var[...]
         else:
-            params.update({path: var[...][i] for i, path in enumerate(layer_paths)})
-    return params
+            getters.update(
+                {path: (lambda var=var, i=i: var[...][i]) for i, path in enumerate(layer_paths)}
+            )
+    return getters
+
+
+def unrolled_params(model: Transformer) -> dict[str, jax.Array]:
+    """{unrolled path: array} of every parameter, a stacked one split into its layers."""
+    return {path: get() for path, get in unrolled_param_getters(model).items()}
 
 
 def fill_unrolled(model: Transformer, get: Callable[[str], Any]) -> Transformer:

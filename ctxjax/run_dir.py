@@ -30,6 +30,7 @@ RESUME_ALLOWED = (
     "train.log_every",
     "train.checkpoint_every",
     "train.keep_checkpoints",
+    "train.async_checkpoint",
     "train.eval_every",
     "train.out_dir",  # the same run, moved
     "eval.",

@@ -26,7 +26,7 @@ on a `DistillBatch`; the per-token losses come by name from the registry in `ctx
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -140,14 +140,30 @@ def append_response(prompt_ids_BxP, prompt_mask_BxP, resp_BxN, resp_mask_BxN):
     return ids_BxL, mask_BxL
 
 
+def response_hiddens(
+    model: Transformer, prompts: Sequence[tuple[jax.Array, jax.Array]], resp_BxN, resp_mask_BxN
+) -> tuple[jax.Array, ...]:
+    """For each prompt view (ids [B, P], mask [B, P]) followed by the response: the final-norm
+    hidden states that predict each response token, slots P-1 ... P+N-2, [B, N, D]. The views run
+    through the blocks together (`Transformer.forward_views`: one stacked gradient, not one per
+    view)."""
+    n = resp_BxN.shape[1]
+    views = [append_response(ids, mask, resp_BxN, resp_mask_BxN) for ids, mask in prompts]
+    hidden = model.forward_views(views)
+    return tuple(
+        jax.lax.dynamic_slice_in_dim(h_BxLxD, ids.shape[1] - 1, n, axis=1)
+        for h_BxLxD, (ids, _) in zip(hidden, prompts, strict=True)
+    )
+
+
 def response_hidden(
     model: Transformer, prompt_ids_BxP, prompt_mask_BxP, resp_BxN, resp_mask_BxN
 ) -> jax.Array:
-    """Final-norm hidden states that predict each response token: slots P-1 ... P+N-2. [B, N, D]."""
-    p, n = prompt_ids_BxP.shape[1], resp_BxN.shape[1]
-    ids_BxL, mask_BxL = append_response(prompt_ids_BxP, prompt_mask_BxP, resp_BxN, resp_mask_BxN)
-    hidden_BxLxD = model.forward(ids_BxL, mask_BxL=mask_BxL).hidden_BxLxD
-    return jax.lax.dynamic_slice_in_dim(hidden_BxLxD, p - 1, n, axis=1)
+    """`response_hiddens` of one prompt view. [B, N, D]."""
+    (h_BxNxD,) = response_hiddens(
+        model, [(prompt_ids_BxP, prompt_mask_BxP)], resp_BxN, resp_mask_BxN
+    )
+    return h_BxNxD
 
 
 def _project(h_BxNxD: jax.Array, w_DxV: jax.Array) -> jax.Array:
@@ -242,20 +258,11 @@ def make_student_loss(graphdef, loss_cfg: LossConfig) -> Callable:
 
     def student_loss(params, batch: DistillBatch, h_t_BxNxD, w_t_DxV, beta, count):
         model = nnx.merge(graphdef, params, copy=True)
-        h_nc_BxNxD = response_hidden(
-            model, batch.prompt_ids_BxP, batch.prompt_mask_BxP, batch.resp_BxN, batch.resp_mask_BxN
-        )
-        h_c_BxNxD = (
-            response_hidden(
-                model,
-                batch.ctx_prompt_ids_BxC,
-                batch.ctx_prompt_mask_BxC,
-                batch.resp_BxN,
-                batch.resp_mask_BxN,
-            )
-            if with_consistency
-            else None
-        )
+        views = [(batch.prompt_ids_BxP, batch.prompt_mask_BxP)]
+        if with_consistency:
+            views.append((batch.ctx_prompt_ids_BxC, batch.ctx_prompt_mask_BxC))
+        h_nc_BxNxD, *rest = response_hiddens(model, views, batch.resp_BxN, batch.resp_mask_BxN)
+        h_c_BxNxD = rest[0] if with_consistency else None
         opd_BxN, cons_BxN, rkl_BxN = per_token_losses(
             loss_cfg,
             h_nc_BxNxD,

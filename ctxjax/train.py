@@ -36,6 +36,7 @@ from ctxjax.data import (
     resolve_context,
 )
 from ctxjax.evaluate import evaluate_context, retention_split
+from ctxjax.host_memory import release_free_memory
 from ctxjax.metrics import SUMMARY_KEYS, markdown_table
 from ctxjax.model import ModelConfig, Numerics, Transformer
 from ctxjax.run_dir import (
@@ -362,6 +363,7 @@ def setup(cfg: RunConfig, progress: bool = True, mesh: jax.sharding.Mesh | None 
     step_fn = build_step(
         cfg, models.graphdef, models.teacher_graphdef, tx, tokenizer, state_shardings
     )
+    release_free_memory()  # the checkpoint's host copies and the tokenizer's scratch
     return Run(
         cfg=cfg,
         model_cfg=models.model_cfg,
@@ -403,7 +405,7 @@ def evaluate_student(run: Run, params=None, retention: bool = True) -> dict | No
         return None
     cfg = run.cfg
     model = nnx.merge(run.graphdef, params if params is not None else run.state.params)
-    return evaluate_context(
+    result = evaluate_context(
         model,
         run.tokenizer,
         run.task,
@@ -418,6 +420,8 @@ def evaluate_student(run: Run, params=None, retention: bool = True) -> dict | No
         retention=retention,
         placement=cfg.data.context_placement,
     )
+    release_free_memory()  # the evaluation's buffers, before training allocates its own
+    return result
 
 
 def evaluate_start(run: Run) -> dict | None:
@@ -658,15 +662,16 @@ def _train(
             if pending is not None:
                 _log(mlog, pending, cfg, t_last)
                 t_last = time.time()
+                # The previous step is done: what it (and the first step's compile) freed goes
+                # back to the OS instead of staying in the heap beside the next step's buffers.
+                release_free_memory()
             pending = (step, metrics)
             mlog.advance()
             evaluate = cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0
             every = cfg.train.checkpoint_every
             save = stop.name or (every and ((step + 1) % every == 0 or step + 1 == cfg.train.steps))
             if save and ckpt is None:  # a signal with checkpoints off still saves this step
-                ckpt = Checkpointer(
-                    os.path.join(out_dir, "checkpoints"), keep=cfg.train.keep_checkpoints
-                )
+                ckpt = _checkpointer(cfg)
             if evaluate or save:  # sync points anyway: check this step is finite first
                 _log(mlog, pending, cfg, t_last)
                 pending, t_last = None, time.time()
@@ -680,6 +685,7 @@ def _train(
                     )
             if save:
                 ckpt.save(step + 1, run.state, run.data_iter, cfg_dict)
+                release_free_memory()
             if stop.name:
                 break
         if pending is not None:
@@ -720,7 +726,9 @@ def _split_retention(run: Run, result: dict | None) -> dict | None:
 
 def _checkpointer(cfg: RunConfig) -> Checkpointer:
     return Checkpointer(
-        os.path.join(cfg.train.out_dir, "checkpoints"), keep=cfg.train.keep_checkpoints
+        os.path.join(cfg.train.out_dir, "checkpoints"),
+        keep=cfg.train.keep_checkpoints,
+        async_save=cfg.train.async_checkpoint,
     )
 
 

@@ -221,6 +221,34 @@ def test_a_used_or_locked_out_dir_is_refused(folders, tmp_path, caplog):
     assert not (out / LOCK_FILE).exists()
 
 
+def test_synchronous_checkpoints_give_the_same_run(folders, straight, tmp_path, monkeypatch):
+    """`train.async_checkpoint=false` (each save done before the next step: no second copy of the
+    state while it writes): the checkpointer is made synchronous, every save is on disk when
+    `save` returns, and the run is bitwise the asynchronous one, checkpoints included."""
+    reference, compiled = straight
+    saved_at_return = []
+    real_save = Checkpointer.save
+
+    def save(self, step, *args, **kwargs):
+        real_save(self, step, *args, **kwargs)
+        saved_at_return.append(os.path.isdir(self.step_dir(step)))  # not in a temporary folder
+
+    monkeypatch.setattr(Checkpointer, "save", save)
+    cfg = _jsonl_cfg(folders, tmp_path / "run")
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, async_checkpoint=False))
+    run = train.setup(cfg, progress=False)
+    run.step_fn = StepSpy(run.step_fn, compiled)
+    train.train(run, progress=False)
+    assert saved_at_return == [True, True]
+    _assert_bitwise(reference.state, run.state)
+    ours = Checkpointer(str(tmp_path / "run" / "checkpoints"))
+    theirs = Checkpointer(os.path.join(reference.cfg.train.out_dir, "checkpoints"))
+    assert ours.manager.all_steps() == theirs.manager.all_steps() == [2, 4]
+    _assert_bitwise(
+        _saved_arrays(theirs.step_dir(4) + "/state"), _saved_arrays(ours.step_dir(4) + "/state")
+    )
+
+
 def test_resume_with_a_changed_config(folders, straight, tmp_path):
     reference, _ = straight
     out = reference.cfg.train.out_dir
