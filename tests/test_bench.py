@@ -394,5 +394,15 @@ def test_train_bench_on_a_model_folder(tmp_path, capsys):
     )
     assert r["step_memory"]["argument_bytes"] >= 4 * 4 * n_params  # fp32: params, mu, nu, teacher
     assert r["peak_rss_bytes"]["end"] >= r["peak_rss_bytes"]["after_load"] > 0
-    with pytest.raises(SystemExit):  # a size of --model's without it would silently do nothing
-        main(["train", "--quick", "--batch", "2"])
+    assert r["setup"]["numerics"]["scan_layers"] is False
+    assert r["first_step_s"] >= r["timing"]["step"]["compile_s"] > 0
+    # The layer scan (and remat) as the run would use them: recorded, and timed from the compile.
+    main(["train", "--model", path, "--batch", "2", "--new-tokens", "3", "--reps", "1",
+          "--scan-layers", "--remat", "--out", str(out)])  # fmt: skip
+    scanned = json.loads(out.read_text())
+    assert scanned["setup"]["numerics"]["scan_layers"] is True
+    assert scanned["setup"]["numerics"]["remat"] is True
+    assert scanned["first_step_s"] >= scanned["timing"]["step"]["compile_s"] > 0
+    for flags in (["--batch", "2"], ["--scan-layers"]):  # --model's options without it do nothing
+        with pytest.raises(SystemExit):
+            main(["train", "--quick", *flags])

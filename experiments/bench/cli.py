@@ -29,6 +29,10 @@ def _train_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--new-tokens", type=int, default=None, help="with --model: tokens sampled per row (32)"
     )
+    parser.add_argument(
+        "--scan-layers", action="store_true", help="with --model: numerics.scan_layers=true"
+    )
+    parser.add_argument("--remat", action="store_true", help="with --model: numerics.remat=true")
 
 
 def _step_args(parser: argparse.ArgumentParser) -> None:
@@ -61,9 +65,9 @@ def _gpu_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _real_sizes(args: dict) -> dict:
-    """Pops the sizes only `--model` uses; those given."""
-    sizes = {k: args.pop(k) for k in ("batch", "new_tokens")}
-    return {k: v for k, v in sizes.items() if v is not None}
+    """Pops the sizes and numerics only `--model` uses; those given."""
+    sizes = {k: args.pop(k) for k in ("batch", "new_tokens", "scan_layers", "remat")}
+    return {k: v for k, v in sizes.items() if v not in (None, False)}
 
 
 # subcommand -> adds its options

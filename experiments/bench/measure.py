@@ -509,6 +509,7 @@ class _CtxjaxStep:
     batch: dict
     rng: object
     step_compile_s: float
+    step_first_call_s: float  # the warm-up call after the compile (first execution)
     parts: dict  # name -> (jitted fn, args)
     firsts: dict  # name -> seconds of the first call (compile included)
 
@@ -589,7 +590,7 @@ def _build_ctxjax_step(
     t0 = time.perf_counter()
     step = step.lower(state, teacher_params, batch, rng).compile(compiler_options=copts)
     step_compile_s = time.perf_counter() - t0
-    state, _ = _block(step(state, teacher_params, batch, rng))  # warm-up
+    (state, _), step_first_call_s = _time_call(step, state, teacher_params, batch, rng)  # warm-up
     return _CtxjaxStep(
         step=step,
         graphdef=graphdef,
@@ -599,6 +600,7 @@ def _build_ctxjax_step(
         batch=batch,
         rng=rng,
         step_compile_s=step_compile_s,
+        step_first_call_s=step_first_call_s,
         parts={
             "sample": (sample_part, (params, batch["prompt_ids"], batch["prompt_mask"], rng)),
             "teacher": (teacher_part, (teacher_params, data)),

@@ -39,18 +39,23 @@ def measure_real(
     new_tokens: int = 32,
     reps: int = 3,
     seed: int = 0,
+    scan_layers: bool = False,
+    remat: bool = False,
 ) -> dict:
-    """Times `reps` calls of the whole step and of each part (after a warm-up) on `model`'s weights;
-    medians, compile seconds, XLA's memory analysis of the step and the peak RSS."""
+    """Times `reps` calls of the whole step and of each part (after a warm-up) on `model`'s weights,
+    run with `numerics.scan_layers` / `numerics.remat` as given; medians, compile seconds, the first
+    step (compile + first call, what a run's first step waits), XLA's memory analysis of the step
+    and the peak RSS."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
 
     from ctxjax import hf
     from ctxjax.config import LossConfig
+    from ctxjax.model import Numerics
 
     t0 = time.perf_counter()
-    student = hf.load_model(model)
+    student = hf.load_model(model, Numerics(scan_layers=scan_layers, remat=remat))
     graphdef, params = nnx.split(student, nnx.Param)
     # A separate buffer: the step donates the student's arrays, the teacher must outlive them.
     teacher = nnx.merge(graphdef, jax.tree.map(jnp.copy, params))
@@ -78,24 +83,27 @@ def measure_real(
             "ctx_prompt_len": ctx_prompt_len,
             "new_tokens": new_tokens,
             "loss": dataclasses.asdict(loss_cfg),
+            "numerics": dataclasses.asdict(student.numerics),
             "reps": reps,
             "load_avg_1min": [round(load_before, 2), round(load_after, 2)],
         },
         "load_s": round(load_s, 3),
         "timing": timing,
         "sum_of_parts_s": round(sum(timing[k]["median_s"] for k in run.parts), 5),
+        "first_step_s": round(run.step_compile_s + run.step_first_call_s, 3),
         "step_memory": _memory(run.step, full_logits),
         "peak_rss_bytes": {"after_load": rss_loaded, "end": _peak_rss_bytes()},
     }
 
 
 def print_real(r: dict) -> None:
-    s, m = r["setup"], r["step_memory"]
+    s, m, n = r["setup"], r["step_memory"], r["setup"]["numerics"]
     print(
         f"train step on {s['model']} ({s['num_params'] / 1e6:.1f}M params, vocab "
         f"{s['architecture']['vocab_size']}): batch {s['batch']}, [x] {s['prompt_len']} / [c|x] "
         f"{s['ctx_prompt_len']} slots, {s['new_tokens']} new tokens (no EOS), loss "
-        f"{s['loss']['opd']}+{s['loss']['consistency']}; median of {s['reps']}; load avg "
+        f"{s['loss']['opd']}+{s['loss']['consistency']}, scan_layers={n['scan_layers']} "
+        f"remat={n['remat']}; median of {s['reps']}; load avg "
         f"{s['load_avg_1min'][0]:.2f} -> {s['load_avg_1min'][1]:.2f}; weights read in "
         f"{r['load_s']:.1f} s"
     )
@@ -107,7 +115,8 @@ def print_real(r: dict) -> None:
         )
     print(
         f"  sum of parts {r['sum_of_parts_s']:.4f} s; "
-        f"{r['timing']['step']['tokens_per_s']:.1f} response tokens/s"
+        f"{r['timing']['step']['tokens_per_s']:.1f} response tokens/s; first step (compile + "
+        f"first call) {r['first_step_s']:.1f} s"
     )
     gib = 2**30
     print(
