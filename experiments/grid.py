@@ -154,6 +154,7 @@ class _GridFile:
     cells: tuple = ()
     ablations: dict | None = None
     retention: dict | None = None  # the retention-anchor comparison (issue 10, section 5)
+    flip: dict | None = None  # flip-rule cells run long enough for OPD to internalize the rule
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,11 +173,26 @@ class Cell:
 
 
 @dataclasses.dataclass(frozen=True)
-class _Ablations:
+class _Block:
+    """A block of the grid file beyond the headline (`ablations`, `retention`, `flip`): its own
+    variants, seeds and cells, each cell naming its size."""
+
     variants: tuple = ()
     base_seeds: tuple = ()  # none: the grid's
     seeds: tuple = ()
     cells: tuple = ()
+
+
+# The blocks a grid file may hold, in the order the plan runs them (after the headline).
+BLOCKS = ("ablations", "retention", "flip")
+
+
+@dataclasses.dataclass(frozen=True)
+class Block:
+    variants: tuple[str, ...]
+    base_seeds: tuple[int, ...]
+    seeds: tuple[int, ...]
+    cells: tuple[Cell, ...]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -220,14 +236,7 @@ class Grid:
     variants: dict[str, dict]
     headline_variants: tuple[str, ...]
     cells: tuple[Cell, ...]
-    ablation_variants: tuple[str, ...]
-    ablation_base_seeds: tuple[int, ...]
-    ablation_seeds: tuple[int, ...]
-    ablation_cells: tuple[Cell, ...]
-    retention_variants: tuple[str, ...] = ()
-    retention_base_seeds: tuple[int, ...] = ()
-    retention_seeds: tuple[int, ...] = ()
-    retention_cells: tuple[Cell, ...] = ()
+    blocks: dict[str, Block] = dataclasses.field(default_factory=dict)  # name (BLOCKS) -> block
 
 
 def _raw_grid(path: str) -> dict:
@@ -302,32 +311,28 @@ def load_grid(path: str) -> Grid:
         name: _check_overrides(v, path, f"variants.{name}") for name, v in raw.variants.items()
     }
     sizes = _names(raw.sizes, base_models.sizes, path, "sizes")
-    ablations = _parse(_Ablations, raw.ablations or {}, path, "ablations")
-    # The retention-anchor comparison has the shape of the ablations, planned after them.
-    retention = _parse(_Ablations, raw.retention or {}, path, "retention")
+    base_seeds = _seeds(raw.base_seeds, path, "base_seeds")
+    blocks = {}
+    for name in BLOCKS:
+        block = _parse(_Block, getattr(raw, name) or {}, path, name)
+        blocks[name] = Block(
+            variants=_names(block.variants, variants, path, f"{name}.variants"),
+            base_seeds=_seeds(block.base_seeds, path, f"{name}.base_seeds") or base_seeds,
+            seeds=_seeds(block.seeds, path, f"{name}.seeds"),
+            cells=_cells(block.cells, path, f"{name}.cells", tasks, base_models.sizes),
+        )
     grid = Grid(
         path=path,
         base_models=base_models,
         sizes=sizes,
-        base_seeds=_seeds(raw.base_seeds, path, "base_seeds"),
+        base_seeds=base_seeds,
         seeds=_seeds(raw.seeds, path, "seeds"),
         common=common,
         tasks=tasks,
         variants=variants,
         headline_variants=_names(raw.headline_variants, variants, path, "headline_variants"),
         cells=_cells(raw.cells, path, "cells", tasks, None),
-        ablation_variants=_names(ablations.variants, variants, path, "ablations.variants"),
-        ablation_base_seeds=_seeds(
-            ablations.base_seeds or raw.base_seeds, path, "ablations.base_seeds"
-        ),
-        ablation_seeds=_seeds(ablations.seeds, path, "ablations.seeds"),
-        ablation_cells=_cells(ablations.cells, path, "ablations.cells", tasks, base_models.sizes),
-        retention_variants=_names(retention.variants, variants, path, "retention.variants"),
-        retention_base_seeds=_seeds(
-            retention.base_seeds or raw.base_seeds, path, "retention.base_seeds"
-        ),
-        retention_seeds=_seeds(retention.seeds, path, "retention.seeds"),
-        retention_cells=_cells(retention.cells, path, "retention.cells", tasks, base_models.sizes),
+        blocks=blocks,
     )
     for spec in plan(grid):  # the layers are valid one by one; their combination must be too
         try:
@@ -385,8 +390,10 @@ def _spec(grid: Grid, cell: Cell, size: str, variant: str, base_seed: int, seed:
 
 def plan(grid: Grid) -> list[RunSpec]:
     """Every run of the grid, headline first (cell, size, base seed, seed, variant), then the
-    ablations. Each cell crosses base seeds with distillation seeds: a base model rebuilt with
-    another seed (or on another CPU) differs, and the intervals must include that variation."""
+    blocks (`BLOCKS`). Each cell crosses base seeds with distillation seeds: a base model rebuilt
+    with another seed (or on another CPU) differs, and the intervals must include that variation.
+    A run that two parts of the grid both name (a block repeating a headline variant) is planned
+    once: twice would count it twice in every mean and interval."""
     specs = [
         _spec(grid, cell, size, variant, base_seed, seed)
         for cell in grid.cells
@@ -397,16 +404,13 @@ def plan(grid: Grid) -> list[RunSpec]:
     ]
     specs += [
         _spec(grid, cell, cell.size, variant, base_seed, seed)
-        for cell in grid.ablation_cells
-        for variant in grid.ablation_variants
-        for base_seed in grid.ablation_base_seeds
-        for seed in grid.ablation_seeds
+        for block in grid.blocks.values()
+        for cell in block.cells
+        for variant in block.variants
+        for base_seed in block.base_seeds
+        for seed in block.seeds
     ]
-    specs += [
-        _spec(grid, cell, cell.size, variant, base_seed, seed)
-        for cell in grid.retention_cells
-        for variant in grid.retention_variants
-        for base_seed in grid.retention_base_seeds
-        for seed in grid.retention_seeds
-    ]
-    return specs
+    first = {}
+    for spec in specs:
+        first.setdefault(spec.run_dir_name, spec)
+    return list(first.values())

@@ -19,12 +19,13 @@ from experiments.stats import (
     INTERVAL_METHOD,
     METRICS,
     PAIRED_METRICS,
+    RETENTION_METRICS,
     aggregate,
     harm_count,
     paired_differences,
     where_nca_did_not_help,
 )
-from experiments.tables import Stat, compare_table
+from experiments.tables import Stat, compare_table, format_cell
 
 REGIME_ORDER = ("nudge", "flip", "format")
 HEADLINE_MODELS = ("base", "opd", "nca")
@@ -207,6 +208,96 @@ def _ablations(agg: dict) -> list[str]:
     ]
 
 
+# The retention anchor's variants (configs/grids/reproduce.yaml `retention:`), in table order.
+RETENTION_MODELS = ("base", "ret_opd", "ret_nca", "ret_opd_anchor", "ret_nca_anchor")
+# The flip regime run long (`flip:`): OPD must first internalize the rule for the comparison.
+FLIP_MODELS = ("base", "opd", "nca", "nca_late", "dual_opd")
+FLIP_ACC_X = (
+    0.8  # the Acc_x plain OPD must reach before the flip comparison tests the paper's claim
+)
+
+
+def _retention(records: list[dict]) -> list[str]:
+    agg = aggregate(records, RETENTION_METRICS)
+    rows = [
+        row
+        for cell in sorted(agg)
+        if any(v in agg[cell] for v in RETENTION_MODELS[1:])
+        for row in _rows(agg, cell, RETENTION_MODELS)
+    ]
+    if not rows:
+        return []
+    return [
+        "## Retention anchor (beyond the paper)",
+        "",
+        "Each step also samples answers under another context of the task, drawn from the anchor's "
+        "pool, and adds gamma x reverse KL(student || frozen teacher) on them (`retention.gamma`). "
+        "`ret_opd` / `ret_nca`: OPD / OPD + NCA without the anchor; `*_anchor`: with it (gamma "
+        "0.5). All four hold out the same contexts from the pool, so `retention_pool` is the "
+        "accuracy under the contexts the anchor draws and `retention_held_out` under the ones it "
+        "never saw. `step_time_s`: the median train step (the first, compiling, left out), on "
+        "whatever load the machine had.",
+        "",
+        compare_table(rows, ["cell", "model", "runs", *RETENTION_METRICS]),
+        "",
+    ]
+
+
+def _flip(records: list[dict], agg: dict) -> list[str]:
+    """The flip cells of the `flip:` block: every variant run there, and whether plain OPD reached
+    FLIP_ACC_X (stated from the numbers, whichever way they came out)."""
+    task_of = {r["cell"]: _task_name(r["spec"]) for r in records}
+    steps_of = {  # the last `train.steps=` override of the cell's runs (they share it)
+        r["cell"]: (
+            [
+                o.split("=", 1)[1]
+                for o in r["spec"].get("overrides", [])
+                if o.startswith("train.steps=")
+            ]
+            or ["?"]
+        )[-1]
+        for r in records
+    }
+    cells = [
+        c
+        for c in sorted(agg)
+        if cell_regime(task_of[c], c.split("/")[1]) == "flip"
+        and any(v in agg[c] for v in ("nca_late", "dual_opd"))
+    ]
+    if not cells:
+        return []
+    lines = [
+        "## Flip regime",
+        "",
+        "A flip rule changes the right answer, so the paper's claim is about a student that has "
+        f"internalized the rule: the comparison of NCA from step 0 (`nca`), NCA switched on "
+        f"partway (`nca_late`) and DualOPD tests it only where plain OPD's Acc_x reached "
+        f"{FLIP_ACC_X}. Whether it did, per cell:",
+        "",
+    ]
+    for cell in cells:
+        opd = agg[cell].get("opd", {}).get("acc_x")
+        if opd is None or math.isnan(opd.mean):
+            reached = "plain OPD has no Acc_x here"
+        else:
+            where = "above" if opd.lo >= FLIP_ACC_X else "below" if opd.hi < FLIP_ACC_X else None
+            reached = (
+                f"plain OPD's Acc_x {format_cell(opd)}: its interval lies {where} {FLIP_ACC_X}"
+                if where
+                else f"plain OPD's Acc_x {format_cell(opd)}: its interval includes {FLIP_ACC_X}"
+            )
+        lines.append(f"- {cell} ({steps_of[cell]} steps): {reached}.")
+    lines += [
+        "",
+        compare_table(
+            [row for c in cells for row in _rows(agg, c, FLIP_MODELS)],
+            ["cell", "model", "runs", *METRICS],
+        ),
+        "",
+    ]
+    return lines
+
+
 def _figure_cells(agg: dict) -> list[str]:
     return [c for c in sorted(agg) if "opd" in agg[c] and "nca" in agg[c]]
 
@@ -226,6 +317,8 @@ def page_text(doc: dict) -> str:
         "",
         *_headline(records, agg),
         *_ablations(agg),
+        *_flip(records, agg),
+        *_retention(records),
     ]
     if _figure_cells(agg):
         lines += ["## Harm by cell", "", f"![Harm, plain OPD vs NCA]({HARM_FIGURE})", ""]

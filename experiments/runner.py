@@ -7,6 +7,7 @@ import dataclasses
 import json
 import logging
 import os
+import statistics
 import time
 
 from ctxjax.config import load_config
@@ -15,6 +16,7 @@ from experiments.grid import RunSpec
 log = logging.getLogger(__name__)
 SUMMARY_FILE = "summary.json"
 TIMING_FILE = "timing.json"
+METRICS_FILE = "metrics.jsonl"
 
 
 def _read_json(path: str) -> dict:
@@ -40,12 +42,24 @@ def _train(spec: RunSpec, run_dir: str, base_cache: str, progress: bool) -> floa
     return seconds
 
 
+def median_step_time(run_dir: str) -> float | None:
+    """The median seconds a train step took (`metrics.jsonl`'s `step_time_s`), the first step left
+    out (it compiles); None without at least two steps logged."""
+    path = os.path.join(run_dir, METRICS_FILE)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    times = [r["step_time_s"] for r in rows[1:] if "step_time_s" in r]
+    return float(statistics.median(times)) if times else None
+
+
 def run_all(
     specs: list[RunSpec], out_dir: str, *, base_cache: str, progress: bool = False
 ) -> list[dict]:
     """Runs each spec (reusing those with a summary already) and returns one record per run: the
-    spec, its cell, its wall time (None if never recorded), whether it ran now, and its evaluation
-    before and after distillation with every field `ctxjax.train` wrote."""
+    spec, its cell, its wall time (None if never recorded), whether it ran now, its median step
+    time, and its evaluation before and after distillation with every field `ctxjax.train` wrote."""
     records = []
     for i, spec in enumerate(specs):
         run_dir = os.path.join(out_dir, spec.run_dir_name)
@@ -62,6 +76,7 @@ def run_all(
                 cell=spec.cell,
                 seconds=_read_json(timing)["seconds"] if os.path.exists(timing) else None,
                 ran=ran,
+                step_time_s=median_step_time(run_dir),
                 before=summary.get("before") or {},
                 after=summary.get("after") or {},
             )

@@ -80,19 +80,33 @@ def _base_rows(records: list[dict]) -> dict[str, list[dict]]:
     return {cell: [by_seed[s] for s in sorted(by_seed)] for cell, by_seed in bases.items()}
 
 
-def aggregate(records: list[dict]) -> dict:
-    """cell -> variant -> metric -> `Stat` over the variant's runs (n counts the runs where the
-    metric is defined); the model before distillation as 'base', over its base seeds."""
+# The retention anchor's table (issue 10, section 5): retention on the anchor's pool and on the
+# contexts it never drew, and the median train step time.
+RETENTION_METRICS = (
+    "acc_x",
+    "acc_xc",
+    "harm",
+    "retention_mean",
+    "retention_pool",
+    "retention_held_out",
+    "step_time_s",
+)
+
+
+def aggregate(records: list[dict], keys: tuple[str, ...] = METRICS) -> dict:
+    """cell -> variant -> metric (`keys`) -> `Stat` over the variant's runs (n counts the runs where
+    the metric is defined); the model before distillation as 'base', over its base seeds. A run's
+    `step_time_s` (the runner's median) is read beside its evaluation."""
     table: dict = {}
     for rec in records:
         table.setdefault(rec["cell"], {}).setdefault(rec["spec"]["variant"], []).append(
-            rec["after"] or {}
+            {**(rec["after"] or {}), "step_time_s": rec.get("step_time_s")}
         )
     for cell, rows in _base_rows(records).items():
         table[cell] = {"base": rows, **table[cell]}
     return {
         cell: {
-            variant: {k: interval([metric(r, k) for r in rows]) for k in METRICS}
+            variant: {k: interval([metric(r, k) for r in rows]) for k in keys}
             for variant, rows in variants.items()
         }
         for cell, variants in table.items()

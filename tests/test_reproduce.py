@@ -47,7 +47,7 @@ def test_plan_covers_the_issue():
         assert {
             (v, b, s) for v in ("opd", "nca") for b in grid.base_seeds for s in grid.seeds
         } <= runs
-    for c in grid.ablation_cells:
+    for c in grid.blocks["ablations"].cells:
         assert {"dual_opd", "sym_kl", "nca_b0.1", "nca_b1.0"} <= {
             s.variant for s in specs if s.cell == f"{c.task}/{c.context}/{c.size}"
         }
@@ -381,6 +381,63 @@ def test_write_results_groups_cells_by_regime_and_generates_the_readme_block(tmp
     # Regenerating from the json alone gives the same page.
     with open(rewrite_results(str(tmp_path / "docs" / "results.json"))) as f:
         assert f.read() == text
+
+
+def test_flip_and_retention_sections_report_what_was_measured(tmp_path):
+    """The `flip:` block's cells get their own table and a line saying, from the numbers, whether
+    plain OPD's Acc_x interval reached 0.8; the retention block's variants a table with retention
+    on the anchor's pool, on held-out contexts, and the median step time."""
+    flip_cell, ret_cell = "synthetic/rev/medium", "synthetic600/careful/medium"
+    recs = []
+    for b in (0, 1, 2):
+        for v, acc in (("opd", 0.5), ("nca", 0.4), ("nca_late", 0.45), ("dual_opd", 0.3)):
+            rec = _record(flip_cell, v, 0, b, acc_x=acc + 0.01 * b, acc_xc=0.9, harm=0.1)
+            rec["spec"]["overrides"] = ["train.steps=60", "train.steps=300"]
+            recs.append(rec)
+        for v, pool in (("ret_opd", 0.3), ("ret_opd_anchor", 0.7)):
+            rec = _record(
+                ret_cell, v, 0, b, acc_x=0.8, acc_xc=0.9, harm=0.1, retention_mean=pool,
+                retention_pool=pool, retention_held_out=pool / 2,
+            )  # fmt: skip
+            rec["step_time_s"] = 1.0 + b if v == "ret_opd_anchor" else 0.5
+            recs.append(rec)
+    text = page_text(dict(records=recs))
+    flip = text.index("## Flip regime")
+    mean, lo, hi = _scipy_interval([0.5, 0.51, 0.52])
+    line = f"- {flip_cell} (300 steps): plain OPD's Acc_x {mean:.3f} [{lo:.3f}, {hi:.3f}]"
+    assert f"{line}: its interval lies below 0.8." in text[flip:]
+    assert f"| {flip_cell} | nca_late | 3 |" in text[flip:]
+    ret = text.index("## Retention anchor")
+    mean, lo, hi = _scipy_interval([1.0, 2.0, 3.0])
+    row = f"| {ret_cell} | ret_opd_anchor | 3 | 0.800 [0.800, 0.800] | 0.900 [0.900, 0.900] |"
+    assert row in text[ret:]
+    assert (
+        f"0.700 [0.700, 0.700] | 0.350 [0.350, 0.350] | {mean:.3f} [{lo:.3f}, {hi:.3f}] |"
+        in (text[ret:])
+    )
+
+
+def test_a_run_named_twice_is_planned_once(tmp_path):
+    """A block that repeats a headline variant on a headline cell names the same run: it is planned
+    (and so counted in every mean) once."""
+    grid = grid_lib.load_grid(GRIDS["quick"])
+    cell = grid.cells[0]
+    block = grid_lib.Block(("opd", "nca"), grid.base_seeds, grid.seeds, (
+        dataclasses.replace(cell, size=grid.sizes[0]),
+    ))  # fmt: skip
+    twice = dataclasses.replace(grid, blocks={"ablations": block})
+    assert [s.run_dir_name for s in grid_lib.plan(twice)] == [
+        s.run_dir_name for s in grid_lib.plan(grid)
+    ]
+
+
+def test_median_step_time_leaves_out_the_compiling_step(tmp_path):
+    from experiments.runner import median_step_time
+
+    assert median_step_time(str(tmp_path)) is None
+    rows = [{"step": i + 1, "step_time_s": t} for i, t in enumerate([30.0, 1.0, 3.0, 2.0])]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert median_step_time(str(tmp_path)) == 2.0
 
 
 def test_readme_results_block_is_what_docs_results_json_generates():
