@@ -477,15 +477,22 @@ class Transformer(nnx.Module):
             xs, _ = jax.lax.scan(body, xs, stacked)
         else:
             for block in self.layers:
-                if n.remat:  # as `_loop_blocks`
-                    block_def, block_state = nnx.split(block)
-                    run = jax.checkpoint(functools.partial(_run_block, block_def))
-                    xs = tuple(
-                        run(block_state, x, *a)[0] for x, a in zip(xs, view_args, strict=True)
-                    )
-                else:
-                    xs = tuple(block(x, *a, None)[0] for x, a in zip(xs, view_args, strict=True))
+                xs = tuple(
+                    self._run_unrolled_block(block, x, a, None)[0]
+                    for x, a in zip(xs, view_args, strict=True)
+                )
         return tuple(self.norm(x) for x in xs)
+
+    def _run_unrolled_block(self, block, x_BxLxD, args, cache_kv):
+        """One block of the unrolled loop: (output, (new k, new v) or None), rematerialized in the
+        backward pass when `numerics.remat` and there is no cache."""
+        if self.numerics.remat and cache_kv is None:
+            # Plain jax.checkpoint over the block's state: `nnx.remat` refuses to run on a module
+            # merged inside an outer jax.grad (the train step), a pure function works everywhere.
+            block_def, block_state = nnx.split(block)
+            run = functools.partial(_run_block, block_def)
+            return jax.checkpoint(run)(block_state, x_BxLxD, *args)
+        return block(x_BxLxD, *args, cache_kv)
 
     def _loop_blocks(self, x_BxLxD, args, cache, keep):
         """The blocks one after another: (output, (new k, new v) per layer, streams or None);
@@ -494,15 +501,7 @@ class Transformer(nnx.Module):
         new_k, new_v = [], []
         for i, block in enumerate(self.layers):
             cache_kv = None if cache is None else (cache.k[i], cache.v[i], cache.index)
-            if self.numerics.remat and cache is None:
-                # Plain jax.checkpoint over the block's state: `nnx.remat` refuses to run on a
-                # module merged inside an outer jax.grad (the train step), a pure function works
-                # everywhere.
-                block_def, block_state = nnx.split(block)
-                run = functools.partial(_run_block, block_def)
-                x_BxLxD, kv = jax.checkpoint(run)(block_state, x_BxLxD, *args)
-            else:
-                x_BxLxD, kv = block(x_BxLxD, *args, cache_kv)
+            x_BxLxD, kv = self._run_unrolled_block(block, x_BxLxD, args, cache_kv)
             if kv is not None:
                 new_k.append(kv[0])
                 new_v.append(kv[1])

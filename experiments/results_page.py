@@ -162,6 +162,29 @@ def _task_name(spec: dict) -> str:
     return names[-1] if names else spec["task"]
 
 
+def _regimes(records: list[dict]) -> dict[str, str]:
+    """cell -> its regime, one task lookup per cell (not per record or row)."""
+    task_of = {r["cell"]: _task_name(r["spec"]) for r in records}
+    return {cell: cell_regime(task, cell.split("/")[1]) for cell, task in task_of.items()}
+
+
+def _block_rows(agg: dict, having: tuple[str, ...], models: tuple[str, ...]) -> list[dict]:
+    """The rows of `models` of every cell where one of the variants `having` ran (a block's
+    table: the ablations, the retention anchor)."""
+    return [
+        row
+        for cell in sorted(agg)
+        if any(v in agg[cell] for v in having)
+        for row in _rows(agg, cell, models)
+    ]
+
+
+def _last_override(spec: dict, key: str) -> str:
+    """The value a run's last `key=` override set ("?" if none did)."""
+    values = [o.split("=", 1)[1] for o in spec.get("overrides", []) if o.startswith(f"{key}=")]
+    return values[-1] if values else "?"
+
+
 def _headline(records: list[dict], agg: dict) -> list[str]:
     lines = [
         "## By regime",
@@ -173,13 +196,12 @@ def _headline(records: list[dict], agg: dict) -> list[str]:
         "few of them.",
         "",
     ]
-    task_of = {r["cell"]: _task_name(r["spec"]) for r in records}
+    regime_of = _regimes(records)
     by_regime: dict[str, list[dict]] = {}
     for cell in sorted(agg):
         rows = _rows(agg, cell, HEADLINE_MODELS)
-        if rows:  # one task lookup per cell, not per row
-            regime = cell_regime(task_of[cell], cell.split("/")[1])
-            by_regime.setdefault(regime, []).extend(rows)
+        if rows:
+            by_regime.setdefault(regime_of[cell], []).extend(rows)
     order = {r: i for i, r in enumerate(REGIME_ORDER)}
     for regime in sorted(by_regime, key=lambda r: (order.get(r, len(REGIME_ORDER)), r)):
         table = compare_table(by_regime[regime], ["cell", "model", "runs", *METRICS])
@@ -188,12 +210,7 @@ def _headline(records: list[dict], agg: dict) -> list[str]:
 
 
 def _ablations(agg: dict) -> list[str]:
-    rows = [
-        row
-        for cell in sorted(agg)
-        if any(x in agg[cell] for x in ("dual_opd", "sym_kl"))
-        for row in _rows(agg, cell, ABLATION_MODELS)
-    ]
+    rows = _block_rows(agg, ("dual_opd", "sym_kl"), ABLATION_MODELS)
     if not rows:
         return []
     return [
@@ -212,19 +229,13 @@ def _ablations(agg: dict) -> list[str]:
 RETENTION_MODELS = ("base", "ret_opd", "ret_nca", "ret_opd_anchor", "ret_nca_anchor")
 # The flip regime run long (`flip:`): OPD must first internalize the rule for the comparison.
 FLIP_MODELS = ("base", "opd", "nca", "nca_late", "dual_opd")
-FLIP_ACC_X = (
-    0.8  # the Acc_x plain OPD must reach before the flip comparison tests the paper's claim
-)
+# The Acc_x plain OPD must reach before the flip comparison tests the paper's claim.
+FLIP_ACC_X = 0.8
 
 
 def _retention(records: list[dict]) -> list[str]:
     agg = aggregate(records, RETENTION_METRICS)
-    rows = [
-        row
-        for cell in sorted(agg)
-        if any(v in agg[cell] for v in RETENTION_MODELS[1:])
-        for row in _rows(agg, cell, RETENTION_MODELS)
-    ]
+    rows = _block_rows(agg, RETENTION_MODELS[1:], RETENTION_MODELS)
     if not rows:
         return []
     return [
@@ -246,23 +257,13 @@ def _retention(records: list[dict]) -> list[str]:
 def _flip(records: list[dict], agg: dict) -> list[str]:
     """The flip cells of the `flip:` block: every variant run there, and whether plain OPD reached
     FLIP_ACC_X (stated from the numbers, whichever way they came out)."""
-    task_of = {r["cell"]: _task_name(r["spec"]) for r in records}
-    steps_of = {  # the last `train.steps=` override of the cell's runs (they share it)
-        r["cell"]: (
-            [
-                o.split("=", 1)[1]
-                for o in r["spec"].get("overrides", [])
-                if o.startswith("train.steps=")
-            ]
-            or ["?"]
-        )[-1]
-        for r in records
-    }
+    regime_of = _regimes(records)
+    # A cell's runs share their step count.
+    steps_of = {r["cell"]: _last_override(r["spec"], "train.steps") for r in records}
     cells = [
         c
         for c in sorted(agg)
-        if cell_regime(task_of[c], c.split("/")[1]) == "flip"
-        and any(v in agg[c] for v in ("nca_late", "dual_opd"))
+        if regime_of[c] == "flip" and any(v in agg[c] for v in ("nca_late", "dual_opd"))
     ]
     if not cells:
         return []
@@ -280,12 +281,14 @@ def _flip(records: list[dict], agg: dict) -> list[str]:
         if opd is None or math.isnan(opd.mean):
             reached = "plain OPD has no Acc_x here"
         else:
-            where = "above" if opd.lo >= FLIP_ACC_X else "below" if opd.hi < FLIP_ACC_X else None
-            reached = (
-                f"plain OPD's Acc_x {format_cell(opd)}: its interval lies {where} {FLIP_ACC_X}"
-                if where
-                else f"plain OPD's Acc_x {format_cell(opd)}: its interval includes {FLIP_ACC_X}"
+            where = (
+                "lies above"
+                if opd.lo >= FLIP_ACC_X
+                else "lies below"
+                if opd.hi < FLIP_ACC_X
+                else "includes"
             )
+            reached = f"plain OPD's Acc_x {format_cell(opd)}: its interval {where} {FLIP_ACC_X}"
         lines.append(f"- {cell} ({steps_of[cell]} steps): {reached}.")
     lines += [
         "",
