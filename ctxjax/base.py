@@ -8,7 +8,9 @@ under `cache_dir/<key>` where the key hashes everything that determines it.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import json
 import logging
@@ -177,6 +179,20 @@ def train_base(
     return info
 
 
+@contextlib.contextmanager
+def _build_lock(path: str):
+    """Holds an exclusive lock on `path`.lock: processes that need the same base model at once (a
+    reproduction's parallel runs) build it once, the others wait and reuse it. The lock is the
+    kernel's (flock), so a killed builder releases it and the next one rebuilds the folder."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path + ".lock", "w") as lock_file:
+        fcntl.flock(lock_file, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock_file, fcntl.LOCK_UN)
+
+
 def build_or_reuse_base(
     task_name: str,
     task_options: dict,
@@ -189,13 +205,14 @@ def build_or_reuse_base(
     """The cached base model's folder for this task, model and numerics; trained if missing."""
     key = base_key(task_name, task_options, model_cfg, base_cfg, seed, numerics)
     path = os.path.join(base_cfg.cache_dir, key)
-    if os.path.exists(os.path.join(path, DONE_FILE)):
-        log.info("reusing base model %s", path)
-        return path
-    task = get_task(task_name, **task_options)
-    info = train_base(
-        task, model_cfg, base_cfg, path, seed=seed, progress=progress, numerics=numerics
-    )
+    with _build_lock(path):
+        if os.path.exists(os.path.join(path, DONE_FILE)):
+            log.info("reusing base model %s", path)
+            return path
+        task = get_task(task_name, **task_options)
+        info = train_base(
+            task, model_cfg, base_cfg, path, seed=seed, progress=progress, numerics=numerics
+        )
     log.info(
         "built base model %s in %.0fs (final SFT loss %.3f)",
         path,

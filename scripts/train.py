@@ -11,19 +11,11 @@ SIGTERM/SIGINT with a checkpoint saved, 1 diverged (NaN/inf), 2 refused input (o
 """
 
 import argparse
-import logging
 import sys
 
 from ctxjax.config import load_config
+from ctxjax.logs import configure_logging
 from ctxjax.train import Diverged, RunRefused, run
-
-
-def configure_logging() -> None:
-    """ctxjax's INFO messages (base model reused, resumed from step N) on stderr; other libraries'
-    at WARNING. `force`: an imported library has already given the root logger a handler, which
-    would turn a plain basicConfig into a no-op."""
-    logging.basicConfig(format="%(asctime)s %(name)s: %(message)s", force=True)
-    logging.getLogger("ctxjax").setLevel(logging.INFO)
 
 
 def main(argv: list[str]) -> None:

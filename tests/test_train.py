@@ -334,6 +334,18 @@ def test_train_script_shows_the_library_info_messages():
     )
     assert "ctxjax.train: resumed from step 7" in out.stderr
     assert "not shown" not in out.stderr
+    # The reproduction's progress lines ("[i/n] run done in Ns") come from experiments' loggers.
+    code = (
+        "import logging; import ctxjax.train; from ctxjax.logs import configure_logging; "
+        "configure_logging('ctxjax', 'experiments'); "
+        "logging.getLogger('experiments.runner').info('[1/2] a run done'); "
+        "logging.getLogger('some.library').info('not shown')"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=repo, capture_output=True, text=True, check=True
+    )
+    assert "experiments.runner: [1/2] a run done" in out.stderr
+    assert "not shown" not in out.stderr
 
 
 def test_jsonl_run_is_evaluated_on_its_held_out_split(folders, tmp_path):
