@@ -12,14 +12,12 @@ range over seeds. `write_prompts` regenerates the shipped prompt set (`configs/r
 from __future__ import annotations
 
 import json
-import logging
 import os
-import time
 
 import numpy as np
 
 from ctxjax.config import BaseModelConfig, read_yaml_mapping
-from ctxjax.evaluate import evaluate_checkpoint
+from ctxjax.logs import configure_logging
 from ctxjax.metrics import markdown_table, removability_metrics
 from experiments import runner
 from experiments.grid import RunSpec, dotted
@@ -136,39 +134,6 @@ def plan(
     return specs
 
 
-GREEDY_FILE = "greedy_eval.json"
-
-
-def greedy_eval(model_dir: str, cache: str, cfg: dict) -> dict:
-    """The greedy evaluation (one deterministic answer per item and view) of `model_dir` on the
-    run's eval split with the run's eval settings (`cfg`: its config.json tree), cached in
-    `cache` so that a re-run reuses it."""
-    if os.path.exists(cache):
-        with open(cache) as f:
-            return json.load(f)
-    ev = cfg["eval"]
-    t0 = time.time()
-    result = evaluate_checkpoint(
-        model_dir,
-        "jsonl",
-        "",
-        task_options={"eval_file": cfg["data"]["eval_file"]},
-        examples=ev["examples"],
-        max_new_tokens=ev["max_new_tokens"],
-        temperature=0.0,
-        batch_size=ev["batch_size"],
-        seed=ev["seed"],
-        placement=cfg["data"]["context_placement"],
-        retention=False,
-        with_cosine=False,
-    )
-    result["seconds"] = time.time() - t0
-    with open(cache + ".tmp", "w") as f:
-        json.dump(result, f)
-    os.replace(cache + ".tmp", cache)
-    return result
-
-
 def greedy_evals(specs: list[RunSpec], out_dir: str) -> dict[str, list[dict]]:
     """variant -> greedy evaluations after distillation, one per seed in seed order; "base" -> the
     starting model's, once per seed (the same evaluation: its interval is over items)."""
@@ -179,9 +144,11 @@ def greedy_evals(specs: list[RunSpec], out_dir: str) -> dict[str, list[dict]]:
         with open(os.path.join(run_dir, runner.SUMMARY_FILE)) as f:
             cfg = json.load(f)["config"]
         if base is None:
-            base = greedy_eval(cfg["student"], os.path.join(out_dir, GREEDY_FILE), cfg)
+            base = runner.greedy_eval(
+                cfg["student"], os.path.join(out_dir, runner.GREEDY_FILE), cfg
+            )
         final = os.path.join(run_dir, "final")
-        result = greedy_eval(final, os.path.join(run_dir, GREEDY_FILE), cfg)
+        result = runner.greedy_eval(final, os.path.join(run_dir, runner.GREEDY_FILE), cfg)
         out.setdefault(spec.variant, []).append(result)
     out["base"] = [base] * len(out[next(iter(out))])
     return out
@@ -377,7 +344,7 @@ def run_real_model(
     returns the results."""
     if not os.path.isfile(os.path.join(model, "config.json")):
         raise ValueError(f"--model {model}: not an HF model folder (no config.json)")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    configure_logging("ctxjax", "experiments")
     specs = plan(model, seeds, overrides)
     records = runner.run_all(specs, out_dir, base_cache=BaseModelConfig.cache_dir)
     evals = greedy_evals(specs, out_dir) if greedy else None

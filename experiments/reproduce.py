@@ -13,6 +13,7 @@ import logging
 import os
 import time
 
+from ctxjax.logs import configure_logging
 from experiments.environment import machine
 from experiments.grid import load_grid, plan
 from experiments.results_page import write_results
@@ -35,11 +36,12 @@ def reproduce(
     seeds: int | None = None,
     base_seeds: int | None = None,
     readme: str | None = None,
+    jobs: int = 1,
 ) -> str:
     """Plans the grid (`GRIDS`; `seeds` / `base_seeds` replace its headline distillation / base
-    seeds by 0..n-1), runs (or reuses) every run under `out_dir`, writes `results_path` and
-    `readme`'s results block."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    seeds by 0..n-1), runs (or reuses) every run under `out_dir`, `jobs` at a time, and evaluates
+    each greedily as well; writes `results_path` and `readme`'s results block."""
+    configure_logging("ctxjax", "experiments")
     t0 = time.time()
     grid = load_grid(grid_path or GRIDS["quick" if quick else "full"])
     if seeds is not None:
@@ -51,7 +53,7 @@ def reproduce(
     # The full run shares base models with `scripts/train.py` and `scripts/build_base.py`
     # (base_models.yaml's cache); the quick one keeps its throw-away tiny ones beside its runs.
     base_cache = os.path.join(out_dir, "base") if quick else grid.base_models.cache_dir
-    records = run_all(specs, out_dir, base_cache=base_cache)
+    records = run_all(specs, out_dir, base_cache=base_cache, jobs=jobs, greedy=True)
     # An invocation that only rewrites the page from finished runs has no time worth reporting.
     seconds = time.time() - t0 if any(r["ran"] for r in records) else None
     return write_results(

@@ -305,6 +305,42 @@ def _figure_cells(agg: dict) -> list[str]:
     return [c for c in sorted(agg) if "opd" in agg[c] and "nca" in agg[c]]
 
 
+# The greedy evaluation's columns: it has one answer per item and view, no retention, no cosine.
+GREEDY_METRICS = tuple(m for m in METRICS if m not in ("cosine", "retention_mean"))
+
+
+def greedy_records(records: list[dict]) -> list[dict]:
+    """The records that hold greedy evaluations (`experiments.runner.run_all(greedy=True)`), each
+    with its greedy evaluations in place of its sampled ones."""
+    return [
+        {**r, "before": r["before_greedy"], "after": r["after_greedy"]}
+        for r in records
+        if r.get("after_greedy")
+    ]
+
+
+def _greedy(records: list[dict]) -> list[str]:
+    greedy = greedy_records(records)
+    if not greedy:
+        return []
+    agg, diffs = aggregate(greedy, GREEDY_METRICS), paired_differences(greedy)
+    rows = [row for cell in sorted(agg) for row in _rows(agg, cell, HEADLINE_MODELS)]
+    return [
+        "## Greedy evaluation",
+        "",
+        "The same runs' starting and final models answering greedily (temperature 0): one "
+        "deterministic answer per item and view, so a model whose two views agree has Harm 0 by "
+        "construction. The sections above are sampled (independent draws per view).",
+        "",
+        _count_line(diffs),
+        "",
+        _paired_table(agg, diffs),
+        "",
+        compare_table(rows, ["cell", "model", "runs", *GREEDY_METRICS]),
+        "",
+    ]
+
+
 def page_text(doc: dict) -> str:
     """`results.md` for the saved document `doc` (`results.json`)."""
     records = doc["records"]
@@ -319,6 +355,7 @@ def page_text(doc: dict) -> str:
         _paired_table(agg, diffs),
         "",
         *_headline(records, agg),
+        *_greedy(records),
         *_ablations(agg),
         *_flip(records, agg),
         *_retention(records),
@@ -358,6 +395,16 @@ def readme_block(doc: dict, page: str = "docs/results.md") -> str:
         _paired_table(agg, diffs),
         "",
     ]
+    greedy = greedy_records(records)
+    if greedy:
+        g_agg, g_diffs = aggregate(greedy, GREEDY_METRICS), paired_differences(greedy)
+        lines += [
+            "Greedy (temperature 0, one answer per item and view; identical views give Harm 0), "
+            "the same runs: " + _count_line(g_diffs),
+            "",
+            _paired_table(g_agg, g_diffs),
+            "",
+        ]
     if _figure_cells(agg):
         lines += [f"![Harm, plain OPD vs NCA]({figure})", ""]
     return "\n".join([*lines, README_END])
@@ -394,22 +441,29 @@ def _json_stat(s: Stat) -> dict:
     }
 
 
-def _write_pages(doc: dict, path: str, readme: str | None) -> str:
-    records = doc["records"]
-    agg = aggregate(records)
-    # Every text first: a failure leaves the saved pages as they were.
-    text = page_text(doc)
-    saved = dict(
-        doc,
+def _json_summary(records: list[dict], keys: tuple[str, ...] = METRICS) -> dict:
+    """The aggregate per cell and variant and the paired NCA - OPD differences, as JSON."""
+    return dict(
         aggregate={
             c: {v: {k: _json_stat(s) for k, s in m.items()} for v, m in vs.items()}
-            for c, vs in agg.items()
+            for c, vs in aggregate(records, keys).items()
         },
         paired={
             c: {k: _json_stat(s) for k, s in d.items()}
             for c, d in paired_differences(records).items()
         },
     )
+
+
+def _write_pages(doc: dict, path: str, readme: str | None) -> str:
+    records = doc["records"]
+    agg = aggregate(records)
+    # Every text first: a failure leaves the saved pages as they were.
+    text = page_text(doc)
+    saved = dict(doc, **_json_summary(records))
+    greedy = greedy_records(records)
+    if greedy:
+        saved["greedy"] = _json_summary(greedy, GREEDY_METRICS)
     saved_text = json.dumps(saved, indent=1, default=float)
     page_dir = os.path.dirname(path) or "."
     os.makedirs(page_dir, exist_ok=True)

@@ -31,6 +31,9 @@ def main(argv: list[str]) -> None:
         default=None,
         help="markdown written (default docs/results.md; quick: <out>/results.md)",
     )
+    parser.add_argument(
+        "--jobs", type=int, default=1, help="runs at a time, each in its own process (default 1)"
+    )
     parser.add_argument("--rewrite", action="store_true", help="pages from results.json only")
     args = parser.parse_args(argv)
     out = args.out or ("runs/reproduce_quick" if args.quick else "runs/reproduce")
@@ -40,7 +43,13 @@ def main(argv: list[str]) -> None:
     if args.rewrite:
         print(rewrite_results(results.removesuffix(".md") + ".json", readme))
         return
-    kw = dict(grid_path=args.grid, seeds=args.seeds, base_seeds=args.base_seeds, readme=readme)
+    kw = dict(
+        grid_path=args.grid,
+        seeds=args.seeds,
+        base_seeds=args.base_seeds,
+        readme=readme,
+        jobs=args.jobs,
+    )
     try:
         print(reproduce(out, results, quick=args.quick, **kw))
     except (GridError, RunRefused) as e:

@@ -91,7 +91,7 @@ def test_pipeline_end_to_end(setup, monkeypatch):
         if os.path.exists(path):
             with open(path) as f:
                 summaries[name] = json.load(f)
-            with open(os.path.join(setup["out"], name, real_model.GREEDY_FILE)) as f:
+            with open(os.path.join(setup["out"], name, runner.GREEDY_FILE)) as f:
                 greedy[name] = json.load(f)
     assert len(summaries) == 4  # 2 seeds x (OPD, NCA)
     runs = {}
@@ -110,7 +110,7 @@ def test_pipeline_end_to_end(setup, monkeypatch):
         "opd": _pooled([s["after"] for s in runs["opd"]]),
         "nca": _pooled([s["after"] for s in runs["nca"]]),
     }
-    with open(os.path.join(setup["out"], real_model.GREEDY_FILE)) as f:
+    with open(os.path.join(setup["out"], runner.GREEDY_FILE)) as f:
         base_greedy = json.load(f)
     assert base_greedy["mode"] == "greedy" and base_greedy["draws"] == 1
     want_greedy = {
