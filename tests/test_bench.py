@@ -244,6 +244,27 @@ def test_step_markdown_holds_the_measured_table(step_run):
     assert "## Accelerators: not measured (no GPU in this session)" in md
 
 
+def test_step_reports_the_first_step_unrolled_and_scanned(step_run):
+    """The first step a run waits for (compile + first call), unrolled and with the blocks scanned,
+    measured and written to the page as measured."""
+    result, md, _ = step_run
+    c = result["configs"]["quick"]
+    step, sc = c["ctxjax"]["step"], c["scanned"]
+    assert step["first_step_s"] > step["compile_s"] > 0
+    assert sc["first_step_s"] == pytest.approx(sc["compile_s"] + sc["first_call_s"], abs=2e-3)
+    assert sc["second_call_s"] > 0
+    section = md.split("### The first step: compile + first call")[1]
+    row = next(line for line in section.splitlines() if line.startswith("| quick | "))
+    cells = [cell.strip() for cell in row.strip("|").split("|")]
+    assert cells[1:] == [
+        f"{step['compile_s']:.1f} s",
+        f"{step['first_step_s']:.1f} s",
+        f"{sc['compile_s']:.1f} s",
+        f"{sc['first_step_s']:.1f} s",
+        f"{sc['second_call_s']:.2f} s",
+    ]
+
+
 def test_step_rejects_an_unknown_config():
     with pytest.raises(ValueError, match=r"unknown configs \['z'\]; valid: \['a', 'b', 'c'"):
         measure.measure_step(configs="a,z")

@@ -531,26 +531,25 @@ class _CtxjaxStep:
         return {name: _time_call(fn, *args)[1] for name, (fn, args) in self.parts.items()}
 
 
-def _build_ctxjax_step(
-    student, teacher, batch_np: dict, new_tokens: int, loss_cfg, seed: int, copts: dict | None
-) -> _CtxjaxStep:
-    """Compiles the step of `student` distilled from `teacher` (default optimizer, sampling at
-    temperature 1 with no EOS) and its parts, and warms both up. The step donates the student's own
-    parameter arrays: export the student before, never after."""
-    import jax
-    import jax.numpy as jnp
+def _first_step(step, state, teacher_params, batch, rng, copts: dict | None):
+    """Compiles the jitted `step` ahead of time (for XLA's FLOPs; calls donate `state`) and makes
+    its first call: (compiled step, new state, compile seconds, first call seconds)."""
+    t0 = time.perf_counter()
+    compiled = step.lower(state, teacher_params, batch, rng).compile(compiler_options=copts)
+    compile_s = time.perf_counter() - t0
+    (state, _), first_call_s = _time_call(compiled, state, teacher_params, batch, rng)
+    return compiled, state, compile_s, first_call_s
+
+
+def _step_setup(student, teacher, new_tokens: int, loss_cfg):
+    """The train step of `student` distilled from `teacher` as the benchmarks run it (default
+    optimizer, sampling at temperature 1 with no EOS), jitted: (step, graphdef, state, teacher
+    graphdef, teacher params, optimizer, sampling method)."""
     from flax import nnx
 
     from ctxjax.config import OptimConfig, RolloutConfig
     from ctxjax.sampling import SamplingMethod
-    from ctxjax.step import (
-        StepConfig,
-        distill_batch,
-        init_state,
-        jit_train_step,
-        make_optimizer,
-        make_train_step,
-    )
+    from ctxjax.step import StepConfig, init_state, jit_train_step, make_optimizer, make_train_step
 
     rollout = RolloutConfig(max_new_tokens=new_tokens, temperature=1.0)
     step_cfg = StepConfig(
@@ -565,11 +564,28 @@ def _build_ctxjax_step(
     tx = make_optimizer(step_cfg.optim, step_cfg.total_steps)
     graphdef, state = init_state(student, tx)
     teacher_graphdef, teacher_params = nnx.split(teacher, nnx.Param)
+    step = jit_train_step(make_train_step(graphdef, teacher_graphdef, tx, step_cfg))
+    method = SamplingMethod(temperature=rollout.temperature)
+    return step, graphdef, state, teacher_graphdef, teacher_params, tx, method
+
+
+def _build_ctxjax_step(
+    student, teacher, batch_np: dict, new_tokens: int, loss_cfg, seed: int, copts: dict | None
+) -> _CtxjaxStep:
+    """Compiles the step of `student` distilled from `teacher` (default optimizer, sampling at
+    temperature 1 with no EOS) and its parts, and warms both up. The step donates the student's own
+    parameter arrays: export the student before, never after."""
+    import jax
+    import jax.numpy as jnp
+
+    from ctxjax.step import distill_batch
+
+    step, graphdef, state, teacher_graphdef, teacher_params, tx, method = _step_setup(
+        student, teacher, new_tokens, loss_cfg
+    )
     batch = {k: jnp.asarray(v) for k, v in batch_np.items()}
     # The parts get their own copy: the whole step donates (and so consumes) its state.
     params, opt_state = jax.tree.map(jnp.copy, (state.params, state.opt_state))
-    step = jit_train_step(make_train_step(graphdef, teacher_graphdef, tx, step_cfg))
-    method = SamplingMethod(temperature=rollout.temperature)
 
     sample_part, teacher_part, student_part, optimizer_part = _train_parts(
         graphdef, teacher_graphdef, tx, new_tokens, method, loss_cfg, copts
@@ -586,11 +602,9 @@ def _build_ctxjax_step(
     student_args = (params, data, h_t, w_t, beta, count)
     (_, grads), student_first = _time_call(student_part, *student_args)
     _, optimizer_first = _time_call(optimizer_part, grads, opt_state, params)
-    # Compiled ahead of time (and called as such) for XLA's FLOPs; calls donate `state`.
-    t0 = time.perf_counter()
-    step = step.lower(state, teacher_params, batch, rng).compile(compiler_options=copts)
-    step_compile_s = time.perf_counter() - t0
-    (state, _), step_first_call_s = _time_call(step, state, teacher_params, batch, rng)  # warm-up
+    step, state, step_compile_s, step_first_call_s = _first_step(
+        step, state, teacher_params, batch, rng, copts
+    )
     return _CtxjaxStep(
         step=step,
         graphdef=graphdef,
@@ -953,6 +967,40 @@ def _side(times: dict[str, list[float]], tokens: int) -> dict:
     return out
 
 
+def _scanned_first_step(case: StepCase, seed: int, copts: dict | None, loss_cfg) -> dict:
+    """The same step with the blocks scanned (`numerics.scan_layers`, student and teacher): its
+    compile and first call (the first step a run waits for), then a second call."""
+    import jax
+    import jax.numpy as jnp
+
+    from ctxjax.model import ModelConfig, Numerics, create_model
+
+    cfg, numerics = ModelConfig(**case.model), Numerics(scan_layers=True)
+    student = create_model(cfg, seed, numerics=numerics)
+    teacher = create_model(cfg, seed + 1, numerics=numerics)
+    q = case.context_len + case.prompt_len
+    batch_np = _train_batch(
+        np.random.default_rng(seed), cfg.vocab_size, case.batch, case.prompt_len, q
+    )
+    batch = {k: jnp.asarray(v) for k, v in batch_np.items()}
+    step, _, state, _, teacher_params, _, _ = _step_setup(
+        student, teacher, case.new_tokens, loss_cfg
+    )
+    rng = jax.random.key(seed)
+    compiled, state, compile_s, first_call_s = _first_step(
+        step, state, teacher_params, batch, rng, copts
+    )
+    _, second_call_s = _time_call(
+        compiled, state, teacher_params, batch, jax.random.fold_in(rng, 1)
+    )
+    return {
+        "compile_s": round(compile_s, 3),
+        "first_call_s": round(first_call_s, 3),
+        "first_step_s": round(compile_s + first_call_s, 3),
+        "second_call_s": round(second_call_s, 3),
+    }
+
+
 def _compare_case(
     case: StepCase, reps: int, seed: int, copts: dict | None, peak_flops_per_s: float
 ) -> dict:
@@ -1005,6 +1053,11 @@ def _compare_case(
     tokens = b * n
     sides = {"ctxjax": _side(ours_times, tokens), "pytorch": _side(ref_times, tokens)}
     sides["ctxjax"]["step"]["compile_s"] = round(ours.step_compile_s, 3)
+    # The first step a run waits for: the step's compile and its first call (the parts, compiled
+    # before it, share no compiled code with it).
+    sides["ctxjax"]["step"]["first_step_s"] = round(ours.step_compile_s + ours.step_first_call_s, 3)
+    ours = None  # its buffers, before the scanned step allocates its own
+    scanned = _scanned_first_step(case, seed, copts, loss_cfg)
     sides["pytorch"]["step"]["first_call_s"] = round(ref_first_s, 3)
     flops = _step_flops_analytic(cfg, b, p, q, n, loss_cfg)
     medians = {
@@ -1026,6 +1079,7 @@ def _compare_case(
         **sides,
         # > 1: ctxjax's step is faster. From the two medians above, nothing else.
         "ratio": round(medians["pytorch"]["step"] / medians["ctxjax"]["step"], 4),
+        "scanned": scanned,
         "flops": flops,
         "fraction_of_peak": {
             side: _peak_fractions(flops, m, peak_flops_per_s) for side, m in medians.items()

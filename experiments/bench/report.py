@@ -143,6 +143,14 @@ def print_step(r: dict) -> None:
             f"step {c['flops']['total'] / 1e9:.3f} GFLOP (analytic matmuls); "
             f"ctxjax compile {c['ctxjax']['step']['compile_s']:.1f} s"
         )
+        if "scanned" in c:
+            sc = c["scanned"]
+            unrolled = c["ctxjax"]["step"]["first_step_s"]
+            print(
+                f"  first step (compile + first call): unrolled {unrolled:.1f} s, layers scanned "
+                f"{sc['first_step_s']:.1f} s (compile {sc['compile_s']:.1f} s; its second call "
+                f"{sc['second_call_s']:.2f} s)"
+            )
 
 
 def step_markdown(r: dict, command: str) -> str:
@@ -212,6 +220,27 @@ def step_markdown(r: dict, command: str) -> str:
                 f"| {name} | {part} | {c['ctxjax'][part]['median_s']:.4f} "
                 f"| {c['pytorch'][part]['median_s']:.4f} | {_pct(frac['ctxjax'], part)} "
                 f"| {_pct(frac['pytorch'], part)} |"
+            )
+    first = {n: c for n, c in r["configs"].items() if "scanned" in c}
+    if first:
+        lines += [
+            "",
+            "### The first step: compile + first call",
+            "",
+            "What a run waits for before its first step completes, with the blocks unrolled (the "
+            "default) and scanned (`numerics.scan_layers=true`: one compiled block whatever the "
+            "depth). Each measured once; the scanned step's second call shows its steady time.",
+            "",
+            "| config | unrolled: compile | unrolled: first step | scanned: compile "
+            "| scanned: first step | scanned: second call |",
+            "|---|---|---|---|---|---|",
+        ]
+        for name, c in first.items():
+            step, sc = c["ctxjax"]["step"], c["scanned"]
+            lines.append(
+                f"| {name} | {step['compile_s']:.1f} s | {step['first_step_s']:.1f} s "
+                f"| {sc['compile_s']:.1f} s | {sc['first_step_s']:.1f} s "
+                f"| {sc['second_call_s']:.2f} s |"
             )
     lines += [
         "",
