@@ -394,6 +394,15 @@ def readme_block(doc: dict, page: str = "docs/results.md") -> str:
         "",
         _paired_table(agg, diffs),
         "",
+        "Every metric of those cells (Help, Δlen, retention under the task's other contexts, the "
+        "per-layer hidden cosine between the views, mean over blocks), the base model before "
+        "distillation included:",
+        "",
+        compare_table(
+            [row for cell in sorted(diffs) for row in _rows(agg, cell, HEADLINE_MODELS)],
+            ["cell", "model", "runs", *METRICS],
+        ),
+        "",
     ]
     greedy = greedy_records(records)
     if greedy:
