@@ -57,5 +57,11 @@ def reproduce(
     # An invocation that only rewrites the page from finished runs has no time worth reporting.
     seconds = time.time() - t0 if any(r["ran"] for r in records) else None
     return write_results(
-        records, results_path, quick=quick, seconds=seconds, environment=machine(), readme=readme
+        records,
+        results_path,
+        quick=quick,
+        seconds=seconds,
+        environment=machine(),
+        readme=readme,
+        jobs=jobs,
     )

@@ -90,7 +90,8 @@ def _intro(doc: dict) -> list[str]:
     lines = [
         "# Results: OPD vs OPD + NCA at CPU scale",
         "",
-        f"Written by `python scripts/reproduce.py{' --quick' if doc.get('quick') else ''}` from "
+        f"Written by `python scripts/reproduce.py{' --quick' if doc.get('quick') else ''}"
+        f"{f' --jobs {jobs}' if (jobs := doc.get('jobs') or 1) > 1 else ''}` from "
         f"{len(records)} runs ({_seeds(records)}){timing}, counting any base model a run had to "
         "build first"
         + (f" (this invocation: {seconds / 60:.1f} minutes)" if seconds else "")
@@ -497,10 +498,11 @@ def write_results(
     seconds: float | None = None,
     environment: dict | None = None,
     readme: str | None = None,
+    jobs: int = 1,
 ) -> str:
     """`path` (markdown; plots next to it in `figures/`), `results.json` beside it (the records,
     every evaluation field kept, the machine, the aggregate), and `readme`'s results block."""
-    doc = dict(quick=quick, seconds=seconds, environment=environment, records=records)
+    doc = dict(quick=quick, seconds=seconds, environment=environment, records=records, jobs=jobs)
     return _write_pages(doc, path, readme)
 
 
@@ -508,7 +510,7 @@ def load_results(json_path: str) -> dict:
     """A saved `results.json` as the document the pages are generated from."""
     with open(json_path) as f:
         saved = json.load(f)
-    keys = ("quick", "seconds", "environment", "records")
+    keys = ("quick", "seconds", "environment", "records", "jobs")
     return {k: saved.get(k) for k in keys}
 
 

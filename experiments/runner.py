@@ -155,6 +155,21 @@ def _interleave_bases(specs: list[RunSpec], base_cache: str) -> list[RunSpec]:
     return order
 
 
+COMPILATION_CACHE = "jax_cache"  # under the reproduction's folder
+
+
+def use_compilation_cache(path: str) -> None:
+    """JAX's persistent compilation cache in `path`: the runs of a grid compile the same programs
+    (a train step, a sampler, an evaluation per shape), so all but the first of each load it
+    instead of compiling it again, across runs and worker processes. The same program either way,
+    so results do not change. Set before this process compiles anything."""
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
 def _complete(spec: RunSpec, run_dir: str, base_cache: str, progress: bool, greedy: bool):
     """Trains the run unless it has finished, then (`greedy`) evaluates it greedily; returns the
     training's wall time, None when it had finished already."""
@@ -184,13 +199,16 @@ def _run_pending(
         what = f"done in {seconds:.0f}s" if seconds is not None else "evaluated greedily"
         log.info("[%d/%d] %s %s", i + 1, len(pending), spec.name, what)
 
-    if jobs <= 1:
+    if jobs <= 1:  # in this process, whose JAX settings are its entry point's to choose
         for i, spec in enumerate(pending):
             done(i, spec, _complete(spec, dirs[spec.run_dir_name], base_cache, progress, greedy))
         return
     # spawn, not fork: the parent has imported JAX, whose runtime threads do not survive a fork.
     context = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context) as pool:
+    cache = os.path.join(out_dir, COMPILATION_CACHE)
+    with concurrent.futures.ProcessPoolExecutor(
+        jobs, mp_context=context, initializer=use_compilation_cache, initargs=(cache,)
+    ) as pool:
         futures = {
             pool.submit(_complete, s, dirs[s.run_dir_name], base_cache, False, greedy): s
             for s in _interleave_bases(pending, base_cache)

@@ -9,12 +9,14 @@ stopped.
 """
 
 import argparse
+import os
 import sys
 
 from ctxjax.train import Diverged, RunRefused
 from experiments.grid import GridError
 from experiments.reproduce import reproduce
 from experiments.results_page import rewrite_results
+from experiments.runner import COMPILATION_CACHE, use_compilation_cache
 
 
 def main(argv: list[str]) -> None:
@@ -43,6 +45,8 @@ def main(argv: list[str]) -> None:
     if args.rewrite:
         print(rewrite_results(results.removesuffix(".md") + ".json", readme))
         return
+    if args.jobs <= 1:  # the runs compile in this process (--jobs N: in workers that set it)
+        use_compilation_cache(os.path.join(out, COMPILATION_CACHE))
     kw = dict(
         grid_path=args.grid,
         seeds=args.seeds,
