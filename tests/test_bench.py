@@ -265,6 +265,39 @@ def test_step_reports_the_first_step_unrolled_and_scanned(step_run):
     ]
 
 
+def test_step_roofline_is_the_decode_floor_plus_the_matmuls_at_the_peak():
+    """The floor of config b from its own numbers, by hand: 64 decode steps that each read every
+    weight but the embedding table (untied: it has its own head) and the fp32 KV cache of 8 layers
+    x 8 rows x 8 heads x 80 slots x 64 dims x 2, at 10 GB/s; the teacher and student FLOPs at
+    200 GFLOP/s."""
+    case = measure.STEP_CASES["b"]
+    flops = {"sample": 1e9, "teacher": 60e9, "student": 340e9}
+    roof = measure.step_roofline(case, flops, 200e9, 10e9)
+    params = 41_951_744
+    weights = params - 8192 * 512
+    kv = 8 * 2 * 8 * 8 * 80 * 64
+    decode_s = 64 * 4 * (weights + kv) / 10e9
+    assert roof["decode_memory_floor_s"] == pytest.approx(decode_s, abs=1e-4)
+    assert roof["sample_floor_s"] == pytest.approx(decode_s, abs=1e-4)  # memory-bound here
+    assert roof["teacher_student_floor_s"] == pytest.approx(2.0, abs=1e-4)
+    assert roof["step_floor_s"] == pytest.approx(decode_s + 2.0, abs=2e-4)
+    # With a slow enough peak the sampling's FLOPs bound it instead.
+    assert measure.step_roofline(case, flops, 0.5e9, 10e9)["sample_floor_s"] == pytest.approx(2.0)
+
+
+def test_step_markdown_holds_the_floor(step_run):
+    result, md, _ = step_run
+    c = result["configs"]["quick"]
+    roof = c["roofline"]
+    assert roof["ctxjax_over_floor"] == pytest.approx(
+        c["ctxjax"]["step"]["median_s"] / roof["step_floor_s"], rel=1e-9
+    )
+    assert "target_ratio" not in roof  # the issue sets targets for b and c only
+    section = md.split("### The floor: how fast the step could run on this machine")[1]
+    row = next(line for line in section.splitlines() if line.startswith("| quick | "))
+    assert f"| {roof['step_floor_s']:.3f} s |" in row and row.endswith("| - |")
+
+
 def test_step_rejects_an_unknown_config():
     with pytest.raises(ValueError, match=r"unknown configs \['z'\]; valid: \['a', 'b', 'c'"):
         measure.measure_step(configs="a,z")

@@ -452,6 +452,50 @@ def _peak_matmul(reps: int) -> dict:
     }
 
 
+def _peak_matmul_torch(reps: int) -> dict:
+    """The same matmul in torch (MKL/oneDNN GEMMs on this CPU), with torch's current threads: the
+    machine can run at least this fast, so the roofline uses the faster of the two peaks."""
+    import torch
+
+    m, n, k = MATMUL_PEAK_SHAPE
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.randn(m, k, generator=gen), torch.randn(k, n, generator=gen)
+    torch.mm(a, b)
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        times.append(time.perf_counter() - t0)
+    return {"times_s": [round(t, 5) for t in times], "best_flops_per_s": 2 * m * n * k / min(times)}
+
+
+# The step-time ratios issue 13 asks of `measure_step`'s configs (PyTorch way / ctxjax).
+STEP_TARGETS = {"b": 1.3, "c": 1.2}
+
+
+def step_roofline(
+    case: StepCase, flops: dict, peak_flops_per_s: float, stream_bytes_per_s: float
+) -> dict:
+    """The fastest the step could run on this machine, whatever the implementation: sampling at
+    the larger of its memory floor (each decode step reads every weight and the KV cache, at the
+    measured weight-streaming rate) and its matmul FLOPs at the peak, plus the teacher's and the
+    student's matmul FLOPs at the peak. The optimizer and everything else count as free, so the
+    bound is optimistic: a target slower than it is physically out of reach here."""
+    from ctxjax.model import ModelConfig
+
+    cfg = ModelConfig(**case.model)
+    slots = case.prompt_len + case.new_tokens
+    decode_s = case.new_tokens * decode_bytes_per_step(cfg, case.batch, slots) / stream_bytes_per_s
+    sample_s = max(decode_s, flops["sample"] / peak_flops_per_s)
+    rest_s = (flops["teacher"] + flops["student"]) / peak_flops_per_s
+    return {
+        "sample_floor_s": sample_s,
+        "decode_memory_floor_s": decode_s,
+        "teacher_student_floor_s": rest_s,
+        "step_floor_s": sample_s + rest_s,
+    }
+
+
 def _train_parts(
     graphdef, teacher_graphdef, tx, new_tokens: int, method, loss_cfg, copts: dict | None
 ):
@@ -1129,12 +1173,25 @@ def measure_step(
     torch.set_num_threads(threads)
     try:
         peak = _peak_matmul(reps=3 if quick else 10)
+        peak["torch_best_flops_per_s"] = _peak_matmul_torch(3 if quick else 10)["best_flops_per_s"]
+        stream = weight_stream_rate(reps=10 if quick else 100)
         cases = {
             name: _compare_case(STEP_CASES[name], reps, seed, copts, peak["best_flops_per_s"])
             for name in names
         }
     finally:
         torch.set_num_threads(default_threads)
+    machine_peak = max(peak["best_flops_per_s"], peak["torch_best_flops_per_s"])
+    for name, c in cases.items():
+        roof = step_roofline(STEP_CASES[name], c["flops"], machine_peak, stream)
+        target = STEP_TARGETS.get(name)
+        if target is not None:
+            # The ctxjax step time the target needs, and whether the floor allows it.
+            roof["target_ratio"] = target
+            roof["target_step_s"] = c["pytorch"]["step"]["median_s"] / target
+            roof["target_within_floor"] = roof["step_floor_s"] <= roof["target_step_s"]
+        roof["ctxjax_over_floor"] = c["ctxjax"]["step"]["median_s"] / roof["step_floor_s"]
+        c["roofline"] = roof
     return {
         "benchmark": "step",
         "quick": quick,
@@ -1153,5 +1210,7 @@ def measure_step(
             "load_avg_1min_end": round(os.getloadavg()[0], 2),
         },
         "peak_matmul": peak,
+        "machine_peak_flops_per_s": machine_peak,
+        "weight_stream_bytes_per_s": stream,
         "configs": cases,
     }

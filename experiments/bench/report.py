@@ -143,6 +143,20 @@ def print_step(r: dict) -> None:
             f"step {c['flops']['total'] / 1e9:.3f} GFLOP (analytic matmuls); "
             f"ctxjax compile {c['ctxjax']['step']['compile_s']:.1f} s"
         )
+        if "roofline" in c:
+            roof = c["roofline"]
+            target = (
+                f"; target {roof['target_ratio']}x needs {roof['target_step_s']:.3f} s: "
+                + ("above" if roof["target_within_floor"] else "below")
+                + " the floor"
+                if "target_ratio" in roof
+                else ""
+            )
+            print(
+                f"  floor {roof['step_floor_s']:.3f} s (sampling {roof['sample_floor_s']:.3f} + "
+                f"teacher and student {roof['teacher_student_floor_s']:.3f}); ctxjax at "
+                f"{roof['ctxjax_over_floor']:.2f}x the floor{target}"
+            )
         if "scanned" in c:
             sc = c["scanned"]
             unrolled = c["ctxjax"]["step"]["first_step_s"]
@@ -220,6 +234,45 @@ def step_markdown(r: dict, command: str) -> str:
                 f"| {name} | {part} | {c['ctxjax'][part]['median_s']:.4f} "
                 f"| {c['pytorch'][part]['median_s']:.4f} | {_pct(frac['ctxjax'], part)} "
                 f"| {_pct(frac['pytorch'], part)} |"
+            )
+    roofs = {n: c for n, c in r["configs"].items() if "roofline" in c}
+    if roofs:
+        machine = r["machine_peak_flops_per_s"]
+        lines += [
+            "",
+            "### The floor: how fast the step could run on this machine",
+            "",
+            "Sampling at the larger of its memory floor (every decode step reads all weights and "
+            "the KV cache, at the measured weight-streaming rate of "
+            f"{r['weight_stream_bytes_per_s'] / 1e9:.1f} GB/s) and its matmul FLOPs at the peak, "
+            "plus the teacher's and the student's matmul FLOPs at the peak; the optimizer and all "
+            "else free. Peak here: the faster of XLA's and torch's fp32 1024^3 matmul, "
+            f"{machine / 1e9:.1f} GFLOP/s (torch: "
+            f"{r['peak_matmul']['torch_best_flops_per_s'] / 1e9:.1f}). A target whose step time "
+            "is below the floor is out of reach on this machine for any implementation.",
+            "",
+            "| config | PyTorch way | target | step time it needs | floor: sampling "
+            "| floor: teacher + student | floor: step | ctxjax | ctxjax / floor "
+            "| the target's step time |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for name, c in roofs.items():
+            roof = c["roofline"]
+            has_target = "target_ratio" in roof
+            target = f"{roof['target_ratio']}x" if has_target else "-"
+            needs = f"{roof['target_step_s']:.3f} s" if has_target else "-"
+            verdict = "-"
+            if has_target:
+                verdict = (
+                    "above the floor: reachable"
+                    if roof["target_within_floor"]
+                    else "below the floor: out of reach"
+                )
+            lines.append(
+                f"| {name} | {c['pytorch']['step']['median_s']:.3f} s | {target} | {needs} "
+                f"| {roof['sample_floor_s']:.3f} s | {roof['teacher_student_floor_s']:.3f} s "
+                f"| {roof['step_floor_s']:.3f} s | {c['ctxjax']['step']['median_s']:.3f} s "
+                f"| {roof['ctxjax_over_floor']:.2f}x | {verdict} |"
             )
     first = {n: c for n, c in r["configs"].items() if "scanned" in c}
     if first:
