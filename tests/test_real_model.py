@@ -150,7 +150,7 @@ def test_pipeline_end_to_end(setup, monkeypatch):
         raise AssertionError("a finished run was trained again")
 
     monkeypatch.setattr(runner, "_train", refuse)
-    monkeypatch.setattr(real_model, "evaluate_checkpoint", refuse)
+    monkeypatch.setattr("ctxjax.evaluate.evaluate_checkpoint", refuse)  # greedy evals reused
     again = real_model.run_real_model(*args, overrides=TINY_BUDGETS)
     assert again["metrics"] == results["metrics"] and again["greedy"] == results["greedy"]
 
