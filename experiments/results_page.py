@@ -465,12 +465,27 @@ def _json_summary(records: list[dict], keys: tuple[str, ...] = METRICS) -> dict:
     )
 
 
+# Per-item (and per-draw) lists of an evaluation: they stay in each run's summary.json; the saved
+# document keeps every metric and count, without them (132 runs: 6.5 MB of JSON with them).
+PER_ITEM_KEYS = ("correct_x", "correct_xc", "lengths_x", "lengths_xc", "samples")
+EVALUATIONS = ("before", "after", "before_greedy", "after_greedy")
+
+
+def _without_per_item(record: dict) -> dict:
+    return {
+        k: {f: x for f, x in v.items() if f not in PER_ITEM_KEYS}
+        if k in EVALUATIONS and isinstance(v, dict)
+        else v
+        for k, v in record.items()
+    }
+
+
 def _write_pages(doc: dict, path: str, readme: str | None) -> str:
     records = doc["records"]
     agg = aggregate(records)
     # Every text first: a failure leaves the saved pages as they were.
     text = page_text(doc)
-    saved = dict(doc, **_json_summary(records))
+    saved = dict(doc, records=[_without_per_item(r) for r in records], **_json_summary(records))
     greedy = greedy_records(records)
     if greedy:
         saved["greedy"] = _json_summary(greedy, GREEDY_METRICS)

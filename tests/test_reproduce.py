@@ -361,7 +361,16 @@ def test_write_results_groups_cells_by_regime_and_generates_the_readme_block(tmp
     assert cell_regime("synthetic", "hint") == "nudge"
     recs = [
         _record(
-            cell, v, s, b, acc_x=0.9, acc_xc=0.8, harm=h + 0.01 * s + 0.02 * b, n=96, mode="sampled"
+            cell,
+            v,
+            s,
+            b,
+            acc_x=0.9,
+            acc_xc=0.8,
+            harm=h + 0.01 * s + 0.02 * b,
+            n=96,
+            mode="sampled",
+            correct_x=[True] * 96,
         )
         for cell in ("synthetic/rev/small", "synthetic600/careful/small")
         for v, h in (("opd", 0.2), ("nca", 0.0))
@@ -389,7 +398,8 @@ def test_write_results_groups_cells_by_regime_and_generates_the_readme_block(tmp
     assert "NCA lowers Harm in **2 of 2** cells" in text
     assert "In every cell NCA's paired Harm interval lies below 0" in text
     saved = json.loads((tmp_path / "docs" / "results.json").read_text())
-    assert saved["records"][0]["after"]["n"] == 96  # every evaluation field is kept
+    assert saved["records"][0]["after"]["n"] == 96  # every metric and count is kept ...
+    assert "correct_x" not in saved["records"][0]["after"]  # ... the per-item lists are not
     assert (
         saved["environment"] == env
         and saved["aggregate"]["synthetic/rev/small"]["opd"]["help"]["mean"] is None
