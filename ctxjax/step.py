@@ -36,7 +36,7 @@ from flax import nnx, struct
 
 from ctxjax import losses
 from ctxjax.config import LossConfig, OptimConfig, RetentionConfig, RolloutConfig
-from ctxjax.model import Transformer
+from ctxjax.model import Transformer, Unembedding
 from ctxjax.sampling import SamplingMethod, sample
 
 
@@ -166,13 +166,6 @@ def response_hidden(
     return h_BxNxD
 
 
-def _project(h_BxNxD: jax.Array, w_DxV: jax.Array) -> jax.Array:
-    """Float32 logits of hidden states (the same einsum as `Transformer.logits`)."""
-    return jnp.einsum(
-        "bnd,dv->bnv", h_BxNxD, w_DxV.astype(h_BxNxD.dtype), preferred_element_type=jnp.float32
-    )
-
-
 def _token_terms(loss_cfg: LossConfig, with_consistency: bool) -> Callable:
     """Per-token (opd, consistency, reverse-KL diagnostic) [B, n] from the hidden states of one
     chunk of n response positions; the losses come from the registry by name."""
@@ -180,15 +173,15 @@ def _token_terms(loss_cfg: LossConfig, with_consistency: bool) -> Callable:
     cons_spec = losses.consistency_loss(loss_cfg.consistency)
     options = dict(top_k=loss_cfg.top_k, jsd_beta=loss_cfg.jsd_beta)
 
-    def terms(h_nc_BxNxD, h_c_BxNxD, h_t_BxNxD, w_s_DxV, w_t_DxV, tokens_BxN):
-        s_nc_BxNxV = _project(h_nc_BxNxD, w_s_DxV)
-        t_BxNxV = jax.lax.stop_gradient(_project(h_t_BxNxD, w_t_DxV))
+    def terms(h_nc_BxNxD, h_c_BxNxD, h_t_BxNxD, unembed_s, unembed_t, tokens_BxN):
+        s_nc_BxNxV = unembed_s.logits(h_nc_BxNxD)
+        t_BxNxV = jax.lax.stop_gradient(unembed_t.logits(h_t_BxNxD))
         tokens_BxN = tokens_BxN if opd_spec.needs_tokens else None
         opd_BxN = opd_spec.fn(s_nc_BxNxV, t_BxNxV, tokens_BxN, **options)
         rkl_BxN = jax.lax.stop_gradient(losses.reverse_kl(s_nc_BxNxV, t_BxNxV))
         if not with_consistency:
             return opd_BxN, jnp.zeros_like(opd_BxN), rkl_BxN
-        s_c_BxNxV = _project(h_c_BxNxD, w_s_DxV)
+        s_c_BxNxV = unembed_s.logits(h_c_BxNxD)
         # DualOPD pulls the with-context view to the teacher with the run's own divergence.
         cons_BxN = cons_spec.fn(
             s_nc_BxNxV, s_c_BxNxV, t_BxNxV, divergence=opd_spec.divergence, **options
@@ -203,8 +196,8 @@ def per_token_losses(
     h_nc_BxNxD: jax.Array,
     h_c_BxNxD: jax.Array | None,
     h_t_BxNxD: jax.Array,
-    w_s_DxV: jax.Array,
-    w_t_DxV: jax.Array,
+    unembed_s: Unembedding,
+    unembed_t: Unembedding,
     tokens_BxN: jax.Array,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Per-token (L_OPD, L_consistency, reverse KL) [B, N]; the consistency term is 0 when there
@@ -215,7 +208,7 @@ def per_token_losses(
     b, n = tokens_BxN.shape
     chunk = loss_cfg.chunk_size
     if not chunk or chunk >= n:
-        return terms(h_nc_BxNxD, h_c_BxNxD, h_t_BxNxD, w_s_DxV, w_t_DxV, tokens_BxN)
+        return terms(h_nc_BxNxD, h_c_BxNxD, h_t_BxNxD, unembed_s, unembed_t, tokens_BxN)
     pad = -n % chunk
 
     def split(x_BxNx):  # [B, N, ...] -> [N/chunk, B, chunk, ...]
@@ -224,14 +217,14 @@ def per_token_losses(
 
     # Without a with-context view the scan still needs an array there; `terms` never reads it.
     h_c_BxNxD = h_nc_BxNxD if h_c_BxNxD is None else h_c_BxNxD
-    body = jax.checkpoint(lambda carry, xs: (carry, terms(*xs[:3], w_s_DxV, w_t_DxV, xs[3])))
+    body = jax.checkpoint(lambda carry, xs: (carry, terms(*xs[:3], unembed_s, unembed_t, xs[3])))
     xs = (split(h_nc_BxNxD), split(h_c_BxNxD), split(h_t_BxNxD), split(tokens_BxN))
     _, out = jax.lax.scan(body, None, xs)
     return tuple(jnp.moveaxis(o, 0, 1).reshape(b, -1)[:, :n] for o in out)
 
 
 def teacher_targets(teacher_graphdef, teacher_params, batch: DistillBatch):
-    """Step 2, the teacher on `[c | x | y]`: `(h_t_BxNxD, w_t_DxV)`, both constants (no gradient
+    """Step 2, the teacher on `[c | x | y]`: `(h_t_BxNxD, unembed_t)`, both constants (no gradient
     reaches the teacher). The loss projects them to logits chunk by chunk."""
     teacher = nnx.merge(teacher_graphdef, teacher_params)
     h_t_BxNxD = jax.lax.stop_gradient(
@@ -243,12 +236,12 @@ def teacher_targets(teacher_graphdef, teacher_params, batch: DistillBatch):
             batch.resp_mask_BxN,
         )
     )
-    return h_t_BxNxD, jax.lax.stop_gradient(teacher.unembed_matrix())
+    return h_t_BxNxD, jax.lax.stop_gradient(teacher.unembedding())
 
 
 def make_student_loss(graphdef, loss_cfg: LossConfig) -> Callable:
     """Steps 3-5 given the teacher's targets:
-    `fn(params, batch, h_t_BxNxD, w_t_DxV, beta, count) -> (L, (sum L_OPD, sum L_cons, sum rkl))`.
+    `fn(params, batch, h_t_BxNxD, unembed_t, beta, count) -> (L, (sum L_OPD, sum L_cons, sum rkl))`.
 
     L is the per-token sum over response tokens divided by `count` (the whole batch's response-token
     count), so micro-batch losses add up to the full batch's masked mean. The with-context pass runs
@@ -256,7 +249,7 @@ def make_student_loss(graphdef, loss_cfg: LossConfig) -> Callable:
     """
     with_consistency = loss_cfg.uses_consistency
 
-    def student_loss(params, batch: DistillBatch, h_t_BxNxD, w_t_DxV, beta, count):
+    def student_loss(params, batch: DistillBatch, h_t_BxNxD, unembed_t, beta, count):
         model = nnx.merge(graphdef, params, copy=True)
         views = [(batch.prompt_ids_BxP, batch.prompt_mask_BxP)]
         if with_consistency:
@@ -268,8 +261,8 @@ def make_student_loss(graphdef, loss_cfg: LossConfig) -> Callable:
             h_nc_BxNxD,
             h_c_BxNxD,
             h_t_BxNxD,
-            model.unembed_matrix(),
-            w_t_DxV,
+            model.unembedding(),
+            unembed_t,
             batch.resp_BxN,
         )
         m_BxN = batch.resp_mask_BxN.astype(jnp.float32)
@@ -291,8 +284,8 @@ def make_distill_loss(graphdef, teacher_graphdef, loss_cfg: LossConfig) -> Calla
     student_loss = make_student_loss(graphdef, loss_cfg)
 
     def distill_loss(params, teacher_params, batch: DistillBatch, beta, count):
-        h_t_BxNxD, w_t_DxV = teacher_targets(teacher_graphdef, teacher_params, batch)
-        return student_loss(params, batch, h_t_BxNxD, w_t_DxV, beta, count)
+        h_t_BxNxD, unembed_t = teacher_targets(teacher_graphdef, teacher_params, batch)
+        return student_loss(params, batch, h_t_BxNxD, unembed_t, beta, count)
 
     return distill_loss
 
@@ -335,13 +328,13 @@ def make_retention_loss(graphdef, anchor_graphdef, loss_cfg: LossConfig) -> Call
     rkl_cfg = dataclasses.replace(loss_cfg, opd="reverse_kl", beta=0.0)
 
     def retention_loss(params, anchor_params, batch: DistillBatch, count):
-        h_a_BxNxD, w_a_DxV = teacher_targets(anchor_graphdef, anchor_params, batch)
+        h_a_BxNxD, unembed_a = teacher_targets(anchor_graphdef, anchor_params, batch)
         model = nnx.merge(graphdef, params, copy=True)
         h_s_BxNxD = response_hidden(
             model, batch.prompt_ids_BxP, batch.prompt_mask_BxP, batch.resp_BxN, batch.resp_mask_BxN
         )
         rkl_BxN, _, _ = per_token_losses(
-            rkl_cfg, h_s_BxNxD, None, h_a_BxNxD, model.unembed_matrix(), w_a_DxV, batch.resp_BxN
+            rkl_cfg, h_s_BxNxD, None, h_a_BxNxD, model.unembedding(), unembed_a, batch.resp_BxN
         )
         total = (rkl_BxN * batch.resp_mask_BxN.astype(jnp.float32)).sum()
         return total / count, total

@@ -19,6 +19,7 @@ from ctxjax.model import (
     ModelConfig,
     Numerics,
     Transformer,
+    Unembedding,
     init_cache,
     positions_from_mask,
     rope_inv_freq,
@@ -342,3 +343,32 @@ def test_block_backward_contracts_one_axis_per_weight_gradient():
     assert len(unbatched) == 3 * 7  # forward, input gradient, weight gradient of 7 projections
     two_axis = [line for line in unbatched if re.search(r"contracting_dims = \[\d+, \d+\]", line)]
     assert not two_axis, two_axis[0]
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_logits_contract_the_output_projection_where_it_lies(tied):
+    """The logits against numpy for a tied table [V, D] and an untied lm_head [D, V], and the
+    tied table's gradient straight out of one dot: through the transposed table the gradient was
+    computed as [D, V] and transposed back into the table's layout."""
+    model = _model(tie_embeddings=tied)
+    u = model.unembedding()
+    assert u.vocab_major == tied
+    d, v = model.cfg.hidden_size, model.cfg.vocab_size
+    assert u.w.shape == ((v, d) if tied else (d, v))
+    h_BxLxD = np.random.default_rng(0).normal(size=(B, L, d)).astype(np.float32)
+    w_DxV = np.asarray(u.w, np.float64).T if tied else np.asarray(u.w, np.float64)
+    want_BxLxV = h_BxLxD.astype(np.float64) @ w_DxV
+    logits = model.logits(jnp.asarray(h_BxLxD))
+    assert logits.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(logits), want_BxLxV, rtol=1e-5, atol=1e-5)
+
+    def loss(w):
+        return jnp.sum(Unembedding(w, u.vocab_major).logits(jnp.asarray(h_BxLxD)) ** 2)
+
+    grad = np.asarray(jax.grad(loss)(u.w), np.float64)
+    want_grad_DxV = np.einsum("bld,blv->dv", h_BxLxD.astype(np.float64), 2 * want_BxLxV)
+    np.testing.assert_allclose(
+        grad, want_grad_DxV.T if tied else want_grad_DxV, rtol=1e-4, atol=1e-5
+    )
+    if tied:
+        assert "transpose" not in jax.jit(jax.grad(loss)).lower(u.w).as_text()

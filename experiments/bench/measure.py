@@ -756,6 +756,7 @@ def _loss_memory(mem: dict, full_logits_bytes: int, copts: dict | None) -> dict:
 
     from ctxjax import losses
     from ctxjax.config import LossConfig
+    from ctxjax.model import Unembedding
     from ctxjax.step import per_token_losses
 
     b, n = mem["batch"], mem["new_tokens"]
@@ -765,7 +766,9 @@ def _loss_memory(mem: dict, full_logits_bytes: int, copts: dict | None) -> dict:
         loss_cfg = LossConfig(chunk_size=chunk)
 
         def loss(h_nc, h_c, h_t, w_s, w_t, tokens, mask, loss_cfg=loss_cfg):
-            opd, cons, rkl = per_token_losses(loss_cfg, h_nc, h_c, h_t, w_s, w_t, tokens)
+            # [D, V] arrays: the loss allocates the same whichever way the weight lies
+            u_s, u_t = Unembedding(w_s, vocab_major=False), Unembedding(w_t, vocab_major=False)
+            opd, cons, rkl = per_token_losses(loss_cfg, h_nc, h_c, h_t, u_s, u_t, tokens)
             return (
                 losses.masked_mean(opd + loss_cfg.beta * cons, mask),
                 losses.masked_sum(rkl, mask),
