@@ -25,6 +25,7 @@ from ctxjax.sampling import SamplingMethod, sample
 from ctxjax.step import (
     DistillBatch,
     StepConfig,
+    _nonfinite,
     beta_at,
     init_state,
     jit_train_step,
@@ -641,3 +642,20 @@ def test_learning_rate_warmup_then_cosine(warmup, total, want_warmup):
         np.testing.assert_allclose(
             updates["w"], -want[t], rtol=1e-5, atol=1e-9, err_msg=f"step {t}"
         )
+
+
+@pytest.mark.parametrize(
+    "bad, want", [(None, 0.0), (np.nan, 1.0), (np.inf, 1.0), (-np.inf, 1.0), (3e38, 0.0)]
+)
+def test_nonfinite_flag_against_numpy(bad, want):
+    """The divergence flag is 1.0 exactly when some leaf holds a NaN or an inf (numpy's
+    `isfinite`), whatever the other leaves and dtypes; a huge finite value is not one."""
+    tree = {
+        "a": np.ones((4, 5), np.float32),
+        "b": [np.zeros(3, np.float32), np.ones(2, "bfloat16")],
+    }
+    if bad is not None:
+        tree["b"][0][1] = bad
+    leaves = jax.tree.leaves(tree)
+    assert (not all(np.isfinite(np.asarray(x, np.float32)).all() for x in leaves)) == bool(want)
+    assert float(jax.jit(_nonfinite)(jax.tree.map(jnp.asarray, tree))) == want
