@@ -41,37 +41,68 @@ STACKED_LAYERS = r"(^|/)layers/(?!\d+(/|$))"
 log = logging.getLogger(__name__)
 
 
+def _env_int(env, name: str, default: int) -> int:
+    try:
+        return int(env.get(name, default))
+    except ValueError:
+        raise ValueError(
+            f"environment variable {name} must be an integer, got {env[name]!r}"
+        ) from None
+
+
+def distributed_launcher(env=os.environ) -> str | None:
+    """Which multi-process launch `env` describes: "explicit" (JAX_COORDINATOR_ADDRESS), "slurm",
+    "openmpi", "tpu", or None for a single process.
+
+    Only a job of more than one process counts. A SLURM allocation alone (`salloc`, an sbatch
+    script outside `srun`) sets SLURM_JOB_ID but starts no task, and `srun -n 1` starts one: a
+    plain single-process run in either, which `jax.distributed.initialize()` could not configure
+    (no step node list) or would not need.
+    """
+    if "JAX_COORDINATOR_ADDRESS" in env:
+        return "explicit"
+    if "SLURM_STEP_NODELIST" in env:
+        tasks = _env_int(env, "SLURM_STEP_NUM_TASKS", _env_int(env, "SLURM_NTASKS", 1))
+        if tasks > 1:
+            return "slurm"
+    if _env_int(env, "OMPI_COMM_WORLD_SIZE", 1) > 1:
+        return "openmpi"
+    hosts = [h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h.strip()]
+    if len(hosts) > 1 or "MEGASCALE_COORDINATOR_ADDRESS" in env:
+        return "tpu"
+    return None
+
+
 def maybe_initialize_distributed() -> None:
-    """Starts JAX's multi-host runtime when the environment describes a multi-process job.
+    """Starts JAX's multi-host runtime when the environment describes a multi-process job
+    (`distributed_launcher`).
 
     On a single host nothing is needed and nothing happens. On TPU pods and SLURM/OpenMPI clusters
     `jax.distributed.initialize()` discovers its peers by itself; elsewhere set
     JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID. With JAX_PLATFORMS=cpu the
     processes exchange data over Gloo.
     """
-    multi = any(
-        k in os.environ
-        for k in (
-            "JAX_COORDINATOR_ADDRESS",
-            "SLURM_JOB_ID",
-            "OMPI_COMM_WORLD_SIZE",
-            "TPU_WORKER_HOSTNAMES",
-            "MEGASCALE_COORDINATOR_ADDRESS",
-        )
-    )
-    if not multi or jax.distributed.is_initialized():
+    launcher = distributed_launcher()
+    if launcher is None or jax.distributed.is_initialized():
         return
     kwargs = {}
-    if "JAX_COORDINATOR_ADDRESS" in os.environ:
+    if launcher == "explicit":
+        missing = [k for k in ("JAX_NUM_PROCESSES", "JAX_PROCESS_ID") if k not in os.environ]
+        if missing:
+            raise ValueError(
+                f"JAX_COORDINATOR_ADDRESS is set but {' and '.join(missing)} "
+                f"{'is' if len(missing) == 1 else 'are'} not: set all three for a multi-process run"
+            )
         kwargs = dict(
             coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],
-            num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
-            process_id=int(os.environ["JAX_PROCESS_ID"]),
+            num_processes=_env_int(os.environ, "JAX_NUM_PROCESSES", 1),
+            process_id=_env_int(os.environ, "JAX_PROCESS_ID", 0),
         )
     if os.environ.get("JAX_PLATFORMS", "").split(",")[0] == "cpu":
         # CPU processes (a loopback test, a CPU cluster) need a cross-process collectives backend;
         # the default one only reaches the devices of its own process.
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    log.info("starting JAX's multi-process runtime (%s launch)", launcher)
     jax.distributed.initialize(**kwargs)
 
 

@@ -203,3 +203,76 @@ def test_rollout_draws_do_not_depend_on_the_mesh():
         tokens[name] = np.asarray(draw(sharding.shard_params(params, mesh), **batch))
     np.testing.assert_array_equal(tokens["one"], tokens["data8"])
     assert len(np.unique(tokens["one"])) > 8  # real draws, not a constant
+
+
+@pytest.mark.parametrize(
+    "env, want",
+    [
+        ({}, None),
+        # an allocation without a step (salloc shell, sbatch script outside srun): one process
+        ({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "4"}, None),
+        ({"SLURM_JOB_ID": "7", "SLURM_STEP_NODELIST": "n1", "SLURM_NTASKS": "1"}, None),
+        ({"SLURM_JOB_ID": "7", "SLURM_STEP_NODELIST": "n[1-2]", "SLURM_NTASKS": "16"}, "slurm"),
+        (
+            {"SLURM_STEP_NODELIST": "n1", "SLURM_NTASKS": "8", "SLURM_STEP_NUM_TASKS": "1"},
+            None,
+        ),
+        ({"OMPI_COMM_WORLD_SIZE": "1"}, None),
+        ({"OMPI_COMM_WORLD_SIZE": "4"}, "openmpi"),
+        ({"TPU_WORKER_HOSTNAMES": "localhost"}, None),
+        ({"TPU_WORKER_HOSTNAMES": "w0,w1,w2,w3"}, "tpu"),
+        ({"MEGASCALE_COORDINATOR_ADDRESS": "10.0.0.1"}, "tpu"),
+        ({"JAX_COORDINATOR_ADDRESS": "127.0.0.1:1234", "SLURM_JOB_ID": "7"}, "explicit"),
+    ],
+)
+def test_distributed_launcher_only_for_more_than_one_process(env, want):
+    assert sharding.distributed_launcher(env) == want
+
+
+def _record_initialize(monkeypatch, env: dict) -> list:
+    for k in list(os.environ):
+        if k.startswith(("SLURM_", "OMPI_", "TPU_WORKER", "MEGASCALE_", "JAX_")):
+            monkeypatch.delenv(k)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    calls = []
+    monkeypatch.setattr(jax.distributed, "is_initialized", lambda: False)
+    monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: calls.append(kw))
+    return calls
+
+
+def test_initialize_called_with_the_explicit_triple_and_not_in_a_bare_allocation(monkeypatch):
+    calls = _record_initialize(monkeypatch, {"SLURM_JOB_ID": "7", "SLURM_NTASKS": "1"})
+    sharding.maybe_initialize_distributed()
+    assert calls == []
+    calls = _record_initialize(
+        monkeypatch,
+        {
+            "JAX_COORDINATOR_ADDRESS": "10.1.2.3:1234",
+            "JAX_NUM_PROCESSES": "2",
+            "JAX_PROCESS_ID": "1",
+        },
+    )
+    sharding.maybe_initialize_distributed()
+    assert calls == [dict(coordinator_address="10.1.2.3:1234", num_processes=2, process_id=1)]
+    calls = _record_initialize(monkeypatch, {"OMPI_COMM_WORLD_SIZE": "2"})
+    sharding.maybe_initialize_distributed()
+    assert calls == [{}]  # the launcher's own discovery
+
+
+@pytest.mark.parametrize(
+    "env, message",
+    [
+        ({"JAX_COORDINATOR_ADDRESS": "h:1", "JAX_PROCESS_ID": "0"}, "JAX_NUM_PROCESSES is not"),
+        ({"JAX_COORDINATOR_ADDRESS": "h:1"}, "JAX_NUM_PROCESSES and JAX_PROCESS_ID are not"),
+        (
+            {"JAX_COORDINATOR_ADDRESS": "h:1", "JAX_NUM_PROCESSES": "two", "JAX_PROCESS_ID": "0"},
+            "JAX_NUM_PROCESSES must be an integer, got 'two'",
+        ),
+    ],
+)
+def test_incomplete_explicit_launch_is_one_clear_error(monkeypatch, env, message):
+    calls = _record_initialize(monkeypatch, env)
+    with pytest.raises(ValueError, match=message):
+        sharding.maybe_initialize_distributed()
+    assert calls == []
