@@ -186,8 +186,9 @@ def step_markdown(r: dict, command: str) -> str:
         "timed side by side in one process (interleaved repetitions, median). Ratio = PyTorch way "
         "/ ctxjax (> 1: ctxjax is faster). Peak = the fastest of "
         f"{len(r['peak_matmul']['times_s'])} calls of one jitted fp32 "
-        f"{'x'.join(map(str, r['peak_matmul']['shape_mnk']))} matmul, "
-        f"{peak / 1e9:.1f} GFLOP/s; bound = the step's analytic matmul FLOPs at that rate.",
+        f"{'x'.join(map(str, r['peak_matmul']['shape_mnk']))} matmul, measured before and after "
+        f"the configs (the faster kept: load can only slow a call), {peak / 1e9:.1f} GFLOP/s; "
+        "bound = the step's analytic matmul FLOPs at that rate.",
         "",
         f"Machine: {env['cpu_model']}, {env['cores']} cores ({env['jax_backend']} backend, torch "
         f"{env['torch_threads']} threads). Versions: {versions}.",
