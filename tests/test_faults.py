@@ -28,6 +28,7 @@ from ctxjax import hf, losses, train
 from ctxjax.base import tokenizer_corpus
 from ctxjax.checkpoint import MANIFEST, Checkpointer, CheckpointError
 from ctxjax.config import OptimConfig, TrainConfig
+from ctxjax.model import Numerics
 from ctxjax.run_dir import LOCK_FILE, Lock, RunRefused
 from ctxjax.tasks import get_task
 from ctxjax.vocab import build_tokenizer
@@ -278,6 +279,33 @@ def test_checkpoints_are_written_uncompressed_and_restore_bitwise(tmp_path):
     _assert_bitwise(state, restored)
 
 
+def test_a_checkpoint_of_another_model_or_layer_layout_is_refused_by_name(tmp_path):
+    """Restoring into another architecture, or with the layers laid out the other way
+    (`numerics.scan_layers`), is one error naming the checkpoint and what differs, not every intact
+    step reported unreadable; the checkpoint stays and restores with the settings it was saved
+    with."""
+    state = {"w": jax.random.normal(jax.random.key(0), (4, 8)), "step": jnp.int32(3)}
+    ck = Checkpointer(str(tmp_path / "ck"), keep=1, async_save=False)
+    saved = {"model": {"hidden_size": 64}, "numerics": {"scan_layers": True}}
+    ck.save(1, state, _Iterator(), saved)
+    ck.wait()
+    where = ck.step_dir(1)
+    other_model = {"model": {"hidden_size": 32}, "numerics": {"scan_layers": True}}
+    want = f"checkpoint {where} was written for another model (model.hidden_size: checkpoint 64 "
+    with pytest.raises(ValueError, match=re.escape(want + "vs this run 32)")):
+        ck.restore(_abstract(state), _Iterator(), other_model)
+    unrolled = {"model": {"hidden_size": 64}, "numerics": {"scan_layers": False}}
+    want = (
+        f"checkpoint {where} holds the layers stacked (numerics.scan_layers=true), this run has "
+        "numerics.scan_layers=false: resume with numerics.scan_layers=true"
+    )
+    with pytest.raises(ValueError, match=re.escape(want)):
+        ck.restore(_abstract(state), _Iterator(), unrolled)
+    restored, step = ck.restore(_abstract(state), _Iterator(), saved)
+    assert step == 1
+    _assert_bitwise(state, restored)
+
+
 def test_resume_with_a_changed_config(folders, straight, tmp_path):
     reference, _ = straight
     out = reference.cfg.train.out_dir
@@ -302,6 +330,17 @@ def test_resume_with_a_changed_config(folders, straight, tmp_path):
         (row,) = [json.loads(line) for line in f]
     assert row["step"] == 4
     assert row["changes"] == {"optim.learning_rate": [1e-3, 5e-4], "train.log_every": [1, 2]}
+    # Accepting a change of the layers' layout still cannot restore the unrolled checkpoint into
+    # stacked layers: one line naming it, nothing written, the checkpoints kept.
+    steps_before = sorted(os.listdir(os.path.join(out, "checkpoints")))
+    scanned = dataclasses.replace(changed, numerics=Numerics(scan_layers=True))
+    run = train.setup(scanned, progress=False)
+    with pytest.raises(ValueError, match=r"holds the layers one by one \(numerics\.scan_layers=fa"):
+        train.train(run, resume=True, allow_config_change=True, progress=False)
+    assert sorted(os.listdir(os.path.join(out, "checkpoints"))) == steps_before
+    with open(os.path.join(out, "config_history.jsonl")) as f:
+        assert len(f.readlines()) == 1  # the refused resume recorded no change
+    assert _read(os.path.join(out, "config.json")) == before
 
 
 def _write(path, data: bytes) -> str:
