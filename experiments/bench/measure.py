@@ -1189,6 +1189,7 @@ def measure_step(
     # the better kept: load that slowed one measurement (a busy neighbour for a minute) cannot
     # deflate it and flatter every fraction of it.
     peak = dict(max(before, after, key=lambda c: c["best_flops_per_s"]))
+    del peak["stream_bytes_per_s"]  # the kept rate is the faster one, `weight_stream_bytes_per_s`
     peak["torch_best_flops_per_s"] = max(c["torch_best_flops_per_s"] for c in (before, after))
     stream = max(c["stream_bytes_per_s"] for c in (before, after))
     peak["measured"] = {"before": before, "after": after}
