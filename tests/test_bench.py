@@ -307,6 +307,22 @@ def test_step_markdown_holds_the_floor(step_run):
     assert f"| {roof['step_floor_s']:.3f} s |" in row and row.endswith("| - |")
 
 
+def test_step_markdown_holds_the_kernel_floor(step_run):
+    """Each side's distance from its own library's kernel floor comes from its measured median, and
+    the page shows the three floors."""
+    result, md, _ = step_run
+    c = result["configs"]["quick"]
+    kf = c["kernel_floor"]
+    floors = {k: v["step_s"] for k, v in kf["floors"].items()}
+    assert floors["best"] <= min(floors["xla"], floors["torch"]) and floors["best"] > 0
+    for side, lib in (("ctxjax", "xla"), ("pytorch", "torch")):
+        want = c[side]["step"]["median_s"] / floors[lib]
+        assert kf[f"{side}_over_own_floor"] == pytest.approx(want, rel=1e-9)
+    section = md.split("### The floor with the kernels at hand")[1]
+    row = next(line for line in section.splitlines() if line.startswith("| quick | "))
+    assert row.startswith(f"| quick | {floors['best']:.3f} s | {floors['xla']:.3f} s |")
+
+
 def test_step_rejects_an_unknown_config():
     with pytest.raises(ValueError, match=r"unknown configs \['z'\]; valid: \['a', 'b', 'c'"):
         measure.measure_step(configs="a,z")

@@ -17,6 +17,7 @@ import time
 import numpy as np
 
 from ctxjax.config import MODEL_SIZES
+from experiments.bench import kernels
 from experiments.environment import cpu_model, usable_cores
 
 # measure_sample: a tiny Llama, big enough that the decode step is real work on a CPU.
@@ -1139,6 +1140,35 @@ def _ceilings(quick: bool) -> dict:
     return out
 
 
+def _add_floors(name: str, c: dict, machine_peak: float, stream: float, quick: bool) -> None:
+    """Adds to config `name`'s result `c` its roofline (`step_roofline`, with what its target
+    needs) and its kernel floor (`kernels.kernel_floor`), with how far each side's step is from
+    the floor of its own library's kernels."""
+    roof = step_roofline(STEP_CASES[name], c["flops"], machine_peak, stream)
+    target = STEP_TARGETS.get(name)
+    if target is not None:
+        # The ctxjax step time the target needs, and whether the floor allows it.
+        roof["target_ratio"] = target
+        roof["target_step_s"] = c["pytorch"]["step"]["median_s"] / target
+        roof["target_within_floor"] = roof["step_floor_s"] <= roof["target_step_s"]
+    roof["ctxjax_over_floor"] = c["ctxjax"]["step"]["median_s"] / roof["step_floor_s"]
+    c["roofline"] = roof
+    # With the kernels at hand: the step's own GEMMs timed alone, after all the timed steps.
+    c["kernel_floor"] = kernels.kernel_floor(
+        STEP_CASES[name],
+        machine_peak,
+        stream,
+        roof["decode_memory_floor_s"],
+        reps=2 if quick else 5,
+    )
+    floors = c["kernel_floor"]["floors"]
+    for side, kernels_of in (("ctxjax", "xla"), ("pytorch", "torch")):
+        over = c[side]["step"]["median_s"] / floors[kernels_of]["step_s"]
+        c["kernel_floor"][f"{side}_over_own_floor"] = over
+    if target is not None:
+        c["kernel_floor"]["target_within_floor"] = floors["best"]["step_s"] <= roof["target_step_s"]
+
+
 def measure_step(
     *,
     configs: str = "a,b,c",
@@ -1203,16 +1233,12 @@ def measure_step(
             for side in ("ctxjax", "pytorch")
         }
     machine_peak = max(peak["best_flops_per_s"], peak["torch_best_flops_per_s"])
-    for name, c in cases.items():
-        roof = step_roofline(STEP_CASES[name], c["flops"], machine_peak, stream)
-        target = STEP_TARGETS.get(name)
-        if target is not None:
-            # The ctxjax step time the target needs, and whether the floor allows it.
-            roof["target_ratio"] = target
-            roof["target_step_s"] = c["pytorch"]["step"]["median_s"] / target
-            roof["target_within_floor"] = roof["step_floor_s"] <= roof["target_step_s"]
-        roof["ctxjax_over_floor"] = c["ctxjax"]["step"]["median_s"] / roof["step_floor_s"]
-        c["roofline"] = roof
+    torch.set_num_threads(threads)  # the kernel floor times torch's GEMMs as its step ran them
+    try:
+        for name, c in cases.items():
+            _add_floors(name, c, machine_peak, stream, quick)
+    finally:
+        torch.set_num_threads(default_threads)
     return {
         "benchmark": "step",
         "quick": quick,

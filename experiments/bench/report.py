@@ -157,6 +157,14 @@ def print_step(r: dict) -> None:
                 f"teacher and student {roof['teacher_student_floor_s']:.3f}); ctxjax at "
                 f"{roof['ctxjax_over_floor']:.2f}x the floor{target}"
             )
+        if "kernel_floor" in c:
+            kf = c["kernel_floor"]
+            fl = {k: v["step_s"] for k, v in kf["floors"].items()}
+            print(
+                f"  kernel floor {fl['best']:.3f} s (XLA's kernels {fl['xla']:.3f}, torch's "
+                f"{fl['torch']:.3f}); ctxjax at {kf['ctxjax_over_own_floor']:.2f}x XLA's, the "
+                f"PyTorch way at {kf['pytorch_over_own_floor']:.2f}x torch's"
+            )
         if "scanned" in c:
             sc = c["scanned"]
             unrolled = c["ctxjax"]["step"]["first_step_s"]
@@ -275,6 +283,52 @@ def step_markdown(r: dict, command: str) -> str:
                 f"| {roof['step_floor_s']:.3f} s | {c['ctxjax']['step']['median_s']:.3f} s "
                 f"| {roof['ctxjax_over_floor']:.2f}x | {verdict} |"
             )
+    floors = {n: c for n, c in r["configs"].items() if "kernel_floor" in c}
+    if floors:
+        lines += [
+            "",
+            "### The floor with the kernels at hand",
+            "",
+            "The step's own matrix products (every dense layer's forward, input and weight "
+            "gradient at the rows each view has, the unembedding, the prefill and the decode's "
+            "one-row-per-sequence products), each timed alone in a loop of its own "
+            "(`experiments/bench/kernels.py`: operands in cache, no call overhead, the faster of "
+            "two weight layouts) with XLA's and with torch's kernel, and summed; sampling at least "
+            "its memory floor above, the attention's products at the peak, the optimizer at the "
+            "streaming rate, everything else (norms, SwiGLU, RoPE, softmax, the losses, the draw) "
+            "free. Best: each product with the faster library. A target whose step time is below "
+            "the best column needs faster matmul kernels than this machine's, not a better step.",
+            "",
+            "| config | floor: best kernels | XLA's kernels | torch's kernels | target's step "
+            "time | ctxjax / XLA's floor | PyTorch way / torch's floor |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for name, c in floors.items():
+            kf, roof = c["kernel_floor"], c["roofline"]
+            f = {k: v["step_s"] for k, v in kf["floors"].items()}
+            needs = "-"
+            if "target_within_floor" in kf:
+                needs = f"{roof['target_step_s']:.3f} s (" + (
+                    "above: reachable)" if kf["target_within_floor"] else "below: out of reach)"
+                )
+            lines.append(
+                f"| {name} | {f['best']:.3f} s | {f['xla']:.3f} s | {f['torch']:.3f} s | {needs} "
+                f"| {kf['ctxjax_over_own_floor']:.2f}x | {kf['pytorch_over_own_floor']:.2f}x |"
+            )
+        lines += [
+            "",
+            "By part (seconds; best kernels / XLA's / torch's):",
+            "",
+            "| config | sample | teacher | student | optimizer |",
+            "|---|---|---|---|---|",
+        ]
+        for name, c in floors.items():
+            fl = c["kernel_floor"]["floors"]
+            cells = " | ".join(
+                " / ".join(f"{fl[k]['parts_s'][part]:.3f}" for k in ("best", "xla", "torch"))
+                for part in STEP_ROWS[1:]
+            )
+            lines.append(f"| {name} | {cells} |")
     first = {n: c for n, c in r["configs"].items() if "scanned" in c}
     if first:
         lines += [
