@@ -50,29 +50,39 @@ def test_each_product_is_the_one_the_backward_pass_computes(kind, out_major):
 
 
 @pytest.mark.parametrize("faster", ["xla", "torch"])
-def test_the_floor_takes_the_faster_kernel_and_the_memory_floor(monkeypatch, faster):
+def test_the_floor_takes_the_faster_kernel_and_the_memory_floor(faster):
     """With every product at `flops / rate` (the faster library at the peak, the other at half of
     it), each part's best floor is its analytic FLOPs at the peak; sampling is held up to its
     memory floor when that is larger; the optimizer streams 7 fp32 copies of the parameters."""
     peak, stream = 100e9, 10e9
-    rates = {faster: peak, ({"xla", "torch"} - {faster}).pop(): peak / 2}
-    monkeypatch.setattr(kernels, "_xla_gemm", lambda g, major, reps: g.flops / rates["xla"])
-    monkeypatch.setattr(kernels, "_torch_gemm", lambda g, major, reps: g.flops / rates["torch"])
+    slower = ({"xla", "torch"} - {faster}).pop()
     case = measure.STEP_CASES["a"]
     cfg = ModelConfig(**case.model)
+    gemms = {g for counts in kernels.step_gemms(cfg, *_sizes(case)).values() for g in counts}
+    times = {g: {f"{faster}_s": g.flops / peak, f"{slower}_s": 2 * g.flops / peak} for g in gemms}
     analytic = measure._step_flops_analytic(cfg, *_sizes(case), LossConfig(opd="reverse_kl"))
     optimizer_s = 7 * 4 * cfg.num_params() / stream
     for memory_s in (0.0, 10.0):
-        out = kernels.kernel_floor(case, peak, stream, memory_s)
+        out = kernels.kernel_floor(case, times, peak, stream, memory_s)
         best = out["floors"]["best"]["parts_s"]
         assert best["sample"] == pytest.approx(max(analytic["sample"] / peak, memory_s))
         for part in ("teacher", "student"):
             assert best[part] == pytest.approx(analytic[part] / peak)
         assert best["optimizer"] == pytest.approx(optimizer_s)
         assert out["floors"][faster] == out["floors"]["best"]
-        slower = out["floors"][({"xla", "torch"} - {faster}).pop()]
-        assert slower["parts_s"]["student"] > best["student"]
+        assert out["floors"][slower]["parts_s"]["student"] > best["student"]
         assert out["floors"]["best"]["step_s"] == pytest.approx(sum(best.values()))
-    # Each distinct product timed once per library, with the parts that run it.
-    assert len({(g["m"], g["k"], g["n"], g["kind"]) for g in out["gemms"]}) == len(out["gemms"])
-    assert all(g["xla_s"] > 0 and g["torch_s"] > 0 and g["count"] for g in out["gemms"])
+    assert len(out["gemms"]) == len(gemms) and all(g["count"] for g in out["gemms"])
+
+
+def test_gemm_timings_are_positive_and_the_fastest_of_both_rounds():
+    """`time_gemms` times every distinct product of the tiny case with both libraries; `fastest`
+    keeps, per product and library, the faster of two rounds."""
+    case = measure.STEP_CASES["quick"]
+    first, second = kernels.time_gemms(case, reps=1), kernels.time_gemms(case, reps=1)
+    cfg = ModelConfig(**case.model)
+    assert set(first) == {g for c in kernels.step_gemms(cfg, *_sizes(case)).values() for g in c}
+    both = kernels.fastest(first, second)
+    for g, t in both.items():
+        for lib in ("xla_s", "torch_s"):
+            assert 0 < t[lib] == min(first[g][lib], second[g][lib])

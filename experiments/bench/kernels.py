@@ -14,7 +14,6 @@ faster matmul kernels than XLA's and torch's on this machine, not a better step 
 from __future__ import annotations
 
 import dataclasses
-import statistics
 import time
 from collections import Counter
 
@@ -85,14 +84,16 @@ def attention_flops(cfg, batch: int, prompt_len: int, ctx_prompt_len: int, new_t
     }
 
 
-def _median_call(fn, reps: int) -> float:
+def _fastest_call(fn, reps: int) -> float:
+    """The fastest of `reps` timed calls after one warm-up: load can only slow a call, and a floor
+    is the least the product takes."""
     fn()
     times = []
     for _ in range(reps):
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return min(times)
 
 
 # `_xla_gemm` runs its product this many times inside one jitted call: a call's dispatch (tens of
@@ -134,7 +135,7 @@ def _xla_gemm(g: Gemm, out_major: bool, reps: int) -> float:
         return jax.lax.fori_loop(1, INNER_REPS, body, out)
 
     lhs, rhs = jnp.asarray(lhs), jnp.asarray(rhs)
-    return _median_call(lambda: jax.block_until_ready(products(lhs, rhs)), reps) / INNER_REPS
+    return _fastest_call(lambda: jax.block_until_ready(products(lhs, rhs)), reps) / INNER_REPS
 
 
 def _torch_product(g: Gemm, out_major: bool):
@@ -149,42 +150,62 @@ def _torch_product(g: Gemm, out_major: bool):
 
 
 def _torch_gemm(g: Gemm, out_major: bool, reps: int) -> float:
-    return _median_call(_torch_product(g, out_major), reps)
+    return _fastest_call(_torch_product(g, out_major), reps)
 
 
 def _best_gemm(g: Gemm, reps: int) -> dict:
-    """Median seconds of `g` per library, the faster of the two weight layouts."""
+    """Seconds of `g` per library, the faster of the two weight layouts."""
     return {
         "xla_s": min(_xla_gemm(g, major, reps) for major in (False, True)),
         "torch_s": min(_torch_gemm(g, major, reps) for major in (False, True)),
     }
 
 
+def _case_gemms(case) -> dict:
+    from ctxjax.model import ModelConfig
+
+    b, p, n = case.batch, case.prompt_len, case.new_tokens
+    return step_gemms(ModelConfig(**case.model), b, p, case.context_len + p, n)
+
+
+def time_gemms(case, reps: int = 5) -> dict:
+    """{`Gemm`: {"xla_s", "torch_s"}}: each distinct GEMM of the step of `case` (a
+    `measure.StepCase`) timed with both libraries' kernels, the fastest of `reps` calls."""
+    distinct = {g for counts in _case_gemms(case).values() for g in counts}
+    return {g: _best_gemm(g, reps) for g in sorted(distinct, key=dataclasses.astuple)}
+
+
+def fastest(*timings: dict) -> dict:
+    """Per GEMM and library, the fastest of several `time_gemms` results of one case."""
+    return {
+        g: {lib: min(t[g][lib] for t in timings) for lib in ("xla_s", "torch_s")}
+        for g in timings[0]
+    }
+
+
 def kernel_floor(
     case,
+    times: dict,
     peak_flops_per_s: float,
     stream_bytes_per_s: float,
     decode_memory_floor_s: float,
-    reps: int = 5,
 ) -> dict:
     """The step of `case` (a `measure.StepCase`) at its kernel floor, per part, in seconds.
 
-    Each part's GEMMs (`step_gemms`), each at the faster library's median, plus its attention
-    products (`attention_flops`) at `peak_flops_per_s`; sampling at least its memory floor
+    Each part's GEMMs (`step_gemms`) at their `times` (`time_gemms`): with the faster library's
+    kernel ("best"), with XLA's alone, with torch's alone; plus its attention products
+    (`attention_flops`) at `peak_flops_per_s`; sampling at least its memory floor
     (`decode_memory_floor_s`: each decode step reads every weight, which products timed alone from
     cache do not); optimizer: AdamW reading parameters, gradients and both moments and writing
-    three of them back, at `stream_bytes_per_s`. Each distinct GEMM is timed once in each library
-    and both medians kept (`gemms`): the page shows whose kernels set the floor.
+    three of them back, at `stream_bytes_per_s`. The timings are kept (`gemms`), with the parts
+    that run each product, so the page can show whose kernels set the floor.
     """
     from ctxjax.model import ModelConfig
 
     cfg = ModelConfig(**case.model)
     b, p, n = case.batch, case.prompt_len, case.new_tokens
-    q = case.context_len + p
-    parts = step_gemms(cfg, b, p, q, n)
-    distinct = sorted({g for c in parts.values() for g in c}, key=dataclasses.astuple)
-    times = {g: _best_gemm(g, reps) for g in distinct}
-    attention = attention_flops(cfg, b, p, q, n)
+    parts = _case_gemms(case)
+    attention = attention_flops(cfg, b, p, case.context_len + p, n)
     pick = {
         "best": lambda t: min(t["xla_s"], t["torch_s"]),
         "xla": lambda t: t["xla_s"],
@@ -201,14 +222,13 @@ def kernel_floor(
         parts_s["optimizer"] = 7 * 4 * cfg.num_params() / stream_bytes_per_s
         floors[kernels] = {"parts_s": parts_s, "step_s": sum(parts_s.values())}
     return {
-        # best: each GEMM with the faster library's kernel; xla / torch: with that library's alone
         "floors": floors,
         "gemms": [
             {
                 **dataclasses.asdict(g),
                 "count": {name: c[g] for name, c in parts.items() if c[g]},
-                **times[g],
+                **t,
             }
-            for g in distinct
+            for g, t in times.items()
         ],
     }

@@ -1140,10 +1140,10 @@ def _ceilings(quick: bool) -> dict:
     return out
 
 
-def _add_floors(name: str, c: dict, machine_peak: float, stream: float, quick: bool) -> None:
+def _add_floors(name: str, c: dict, gemm_times: dict, machine_peak: float, stream: float) -> None:
     """Adds to config `name`'s result `c` its roofline (`step_roofline`, with what its target
-    needs) and its kernel floor (`kernels.kernel_floor`), with how far each side's step is from
-    the floor of its own library's kernels."""
+    needs) and its kernel floor (`kernels.kernel_floor` of its GEMMs' `gemm_times`), with how far
+    each side's step is from the floor of its own library's kernels."""
     roof = step_roofline(STEP_CASES[name], c["flops"], machine_peak, stream)
     target = STEP_TARGETS.get(name)
     if target is not None:
@@ -1153,13 +1153,8 @@ def _add_floors(name: str, c: dict, machine_peak: float, stream: float, quick: b
         roof["target_within_floor"] = roof["step_floor_s"] <= roof["target_step_s"]
     roof["ctxjax_over_floor"] = c["ctxjax"]["step"]["median_s"] / roof["step_floor_s"]
     c["roofline"] = roof
-    # With the kernels at hand: the step's own GEMMs timed alone, after all the timed steps.
     c["kernel_floor"] = kernels.kernel_floor(
-        STEP_CASES[name],
-        machine_peak,
-        stream,
-        roof["decode_memory_floor_s"],
-        reps=2 if quick else 5,
+        STEP_CASES[name], gemm_times, machine_peak, stream, roof["decode_memory_floor_s"]
     )
     floors = c["kernel_floor"]["floors"]
     for side, kernels_of in (("ctxjax", "xla"), ("pytorch", "torch")):
@@ -1210,9 +1205,14 @@ def measure_step(
     default_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
+        # The ceilings and the kernel floor's GEMMs are timed before and after the configs, the
+        # faster kept (see below).
+        gemm_reps = 2 if quick else 5
         before = _ceilings(quick)
+        gemms_before = {n: kernels.time_gemms(STEP_CASES[n], gemm_reps) for n in names}
         cases = {name: _compare_case(STEP_CASES[name], reps, seed, copts) for name in names}
         after = _ceilings(quick)
+        gemms_after = {n: kernels.time_gemms(STEP_CASES[n], gemm_reps) for n in names}
     finally:
         torch.set_num_threads(default_threads)
     # A ceiling is the fastest this machine ran, so it is measured before and after the configs and
@@ -1233,12 +1233,9 @@ def measure_step(
             for side in ("ctxjax", "pytorch")
         }
     machine_peak = max(peak["best_flops_per_s"], peak["torch_best_flops_per_s"])
-    torch.set_num_threads(threads)  # the kernel floor times torch's GEMMs as its step ran them
-    try:
-        for name, c in cases.items():
-            _add_floors(name, c, machine_peak, stream, quick)
-    finally:
-        torch.set_num_threads(default_threads)
+    for name, c in cases.items():
+        gemm_times = kernels.fastest(gemms_before[name], gemms_after[name])
+        _add_floors(name, c, gemm_times, machine_peak, stream)
     return {
         "benchmark": "step",
         "quick": quick,
