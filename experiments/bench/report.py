@@ -196,7 +196,10 @@ def step_markdown(r: dict, command: str) -> str:
         f"{len(r['peak_matmul']['times_s'])} calls of one jitted fp32 "
         f"{'x'.join(map(str, r['peak_matmul']['shape_mnk']))} matmul, measured before and after "
         f"the configs (the faster kept: load can only slow a call), {peak / 1e9:.1f} GFLOP/s; "
-        "bound = the step's analytic matmul FLOPs at that rate.",
+        "bound = the step's analytic matmul FLOPs at that rate. The % of peak columns divide each "
+        "repetition's FLOP rate by the peak measured in that same repetition (fastest of 3 calls, "
+        "right after both sides ran) and take the median: this machine's speed drifts by tens of "
+        "percent over minutes, and a peak from another minute would move every fraction.",
         "",
         f"Machine: {env['cpu_model']}, {env['cores']} cores ({env['jax_backend']} backend, torch "
         f"{env['torch_threads']} threads). Versions: {versions}.",
