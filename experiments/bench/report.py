@@ -195,11 +195,9 @@ def step_markdown(r: dict, command: str) -> str:
         "/ ctxjax (> 1: ctxjax is faster). Peak = the fastest of "
         f"{len(r['peak_matmul']['times_s'])} calls of one jitted fp32 "
         f"{'x'.join(map(str, r['peak_matmul']['shape_mnk']))} matmul, measured before and after "
-        f"the configs (the faster kept: load can only slow a call), {peak / 1e9:.1f} GFLOP/s; "
-        "bound = the step's analytic matmul FLOPs at that rate. The % of peak columns divide each "
-        "repetition's FLOP rate by the peak measured in that same repetition (fastest of 3 calls, "
-        "right after both sides ran) and take the median: this machine's speed drifts by tens of "
-        "percent over minutes, and a peak from another minute would move every fraction.",
+        "the configs and 5 more calls after every repetition, the fastest kept (load can only "
+        f"slow a call; this machine's speed drifts by tens of percent over minutes), "
+        f"{peak / 1e9:.1f} GFLOP/s; bound = the step's analytic matmul FLOPs at that rate.",
         "",
         f"Machine: {env['cpu_model']}, {env['cores']} cores ({env['jax_backend']} backend, torch "
         f"{env['torch_threads']} threads). Versions: {versions}.",
