@@ -46,11 +46,12 @@ def dense_shapes(cfg) -> list[tuple[int, int]]:
 
 
 def step_gemms(cfg, batch: int, prompt_len: int, ctx_prompt_len: int, new_tokens: int) -> dict:
-    """Per part of the OPD + NCA step, how many times it runs each GEMM outside the decode loop
-    (`Counter` of `Gemm`): sample, the prefill of [B, P] and its last slot's logits; teacher, the
-    forward on [c | x | y] and the unembedding of the N response positions; student, both views'
-    forward and backward and their unembedding with its backward. Rows are every slot a view has,
-    padding included (the model computes them all)."""
+    """Per part of the OPD + NCA step, how many times it runs each GEMM (`Counter` of `Gemm`):
+    sample, the prefill of [B, P], then N - 1 decode steps of one row per sequence, and the
+    next-token logits after each of the N; teacher, the forward on [c | x | y] and the unembedding
+    of the N response positions; student, both views' forward and backward and their unembedding
+    with its backward. Rows are every slot a view has, padding included (the model computes them
+    all)."""
     layers, d, v = cfg.num_layers, cfg.hidden_size, cfg.vocab_size
     parts = {"sample": Counter(), "teacher": Counter(), "student": Counter()}
     student_rows = (batch * (prompt_len + new_tokens), batch * (ctx_prompt_len + new_tokens))
