@@ -433,7 +433,9 @@ def _step_flops_analytic(cfg, b: int, p: int, q: int, n: int, loss_cfg) -> dict:
     }
 
 
-def _peak_matmul(reps: int) -> dict:
+def _timed_peak_matmul():
+    """A call timing one call of the jitted fp32 `MATMUL_PEAK_SHAPE` matmul (compiled and warmed
+    up once, here), in seconds."""
     import jax
     import jax.numpy as jnp
 
@@ -442,7 +444,13 @@ def _peak_matmul(reps: int) -> dict:
     b = jax.random.normal(jax.random.key(1), (k, n), jnp.float32)
     matmul = jax.jit(jnp.matmul)
     _time_call(matmul, a, b)
-    times = [_time_call(matmul, a, b)[1] for _ in range(reps)]
+    return lambda: _time_call(matmul, a, b)[1]
+
+
+def _peak_matmul(reps: int) -> dict:
+    m, n, k = MATMUL_PEAK_SHAPE
+    timed = _timed_peak_matmul()
+    times = [timed() for _ in range(reps)]
     median = statistics.median(times)
     return {
         "shape_mnk": [m, n, k],
@@ -1008,18 +1016,11 @@ def _peak_fractions(flops: dict, medians: dict, peak_flops_per_s: float) -> dict
 
 
 def _matmul_probe():
-    """A call giving the fastest FLOP/s of 5 calls of the peak matmul (`MATMUL_PEAK_SHAPE`),
-    compiled once: one more chance per repetition of `_compare_case` to catch the machine at its
-    fastest."""
-    import jax
-    import jax.numpy as jnp
-
+    """A call giving the fastest FLOP/s of 5 calls of the peak matmul (`_timed_peak_matmul`):
+    one more chance per repetition of `_compare_case` to catch the machine at its fastest."""
     m, n, k = MATMUL_PEAK_SHAPE
-    a = jax.random.normal(jax.random.key(0), (m, k), jnp.float32)
-    b = jax.random.normal(jax.random.key(1), (k, n), jnp.float32)
-    matmul = jax.jit(jnp.matmul)
-    _time_call(matmul, a, b)
-    return lambda: 2 * m * n * k / min(_time_call(matmul, a, b)[1] for _ in range(5))
+    timed = _timed_peak_matmul()
+    return lambda: 2 * m * n * k / min(timed() for _ in range(5))
 
 
 def _side(times: dict[str, list[float]], tokens: int) -> dict:
