@@ -581,6 +581,31 @@ class Transformer(nnx.Module):
         return self.logits(out.hidden_BxLxD)
 
 
+# The parameters the layers only ever read cast to the compute dtype: dense kernels and biases
+# (`nnx.Linear` promotes them to its `dtype`) and the embedding table (`nnx.Embed` for the lookup,
+# `Unembedding.logits` in the hidden states' dtype). Norm scales are applied in float32: not these.
+COMPUTE_CAST_PARAMS = frozenset({"kernel", "bias", "embedding"})
+
+
+def cast_for_compute(state: nnx.State, numerics: Numerics) -> nnx.State:
+    """`state` (a `Transformer`'s, from `nnx.split`) with the `COMPUTE_CAST_PARAMS` already in
+    `numerics.compute`: the same values the layers' own casts produce, so the same outputs bit for
+    bit, but cast once. A loop that reuses the weights (the sampler's decode loop) would otherwise
+    read the stored copy and convert it on every iteration: float32 weights under bfloat16 compute
+    are twice the bytes a memory-bound decode step must read. A no-op when the dtypes agree."""
+    if numerics.params == numerics.compute:
+        return state
+
+    def cast(path, x):
+        # The leaf's path ends [..., name, 'value'] (the nnx.Variable's own attribute).
+        names = [getattr(k, "name", getattr(k, "key", None)) for k in path]
+        if len(names) >= 2 and names[-2] in COMPUTE_CAST_PARAMS:
+            return x.astype(numerics.compute)
+        return x
+
+    return jax.tree_util.tree_map_with_path(cast, state)
+
+
 def create_model(
     cfg: ModelConfig, seed: int = 0, numerics: Numerics = DEFAULT_NUMERICS
 ) -> Transformer:

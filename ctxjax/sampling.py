@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
-from ctxjax.model import Transformer
+from ctxjax.model import Transformer, cast_for_compute
 from ctxjax.padding import bucket_batch, bucket_length, pad_left_rows
 
 
@@ -190,6 +190,8 @@ def _sample(
     # Sampling is not differentiable (integer draws, a while loop); stopping the gradient here also
     # lets `sample` sit inside a differentiated function without reverse-mode through the loop.
     state = jax.lax.stop_gradient(state)
+    # Weights in the compute dtype once, outside the loop: each decode step reads them whole.
+    state = cast_for_compute(state, model.numerics)
     model = nnx.merge(graphdef, state)
     mask_BxP = prompt_mask_BxP.astype(bool)
     n_prompt_B = jnp.sum(mask_BxP, axis=-1).astype(jnp.int32)

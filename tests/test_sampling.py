@@ -431,3 +431,39 @@ def test_greedy_matches_transformers_generate(family, tmp_path):
         np.testing.assert_array_equal(ours.tokens_BxN[r, :length], want[r, :length])
         assert (ours.tokens_BxN[r, length:] == pad_id).all()
     assert ours.lengths_B.min() < n  # EOS was exercised
+
+
+@pytest.mark.parametrize("tie,scan", [(True, False), (False, True)])
+def test_weights_cast_once_for_the_decode_loop_give_the_same_samples(tie, scan, monkeypatch):
+    """float32 weights under bfloat16 compute: `sample` casts the dense kernels, biases and the
+    embedding once before its loop (`model.cast_for_compute`); the samples and log-probs equal,
+    bit for bit, those of the layers casting on every step (the cast replaced by the identity),
+    tied or untied, scanned or not. Norm scales stay float32 (applied in float32)."""
+    from ctxjax.model import Numerics, cast_for_compute
+
+    num = Numerics(param_dtype="float32", compute_dtype="bfloat16", scan_layers=scan)
+    cfg = ModelConfig(**{**CFG.__dict__, "tie_embeddings": tie, "qkv_bias": True})
+    model = _sharpen(create_model(cfg, seed=3, numerics=num))
+    cast = cast_for_compute(nnx.state(model), num)
+    dtypes = {
+        jax.tree_util.keystr(p): x.dtype for p, x in jax.tree_util.tree_leaves_with_path(cast)
+    }
+    assert {d for k, d in dtypes.items() if "norm" in k} == {jnp.dtype(jnp.float32)}
+    assert {d for k, d in dtypes.items() if "norm" not in k} == {jnp.dtype(jnp.bfloat16)}
+
+    ids, mask = _left_pad(PROMPTS)
+    run = functools.partial(
+        sample,
+        prompt_ids_BxP=jnp.asarray(ids),
+        prompt_mask_BxP=jnp.asarray(mask),
+        rng=jax.random.key(7),
+        max_new_tokens=6,
+        method=SamplingMethod(temperature=1.0),
+        eos_ids=(),
+        pad_id=0,
+    )
+    cast_once = run(model)
+    monkeypatch.setattr(sampling, "cast_for_compute", lambda state, numerics: state)
+    cast_each_step = run(model)
+    np.testing.assert_array_equal(cast_once.tokens_BxN, cast_each_step.tokens_BxN)
+    np.testing.assert_array_equal(cast_once.logprobs_BxN, cast_each_step.logprobs_BxN)
