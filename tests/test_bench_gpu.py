@@ -9,6 +9,7 @@ import json
 import pathlib
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -31,7 +32,9 @@ def run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench_gpu") / "bench_gpu.json"
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
-        _bench_main()(["gpu", "--tiny", "--reps", str(REPS), "--out", str(out)])
+        _bench_main()(
+            ["gpu", "--tiny", "--reps", str(REPS), "--out", str(out), "--profile", str(out.parent)]
+        )
     return json.loads(out.read_text()), printed.getvalue()
 
 
@@ -101,15 +104,18 @@ def test_timing_and_flops(run):
 def test_decode_bytes_are_the_arrays_a_decode_step_reads(run):
     from flax import nnx
 
-    from ctxjax.model import ModelConfig, Numerics, create_model, init_cache
+    from ctxjax.model import ModelConfig, Numerics, cast_for_compute, create_model, init_cache
 
     result, _ = run
     s, decode = result["setup"], result["decode"]
     cfg = ModelConfig(**s["model"])
     b, slots = s["batch"], s["prompt_len"] + s["new_tokens"]
-    model = create_model(cfg, 0, Numerics(param_dtype="float32", compute_dtype="bfloat16"))
-    params = jax.tree.leaves(nnx.state(model, nnx.Param))
-    cache = init_cache(cfg, b, slots, "bfloat16")  # what sampling.sample allocates
+    num = Numerics(param_dtype="float32", compute_dtype="bfloat16")
+    model = create_model(cfg, 0, num)
+    # What sampling.sample's loop reads: the weights cast once, the cache it allocates.
+    params = jax.tree.leaves(cast_for_compute(nnx.state(model, nnx.Param), num))
+    assert {x.dtype for x in params} == {jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32)}
+    cache = init_cache(cfg, b, slots, "bfloat16")
     kv = sum(x.nbytes for x in cache.k + cache.v)
     weights = sum(x.nbytes for x in params)  # tied: the embedding table is the unembedding
     assert decode["bytes_per_step"] == {"weights": weights, "kv_cache": kv, "total": weights + kv}
@@ -173,6 +179,10 @@ def test_peaks_in_the_table():
     )
 
 
+# Measured ceilings for the arithmetic tests: half the H200's datasheet figures.
+MEASURED = {"matmul_flops_per_s": 494.5e12, "stream_bytes_per_s": 2.4e12}
+
+
 def _timing(**medians):
     return {k: {"median_s": v} for k, v in medians.items()}
 
@@ -192,15 +202,18 @@ def test_mfu_and_target_on_an_h200():
     for rest_mfu, met in ((0.5, True), (0.3, False)):
         rest_s = rest / (rest_mfu * spec.peak_flops)
         timing = _timing(sample=2.0, rest=rest_s, step=2.0 + rest_s)
-        fig = gpu._train_figures(cfg, setup, timing, 1.0, spec.peak_flops, spec)
+        fig = gpu._train_figures(cfg, setup, timing, 1.0, spec.peak_flops, spec, MEASURED)
         assert fig["rates"]["rest"]["mfu"] == pytest.approx(rest_mfu, abs=1e-5)
+        assert fig["rates"]["rest"]["of_measured_peak"] == pytest.approx(2 * rest_mfu, abs=1e-4)
         assert fig["rates"]["step"]["mfu"] == pytest.approx(
             flops["total"] / (2.0 + rest_s) / spec.peak_flops, abs=1e-5
         )
         assert fig["target"]["applies"] is True and fig["target"]["met"] is met
     # An A100 has a known peak (so an MFU) but the 40% target is for H100/H200-class GPUs.
     a100 = gpu.device_spec("NVIDIA A100-SXM4-80GB")
-    fig = gpu._train_figures(cfg, setup, _timing(sample=1, rest=1, step=2), 1.0, 312e12, a100)
+    fig = gpu._train_figures(
+        cfg, setup, _timing(sample=1, rest=1, step=2), 1.0, 312e12, a100, MEASURED
+    )
     assert fig["rates"]["rest"]["mfu"] == pytest.approx(rest / 312e12, abs=1e-5)
     assert fig["target"]["applies"] is False and fig["target"]["met"] is None
 
@@ -215,12 +228,18 @@ def test_decode_bound_arithmetic():
     read = gpu.decode_bytes(cfg, num, b, p + n)
     # bf16 weights: 2 bytes per parameter; KV: 24 layers x (K, V) x 2 kv heads x 64 dims, 2 bytes.
     assert read["weights"] == 2 * 494_032_768
+    # float32-stored weights are read in bf16 (cast once per rollout) but the 49 norm scales
+    # (2 per layer and the final one, [896] each), applied in float32.
+    f32 = gpu.decode_bytes(cfg, Numerics(param_dtype="float32", compute_dtype="bfloat16"), b, p + n)
+    assert f32["weights"] == read["weights"] + 2 * 49 * 896
     assert read["kv_cache"] == 24 * 2 * b * 2 * (p + n) * 64 * 2
     bound_s = read["total"] / 4.8e12
     for over, met in ((1.5, True), (2.5, False)):
         timing = _timing(sample=1.0 + over * bound_s * (n - 1), sample_1=1.0)
-        fig = gpu._decode_figures(cfg, num, setup, timing, 4.8e12)
+        fig = gpu._decode_figures(cfg, num, setup, timing, 4.8e12, MEASURED)
         assert fig["over_bound"] == pytest.approx(over, abs=1e-3)
+        # The same bound at the measured streaming rate (2.4 TB/s: half the datasheet's).
+        assert fig["over_measured_bound"] == pytest.approx(over / 2, abs=1e-3)
         assert fig["tokens_per_s"] == pytest.approx(b / (over * bound_s), rel=1e-3)
         assert fig["target"]["met"] is met
 
@@ -245,3 +264,120 @@ def test_limit_override_wins_over_the_table():
     assert gpu._limit(None, spec.peak_flops, spec, "--peak-flops") == (989e12, "table: H200")
     assert gpu._limit(None, None, None, "--peak-flops") == (None, "unknown")
     assert np.isfinite(spec.hbm_bytes_per_s)
+
+
+def test_measured_ceilings_and_the_fractions_of_them(run):
+    result, printed = run
+    measured = result["device"]["measured"]
+    assert measured["matmul_n"] == gpu.CEILING_MATMUL_N[True]
+    assert measured["stream_bytes"] == 2 * gpu.CEILING_STREAM_BYTES[True]
+    assert measured["matmul_flops_per_s"] > 0 and measured["stream_bytes_per_s"] > 0
+    for name, rate in result["train"]["rates"].items():
+        assert rate["of_measured_peak"] == pytest.approx(
+            rate["flops_per_s"] / measured["matmul_flops_per_s"], rel=1e-3
+        ), name
+    decode = result["decode"]
+    assert decode["over_measured_bound"] == pytest.approx(
+        decode["step_s"] * measured["stream_bytes_per_s"] / decode["bytes_per_step"]["total"],
+        rel=1e-2,
+    )
+    assert "measured in this run: bf16 128^3 matmul" in printed
+
+
+def test_profiles_of_the_sampler_and_the_rest(run):
+    result, printed = run
+    for part in ("sample", "rest"):
+        prof = result["profile"][part]
+        assert pathlib.Path(prof["trace"]).is_file()
+        assert prof["source"] == "host XLA ops" and prof["events"] > 0
+        top = prof["top"]
+        assert [r["total_s"] for r in top] == sorted((r["total_s"] for r in top), reverse=True)
+        assert 0 < sum(r["share"] for r in top) <= 1 + 1e-3
+        assert all(
+            r["share"] == pytest.approx(r["total_s"] / prof["busy_s"], abs=1e-4) for r in top
+        )
+        assert f"profile of one {part} call" in printed
+        assert sum(prof["categories"].values()) == pytest.approx(1, abs=1e-3)
+    # The decode loop's body ops are counted, the loop itself is not (its body nests inside it).
+    assert not any(r["op"].startswith("while") for r in result["profile"]["sample"]["top"])
+    assert any(
+        r["calls"] >= gpu.TINY_SETUP["new_tokens"] - 1 for r in result["profile"]["sample"]["top"]
+    )
+
+
+def _trace(tmp_path, events):
+    import gzip
+
+    path = tmp_path / "perfetto_trace.json.gz"
+    with gzip.open(path, "wt") as fh:
+        json.dump({"traceEvents": events}, fh)
+    return str(path)
+
+
+def _meta(pid, name):
+    return {"ph": "M", "name": "process_name", "pid": pid, "args": {"name": name}}
+
+
+def test_op_times_sums_device_kernels_by_name(tmp_path):
+    """XLA's GPU runtime runs kernels inside command buffers (CUDA graphs): every kernel event
+    carries the buffer's `hlo_op`, so device rows are keyed by the kernel's own name."""
+    from experiments.bench import profile
+
+    def kernel(ts, dur, op, name="k"):
+        return {"ph": "X", "pid": 2, "tid": 1, "ts": ts, "dur": dur, "name": name,
+                "args": {"hlo_op": op}}  # fmt: skip
+
+    events = [
+        _meta(1, "/host:CPU"),
+        _meta(2, "/device:GPU:0"),
+        {"ph": "X", "pid": 1, "tid": 1, "ts": 0, "dur": 900, "name": "host", "args": {}},
+        kernel(100, 30, "command_buffer_1", "loop_fusion_kernel"),
+        kernel(200, 50, "command_buffer_1", "sm90_gemm"),
+        kernel(300, 30, "while.2", "loop_fusion_kernel"),
+    ]
+    got = profile.op_times(_trace(tmp_path, events), top=5)
+    assert got["source"] == "device" and got["events"] == 3
+    assert got["busy_s"] == pytest.approx(110e-6) and got["span_s"] == pytest.approx(230e-6)
+    assert [(r["kernel"], r["calls"], r["op"]) for r in got["top"]] == [
+        ("loop_fusion_kernel", 2, "command_buffer_1"),
+        ("sm90_gemm", 1, "command_buffer_1"),
+    ]
+    assert got["categories"] == pytest.approx({"other": 60 / 110, "matmul": 50 / 110}, abs=1e-4)
+    assert got["top"][0]["total_s"] == pytest.approx(60e-6)
+    assert got["top"][0]["share"] == pytest.approx(60 / 110, abs=1e-4)
+
+
+def test_op_times_on_a_host_trace_leaves_out_loop_containers(tmp_path):
+    from experiments.bench import profile
+
+    def op(ts, dur, name):
+        return {"ph": "X", "pid": 1, "tid": 1, "ts": ts, "dur": dur, "name": name,
+                "args": {"hlo_op": name}}  # fmt: skip
+
+    events = [_meta(1, "/host:CPU"), op(0, 100, "while.3"), op(10, 40, "dot.1"), op(60, 20, "add")]
+    got = profile.op_times(_trace(tmp_path, events))
+    assert got["source"] == "host XLA ops"
+    assert all(r["op"] == r["kernel"] for r in got["top"])
+    assert {r["op"]: r["total_s"] for r in got["top"]} == pytest.approx(
+        {"dot.1": 40e-6, "add": 20e-6}
+    )
+    with pytest.raises(ValueError, match="no device or XLA op events"):
+        profile.op_times(_trace(tmp_path, [_meta(1, "/host:CPU")]))
+
+
+@pytest.mark.parametrize(
+    "kernel, kind",
+    [
+        ("nvjet_sm90_tst_128x160_64x5_2x1_v_bz_NNT", "matmul"),
+        ("sm90_xmma_gemm_f32f32_tf32f32_f32_nt_n", "matmul"),
+        ("gemm_fusion_dot_289", "matmul"),
+        ("void cub::detail::radix_sort::DeviceSegmentedRadixSortKernel<>", "sort"),
+        ("loop_transpose_fusion_191", "transpose"),
+        ("MemcpyD2H", "copy"),
+        ("input_reduce_fusion_28", "other"),
+    ],
+)
+def test_kernel_categories(kernel, kind):
+    from experiments.bench import profile
+
+    assert profile.category(kernel) == kind

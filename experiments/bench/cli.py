@@ -62,6 +62,12 @@ def _gpu_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--param-dtype", default="float32", choices=("float32", "bfloat16"), help="stored params"
     )
+    parser.add_argument(
+        "--profile",
+        dest="profile_dir",
+        default=None,
+        help="also trace one sampler call and one rest call into this folder; print their top ops",
+    )
 
 
 def _real_sizes(args: dict) -> dict:
