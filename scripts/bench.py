@@ -8,7 +8,10 @@ python scripts/bench.py train --model PATH [--batch 8] [--new-tokens 32] [--reps
 python scripts/bench.py step [--configs a,b,c] [--reps 5] [--out-md docs/performance.md]
                               # the step, ctxjax vs the PyTorch way: ratio, parts, peak fraction
 python scripts/bench.py gpu [--out bench_gpu.json] [--tiny] [--peak-flops F] [--hbm-bandwidth B]
+                            [--profile DIR] [--out-md docs/performance.md]
                             # one accelerator, a 0.5B Qwen2 in bf16: MFU, decode vs HBM, memory
+python scripts/bench.py gpu --from-json bench_gpu.json [--ab-json ab.json] --out-md PAGE
+                            # the page's accelerator section from a saved run (no device needed)
 """
 
 import sys

@@ -381,3 +381,56 @@ def test_kernel_categories(kernel, kind):
     from experiments.bench import profile
 
     assert profile.category(kernel) == kind
+
+
+def test_gpu_page_section_from_saved_json(run, tmp_path):
+    """`gpu --from-json --ab-json --out-md` rewrites only the page's accelerator section, from the
+    saved results (the tiny run's here; `experiments.gpu_ab --tiny` for the A/Bs), and prints it;
+    regenerating the CPU step page afterwards keeps that measured section."""
+    from experiments import gpu_ab
+    from experiments.bench import report
+
+    result, _ = run
+    saved, ab_path, page_path = tmp_path / "gpu.json", tmp_path / "ab.json", tmp_path / "perf.md"
+    saved.write_text(json.dumps(result))
+    with contextlib.redirect_stdout(io.StringIO()):
+        gpu_ab.main(["--tiny", "--reps", "1", "--out", str(ab_path)])
+    ab = json.loads(ab_path.read_text())
+    assert (
+        ab["sampler_cast"]["tokens_equal"] and ab["attention"]["ours"]["max_abs_diff_vs_ours"] == 0
+    )
+    head = "# Performance\n\nthe CPU tables\n\n"
+    page_path.write_text(head + report.NOT_MEASURED_SECTION)
+    printed = io.StringIO()
+    argv = ["gpu", "--from-json", str(saved), "--ab-json", str(ab_path), "--out-md", str(page_path)]
+    with contextlib.redirect_stdout(printed):
+        _bench_main()(argv)
+    page = page_path.read_text()
+    assert page.startswith(head) and "not measured" not in page
+    section = report.accelerator_section(page)
+    assert section.startswith("## Accelerators: one cpu")
+    assert f"`python scripts/bench.py {' '.join(argv)}`" in section
+    step_s = result["train"]["timing"]["step"]["median_s"]
+    assert f"| the whole step (`step.make_train_step`) | {step_s:.4f} s |" in section
+    assert "### Where the time goes" in section and "### Side by side" in section
+    assert "gpu benchmark on cpu" in printed.getvalue()
+    # The step benchmark's page says "not measured"; the measured section outlives it.
+    new_cpu_page = "# Performance\n\nnew CPU tables\n\n" + report.NOT_MEASURED_SECTION
+    regenerated = report.keep_measured_accelerators(new_cpu_page, page)
+    assert regenerated.startswith("# Performance\n\nnew CPU tables\n")
+    assert report.accelerator_section(regenerated) == section
+    # ... but an unmeasured old section does not replace the new page's own.
+    fresh = "# P\n\n" + report.NOT_MEASURED_SECTION
+    assert report.keep_measured_accelerators(fresh, head + report.NOT_MEASURED_SECTION) == fresh
+
+
+def test_a_bad_saved_result_is_named(tmp_path):
+    bad = tmp_path / "gpu.json"
+    bad.write_text('{"device":\n  oops}')
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), pytest.raises(SystemExit):
+        _bench_main()(["gpu", "--from-json", str(bad)])
+    assert f"--from-json: {bad}, line 2: not JSON" in err.getvalue()
+    with contextlib.redirect_stderr(err), pytest.raises(SystemExit):
+        _bench_main()(["gpu", "--from-json", str(tmp_path / "missing.json")])
+    assert "--from-json: no such file" in err.getvalue()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 
 from experiments import bench
 from experiments.bench import real, report
@@ -68,6 +69,21 @@ def _gpu_args(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="also trace one sampler call and one rest call into this folder; print their top ops",
     )
+    parser.add_argument(
+        "--from-json",
+        default=None,
+        help="measure nothing: print (and with --out-md, write) a result this command saved",
+    )
+    parser.add_argument(
+        "--ab-json",
+        default=None,
+        help="with --out-md: add the A/Bs `python -m experiments.gpu_ab --out F` saved in F",
+    )
+    parser.add_argument(
+        "--out-md",
+        default=None,
+        help="replace the accelerator section of this page (docs/performance.md) with the result",
+    )
 
 
 def _real_sizes(args: dict) -> dict:
@@ -103,7 +119,50 @@ def main(argv: list[str], description: str = __doc__) -> None:
             return
         if sizes:
             parser.error(f"{', '.join(sizes)} only apply with --model")
+    if name == "gpu":
+        _gpu(parser, args, out, out_md, argv)
+        return
     result = bench.run(name, out, **args)
     if out_md:
         command = " ".join(["python scripts/bench.py", *argv])
-        report.write_text(report.step_markdown(result, command), out_md)
+        page = report.keep_measured_accelerators(
+            report.step_markdown(result, command), _read(out_md) or ""
+        )
+        report.write_text(page, out_md)
+
+
+def _read(path: str) -> str | None:
+    try:
+        with open(path) as fh:
+            return fh.read()
+    except FileNotFoundError:
+        return None
+
+
+def _load_json(parser, flag: str, path: str) -> dict:
+    text = _read(path)
+    if text is None:
+        parser.error(f"{flag}: no such file: {path}")
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        parser.error(f"{flag}: {path}, line {err.lineno}: not JSON ({err.msg})")
+
+
+def _gpu(parser, args: dict, out: str | None, out_md: str | None, argv: list[str]) -> None:
+    """`gpu`: measure (or load a saved result), print, save; with --out-md, the page's section."""
+    from_json, ab_json = args.pop("from_json"), args.pop("ab_json")
+    if ab_json and not out_md:
+        parser.error("--ab-json only applies with --out-md")
+    if from_json:
+        result = _load_json(parser, "--from-json", from_json)
+        bench.BENCHMARKS["gpu"][2](result)
+        report.write_json(result, out)
+    else:
+        result = bench.run("gpu", out, **args)
+    if out_md:
+        ab = _load_json(parser, "--ab-json", ab_json) if ab_json else None
+        command = " ".join(["python scripts/bench.py", *argv])
+        page = _read(out_md) or "# Performance\n"
+        section = report.gpu_markdown(result, ab, command)
+        report.write_text(report.with_accelerator_section(page, section), out_md)

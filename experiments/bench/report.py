@@ -360,14 +360,7 @@ def step_markdown(r: dict, command: str) -> str:
                 f"| {sc['compile_s']:.1f} s | {sc['first_step_s']:.1f} s | {each} s "
                 f"| {sc['second_call_s']:.2f} s |"
             )
-    lines += [
-        "",
-        "## Accelerators: not measured (no GPU in this session)",
-        "",
-        "No GPU or TPU was available when this page was generated, so nothing accelerator-side "
-        "(MFU, decode tokens/s against the HBM bound, device memory) is measured here.",
-        "",
-    ]
+    lines += ["", NOT_MEASURED_SECTION]
     return "\n".join(lines)
 
 
@@ -375,3 +368,217 @@ def write_text(text: str, path: str | None) -> None:
     if path:
         with open(path, "w") as fh:
             fh.write(text)
+
+
+ACCELERATOR_HEADING = "## Accelerators"
+NOT_MEASURED_SECTION = "\n".join(
+    [
+        f"{ACCELERATOR_HEADING}: not measured (no GPU in this session)",
+        "",
+        "No GPU or TPU was available when this page was generated, so nothing accelerator-side "
+        "(MFU, decode tokens/s against the HBM bound, device memory) is measured here.",
+        "",
+    ]
+)
+
+
+def accelerator_section(page: str) -> str | None:
+    """The page's accelerator section (its heading to the end of the page: it is the last), or
+    None when it has none."""
+    at = page.find("\n" + ACCELERATOR_HEADING)
+    return None if at < 0 else page[at + 1 :]
+
+
+def with_accelerator_section(page: str, section: str) -> str:
+    """`page` with its accelerator section replaced by `section` (appended if it has none)."""
+    at = page.find("\n" + ACCELERATOR_HEADING)
+    head = page if at < 0 else page[: at + 1]
+    return head.rstrip("\n") + "\n\n" + section.rstrip("\n") + "\n"
+
+
+def keep_measured_accelerators(new_page: str, old_page: str) -> str:
+    """`new_page` (the step benchmark's, which says the accelerators are not measured) with
+    `old_page`'s accelerator section where that one holds a measurement (`gpu --out-md` wrote it):
+    regenerating the CPU page must not erase a GPU run that cannot be repeated here."""
+    kept = accelerator_section(old_page)
+    if kept is None or kept.startswith(f"{ACCELERATOR_HEADING}: not measured"):
+        return new_page
+    return with_accelerator_section(new_page, kept)
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
+def _ms(s: float) -> str:
+    return f"{1e3 * s:.3f} ms"
+
+
+def _gpu_profile_lines(part: str, prof: dict, top: int) -> list[str]:
+    kinds = ", ".join(f"{c} {x:.1%}" for c, x in prof["categories"].items())
+    lines = [
+        "",
+        f"One {part} call: {prof['events']} kernels, busy {prof['busy_s']:.4f} s over a "
+        f"{prof['span_s']:.4f} s span (profiled; the profiler adds gaps). By kind: {kinds}.",
+        "",
+        "| kernel | calls | total | share |",
+        "|---|---|---|---|",
+    ]
+    for row in prof["top"][:top]:
+        lines.append(
+            f"| `{row['kernel'][:80]}` | {row['calls']} | {row['total_s']:.4f} s "
+            f"| {row['share']:.1%} |"
+        )
+    return lines
+
+
+def _ab_lines(ab: dict) -> list[str]:
+    """The side-by-side A/Bs of `experiments/gpu_ab.py` (its JSON) as a table."""
+    lines = [
+        "",
+        f"### Side by side (`experiments/gpu_ab.py`, {ab['device_kind']}, jax {ab['jax']})",
+        "",
+        "Each pair interleaved in one process, median of "
+        f"{len(ab['sampler_cast']['cast_once']['times_s'])} calls after a warm-up; each "
+        "alternative's result checked against the first.",
+        "",
+        "| what | first | alternative | alternative / first | same result |",
+        "|---|---|---|---|---|",
+    ]
+    sc = ab["sampler_cast"]
+    lines.append(
+        "| the sampler (0.5B, f32 weights, bf16 compute): weights cast once per rollout (the "
+        "library) vs cast by the layers on every decode step "
+        f"| {sc['cast_once']['median_s']:.4f} s "
+        f"| {sc['cast_each_step']['median_s']:.4f} s | {sc['each_step_over_once']:.2f}x "
+        f"| tokens {'equal' if sc['tokens_equal'] else 'DIFFER'} |"
+    )
+    att = ab["attention"]
+    shape = "x".join(str(x) for x in att["shape_BxLxHxKxDh"])
+    labels = {
+        "small_transposes": "the same with the query and output transposed instead of the scores",
+        "xla": "`jax.nn.dot_product_attention` (XLA)",
+        "cudnn": "`jax.nn.dot_product_attention` (cuDNN)",
+    }
+    for name, label in labels.items():
+        if name not in att:  # an A/B saved before that variant existed
+            continue
+        row = att[name]
+        if "error" in row:
+            lines.append(f"| attention fwd+bwd: ours vs {label} | refused: {row['error'][:120]} |")
+            continue
+        lines.append(
+            f"| attention fwd+bwd, B x L x H x K x Dh = {shape}, bf16: `model._attend` vs "
+            f"{label} | {att['ours']['median_s'] * 1e3:.3f} ms "
+            f"| {row['median_s'] * 1e3:.3f} ms | {row['median_s'] / att['ours']['median_s']:.2f}x "
+            f"| max abs difference {row['max_abs_diff_vs_ours']:.3g} (output and q, k, v "
+            "gradients; every row, the left padding's too) |"
+        )
+    tk = ab["topk"]
+    rows, vocab = tk["shape"]
+    lines.append(
+        f"| top-{tk['k']} of [{rows}, {vocab}] float32 (the OPD loss's): `jax.lax.top_k` vs "
+        f"two-stage ({tk['chunks']} slices) | {tk['lax_top_k']['median_s'] * 1e3:.2f} ms "
+        f"| {tk['two_stage']['median_s'] * 1e3:.2f} ms "
+        f"| {tk['two_stage']['median_s'] / tk['lax_top_k']['median_s']:.2f}x | values equal |"
+    )
+    return lines
+
+
+def gpu_markdown(r: dict, ab: dict | None, command: str) -> str:
+    """The accelerator section of docs/performance.md from `scripts/bench.py gpu`'s JSON (and
+    `experiments/gpu_ab.py`'s, when given)."""
+    env, dev, s, t, d = r["environment"], r["device"], r["setup"], r["train"], r["decode"]
+    m, ms = s["model"], dev["measured"]
+    loss = s["loss"]
+    lines = [
+        f"{ACCELERATOR_HEADING}: one {env['device_kind']}",
+        "",
+        f"Generated by `{command}` (do not edit by hand: rerun it) from the JSON that "
+        "`scripts/bench.py gpu` wrote on the device.",
+        "",
+        f"Device: {env['device_kind']} ({env['backend']}, {env['device_count']} device), jax "
+        f"{env['jax']}. A random {m['family']} model of Qwen2.5-0.5B's shape "
+        f"({s['num_params'] / 1e6:.1f}M params: {m['num_layers']} layers, hidden "
+        f"{m['hidden_size']}, {m['num_heads']}/{m['num_kv_heads']} heads, vocab "
+        f"{m['vocab_size']}), params {s['param_dtype']}, compute {s['compute_dtype']}; batch "
+        f"{s['batch']}, [c|x] {s['ctx_prompt_len']} / [x] {s['prompt_len']} slots, "
+        f"{s['new_tokens']} new tokens at T={s['temperature']} (no EOS), loss {loss['opd']} "
+        f"(k={loss['top_k']}) + {loss['beta']} * {loss['consistency']}; median of {s['reps']} "
+        f"calls. Compile {r['compile_s']:.0f} s (all the programs, in threads); run "
+        f"{r['wall_s']:.0f} s.",
+        "",
+        "Ceilings: the datasheet's "
+        + (
+            "unknown"
+            if dev["peak_flops"] is None
+            else f"{dev['peak_flops'] / 1e12:.0f} TFLOP/s dense bf16"
+        )
+        + " and "
+        + (
+            "unknown"
+            if dev["hbm_bytes_per_s"] is None
+            else f"{dev['hbm_bytes_per_s'] / 1e12:.2f} TB/s"
+        )
+        + f"; measured in the same run with XLA's kernels: {ms['matmul_flops_per_s'] / 1e12:.1f} "
+        f"TFLOP/s (bf16 {ms['matmul_n']}^3 matmul) and {ms['stream_bytes_per_s'] / 1e12:.2f} TB/s "
+        f"(streaming {ms['stream_bytes'] / 2**30:.0f} GiB). MFU = analytic model FLOPs (matmuls; "
+        "remat and the chunked loss's recompute not counted) / median time / the datasheet peak.",
+        "",
+        "| part | median | TFLOP | TFLOP/s | MFU | of the measured matmul rate | target |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    target = t["target"]
+    for name, label in (
+        ("sample", "sampling (`sampling.sample`)"),
+        ("rest", "the rest (teacher, two student passes, loss, AdamW)"),
+        ("step", "the whole step (`step.make_train_step`)"),
+    ):
+        rate, row = t["rates"][name], t["timing"][name]
+        goal = ""
+        if name == "rest":
+            verdict = "n/a" if target["met"] is None else ("met" if target["met"] else "NOT met")
+            goal = f">= {target['rest_mfu_min']:.0%}: {verdict}"
+        mfu = "-" if rate["mfu"] is None else f"{rate['mfu']:.1%}"
+        lines.append(
+            f"| {label} | {row['median_s']:.4f} s | {rate['flops'] / 1e12:.2f} "
+            f"| {rate['flops_per_s'] / 1e12:.1f} | {mfu} | {rate['of_measured_peak']:.1%} "
+            f"| {goal} |"
+        )
+    read = d["bytes_per_step"]
+    bound = (
+        "the HBM bound unknown"
+        if d["bound_step_s"] is None
+        else f"the HBM bound {_ms(d['bound_step_s'])} ({d['bound_tokens_per_s']:.0f} tokens/s): "
+        f"**{d['over_bound']}x the bound** (target <= {d['target']['max_over_bound']:.0f}x: "
+        f"{'met' if d['target']['met'] else 'NOT met'}); {d['over_measured_bound']}x the bound "
+        "at the measured streaming rate"
+    )
+    lines += [
+        "",
+        f"Decode: batch {d['batch']}, {d['cache_slots']} cache slots: {_ms(d['step_s'])} per "
+        f"step = {d['tokens_per_s']:.0f} tokens/s (`(t(sample {s['new_tokens']}) - t(sample 1)) / "
+        f"{s['new_tokens'] - 1}`). A step must read {read['total'] / 2**20:.1f} MiB (weights "
+        f"{read['weights'] / 2**20:.1f} in the compute dtype, as the sampler casts them once per "
+        f"rollout; KV cache {read['kv_cache'] / 2**20:.1f}); {bound}.",
+        "",
+        "Peak device memory (`memory_stats()['peak_bytes_in_use']` after one call of each, in "
+        "increasing order of XLA's estimate; `<=` where the call did not raise the running peak) "
+        "of the rest by variant, where remat and the chunked loss act, and of the whole step:",
+        "",
+        "| program | device peak | XLA's estimate | XLA temporaries |",
+        "|---|---|---|---|",
+    ]
+    for name, row in r["memory"]["programs"].items():
+        peak = row["device_peak_bytes"]
+        cell = "-" if peak is None else ("<= " if row["peak_is_upper_bound"] else "") + _gib(peak)
+        lines.append(
+            f"| `{name}` | {cell} | {_gib(row['estimate_bytes'])} | {_gib(row['temp_bytes'])} |"
+        )
+    if r.get("profile"):
+        lines += ["", "### Where the time goes (`--profile`: one call each under the profiler)"]
+        for part, prof in r["profile"].items():
+            lines += _gpu_profile_lines(part, prof, top=10)
+    if ab is not None:
+        lines += _ab_lines(ab)
+    return "\n".join(lines) + "\n"
