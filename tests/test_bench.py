@@ -94,8 +94,8 @@ def test_memory_figures(result):
 
 
 @pytest.mark.parametrize("tie", [True, False])
-def test_decode_bytes_per_step_counts_every_read_weight_and_the_cache(tie):
-    from ctxjax.model import ModelConfig
+def test_decode_bytes_counts_every_read_weight_and_the_cache(tie):
+    from ctxjax.model import DEFAULT_NUMERICS, ModelConfig
 
     cfg = ModelConfig(
         vocab_size=96,
@@ -114,7 +114,8 @@ def test_decode_bytes_per_step_counts_every_read_weight_and_the_cache(tie):
     per_layer = d * (4 + 2 * 2) * dh + 4 * dh * d + 3 * d * f + 2 * d
     read_params = 3 * per_layer + d + d * 96
     kv = 3 * 2 * 5 * 2 * 40 * 8  # layers x (K, V) x batch x kv heads x slots x head dim
-    assert measure.decode_bytes_per_step(cfg, batch=5, cache_slots=40) == 4 * (read_params + kv)
+    read = measure.decode_bytes(cfg, DEFAULT_NUMERICS, batch=5, cache_slots=40)
+    assert read == {"weights": 4 * read_params, "kv_cache": 4 * kv, "total": 4 * (read_params + kv)}
 
 
 def test_weight_stream_rate_divides_the_bytes_streamed_by_the_median_call(monkeypatch):

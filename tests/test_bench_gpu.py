@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments.bench import gpu
+from experiments.bench import gpu, measure
 
 REPS = 2
 PROGRAMS = {f"rest:remat={r},chunk={c}" for r in (0, 1) for c in (0, gpu.TINY_SETUP["chunk"])}
@@ -225,12 +225,14 @@ def test_decode_bound_arithmetic():
     num = Numerics(param_dtype="bfloat16", compute_dtype="bfloat16")
     setup = gpu.GPU_SETUP
     b, p, n = setup["batch"], setup["prompt_len"], setup["new_tokens"]
-    read = gpu.decode_bytes(cfg, num, b, p + n)
+    read = measure.decode_bytes(cfg, num, b, p + n)
     # bf16 weights: 2 bytes per parameter; KV: 24 layers x (K, V) x 2 kv heads x 64 dims, 2 bytes.
     assert read["weights"] == 2 * 494_032_768
     # float32-stored weights are read in bf16 (cast once per rollout) but the 49 norm scales
     # (2 per layer and the final one, [896] each), applied in float32.
-    f32 = gpu.decode_bytes(cfg, Numerics(param_dtype="float32", compute_dtype="bfloat16"), b, p + n)
+    f32 = measure.decode_bytes(
+        cfg, Numerics(param_dtype="float32", compute_dtype="bfloat16"), b, p + n
+    )
     assert f32["weights"] == read["weights"] + 2 * 49 * 896
     assert read["kv_cache"] == 24 * 2 * b * 2 * (p + n) * 64 * 2
     bound_s = read["total"] / 4.8e12

@@ -11,7 +11,7 @@ For a random Qwen2.5-0.5B-shaped model (bf16 compute; float32 parameters by defa
    `--peak-flops`; "unknown" otherwise, e.g. on a CPU, and then no MFU);
 2. decode tokens/s against the HBM-bandwidth bound: the time of one decode step is
    `(t(sample N tokens) - t(sample 1 token)) / (N - 1)`, the bound is the bytes a decode step must
-   read (`decode_bytes`) over the device's HBM bandwidth;
+   read (`measure.decode_bytes`) over the device's HBM bandwidth;
 3. peak device memory with and without `numerics.remat` and `loss.chunk_size`, of the rest of the
    step (where they act: sampling's memory is the KV cache) in its four variants and of the whole
    step: `memory_stats()["peak_bytes_in_use"]` where the device has it (GPU, TPU), next to XLA's
@@ -119,32 +119,6 @@ def _limit(override: float | None, table: float | None, spec: DeviceSpec | None,
     if table is not None:
         return table, f"table: {spec.name}"
     return None, "unknown"
-
-
-def decode_bytes(cfg, numerics, batch: int, cache_slots: int) -> dict:
-    """Bytes one decode step must read at least: the weights `sampling.sample` feeds its decode
-    loop, which casts them once per rollout (`model.cast_for_compute`: dense kernels and the
-    embedding table in the compute dtype, norm scales as stored), so float32-stored weights are
-    read at full width once, not on each of the N steps; an untied embedding table only one row per
-    token, not counted (a tied one is the unembedding, read whole); and every layer's K and V cache
-    over all `cache_slots`, in the compute dtype (the attention reads the whole cache)."""
-    import jax
-    import jax.numpy as jnp
-    from flax import nnx
-
-    from ctxjax.model import cast_for_compute, create_model
-
-    shapes = jax.eval_shape(
-        lambda: cast_for_compute(nnx.state(create_model(cfg, 0, numerics), nnx.Param), numerics)
-    )
-    w_bytes = sum(
-        x.size * x.dtype.itemsize
-        for path, x in jax.tree_util.tree_leaves_with_path(shapes)
-        if cfg.tie_embeddings or "embed_tokens" not in jax.tree_util.keystr(path)
-    )
-    kv = cfg.num_layers * 2 * batch * cfg.num_kv_heads * cache_slots * cfg.resolved_head_dim
-    kv_bytes = kv * jnp.dtype(numerics.compute).itemsize
-    return {"weights": w_bytes, "kv_cache": kv_bytes, "total": w_bytes + kv_bytes}
 
 
 def _rest_fn(graphdef, teacher_graphdef, tx, loss_cfg):
@@ -427,7 +401,7 @@ def _decode_figures(cfg, numerics, setup: dict, timing: dict, hbm, measured: dic
     """One decode step's time, `(t(sample N) - t(sample 1)) / (N - 1)`, against the HBM bound."""
     b, p, n = setup["batch"], setup["prompt_len"], setup["new_tokens"]
     step_s = (timing["sample"]["median_s"] - timing["sample_1"]["median_s"]) / (n - 1)
-    read = decode_bytes(cfg, numerics, b, p + n)
+    read = measure.decode_bytes(cfg, numerics, b, p + n)
     bound_s = None if hbm is None else read["total"] / hbm
     ratio = None if bound_s is None or step_s <= 0 else step_s / bound_s
     return {

@@ -73,14 +73,30 @@ def weight_stream_rate(
     return mats * reps * ws[0].nbytes / statistics.median(times)
 
 
-def decode_bytes_per_step(cfg, batch: int, cache_slots: int) -> int:
-    """Bytes one decode step must read at least: every weight but the embedding table (one row of
-    it per token), and every layer's K and V cache over all slots (the attention reads the whole
-    cache)."""
-    d, v = cfg.hidden_size, cfg.vocab_size
-    weights = cfg.num_params() - (0 if cfg.tie_embeddings else v * d)
+def decode_bytes(cfg, numerics, batch: int, cache_slots: int) -> dict:
+    """Bytes one decode step must read at least: the weights `sampling.sample` feeds its decode
+    loop, which casts them once per rollout (`model.cast_for_compute`: dense kernels and the
+    embedding table in the compute dtype, norm scales as stored), so float32-stored weights are
+    read at full width once, not on each of the N steps; an untied embedding table only one row per
+    token, not counted (a tied one is the unembedding, read whole); and every layer's K and V cache
+    over all `cache_slots`, in the compute dtype (the attention reads the whole cache)."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from ctxjax.model import cast_for_compute, create_model
+
+    shapes = jax.eval_shape(
+        lambda: cast_for_compute(nnx.state(create_model(cfg, 0, numerics), nnx.Param), numerics)
+    )
+    w_bytes = sum(
+        x.size * x.dtype.itemsize
+        for path, x in jax.tree_util.tree_leaves_with_path(shapes)
+        if cfg.tie_embeddings or "embed_tokens" not in jax.tree_util.keystr(path)
+    )
     kv = cfg.num_layers * 2 * batch * cfg.num_kv_heads * cache_slots * cfg.resolved_head_dim
-    return 4 * (weights + kv)  # float32
+    kv_bytes = kv * jnp.dtype(numerics.compute).itemsize
+    return {"weights": w_bytes, "kv_cache": kv_bytes, "total": w_bytes + kv_bytes}
 
 
 def _timing(times_s: list[float], tokens: int) -> dict:
@@ -190,9 +206,8 @@ def measure_sample(
     from ctxjax.sampling import bucket_length
 
     stream_bps = weight_stream_rate(batch=batch)
-    step_bytes = decode_bytes_per_step(
-        ours_model.cfg, batch, bucket_length(prompt_len) + bucket_length(new_tokens)
-    )
+    slots = bucket_length(prompt_len) + bucket_length(new_tokens)
+    step_bytes = decode_bytes(ours_model.cfg, ours_model.numerics, batch, slots)["total"]
     floor_step_s = step_bytes / stream_bps
     n_tok = batch * new_tokens
     ours = _timing(ours_times, n_tok)
@@ -490,11 +505,12 @@ def step_roofline(
     measured weight-streaming rate) and its matmul FLOPs at the peak, plus the teacher's and the
     student's matmul FLOPs at the peak. The optimizer and everything else count as free, so the
     bound is optimistic: a target slower than it is physically out of reach here."""
-    from ctxjax.model import ModelConfig
+    from ctxjax.model import DEFAULT_NUMERICS, ModelConfig
 
     cfg = ModelConfig(**case.model)
     slots = case.prompt_len + case.new_tokens
-    decode_s = case.new_tokens * decode_bytes_per_step(cfg, case.batch, slots) / stream_bytes_per_s
+    read = decode_bytes(cfg, DEFAULT_NUMERICS, case.batch, slots)["total"]
+    decode_s = case.new_tokens * read / stream_bytes_per_s
     sample_s = max(decode_s, flops["sample"] / peak_flops_per_s)
     rest_s = (flops["teacher"] + flops["student"]) / peak_flops_per_s
     return {
