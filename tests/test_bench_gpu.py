@@ -415,6 +415,8 @@ def test_gpu_page_section_from_saved_json(run, tmp_path):
     step_s = result["train"]["timing"]["step"]["median_s"]
     assert f"| the whole step (`step.make_train_step`) | {step_s:.4f} s |" in section
     assert "### Where the time goes" in section and "### Side by side" in section
+    env = result["environment"]
+    assert f"jax {jax.__version__}, measured {env['measured_at']}. Host: Machine: " in section
     assert "gpu benchmark on cpu" in printed.getvalue()
     # The step benchmark's page says "not measured"; the measured section outlives it.
     new_cpu_page = "# Performance\n\nnew CPU tables\n\n" + report.NOT_MEASURED_SECTION

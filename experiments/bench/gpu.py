@@ -37,6 +37,7 @@ import time
 
 import numpy as np
 
+from experiments import environment
 from experiments.bench import measure, profile
 
 # Qwen2.5-0.5B's architecture (its config.json), random weights.
@@ -503,6 +504,8 @@ def measure_gpu(
         "benchmark": "gpu",
         "tiny": tiny,
         "environment": {
+            "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "host": environment.machine(),
             "jax": jax.__version__,
             "backend": jax.default_backend(),
             "device_kind": device.device_kind,

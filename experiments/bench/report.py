@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+from experiments import environment
+
 
 def write_json(result: dict, out_json: str | None) -> None:
     if out_json:
@@ -498,7 +500,10 @@ def gpu_markdown(r: dict, ab: dict | None, command: str) -> str:
         "`scripts/bench.py gpu` wrote on the device.",
         "",
         f"Device: {env['device_kind']} ({env['backend']}, {env['device_count']} device), jax "
-        f"{env['jax']}. A random {m['family']} model of Qwen2.5-0.5B's shape "
+        f"{env['jax']}"
+        + (f", measured {env['measured_at']}" if "measured_at" in env else "")
+        + (f". Host: {environment.describe(env['host'])}" if "host" in env else ".")
+        + f" A random {m['family']} model of Qwen2.5-0.5B's shape "
         f"({s['num_params'] / 1e6:.1f}M params: {m['num_layers']} layers, hidden "
         f"{m['hidden_size']}, {m['num_heads']}/{m['num_kv_heads']} heads, vocab "
         f"{m['vocab_size']}), params {s['param_dtype']}, compute {s['compute_dtype']}; batch "
