@@ -20,29 +20,17 @@ import functools
 import json
 import math
 import statistics
-import time
-
-
-def _median_s(fn, reps: int) -> list[float]:
-    import jax
-
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - t0)
-    return times
 
 
 def _interleaved(fns: dict, reps: int) -> dict:
-    import jax
+    from experiments.bench.measure import _time_call
 
     for fn in fns.values():
-        jax.block_until_ready(fn())  # compile + warm-up
+        _time_call(fn)  # compile + warm-up
     times = {k: [] for k in fns}
     for _ in range(reps):
         for k, fn in fns.items():
-            times[k] += _median_s(fn, 1)
+            times[k].append(_time_call(fn)[1])
     return {k: {"times_s": ts, "median_s": statistics.median(ts)} for k, ts in times.items()}
 
 

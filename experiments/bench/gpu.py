@@ -320,9 +320,9 @@ CEILING_STREAM_BYTES = {False: 2 * 2**30, True: 4 * 2**20}
 
 def measured_ceilings(tiny: bool, reps: int) -> dict:
     """What this device reaches with XLA's own kernels, measured in this run: the bf16 matmul rate
-    (`kernels.INNER_REPS` dependent products in one program, so launches and the host's timer do
-    not count) and the streaming rate of `x + 1` over a float32 array (bytes read + written). The
-    fastest of `reps` calls after a warm-up: nothing makes a kernel faster than it can run."""
+    (`kernels.xla_product_s`: dependent products in one program, so launches and the host's timer
+    do not count) and the streaming rate of `x + 1` over a float32 array (bytes read + written).
+    The fastest of `reps` calls after a warm-up: nothing makes a kernel faster than it can run."""
     import jax
     import jax.numpy as jnp
 
@@ -331,22 +331,13 @@ def measured_ceilings(tiny: bool, reps: int) -> dict:
     n = CEILING_MATMUL_N[tiny]
     a = jax.random.normal(jax.random.key(0), (n, n), jnp.bfloat16)
     b = jax.random.normal(jax.random.key(1), (n, n), jnp.bfloat16)
-
-    @jax.jit
-    def products(a, b):
-        def body(_, out):
-            # Each product reads one element of the last (no hoisting, no two at once).
-            return (a + out[0, 0] * 1e-9) @ b
-
-        return jax.lax.fori_loop(1, kernels.INNER_REPS, body, a @ b)
-
-    matmul_s = kernels._fastest_call(lambda: jax.block_until_ready(products(a, b)), reps)
+    matmul_s = kernels.xla_product_s(a, b, (((1,), (0,)), ((), ())), reps)
     x = jnp.zeros(CEILING_STREAM_BYTES[tiny] // 4, jnp.float32)
     add_one = jax.jit(lambda x: x + 1)
     stream_s = kernels._fastest_call(lambda: jax.block_until_ready(add_one(x)), reps)
     return {
         "matmul_n": n,
-        "matmul_flops_per_s": 2 * n**3 * kernels.INNER_REPS / matmul_s,
+        "matmul_flops_per_s": 2 * n**3 / matmul_s,
         "stream_bytes": 2 * x.nbytes,
         "stream_bytes_per_s": 2 * x.nbytes / stream_s,
     }

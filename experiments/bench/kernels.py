@@ -119,11 +119,11 @@ def _operands(g: Gemm, out_major: bool) -> dict:
     }[g.kind]
 
 
-def _xla_gemm(g: Gemm, out_major: bool, reps: int) -> float:
+def xla_product_s(lhs, rhs, dims, reps: int) -> float:
+    """Seconds of one XLA `dot_general(lhs, rhs, dims)`: `INNER_REPS` dependent products in one
+    program (so launches and the host's timer do not count), the fastest of `reps` calls."""
     import jax
     import jax.numpy as jnp
-
-    lhs, rhs, dims = _operands(g, out_major)
 
     @jax.jit
     def products(lhs, rhs):
@@ -137,6 +137,10 @@ def _xla_gemm(g: Gemm, out_major: bool, reps: int) -> float:
 
     lhs, rhs = jnp.asarray(lhs), jnp.asarray(rhs)
     return _fastest_call(lambda: jax.block_until_ready(products(lhs, rhs)), reps) / INNER_REPS
+
+
+def _xla_gemm(g: Gemm, out_major: bool, reps: int) -> float:
+    return xla_product_s(*_operands(g, out_major), reps)
 
 
 def _torch_product(g: Gemm, out_major: bool):

@@ -384,17 +384,21 @@ NOT_MEASURED_SECTION = "\n".join(
 )
 
 
-def accelerator_section(page: str) -> str | None:
-    """The page's accelerator section (its heading to the end of the page: it is the last), or
-    None when it has none."""
+def _split_accelerators(page: str) -> tuple[str, str | None]:
+    """(the page before its accelerator section, the section: its heading to the end of the page,
+    where it is the last; None when the page has none)."""
     at = page.find("\n" + ACCELERATOR_HEADING)
-    return None if at < 0 else page[at + 1 :]
+    return (page, None) if at < 0 else (page[: at + 1], page[at + 1 :])
+
+
+def accelerator_section(page: str) -> str | None:
+    """The page's accelerator section, or None when it has none."""
+    return _split_accelerators(page)[1]
 
 
 def with_accelerator_section(page: str, section: str) -> str:
     """`page` with its accelerator section replaced by `section` (appended if it has none)."""
-    at = page.find("\n" + ACCELERATOR_HEADING)
-    head = page if at < 0 else page[: at + 1]
+    head = _split_accelerators(page)[0]
     return head.rstrip("\n") + "\n\n" + section.rstrip("\n") + "\n"
 
 
