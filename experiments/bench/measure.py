@@ -7,9 +7,11 @@ test/bench-only dependencies, never needed to train or sample.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import os
+import resource
 import statistics
 import tempfile
 import time
@@ -357,6 +359,17 @@ def _block(tree):
     import jax
 
     return jax.tree.map(lambda x: x.block_until_ready(), tree)
+
+
+@contextlib.contextmanager
+def _host_cost():
+    """Yields a function that, after the block, gives the block's minor page faults and system
+    seconds (this process, all threads): the kernel's share of a step, invisible in its FLOPs."""
+    before = resource.getrusage(resource.RUSAGE_SELF)
+    result = []
+    yield lambda: tuple(result)
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    result += [after.ru_minflt - before.ru_minflt, after.ru_stime - before.ru_stime]
 
 
 def _time_call(fn, *args) -> tuple[object, float]:
@@ -1115,17 +1128,29 @@ def _compare_case(
 
     ours_times = {name: [] for name in ("step", *STEP_PARTS)}
     ref_times = {name: [] for name in ("step", *STEP_PARTS)}
+    host = {"ctxjax": [], "pytorch": []}  # (page faults, system seconds) of each timed step
     peak_probe, peaks = _matmul_probe(), []
     load_before = os.getloadavg()[0]
     for rep in range(reps):
+        # Each timed step follows an untimed one of its own side, as a step follows a step in
+        # training: right after the other library's step, ctxjax's step (which maps its XLA
+        # temporaries afresh every call) ran 3.5-4.6 s against 2.9-3.1 s after its own (config b,
+        # Intel Xeon VM, 2026-12-01), its page faults costing 1-3 s of system time instead of 0.4.
 
         def run_ours(rep=rep):
-            ours_times["step"].append(ours.run_step(rep))
+            ours.run_step(reps + rep)  # untimed, its own rollout key
+            with _host_cost() as cost:
+                ours_times["step"].append(ours.run_step(rep))
+            host["ctxjax"].append(cost())
             for name, dt in ours.run_parts().items():
                 ours_times[name].append(dt)
 
         def run_ref(rep=rep):
-            for name, dt in ref(ref_batch, seed + 1 + rep).items():
+            ref(ref_batch, seed + 1 + reps + rep)  # untimed
+            with _host_cost() as cost:
+                times = ref(ref_batch, seed + 1 + rep)
+            host["pytorch"].append(cost())
+            for name, dt in times.items():
                 ref_times[name].append(dt)
 
         for run in (run_ours, run_ref) if rep % 2 == 0 else (run_ref, run_ours):
@@ -1135,6 +1160,10 @@ def _compare_case(
 
     tokens = b * n
     sides = {"ctxjax": _side(ours_times, tokens), "pytorch": _side(ref_times, tokens)}
+    for side, costs in host.items():
+        faults, system_s = zip(*costs, strict=True)
+        sides[side]["step"]["minor_faults_median"] = int(statistics.median(faults))
+        sides[side]["step"]["system_s_median"] = round(statistics.median(system_s), 3)
     sides["ctxjax"]["step"]["compile_s"] = round(ours.step_compile_s, 3)
     # The first step a run waits for: the step's compile and its first call (the parts, compiled
     # before it, share no compiled code with it).

@@ -140,6 +140,13 @@ def print_step(r: dict) -> None:
                 f"{c['pytorch'][part]['median_s']:11.4f}{_pct(frac['ctxjax'], part):>9s}"
                 f"{_pct(frac['pytorch'], part):>9s}"
             )
+        if "minor_faults_median" in c["ctxjax"]["step"]:
+            ours, ref = c["ctxjax"]["step"], c["pytorch"]["step"]
+            print(
+                f"  page faults per step: ctxjax {_faults(ours)}, system "
+                f"{ours['system_s_median']:.2f} s; PyTorch way {_faults(ref)}, system "
+                f"{ref['system_s_median']:.2f} s"
+            )
         print(
             f"  ratio (PyTorch way / ctxjax) {c['ratio']:.2f}x; "
             f"step {c['flops']['total'] / 1e9:.3f} GFLOP (analytic matmuls); "
@@ -176,6 +183,12 @@ def print_step(r: dict) -> None:
                 f"{sc['first_step_s']:.1f} s, median of {each} (compile {sc['compile_s']:.1f} s; "
                 f"its second call {sc['second_call_s']:.2f} s)"
             )
+
+
+def _faults(step: dict) -> str:
+    """A step's median page faults, with the memory they map (4 KiB pages)."""
+    faults = step["minor_faults_median"]
+    return f"{faults} ({faults * 4096 / 2**20:.0f} MiB)"
 
 
 def step_markdown(r: dict, command: str) -> str:
@@ -233,6 +246,23 @@ def step_markdown(r: dict, command: str) -> str:
             "torch's multi-threaded kernels most (its threads wait on descheduled peers), so the "
             "ratio is not the machine's. Rerun on a quiet machine for the record.",
         ]
+    if all("minor_faults_median" in c["ctxjax"]["step"] for c in r["configs"].values()):
+        lines += [
+            "",
+            "Each timed step follows an untimed step of its own side (not the other library's). "
+            "The kernel's share of a timed step (median): minor page faults (4 KiB pages touched "
+            "for the first time; XLA:CPU maps each call's temporaries afresh) and system time.",
+            "",
+            "| config | ctxjax page faults | ctxjax system time | PyTorch way page faults "
+            "| PyTorch way system time |",
+            "|---|---|---|---|---|",
+        ]
+        for name, c in r["configs"].items():
+            ours, ref = c["ctxjax"]["step"], c["pytorch"]["step"]
+            lines.append(
+                f"| {name} | {_faults(ours)} | {ours['system_s_median']:.2f} s "
+                f"| {_faults(ref)} | {ref['system_s_median']:.2f} s |"
+            )
     lines += [
         "",
         "### Where the step's time goes (median seconds; % of the matmul peak)",
