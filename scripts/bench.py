@@ -16,7 +16,9 @@ python scripts/bench.py gpu --from-json bench_gpu.json [--ab-json ab.json] --out
 
 import sys
 
+from ctxjax.host_memory import exec_with_caching_allocator
 from experiments.bench.cli import main
 
 if __name__ == "__main__":
+    exec_with_caching_allocator()  # re-executes with mimalloc preloaded on a CPU host
     main(sys.argv[1:], description=__doc__)

@@ -6,6 +6,7 @@ python scripts/build_base.py --config configs/base_models.yaml [--out docs/base_
 import argparse
 import sys
 
+from ctxjax.host_memory import exec_with_caching_allocator
 from experiments.base_models import build_and_write
 
 
@@ -21,4 +22,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    exec_with_caching_allocator()  # re-executes with mimalloc preloaded on a CPU host
     main(sys.argv[1:])

@@ -12,6 +12,7 @@ import sys
 
 from ctxjax.gguf import convert_gguf
 from ctxjax.hf import HFFolderError
+from ctxjax.host_memory import exec_with_caching_allocator
 
 
 def main(argv: list[str]) -> None:
@@ -29,4 +30,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    exec_with_caching_allocator()  # re-executes with mimalloc preloaded on a CPU host
     main(sys.argv[1:])

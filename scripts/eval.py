@@ -15,6 +15,7 @@ import sys
 
 from ctxjax.evaluate import InputError, parse_task_options
 from ctxjax.hf import HFFolderError
+from ctxjax.host_memory import exec_with_caching_allocator
 from experiments.eval_report import evaluate_and_report, metrics_table
 
 
@@ -68,4 +69,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    exec_with_caching_allocator()  # re-executes with mimalloc preloaded on a CPU host
     main(sys.argv[1:])

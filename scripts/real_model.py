@@ -14,6 +14,7 @@ import os
 import shutil
 import sys
 
+from ctxjax.host_memory import exec_with_caching_allocator
 from ctxjax.train import Diverged
 from experiments.real_model import DOC, SEEDS, SMOKE_OVERRIDES, run_real_model
 
@@ -47,4 +48,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    exec_with_caching_allocator()  # re-executes with mimalloc preloaded on a CPU host
     main(sys.argv[1:])

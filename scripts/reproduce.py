@@ -12,6 +12,7 @@ import argparse
 import os
 import sys
 
+from ctxjax.host_memory import exec_with_caching_allocator
 from ctxjax.train import Diverged, RunRefused
 from experiments.grid import GridError
 from experiments.reproduce import reproduce
@@ -63,4 +64,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    exec_with_caching_allocator()  # re-executes with mimalloc preloaded on a CPU host
     main(sys.argv[1:])

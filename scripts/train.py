@@ -14,6 +14,7 @@ import argparse
 import sys
 
 from ctxjax.config import load_config
+from ctxjax.host_memory import exec_with_caching_allocator
 from ctxjax.logs import configure_logging
 from ctxjax.train import Diverged, RunRefused, run
 
@@ -55,4 +56,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    exec_with_caching_allocator()  # re-executes with mimalloc preloaded on a CPU host
     main(sys.argv[1:])

@@ -1,10 +1,14 @@
-"""`ctxjax.host_memory.release_free_memory`: freed heap pages go back to the OS (glibc)."""
+"""`ctxjax.host_memory`: freed heap pages go back to the OS (`release_free_memory`, glibc), and the
+entry points' caching allocator (`exec_with_caching_allocator`, mimalloc)."""
 
+import os
 import subprocess
 import sys
 import textwrap
 
 import pytest
+
+from ctxjax.host_memory import allocator_library
 
 # In a fresh interpreter: the heap's state in a long test process (other tests' threads, arenas and
 # thresholds) is not this pattern's.
@@ -45,3 +49,88 @@ def test_freed_heap_memory_is_returned():
     ).stdout.split()
     assert out[0] == "True"
     assert int(out[1]) > 150 << 20, out
+
+
+# An entry point's start: re-executes itself with the caching allocator where that applies, then
+# prints the allocator, the page faults of a jitted call's third run (its 256 MiB temporary,
+# [8192, 8192] f32, is a matmul operand XLA allocates and frees every call) and the output.
+_ENTRY = textwrap.dedent(
+    """
+    import os, resource, sys
+    from ctxjax.host_memory import exec_with_caching_allocator, process_allocator
+
+    if __name__ == "__main__":
+        exec_with_caching_allocator()
+        import jax, jax.numpy as jnp
+
+        @jax.jit
+        def f(x_N):
+            y_NxN = jnp.outer(jnp.sin(x_N), jnp.cos(x_N))
+            return y_NxN @ x_N + y_NxN.T @ x_N
+
+        x_N = jnp.linspace(0.0, 1.0, 8192, dtype=jnp.float32)
+        for _ in range(3):
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            out = jax.block_until_ready(f(x_N))
+            faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+        print(process_allocator(), os.environ.get("CTXJAX_ALLOCATOR"), faults, out.tobytes().hex())
+    """
+)
+
+
+def _run_entry(tmp_path, **env_extra) -> list[str]:
+    script = tmp_path / "entry.py"
+    script.write_text(_ENTRY)
+    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "CTXJAX_ALLOCATOR")}
+    env.update(JAX_PLATFORMS="cpu", **env_extra)
+    return subprocess.run(
+        [sys.executable, str(script)], check=True, capture_output=True, text=True, env=env
+    ).stdout.split()
+
+
+@pytest.mark.skipif(
+    allocator_library() is None, reason="cmeel-mimalloc not installed (Linux x86-64)"
+)
+def test_entry_point_reuses_step_temporaries_under_the_caching_allocator(tmp_path):
+    """Against the same entry point kept on glibc (CTXJAX_ALLOCATOR=system): glibc maps the
+    256 MiB temporary afresh on every call (~65k page faults); the re-executed process runs
+    mimalloc, whose third call reuses the freed memory; the output is bit for bit the same."""
+    pages = (8192 * 8192 * 4) // 4096
+    allocator, marker, faults, out = _run_entry(tmp_path)
+    assert (allocator, marker) == ("mimalloc", "mimalloc")
+    assert int(faults) < pages // 10, faults
+    allocator, marker, faults_glibc, out_glibc = _run_entry(tmp_path, CTXJAX_ALLOCATOR="system")
+    assert (allocator, marker) == ("system", "system")
+    assert int(faults_glibc) > pages // 2, faults_glibc  # the reference: the test can fail
+    assert out == out_glibc
+
+
+def test_caching_allocator_left_to_users_and_accelerators(monkeypatch):
+    """When the entry point re-executes, with what; and where it must not: the environment already
+    chose (LD_PRELOAD, CTXJAX_ALLOCATOR: also the re-executed process itself), JAX may pick an
+    accelerator, or mimalloc is not installed."""
+    from ctxjax import host_memory
+
+    lib = "/opt/lib/libmimalloc.so"
+    argv = ["python3", "-X", "dev", "scripts/train.py", "loss.beta=0.0"]
+    target = host_memory.caching_allocator_exec({"JAX_PLATFORMS": "cpu"}, argv, lib)
+    options = host_memory.mimalloc_options()
+    assert target == (
+        sys.executable,
+        argv,
+        {"JAX_PLATFORMS": "cpu", **options, "LD_PRELOAD": lib, "CTXJAX_ALLOCATOR": "mimalloc"},
+    )
+    # A user's own mimalloc setting stays.
+    env = {"JAX_PLATFORMS": "cpu", "MIMALLOC_PURGE_DELAY": "10"}
+    assert host_memory.caching_allocator_exec(env, argv, lib)[2]["MIMALLOC_PURGE_DELAY"] == "10"
+    assert host_memory.mimalloc_options(24 << 30)["MIMALLOC_ARENA_MAX_OBJECT_SIZE"] == "24GiB"
+    for env in (
+        {"JAX_PLATFORMS": "cpu", "LD_PRELOAD": "/x/libtcmalloc.so"},
+        {"JAX_PLATFORMS": "cpu", "CTXJAX_ALLOCATOR": "system"},
+        {"JAX_PLATFORMS": "cpu", "CTXJAX_ALLOCATOR": "mimalloc"},
+        {"JAX_PLATFORMS": "cuda,cpu"},
+        {"JAX_PLATFORMS": "tpu"},
+    ):
+        assert host_memory.caching_allocator_exec(env, argv, lib) is None, env
+    monkeypatch.setattr(host_memory, "allocator_library", lambda: None)
+    assert host_memory.caching_allocator_exec({"JAX_PLATFORMS": "cpu"}, argv) is None

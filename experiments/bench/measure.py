@@ -19,6 +19,7 @@ import time
 import numpy as np
 
 from ctxjax.config import MODEL_SIZES
+from ctxjax.host_memory import process_allocator
 from experiments.bench import kernels
 from experiments.environment import cpu_model, usable_cores
 
@@ -1325,6 +1326,8 @@ def measure_step(
             "jax_backend": jax.default_backend(),
             "torch_threads": threads,
             "compiler_options": copts or {},
+            # mimalloc where scripts/bench.py re-executed itself with it, for both sides
+            "allocator": process_allocator(),
             "versions": {
                 "jax": jax.__version__,
                 "flax": flax.__version__,
