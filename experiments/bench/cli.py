@@ -48,6 +48,11 @@ def _step_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--out-md", default=None, help="write the results as markdown (docs/performance.md)"
     )
+    parser.add_argument(
+        "--from-json",
+        default=None,
+        help="measure nothing: print (and with --out-md, write) a result `step --out` saved",
+    )
 
 
 def _gpu_args(parser: argparse.ArgumentParser) -> None:
@@ -122,7 +127,13 @@ def main(argv: list[str], description: str = __doc__) -> None:
     if name == "gpu":
         _gpu(parser, args, out, out_md, argv)
         return
-    result = bench.run(name, out, **args)
+    from_json = args.pop("from_json", None)
+    if from_json:  # `step` only (the other subcommands have no such option)
+        result = _load_json(parser, "--from-json", from_json)
+        bench.BENCHMARKS[name][2](result)
+        report.write_json(result, out)
+    else:
+        result = bench.run(name, out, **args)
     if out_md:
         command = " ".join(["python scripts/bench.py", *argv])
         page = report.keep_measured_accelerators(
