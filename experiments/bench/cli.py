@@ -127,13 +127,7 @@ def main(argv: list[str], description: str = __doc__) -> None:
     if name == "gpu":
         _gpu(parser, args, out, out_md, argv)
         return
-    from_json = args.pop("from_json", None)
-    if from_json:  # `step` only (the other subcommands have no such option)
-        result = _load_json(parser, "--from-json", from_json)
-        bench.BENCHMARKS[name][2](result)
-        report.write_json(result, out)
-    else:
-        result = bench.run(name, out, **args)
+    result = _measure_or_load(parser, name, args, out)
     if out_md:
         command = " ".join(["python scripts/bench.py", *argv])
         page = report.keep_measured_accelerators(
@@ -160,17 +154,24 @@ def _load_json(parser, flag: str, path: str) -> dict:
         parser.error(f"{flag}: {path}, line {err.lineno}: not JSON ({err.msg})")
 
 
+def _measure_or_load(parser, name: str, args: dict, out: str | None) -> dict:
+    """Benchmark `name` measured now (printed, saved to `out`), or, with --from-json (`step`,
+    `gpu`), the result a run saved, printed and saved again without measuring anything."""
+    from_json = args.pop("from_json", None)
+    if not from_json:
+        return bench.run(name, out, **args)
+    result = _load_json(parser, "--from-json", from_json)
+    bench.BENCHMARKS[name][2](result)
+    report.write_json(result, out)
+    return result
+
+
 def _gpu(parser, args: dict, out: str | None, out_md: str | None, argv: list[str]) -> None:
     """`gpu`: measure (or load a saved result), print, save; with --out-md, the page's section."""
-    from_json, ab_json = args.pop("from_json"), args.pop("ab_json")
+    ab_json = args.pop("ab_json")
     if ab_json and not out_md:
         parser.error("--ab-json only applies with --out-md")
-    if from_json:
-        result = _load_json(parser, "--from-json", from_json)
-        bench.BENCHMARKS["gpu"][2](result)
-        report.write_json(result, out)
-    else:
-        result = bench.run("gpu", out, **args)
+    result = _measure_or_load(parser, "gpu", args, out)
     if out_md:
         ab = _load_json(parser, "--ab-json", ab_json) if ab_json else None
         command = " ".join(["python scripts/bench.py", *argv])

@@ -7,7 +7,6 @@ test/bench-only dependencies, never needed to train or sample.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import os
@@ -362,15 +361,13 @@ def _block(tree):
     return jax.tree.map(lambda x: x.block_until_ready(), tree)
 
 
-@contextlib.contextmanager
-def _host_cost():
-    """Yields a function that, after the block, gives the block's minor page faults and system
-    seconds (this process, all threads): the kernel's share of a step, invisible in its FLOPs."""
+def _host_cost(fn, *args) -> tuple[object, tuple[int, float]]:
+    """`fn(*args)` and the minor page faults and system seconds it took (this process, all
+    threads): the kernel's share of a step, invisible in its FLOPs."""
     before = resource.getrusage(resource.RUSAGE_SELF)
-    result = []
-    yield lambda: tuple(result)
+    out = fn(*args)
     after = resource.getrusage(resource.RUSAGE_SELF)
-    result += [after.ru_minflt - before.ru_minflt, after.ru_stime - before.ru_stime]
+    return out, (after.ru_minflt - before.ru_minflt, after.ru_stime - before.ru_stime)
 
 
 def _time_call(fn, *args) -> tuple[object, float]:
@@ -1140,17 +1137,16 @@ def _compare_case(
 
         def run_ours(rep=rep):
             ours.run_step(reps + rep)  # untimed, its own rollout key
-            with _host_cost() as cost:
-                ours_times["step"].append(ours.run_step(rep))
-            host["ctxjax"].append(cost())
+            dt, cost = _host_cost(ours.run_step, rep)
+            ours_times["step"].append(dt)
+            host["ctxjax"].append(cost)
             for name, dt in ours.run_parts().items():
                 ours_times[name].append(dt)
 
         def run_ref(rep=rep):
             ref(ref_batch, seed + 1 + reps + rep)  # untimed
-            with _host_cost() as cost:
-                times = ref(ref_batch, seed + 1 + rep)
-            host["pytorch"].append(cost())
+            times, cost = _host_cost(ref, ref_batch, seed + 1 + rep)
+            host["pytorch"].append(cost)
             for name, dt in times.items():
                 ref_times[name].append(dt)
 
