@@ -127,6 +127,30 @@ def test_weight_stream_rate_divides_the_bytes_streamed_by_the_median_call(monkey
     assert rate == pytest.approx(mats * reps * (width * 4 * width * 4) / 0.5)
 
 
+def test_memory_read_rate_divides_the_bytes_by_the_fastest_call(monkeypatch):
+    # A fake clock: after the untimed warm-up, calls of 0.5, 0.25 and 0.75 s: the fastest is 0.25 s.
+    from experiments.bench import kernels
+
+    ticks = iter([0.0, 0.5, 1.0, 1.25, 2.0, 2.75])
+    monkeypatch.setattr(kernels, "time", types.SimpleNamespace(perf_counter=lambda: next(ticks)))
+    rate = measure.memory_read_rate(total_bytes=2**20, arrays=4, calls=3)
+    assert rate == pytest.approx(2**20 / 0.25)
+
+
+def test_memory_read_rate_reads_every_byte():
+    # The sum must read all of each array: XLA could fold a sum of a constant-filled array it
+    # built itself, so the arrays come in as arguments. Against a numpy sum of the same bytes,
+    # within 20x either way (a read folded away or a missed array is off by far more).
+    total = 2**26
+    ours = measure.memory_read_rate(total_bytes=total, arrays=4, calls=3)
+    x = np.ones(total // 4, np.float32)
+    t0 = time.perf_counter()
+    for _ in range(3):
+        x.sum()
+    numpy_rate = 3 * total / (time.perf_counter() - t0)
+    assert 0.05 < ours / numpy_rate < 20
+
+
 def _numpy_stream_rate(batch: int, width: int, mats: int, reps: int, calls: int) -> float:
     """The same loop in numpy (BLAS), the same bytes over the median call."""
     rng = np.random.default_rng(0)
@@ -229,6 +253,12 @@ def test_step_flops_and_peak_fractions(step_run):
     assert result["weight_stream_bytes_per_s"] == max(
         m["stream_bytes_per_s"] for m in measured.values()
     )
+    assert result["memory_read_bytes_per_s"] == max(
+        m["read_bytes_per_s"] for m in measured.values()
+    )
+    # The floors use the faster of the two rates.
+    floor_rate = max(result["weight_stream_bytes_per_s"], result["memory_read_bytes_per_s"])
+    assert result["floor_bytes_per_s"] == floor_rate
     flops, s = c["flops"], c["setup"]
     assert flops["total"] == flops["sample"] + flops["teacher"] + flops["student"]
     assert s["ctx_prompt_len"] == s["context_len"] + s["prompt_len"]
@@ -376,6 +406,57 @@ def test_step_markdown_holds_the_kernel_floor(step_run):
     section = md.split("### The floor with the kernels at hand")[1]
     row = next(line for line in section.splitlines() if line.startswith("| quick | "))
     assert row.startswith(f"| quick | {floors['best']:.3f} s | {floors['xla']:.3f} s |")
+
+
+def test_step_markdown_shows_the_decode_step_and_the_xla_floor_verdict(step_run):
+    """The page shows each library's decode step; a target whose step time lies between the best
+    kernels' floor and XLA's is reachable with the best kernels and out of reach with XLA's, and a
+    target above both is reachable with either (config b's numbers, faked kernel timings)."""
+    import copy
+
+    from ctxjax.config import LossConfig
+    from ctxjax.model import ModelConfig
+    from experiments.bench import kernels, report
+
+    result, md, _ = step_run
+    decode = result["configs"]["quick"]["kernel_floor"]["decode_step"]
+    by_part = md.split("By part")[1]
+    row = next(line for line in by_part.splitlines() if line.startswith("| quick | "))
+    assert row.endswith(f"| {decode['xla_s'] * 1e3:.2f} / {decode['torch_s'] * 1e3:.2f} |")
+
+    case = measure.STEP_CASES["b"]
+    cfg = ModelConfig(**case.model)
+    sizes = case.batch, case.prompt_len, case.context_len + case.prompt_len, case.new_tokens
+    gemms = kernels.step_gemms(cfg, *sizes)
+    peak, stream = 100e9, 20e9
+    times = {
+        g: {"xla_s": 2 * g.flops / peak, "torch_s": g.flops / peak}
+        for name, counts in gemms.items()
+        if name != "decode"
+        for g in counts
+    }
+    decode_step = {"xla_s": 0.02, "torch_s": 0.01}
+    flops = measure._step_flops_analytic(cfg, *sizes, LossConfig(opd="reverse_kl"))
+    r = copy.deepcopy(result)
+    c = r["configs"].pop("quick")
+    c["flops"] = flops
+    verdicts = {}
+    for xla_between in (True, False):
+        c = copy.deepcopy(c)
+        measure._add_floors("b", c, times, decode_step, peak, stream)
+        floors = {k: v["step_s"] for k, v in c["kernel_floor"]["floors"].items()}
+        assert floors["best"] < floors["xla"]
+        # The PyTorch way's step sets the target's step time (its median / 1.3).
+        target_s = (floors["best"] + floors["xla"]) / 2 if xla_between else 2 * floors["xla"]
+        c["pytorch"]["step"]["median_s"] = 1.3 * target_s
+        measure._add_floors("b", c, times, decode_step, peak, stream)
+        r["configs"] = {"b": c}
+        page = report.step_markdown(r, "cmd").split("### The floor with the kernels at hand")[1]
+        verdicts[xla_between] = next(ln for ln in page.splitlines() if ln.startswith("| b | "))
+    assert (
+        "(best: above: reachable; XLA's: below: out of reach with XLA's kernels)" in verdicts[True]
+    )
+    assert "(best: above: reachable; XLA's: above: reachable)" in verdicts[False]
 
 
 def test_step_markdown_flags_load_beyond_the_bench_own(step_run):

@@ -334,7 +334,7 @@ def measured_ceilings(tiny: bool, reps: int) -> dict:
     matmul_s = kernels.xla_product_s(a, b, (((1,), (0,)), ((), ())), reps)
     x = jnp.zeros(CEILING_STREAM_BYTES[tiny] // 4, jnp.float32)
     add_one = jax.jit(lambda x: x + 1)
-    stream_s = kernels._fastest_call(lambda: jax.block_until_ready(add_one(x)), reps)
+    stream_s = kernels.fastest_call(lambda: jax.block_until_ready(add_one(x)), reps)
     return {
         "matmul_n": n,
         "matmul_flops_per_s": 2 * n**3 / matmul_s,

@@ -75,6 +75,26 @@ def weight_stream_rate(
     return mats * reps * ws[0].nbytes / statistics.median(times)
 
 
+def memory_read_rate(total_bytes: int = 2**30, arrays: int = 8, calls: int = 5) -> float:
+    """Bytes/s of a plain read from memory: a jitted sum over `arrays` distinct fp32 arrays of
+    `total_bytes` in all (1 GiB: more than the caches of any CPU this runs on), the fastest of
+    `calls` calls after a warm-up (load can only slow a call).
+
+    `weight_stream_rate` is the rate of a decode-shaped product over 16 MiB, which a CPU with a
+    large last-level cache serves from cache, and which is a kernel's rate, not the memory's: on
+    the 2-core Intel VM (2026-12-01) it read 18-20 GB/s, the same product over 256 MiB 7.4 GB/s,
+    this plain read of 1 GiB 23-25 GB/s. A floor that claims what no implementation can beat
+    divides bytes by the faster of the two."""
+    import jax
+    import jax.numpy as jnp
+
+    each = total_bytes // arrays // 4
+    xs = [jnp.full((each,), i, jnp.float32) for i in range(arrays)]
+    read = jax.jit(lambda xs: sum(jnp.sum(x) for x in xs))
+    seconds = kernels.fastest_call(lambda: jax.block_until_ready(read(xs)), calls)
+    return arrays * each * 4 / seconds
+
+
 def decode_bytes(cfg, numerics, batch: int, cache_slots: int) -> dict:
     """Bytes one decode step must read at least: the weights `sampling.sample` feeds its decode
     loop, which casts them once per rollout (`model.cast_for_compute`: dense kernels and the
@@ -512,8 +532,9 @@ def step_roofline(
     case: StepCase, flops: dict, peak_flops_per_s: float, stream_bytes_per_s: float
 ) -> dict:
     """The fastest the step could run on this machine, whatever the implementation: sampling at
-    the larger of its memory floor (each decode step reads every weight and the KV cache, at the
-    measured weight-streaming rate) and its matmul FLOPs at the peak, plus the teacher's and the
+    the larger of its memory floor (each decode step reads every weight and the KV cache, at
+    `stream_bytes_per_s`: `measure_step` passes the faster of the weight-streaming and the plain
+    read rate) and its matmul FLOPs at the peak, plus the teacher's and the
     student's matmul FLOPs at the peak. The optimizer and everything else count as free, so the
     bound is optimistic: a target slower than it is physically out of reach here."""
     from ctxjax.model import DEFAULT_NUMERICS, ModelConfig
@@ -1201,18 +1222,23 @@ def _compare_case(
 
 def _ceilings(quick: bool) -> dict:
     """This machine's ceilings, measured now: XLA's fp32 matmul peak (`_peak_matmul`, with the
-    fastest call as `best_flops_per_s`), torch's, and the weight-streaming rate."""
+    fastest call as `best_flops_per_s`), torch's, the weight-streaming rate and the plain read
+    rate from memory."""
     reps = 3 if quick else 10
     out = _peak_matmul(reps)
     out["torch_best_flops_per_s"] = _peak_matmul_torch(reps)["best_flops_per_s"]
     out["stream_bytes_per_s"] = weight_stream_rate(reps=10 if quick else 100)
+    out["read_bytes_per_s"] = memory_read_rate(total_bytes=2**24 if quick else 2**30)
     return out
 
 
-def _add_floors(name: str, c: dict, gemm_times: dict, machine_peak: float, stream: float) -> None:
+def _add_floors(
+    name: str, c: dict, gemm_times: dict, decode_step: dict, machine_peak: float, stream: float
+) -> None:
     """Adds to config `name`'s result `c` its roofline (`step_roofline`, with what its target
-    needs) and its kernel floor (`kernels.kernel_floor` of its GEMMs' `gemm_times`), with how far
-    each side's step is from the floor of its own library's kernels."""
+    needs) and its kernel floor (`kernels.kernel_floor` of its GEMMs' `gemm_times` and its
+    `decode_step` times), with how far each side's step is from the floor of its own library's
+    kernels and whether the target's step time is within the best kernels' floor and XLA's."""
     roof = step_roofline(STEP_CASES[name], c["flops"], machine_peak, stream)
     target = STEP_TARGETS.get(name)
     if target is not None:
@@ -1223,7 +1249,12 @@ def _add_floors(name: str, c: dict, gemm_times: dict, machine_peak: float, strea
     roof["ctxjax_over_floor"] = c["ctxjax"]["step"]["median_s"] / roof["step_floor_s"]
     c["roofline"] = roof
     c["kernel_floor"] = kernels.kernel_floor(
-        STEP_CASES[name], gemm_times, machine_peak, stream, roof["decode_memory_floor_s"]
+        STEP_CASES[name],
+        gemm_times,
+        decode_step,
+        machine_peak,
+        stream,
+        roof["decode_memory_floor_s"],
     )
     floors = c["kernel_floor"]["floors"]
     for side, kernels_of in (("ctxjax", "xla"), ("pytorch", "torch")):
@@ -1231,6 +1262,9 @@ def _add_floors(name: str, c: dict, gemm_times: dict, machine_peak: float, strea
         c["kernel_floor"][f"{side}_over_own_floor"] = over
     if target is not None:
         c["kernel_floor"]["target_within_floor"] = floors["best"]["step_s"] <= roof["target_step_s"]
+        # ctxjax can only run XLA's kernels: a target below their floor is out of its reach.
+        within_xla = floors["xla"]["step_s"] <= roof["target_step_s"]
+        c["kernel_floor"]["target_within_xla_floor"] = within_xla
 
 
 def measure_step(
@@ -1279,12 +1313,14 @@ def measure_step(
         gemm_reps = 2 if quick else 5
         before = _ceilings(quick)
         gemms_before = {n: kernels.time_gemms(STEP_CASES[n], gemm_reps) for n in names}
+        decode_before = {n: kernels.time_decode_step(STEP_CASES[n], gemm_reps) for n in names}
         first_steps = 1 if quick else 3
         cases = {
             name: _compare_case(STEP_CASES[name], reps, seed, copts, first_steps) for name in names
         }
         after = _ceilings(quick)
         gemms_after = {n: kernels.time_gemms(STEP_CASES[n], gemm_reps) for n in names}
+        decode_after = {n: kernels.time_decode_step(STEP_CASES[n], gemm_reps) for n in names}
     finally:
         torch.set_num_threads(default_threads)
     # A ceiling is the fastest this machine ran, so it is measured before and after the configs and
@@ -1296,9 +1332,13 @@ def measure_step(
     # inflate every fraction (a run at 192 and 150 GFLOP/s put b's student at 81% of "peak").
     probes = [p for c in cases.values() for p in c["peak_per_rep_flops_per_s"]]
     peak["best_flops_per_s"] = max([peak["best_flops_per_s"], *probes])
-    del peak["stream_bytes_per_s"]  # the kept rate is the faster one, `weight_stream_bytes_per_s`
+    # The kept rates are the faster ones, `weight_stream_bytes_per_s` and `memory_read_bytes_per_s`.
+    del peak["stream_bytes_per_s"], peak["read_bytes_per_s"]
     peak["torch_best_flops_per_s"] = max(c["torch_best_flops_per_s"] for c in (before, after))
     stream = max(c["stream_bytes_per_s"] for c in (before, after))
+    read = max(c["read_bytes_per_s"] for c in (before, after))
+    # The floors divide bytes by the faster rate: one no implementation can beat.
+    floor_rate = max(stream, read)
     peak["measured"] = {"before": before, "after": after}
     for c in cases.values():
         c["fraction_of_peak"] = {
@@ -1312,7 +1352,11 @@ def measure_step(
     machine_peak = max(peak["best_flops_per_s"], peak["torch_best_flops_per_s"])
     for name, c in cases.items():
         gemm_times = kernels.fastest(gemms_before[name], gemms_after[name])
-        _add_floors(name, c, gemm_times, machine_peak, stream)
+        decode_step = {
+            lib: min(decode_before[name][lib], decode_after[name][lib])
+            for lib in ("xla_s", "torch_s")
+        }
+        _add_floors(name, c, gemm_times, decode_step, machine_peak, floor_rate)
     return {
         "benchmark": "step",
         "quick": quick,
@@ -1335,5 +1379,7 @@ def measure_step(
         "peak_matmul": peak,
         "machine_peak_flops_per_s": machine_peak,
         "weight_stream_bytes_per_s": stream,
+        "memory_read_bytes_per_s": read,
+        "floor_bytes_per_s": floor_rate,
         "configs": cases,
     }

@@ -307,7 +307,9 @@ def step_markdown(r: dict, command: str) -> str:
             "### The floor: how fast the step could run on this machine",
             "",
             "Sampling at the larger of its memory floor (every decode step reads all weights and "
-            "the KV cache, at the measured weight-streaming rate of "
+            f"the KV cache, at {r['floor_bytes_per_s'] / 1e9:.1f} GB/s: the faster of a plain "
+            f"read of 1 GiB, {r['memory_read_bytes_per_s'] / 1e9:.1f} GB/s, and a loop of "
+            "8-row products over 16 MiB of weights, "
             f"{r['weight_stream_bytes_per_s'] / 1e9:.1f} GB/s) and its matmul FLOPs at the peak, "
             "plus the teacher's and the student's matmul FLOPs at the peak; the optimizer and all "
             "else free. Peak here: the faster of XLA's and torch's fp32 1024^3 matmul, "
@@ -345,15 +347,19 @@ def step_markdown(r: dict, command: str) -> str:
             "### The floor with the kernels at hand",
             "",
             "The step's own matrix products (every dense layer's forward, input and weight "
-            "gradient at the rows each view has, the unembedding, the prefill and the decode's "
-            "one-row-per-sequence products), each timed alone in a loop of its own "
-            "(`experiments/bench/kernels.py`: operands in cache, no call overhead, the faster of "
-            "two weight layouts, the fastest of 5 calls timed before and after the configs) with "
-            "XLA's and with torch's kernel, and summed; sampling at least "
-            "its memory floor above, the attention's products at the peak, the optimizer at the "
-            "streaming rate, everything else (norms, SwiGLU, RoPE, softmax, the losses, the draw) "
-            "free. Best: each product with the faster library. A target whose step time is below "
-            "the best column needs faster matmul kernels than this machine's, not a better step.",
+            "gradient at the rows each view has, the unembedding, the prefill), each timed alone "
+            "in a loop of its own (`experiments/bench/kernels.py`: operands in cache, no call "
+            "overhead, the faster of two weight layouts, the fastest of 5 calls timed before and "
+            "after the configs) with XLA's and with torch's kernel, and summed; the decode's "
+            "one-row-per-sequence products timed as a decode step runs them, every layer's and "
+            "the unembedding's in turn over the model's own set of weights (read from memory "
+            "where the model outgrows the caches, not from cache), times the N - 1 decode steps; "
+            "sampling at least its memory floor above, the attention's products at the peak, the "
+            "optimizer at the memory floor's rate, everything else (norms, SwiGLU, RoPE, softmax, "
+            "the losses, the draw) free. Best: each product with the faster library. A target "
+            "whose step time is below the best column needs faster matmul kernels than this "
+            "machine's, not a better step; one below XLA's column is out of reach of any step "
+            "built on XLA's kernels, as ctxjax's is.",
             "",
             "| config | floor: best kernels | XLA's kernels | torch's kernels | target's step "
             "time | ctxjax / XLA's floor | PyTorch way / torch's floor |",
@@ -364,8 +370,13 @@ def step_markdown(r: dict, command: str) -> str:
             f = {k: v["step_s"] for k, v in kf["floors"].items()}
             needs = "-"
             if "target_within_floor" in kf:
-                needs = f"{roof['target_step_s']:.3f} s (" + (
-                    "above: reachable)" if kf["target_within_floor"] else "below: out of reach)"
+                needs = f"{roof['target_step_s']:.3f} s (best: " + (
+                    "above: reachable" if kf["target_within_floor"] else "below: out of reach"
+                )
+                needs += "; XLA's: " + (
+                    "above: reachable)"
+                    if kf["target_within_xla_floor"]
+                    else "below: out of reach with XLA's kernels)"
                 )
             lines.append(
                 f"| {name} | {f['best']:.3f} s | {f['xla']:.3f} s | {f['torch']:.3f} s | {needs} "
@@ -373,18 +384,20 @@ def step_markdown(r: dict, command: str) -> str:
             )
         lines += [
             "",
-            "By part (seconds; best kernels / XLA's / torch's):",
+            "By part (seconds; best kernels / XLA's / torch's), and one decode step's products "
+            "(milliseconds; XLA's / torch's):",
             "",
-            "| config | sample | teacher | student | optimizer |",
-            "|---|---|---|---|---|",
+            "| config | sample | teacher | student | optimizer | one decode step |",
+            "|---|---|---|---|---|---|",
         ]
         for name, c in floors.items():
-            fl = c["kernel_floor"]["floors"]
+            fl, decode = c["kernel_floor"]["floors"], c["kernel_floor"]["decode_step"]
             cells = " | ".join(
                 " / ".join(f"{fl[k]['parts_s'][part]:.3f}" for k in ("best", "xla", "torch"))
                 for part in STEP_ROWS[1:]
             )
-            lines.append(f"| {name} | {cells} |")
+            step_ms = f"{decode['xla_s'] * 1e3:.2f} / {decode['torch_s'] * 1e3:.2f}"
+            lines.append(f"| {name} | {cells} | {step_ms} |")
     first = {n: c for n, c in r["configs"].items() if "scanned" in c}
     if first:
         lines += [
