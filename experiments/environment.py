@@ -21,6 +21,37 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+# The widest x86 vector extension a CPU reports, widest first: the matmul kernels a library picks
+# depend on it (torch's CPU GEMM on an AVX-512 AMD EPYC ran at half XLA's rate), so a result that
+# compares libraries records it.
+VECTOR_ISAS = ("avx512f", "avx2", "avx", "sse4_2")
+
+
+def cpu_id(cpuinfo: str | None = None) -> dict:
+    """The CPU's vendor family and model numbers and its widest vector extension, from
+    /proc/cpuinfo (`cpuinfo`: its text, for tests); None where it does not say (not Linux, not
+    x86). The model name alone ("AMD EPYC", "Intel(R) Xeon(R) Processor" on cloud VMs) does not
+    tell one generation from another."""
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo") as fh:
+                cpuinfo = fh.read()
+        except OSError:
+            cpuinfo = ""
+    fields = {}
+    for line in cpuinfo.splitlines():
+        if not line.strip():
+            break  # the first processor's block says it for all
+        key, _, value = line.partition(":")
+        fields[key.strip()] = value.strip()
+    flags = set(fields.get("flags", "").split())
+    return {
+        "family": int(fields["cpu family"]) if "cpu family" in fields else None,
+        "model": int(fields["model"]) if fields.get("model", "").isdigit() else None,
+        "vector_isa": next((isa for isa in VECTOR_ISAS if isa in flags), None),
+    }
+
+
 def usable_cores() -> int:
     """CPU cores this process may run on (the affinity mask, else the machine's count)."""
     try:

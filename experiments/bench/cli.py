@@ -53,6 +53,14 @@ def _step_args(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="measure nothing: print (and with --out-md, write) a result `step --out` saved",
     )
+    parser.add_argument(
+        "--compare",
+        nargs="+",
+        default=[],
+        metavar="JSON",
+        help="with --out-md: results of earlier runs (`step --out`, other machines) that the page "
+        "lists next to this one",
+    )
 
 
 def _gpu_args(parser: argparse.ArgumentParser) -> None:
@@ -127,11 +135,19 @@ def main(argv: list[str], description: str = __doc__) -> None:
     if name == "gpu":
         _gpu(parser, args, out, out_md, argv)
         return
+    compare = args.pop("compare", [])
+    if compare and not out_md:
+        parser.error("--compare only applies with --out-md")
+    # Read before measuring: a bad path should not cost a ten-minute run.
+    others = [_load_json(parser, "--compare", path) for path in compare]
+    for path, other in zip(compare, others, strict=True):
+        if not isinstance(other, dict) or other.get("benchmark") != "step":
+            parser.error(f"--compare: {path}: not a saved `step` result")
     result = _measure_or_load(parser, name, args, out)
     if out_md:
         command = " ".join(["python scripts/bench.py", *argv])
         page = report.keep_measured_accelerators(
-            report.step_markdown(result, command), _read(out_md) or ""
+            report.step_markdown(result, command, others), _read(out_md) or ""
         )
         report.write_text(page, out_md)
 

@@ -52,8 +52,8 @@ def step_gemms(cfg, batch: int, prompt_len: int, ctx_prompt_len: int, new_tokens
     """Per part of the OPD + NCA step, how many times it runs each GEMM (`Counter` of `Gemm`):
     sample, the prefill of [B, P] and the first token's logits; decode, the sampler's other N - 1
     steps, each one row per sequence through every layer and the unembedding (the products
-    `decode_step_s` times as they run); teacher, the forward on [c | x | y] and the unembedding of
-    the N response positions; student, both views' forward and backward and their unembedding
+    `time_decode_step` times as they run); teacher, the forward on [c | x | y] and the unembedding
+    of the N response positions; student, both views' forward and backward and their unembedding
     with its backward. Rows are every slot a view has, padding included (the model computes them
     all)."""
     layers, d, v = cfg.num_layers, cfg.hidden_size, cfg.vocab_size
@@ -108,6 +108,12 @@ def fastest_call(fn, reps: int) -> float:
 INNER_REPS = 8
 
 
+def forward_dims(out_major: bool) -> tuple:
+    """`dot_general` dimension numbers of a dense layer's forward, x [M, K] against its weight
+    stored [K, N] or, when `out_major`, [N, K] (torch's `Linear` layout)."""
+    return (((1,), (1,)), ((), ())) if out_major else (((1,), (0,)), ((), ()))
+
+
 def _operands(g: Gemm, out_major: bool) -> dict:
     """(lhs, rhs, dot_general dimension numbers) of `g` with the weight stored [K, N] or, when
     `out_major`, [N, K] (torch's `Linear` layout); the weight gradient comes out in the stored
@@ -115,11 +121,11 @@ def _operands(g: Gemm, out_major: bool) -> dict:
     rng = np.random.default_rng(0)
     x, dy = rng.standard_normal((g.m, g.k), np.float32), rng.standard_normal((g.m, g.n), np.float32)
     w = rng.standard_normal((g.n, g.k) if out_major else (g.k, g.n), np.float32)
-    rows, cols = (((0,), (0,)), ((), ())), (((1,), (1,)), ((), ()))
-    inner = (((1,), (0,)), ((), ()))
+    rows = (((0,), (0,)), ((), ()))
     return {
-        "fwd": (x, w, cols if out_major else inner),
-        "dx": (dy, w, inner if out_major else cols),
+        "fwd": (x, w, forward_dims(out_major)),
+        # dy [M, N] against the same weight: the forward's contraction in the other layout.
+        "dx": (dy, w, forward_dims(not out_major)),
         "dw": (dy, x, rows) if out_major else (x, dy, rows),
     }[g.kind]
 
@@ -205,7 +211,7 @@ def _xla_decode_step(cfg, batch: int, out_major: bool, reps: int) -> float:
     import jax.numpy as jnp
 
     weights = [jnp.asarray(w) for w in _decode_weights(cfg, out_major)]
-    dims = (((1,), (1,)), ((), ())) if out_major else (((1,), (0,)), ((), ()))
+    dims = forward_dims(out_major)
 
     def matmul(x, w):
         return jax.lax.dot_general(x, w, dims)
@@ -321,11 +327,7 @@ def kernel_floor(
         parts_s["sample"] += decode_steps * choose(decode_step)
         parts_s["sample"] = max(parts_s["sample"], decode_memory_floor_s)
         parts_s["optimizer"] = 7 * 4 * cfg.num_params() / stream_bytes_per_s
-        floors[kernels] = {
-            "parts_s": parts_s,
-            "step_s": sum(parts_s.values()),
-            "decode_step_s": choose(decode_step),
-        }
+        floors[kernels] = {"parts_s": parts_s, "step_s": sum(parts_s.values())}
     return {
         "floors": floors,
         "decode_step": dict(decode_step),

@@ -50,7 +50,9 @@ def print_sample(result: dict) -> None:
     mf = result["memory_floor"]
     print(
         f"  memory floor: {mf['bytes_per_decode_step'] / 2**20:.1f} MiB per decode step at "
-        f"{mf['weight_stream_gb_per_s']} GB/s = {mf['floor_ms_per_step']} ms/step "
+        f"{mf['floor_gb_per_s']} GB/s (the faster of weight streaming, "
+        f"{mf['weight_stream_gb_per_s']}, and a plain read, {mf['read_gb_per_s']}) = "
+        f"{mf['floor_ms_per_step']} ms/step "
         f"(ours {mf['ctxjax_ms_per_step']} ms/token step, prefill included) -> at most "
         f"{mf['floor_tokens_per_s']} tok/s, {mf['floor_speedup']}x transformers"
     )
@@ -203,9 +205,85 @@ def _faults(step: dict) -> str:
     return f"{faults} ({faults * 4096 / 2**20:.0f} MiB)"
 
 
-def step_markdown(r: dict, command: str) -> str:
+def machine_label(env: dict) -> str:
+    """The CPU a `step` result ran on, as exactly as it recorded it: the model name, and where
+    recorded the family/model numbers and the widest vector extension (which set the kernels)."""
+    cid = env.get("cpu_id") or {}
+    details = []
+    if cid.get("family") is not None and cid.get("model") is not None:
+        details.append(f"family {cid['family']} model {cid['model']}")
+    if cid.get("vector_isa"):
+        details.append(cid["vector_isa"])
+    return env["cpu_model"] + (f" ({', '.join(details)})" if details else "")
+
+
+def paired_ratios(c: dict) -> list[float]:
+    """PyTorch way / ctxjax of each repetition of a config's step: the two steps of a repetition
+    ran back to back, so each ratio shares that moment's machine speed."""
+    ours, ref = c["ctxjax"]["step"]["times_s"], c["pytorch"]["step"]["times_s"]
+    return [r / o for o, r in zip(ours, ref, strict=True)]
+
+
+def target_verdict(ratios: list[float], target: float) -> str:
+    """ "met" only when every repetition's ratio reaches the target, "NOT met" when none does,
+    "undecided" when the repetitions disagree (the range straddles it)."""
+    if min(ratios) >= target:
+        return "met"
+    if max(ratios) < target:
+        return "NOT met"
+    return "undecided"
+
+
+def machines_markdown(results: list[dict]) -> list[str]:
+    """The comparison on every machine a saved `step` result came from, one row per config: the
+    ratio depends on the CPU as much as on the step (which library's kernels it runs faster)."""
+    lines = [
+        "### The same comparison on every machine measured",
+        "",
+        "This run first, then the saved results of earlier runs (`--compare`), each as that run "
+        "measured it: same configs and step, different CPUs (cloud VMs of 2 cores). Ratio: the "
+        "median steps' ratio, with the range of the repetitions' paired ratios (each "
+        "repetition's two steps ran back to back). A target is met when every repetition's ratio "
+        "reaches it, not met when none does, undecided otherwise. The two libraries' fp32 matmul "
+        "peaks say how much of a ratio is the kernels': the PyTorch way runs torch's, ctxjax "
+        "XLA's.",
+        "",
+        "| machine | measured | fp32 peak: XLA / torch | config | ctxjax | PyTorch way "
+        "| ratio (range) | target | student % of peak (target >= 55%) "
+        "| first step, scanned (c: target <= 15 s) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        env, peak = r["environment"], r["peak_matmul"]
+        peaks = (
+            f"{peak['best_flops_per_s'] / 1e9:.0f} / "
+            + (
+                f"{peak['torch_best_flops_per_s'] / 1e9:.0f}"
+                if "torch_best_flops_per_s" in peak
+                else "not recorded"
+            )
+            + " GFLOP/s"
+        )
+        for name, c in r["configs"].items():
+            ratios = paired_ratios(c)
+            target = c.get("roofline", {}).get("target_ratio")
+            verdict = "-" if target is None else f"{target}x: {target_verdict(ratios, target)}"
+            first = c.get("scanned", {}).get("first_step_s")
+            lines.append(
+                f"| {machine_label(env)} | {env.get('measured_at', 'not recorded')} | {peaks} "
+                f"| {name} | {c['ctxjax']['step']['median_s']:.3f} s "
+                f"| {c['pytorch']['step']['median_s']:.3f} s "
+                f"| {c['ratio']:.2f}x ({min(ratios):.2f}-{max(ratios):.2f}) | {verdict} "
+                f"| {_pct(c['fraction_of_peak']['ctxjax'], 'student')} "
+                f"| {'-' if first is None else f'{first:.1f} s'} |"
+            )
+    return lines
+
+
+def step_markdown(r: dict, command: str, others: list[dict] = ()) -> str:
     """docs/performance.md from a `step` result: the comparison table, the part split, the machine
-    and versions, and what was not measured. `command` is the line that produced it."""
+    and versions, the same comparison on the machines of `others` (earlier saved results), and what
+    was not measured. `command` is the line that produced it."""
     env, peak = r["environment"], r["peak_matmul"]["best_flops_per_s"]
     versions = ", ".join(f"{k} {v}" for k, v in env["versions"].items())
     lines = [
@@ -232,7 +310,7 @@ def step_markdown(r: dict, command: str) -> str:
         f"slow a call; this machine's speed drifts by tens of percent over minutes), "
         f"{peak / 1e9:.1f} GFLOP/s; bound = the step's analytic matmul FLOPs at that rate.",
         "",
-        f"Machine: {env['cpu_model']}, {env['cores']} cores ({env['jax_backend']} backend, torch "
+        f"Machine: {machine_label(env)}, {env['cores']} cores ({env['jax_backend']} backend, torch "
         f"{env['torch_threads']} threads). Versions: {versions}.{_allocator_line(env)}",
         "",
         "| config | ctxjax | PyTorch way | ratio | bound | ctxjax % of peak "
@@ -423,7 +501,7 @@ def step_markdown(r: dict, command: str) -> str:
                 f"| {sc['compile_s']:.1f} s | {sc['first_step_s']:.1f} s | {each} s "
                 f"| {sc['second_call_s']:.2f} s |"
             )
-    lines += ["", NOT_MEASURED_SECTION]
+    lines += ["", *machines_markdown([r, *others]), "", NOT_MEASURED_SECTION]
     return "\n".join(lines)
 
 
