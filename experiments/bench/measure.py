@@ -1084,9 +1084,12 @@ def _side(times: dict[str, list[float]], tokens: int) -> dict:
     return out
 
 
+SCANNED_LATER_CALLS = 3  # calls of the scanned step after its first, for its steady time
+
+
 def _scanned_first_step(case: StepCase, seed: int, copts: dict | None, loss_cfg) -> dict:
     """The same step with the blocks scanned (`numerics.scan_layers`, student and teacher): its
-    compile and first call (the first step a run waits for), then a second call."""
+    compile and first call (the first step a run waits for), then `SCANNED_LATER_CALLS` more."""
     import jax
     import jax.numpy as jnp
 
@@ -1107,14 +1110,20 @@ def _scanned_first_step(case: StepCase, seed: int, copts: dict | None, loss_cfg)
     compiled, state, compile_s, first_call_s = _first_step(
         step, state, teacher_params, batch, rng, copts
     )
-    _, second_call_s = _time_call(
-        compiled, state, teacher_params, batch, jax.random.fold_in(rng, 1)
-    )
+    # Its steady time from several calls, as a training loop makes them (each on the last one's
+    # state): one call is one sample of a machine whose speed drifts by tens of percent.
+    later_s = []
+    for i in range(SCANNED_LATER_CALLS):
+        (state, _), dt = _time_call(
+            compiled, state, teacher_params, batch, jax.random.fold_in(rng, 1 + i)
+        )
+        later_s.append(round(dt, 3))
     return {
         "compile_s": round(compile_s, 3),
         "first_call_s": round(first_call_s, 3),
         "first_step_s": round(compile_s + first_call_s, 3),
-        "second_call_s": round(second_call_s, 3),
+        "later_calls_s": later_s,
+        "later_call_median_s": statistics.median(later_s),
     }
 
 

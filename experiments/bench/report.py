@@ -183,8 +183,17 @@ def print_step(r: dict) -> None:
             print(
                 f"  first step (compile + first call): unrolled {unrolled:.1f} s, layers scanned "
                 f"{sc['first_step_s']:.1f} s, median of {each} (compile {sc['compile_s']:.1f} s; "
-                f"its second call {sc['second_call_s']:.2f} s)"
+                f"later calls {_later_calls(sc)})"
             )
+
+
+def _later_calls(scanned: dict) -> str:
+    """The scanned step's steady time: the median of its calls after the first, with their range
+    (a result saved before they were several says its one second call)."""
+    if "later_calls_s" not in scanned:
+        return f"{scanned['second_call_s']:.2f} s (one call)"
+    calls = scanned["later_calls_s"]
+    return f"{scanned['later_call_median_s']:.2f} s ({min(calls):.2f}-{max(calls):.2f})"
 
 
 def _allocator_line(env: dict) -> str:
@@ -478,6 +487,7 @@ def step_markdown(r: dict, command: str, others: list[dict] = ()) -> str:
             lines.append(f"| {name} | {cells} | {step_ms} |")
     first = {n: c for n, c in r["configs"].items() if "scanned" in c}
     if first:
+        counted = next(iter(first.values()))["scanned"]
         lines += [
             "",
             "### The first step: compile + first call",
@@ -485,12 +495,13 @@ def step_markdown(r: dict, command: str, others: list[dict] = ()) -> str:
             "What a run waits for before its first step completes, with the blocks unrolled (the "
             "default) and scanned (`numerics.scan_layers=true`: one compiled block whatever the "
             "depth). The unrolled step measured once; the scanned one "
-            f"{len(next(iter(first.values()))['scanned']['first_steps_s'])} times, each from a "
-            "fresh compile (the run with the median first step shown, every first step listed); "
-            "its second call shows its steady time.",
+            f"{len(counted['first_steps_s'])} times, each from a fresh compile (the run with the "
+            "median first step shown, every first step listed); its later calls (the median of "
+            f"{len(counted.get('later_calls_s', [0]))}, each on the last one's state as training "
+            "makes them, with their range) show its steady time.",
             "",
             "| config | unrolled: compile | unrolled: first step | scanned: compile "
-            "| scanned: first step | each | scanned: second call |",
+            "| scanned: first step | each | scanned: later calls |",
             "|---|---|---|---|---|---|---|",
         ]
         for name, c in first.items():
@@ -499,7 +510,7 @@ def step_markdown(r: dict, command: str, others: list[dict] = ()) -> str:
             lines.append(
                 f"| {name} | {step['compile_s']:.1f} s | {step['first_step_s']:.1f} s "
                 f"| {sc['compile_s']:.1f} s | {sc['first_step_s']:.1f} s | {each} s "
-                f"| {sc['second_call_s']:.2f} s |"
+                f"| {_later_calls(sc)} |"
             )
     lines += ["", *machines_markdown([r, *others]), "", NOT_MEASURED_SECTION]
     return "\n".join(lines)
