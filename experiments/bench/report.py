@@ -234,8 +234,8 @@ def paired_ratios(c: dict) -> list[float]:
 
 
 def target_verdict(ratios: list[float], target: float) -> str:
-    """ "met" only when every repetition's ratio reaches the target, "NOT met" when none does,
-    "undecided" when the repetitions disagree (the range straddles it)."""
+    """The verdict on a ratio target: met only when every repetition's ratio reaches it, NOT met
+    when none does, undecided when the repetitions disagree (their range straddles it)."""
     if min(ratios) >= target:
         return "met"
     if max(ratios) < target:
