@@ -1,6 +1,7 @@
 """The pure, jit-compiled OPD + NCA train step.
 
     train_step(state, teacher_params, batch, rng) -> (state, metrics)
+    (`make_train_step`: step 1, then `make_update_step`: steps 2-6 on that rollout)
 
 1. sample      y ~ p_student(. | x)                 (no gradient: the tokens are data)
 2. teacher     log p_teacher(. | c, x, y<t)         (stop_gradient)
@@ -37,7 +38,7 @@ from flax import nnx, struct
 from ctxjax import losses
 from ctxjax.config import LossConfig, OptimConfig, RetentionConfig, RolloutConfig
 from ctxjax.model import Transformer, Unembedding
-from ctxjax.sampling import SamplingMethod, sample
+from ctxjax.sampling import SampleOutput, SamplingMethod, sample
 
 
 @struct.dataclass
@@ -383,13 +384,19 @@ def _nonfinite(tree) -> jax.Array:
     return 1.0 - jnp.isfinite(zero).astype(jnp.float32)
 
 
-def make_train_step(
+def _sampling_method(cfg: StepConfig) -> SamplingMethod:
+    r = cfg.rollout
+    return SamplingMethod(temperature=r.temperature, top_k=r.top_k, top_p=r.top_p)
+
+
+def make_update_step(
     graphdef, teacher_graphdef, tx: optax.GradientTransformation, cfg: StepConfig
 ) -> Callable:
-    """The un-jitted pure step; `jit_train_step` wraps it with donation and shardings."""
-    method = SamplingMethod(
-        temperature=cfg.rollout.temperature, top_k=cfg.rollout.top_k, top_p=cfg.rollout.top_p
-    )
+    """The train step after its rollout, un-jitted and pure: `update(state, teacher_params, batch,
+    rollout, rng)` -> (next `TrainState`, metrics), where `rollout` is the student's `SampleOutput`
+    on `batch`'s prompts. `make_train_step` is the rollout followed by this; a benchmark that times
+    sampling apart calls it on a rollout it drew (one definition of the rest of the step)."""
+    method = _sampling_method(cfg)
     distill_loss = make_distill_loss(graphdef, teacher_graphdef, cfg.loss)
     grad_fn = jax.value_and_grad(distill_loss, has_aux=True)
     retention_grad_fn = jax.value_and_grad(
@@ -422,19 +429,9 @@ def make_train_step(
         (loss, _), grads = _accumulate(fn, cfg.micro_batches, params, data, count)
         return loss, grads, rollout
 
-    def train_step(state: TrainState, teacher_params, batch: dict, rng: jax.Array):
-        student = nnx.merge(graphdef, state.params)
-        # 1. On-policy rollout without the context. Tokens are data: no gradient into sampling.
-        rollout = sample(
-            student,
-            batch["prompt_ids"],
-            batch["prompt_mask"],
-            rng,
-            max_new_tokens=cfg.rollout.max_new_tokens,
-            method=method,
-            eos_ids=cfg.eos_ids,
-            pad_id=cfg.pad_id,
-        )
+    def update(
+        state: TrainState, teacher_params, batch: dict, rollout: SampleOutput, rng: jax.Array
+    ):
         data = distill_batch(batch, rollout.tokens_BxN, rollout.mask_BxN)
         # Token-level mean over the whole batch, also when it is split into micro-batches.
         count = jnp.maximum(rollout.mask_BxN.sum(), 1).astype(jnp.float32)
@@ -462,7 +459,7 @@ def make_train_step(
         if cfg.retention.enabled:
             gamma = gamma_at(cfg.retention, state.step)
             l_ret, ret_grads, anchor = retention_grads(
-                student, state.params, teacher_params, batch, rng
+                nnx.merge(graphdef, state.params), state.params, teacher_params, batch, rng
             )
             loss = loss + gamma * l_ret
             grads = jax.tree.map(lambda g, r: g + gamma * r, grads, ret_grads)
@@ -493,6 +490,31 @@ def make_train_step(
             **extra,
         )
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+    return update
+
+
+def make_train_step(
+    graphdef, teacher_graphdef, tx: optax.GradientTransformation, cfg: StepConfig
+) -> Callable:
+    """The un-jitted pure step; `jit_train_step` wraps it with donation and shardings."""
+    method = _sampling_method(cfg)
+    update = make_update_step(graphdef, teacher_graphdef, tx, cfg)
+
+    def train_step(state: TrainState, teacher_params, batch: dict, rng: jax.Array):
+        # 1. On-policy rollout without the context. Tokens are data: no gradient into sampling.
+        rollout = sample(
+            nnx.merge(graphdef, state.params),
+            batch["prompt_ids"],
+            batch["prompt_mask"],
+            rng,
+            max_new_tokens=cfg.rollout.max_new_tokens,
+            method=method,
+            eos_ids=cfg.eos_ids,
+            pad_id=cfg.pad_id,
+        )
+        # 2-6. Teacher, student passes, loss, update (and the retention anchor when enabled).
+        return update(state, teacher_params, batch, rollout, rng)
 
     return train_step
 

@@ -553,6 +553,43 @@ def test_beta_zero_is_plain_opd(world, run_a):
     _assert_same_update(state0, dataclasses.replace(state0, params=params, opt_state=opt_state))
 
 
+def test_rest_of_the_step_on_its_own_rollout_is_the_step(world, run_a):
+    """What `bench.py gpu` times as the rest of the step (`gpu._rest_fn`: `make_update_step` on
+    given response tokens and mask) makes the step's own update when given the rollout the step
+    draws: same gradients, parameters and metrics as the whole step (`run_a`, step 1)."""
+    from experiments.bench import gpu
+
+    step_cfg = _step_cfg(world)
+    tx = make_optimizer(step_cfg.optim, step_cfg.total_steps)
+    state = _fresh_state(world, tx)
+    batch = dict(
+        prompt_ids=world.data.prompt_ids_BxP,
+        prompt_mask=world.data.prompt_mask_BxP,
+        ctx_prompt_ids=world.data.ctx_prompt_ids_BxC,
+        ctx_prompt_mask=world.data.ctx_prompt_mask_BxC,
+    )
+    rollout = sample(
+        nnx.merge(world.graphdef, state.params),
+        batch["prompt_ids"],
+        batch["prompt_mask"],
+        jax.random.fold_in(jax.random.key(7), 0),  # `_run_steps`' first key
+        max_new_tokens=step_cfg.rollout.max_new_tokens,
+        method=SamplingMethod(temperature=step_cfg.rollout.temperature),
+        eos_ids=step_cfg.eos_ids,
+        pad_id=step_cfg.pad_id,
+    )
+    assert int(rollout.mask_BxN.sum()) < rollout.mask_BxN.size  # some rows end early (EOS)
+    rest = jax.jit(gpu._rest_fn(world.graphdef, world.teacher_graphdef, tx, step_cfg))
+    got, metrics = jax.device_get(
+        rest(state, world.teacher_params, batch, rollout.tokens_BxN, rollout.mask_BxN)
+    )
+    _assert_same_update(got, run_a["states"][0], grad_rtol=1e-6)
+    want = run_a["metrics"][0]
+    assert set(metrics) == set(want)
+    for name in ("loss", "grad_norm", "response_len", "response_tokens"):
+        np.testing.assert_allclose(metrics[name], want[name], rtol=1e-6, err_msg=name)
+
+
 def test_micro_batches_match_one_batch(world, run_a):
     _, states, history = _run_steps(world, _step_cfg(world, micro_batches=2), _one_device_mesh(), 2)
     assert float(history[1]["beta"]) == 0.5 and float(history[1]["l_consistency"]) > 1e-3

@@ -4,11 +4,11 @@ For a random Qwen2.5-0.5B-shaped model (bf16 compute; float32 parameters by defa
 `configs/hf_gpu.yaml` setting) it reports, in one run of a few minutes on one GPU:
 
 1. MFU: the sampling part (`sampling.sample`) and the rest of the step (teacher pass, the two
-   student passes, loss, AdamW update: `step.make_distill_loss` + the optimizer) timed apart, each
-   jitted on its own, and the whole `step.make_train_step` step; model FLOPs counted analytically
-   (matmuls; the remat recomputation not counted, as MFU defines it) and, for the rest, by XLA's
-   cost analysis; divided by the median time and the device's peak bf16 FLOP/s (`DEVICE_SPECS`, or
-   `--peak-flops`; "unknown" otherwise, e.g. on a CPU, and then no MFU);
+   student passes, loss, AdamW update: `step.make_update_step`, the step after its rollout) timed
+   apart, each jitted on its own, and the whole `step.make_train_step` step; model FLOPs counted
+   analytically (matmuls; the remat recomputation not counted, as MFU defines it) and, for the
+   rest, by XLA's cost analysis; divided by the median time and the device's peak bf16 FLOP/s
+   (`DEVICE_SPECS`, or `--peak-flops`; "unknown" otherwise, e.g. on a CPU, and then no MFU);
 2. decode tokens/s against the HBM-bandwidth bound: the time of one decode step is
    `(t(sample N tokens) - t(sample 1 token)) / (N - 1)`, the bound is the bytes a decode step must
    read (`measure.decode_bytes`) over the device's HBM bandwidth;
@@ -22,7 +22,7 @@ it is alive. The programs are lowered first and compiled together in threads: th
 24-layer programs are most of the few minutes a run takes on a GPU.
 
 Everything runs the library's own functions (`model.create_model` with `model.Numerics`,
-`sampling.sample`, `step.make_train_step`, `step.make_distill_loss`): nothing special-cased.
+`sampling.sample`, `step.make_train_step`, `step.make_update_step`): nothing special-cased.
 `tiny=True` (`--tiny`) is the same pipeline on a 2-layer model, for the CPU test suite.
 """
 
@@ -122,28 +122,28 @@ def _limit(override: float | None, table: float | None, spec: DeviceSpec | None,
     return None, "unknown"
 
 
-def _rest_fn(graphdef, teacher_graphdef, tx, loss_cfg):
-    """Steps 2-6 of `step.make_train_step` (micro_batches=1) on a given rollout: the teacher pass,
-    the two student passes and the loss (`step.make_distill_loss`), the optax update; returns the
-    next `TrainState` and the loss, like the step (jitted with the state donated)."""
+def _rest_fn(graphdef, teacher_graphdef, tx, step_cfg):
+    """The train step after its rollout, on given response tokens: `step.make_update_step`, the
+    same function the step runs after sampling (teacher pass, the two student passes and the loss,
+    the optax update, the step's metrics); returns the next `TrainState` and the metrics, like the
+    step (jitted with the state donated)."""
     import jax
     import jax.numpy as jnp
-    import optax
 
-    from ctxjax.step import TrainState, beta_at, distill_batch, make_distill_loss
+    from ctxjax.sampling import SampleOutput
+    from ctxjax.step import make_update_step
 
-    grad_fn = jax.value_and_grad(
-        make_distill_loss(graphdef, teacher_graphdef, loss_cfg), has_aux=True
-    )
+    update = make_update_step(graphdef, teacher_graphdef, tx, step_cfg)
 
     def rest(state, teacher_params, batch, tokens_BxN, mask_BxN):
-        data = distill_batch(batch, tokens_BxN, mask_BxN)
-        count = jnp.maximum(mask_BxN.sum(), 1).astype(jnp.float32)
-        beta = beta_at(loss_cfg, state.step)
-        (loss, _), grads = grad_fn(state.params, teacher_params, data, beta, count)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        return TrainState(step=state.step + 1, params=params, opt_state=opt_state), loss
+        rollout = SampleOutput(
+            tokens_BxN=tokens_BxN,
+            logprobs_BxN=jnp.zeros(tokens_BxN.shape, jnp.float32),  # the update does not read them
+            mask_BxN=mask_BxN,
+            lengths_B=mask_BxN.sum(axis=-1).astype(jnp.int32),
+        )
+        # No retention anchor here (it would sample): the key is not read.
+        return update(state, teacher_params, batch, rollout, jax.random.key(0))
 
     return rest
 
@@ -252,15 +252,6 @@ def _lower_programs(built: _Models, setup: dict, batch: dict, rng, sample_params
     method = SamplingMethod(temperature=rollout.temperature)
     resp = jax.ShapeDtypeStruct((b, n), np.int32)
     resp_mask = jax.ShapeDtypeStruct((b, n), bool)
-    lowered = {}
-    for remat in (False, True):
-        for chunk in (0, setup["chunk"]):
-            rest = _rest_fn(
-                built.graphdefs[remat], built.teacher_graphdef, tx, LossConfig(chunk_size=chunk)
-            )
-            lowered[f"rest:{_variant(remat, chunk)}"] = jax.jit(rest, donate_argnums=(0,)).lower(
-                state, teacher_params, batch, resp, resp_mask
-            )
     step_cfg = StepConfig(
         loss=LossConfig(),
         optim=OptimConfig(),
@@ -270,6 +261,14 @@ def _lower_programs(built: _Models, setup: dict, batch: dict, rng, sample_params
         eos_ids=(),
         pad_id=0,
     )
+    lowered = {}
+    for remat in (False, True):
+        for chunk in (0, setup["chunk"]):
+            chunked = dataclasses.replace(step_cfg, loss=LossConfig(chunk_size=chunk))
+            rest = _rest_fn(built.graphdefs[remat], built.teacher_graphdef, tx, chunked)
+            lowered[f"rest:{_variant(remat, chunk)}"] = jax.jit(rest, donate_argnums=(0,)).lower(
+                state, teacher_params, batch, resp, resp_mask
+            )
     main = built.graphdefs[False]
     step = jit_train_step(make_train_step(main, built.teacher_graphdef, tx, step_cfg))
     lowered["step"] = step.lower(state, teacher_params, batch, rng)
