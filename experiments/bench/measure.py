@@ -1087,15 +1087,16 @@ def _side(times: dict[str, list[float]], tokens: int) -> dict:
 SCANNED_LATER_CALLS = 3  # calls of the scanned step after its first, for its steady time
 
 
-def _scanned_first_step(case: StepCase, seed: int, copts: dict | None, loss_cfg) -> dict:
-    """The same step with the blocks scanned (`numerics.scan_layers`, student and teacher): its
-    compile and first call (the first step a run waits for), then `SCANNED_LATER_CALLS` more."""
+def first_step_here(case: StepCase, seed: int, copts: dict | None, loss_cfg, scan_layers: bool):
+    """The step of `case` (`numerics.scan_layers` as given, student and teacher) in this process:
+    its compile and first call (the first step a run waits for), then `SCANNED_LATER_CALLS` more
+    calls for its steady time. `fresh_first_step` runs it in a process of its own."""
     import jax
     import jax.numpy as jnp
 
     from ctxjax.model import ModelConfig, Numerics, create_model
 
-    cfg, numerics = ModelConfig(**case.model), Numerics(scan_layers=True)
+    cfg, numerics = ModelConfig(**case.model), Numerics(scan_layers=scan_layers)
     student = create_model(cfg, seed, numerics=numerics)
     teacher = create_model(cfg, seed + 1, numerics=numerics)
     q = case.context_len + case.prompt_len
@@ -1124,7 +1125,40 @@ def _scanned_first_step(case: StepCase, seed: int, copts: dict | None, loss_cfg)
         "first_step_s": round(compile_s + first_call_s, 3),
         "later_calls_s": later_s,
         "later_call_median_s": statistics.median(later_s),
+        "process_id": os.getpid(),  # whose first step it was (a fresh process's, on the page)
     }
+
+
+def fresh_first_step(
+    case: StepCase, seed: int, copts: dict | None, loss_cfg, scan_layers: bool
+) -> dict:
+    """`first_step_here` in a new Python process (`python -m experiments.bench.first_step`, the
+    same environment: the preloaded allocator, XLA flags), as a run meets its first step. In the
+    bench's own process it came out flattered: config c's scanned first call took 6.3 s after
+    another step had run in the process against 10.6-14.0 s in a fresh one (AMD EPYC VM,
+    mimalloc, 2026-12-01), the process's own warm-up (allocator arenas, kernel set-up) done."""
+    import json
+    import subprocess
+    import sys
+
+    spec = dict(
+        case=dataclasses.asdict(case),
+        seed=seed,
+        copts=copts or {},
+        loss=dataclasses.asdict(loss_cfg),
+        scan_layers=scan_layers,
+    )
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    proc = subprocess.run(
+        [sys.executable, "-m", "experiments.bench.first_step", json.dumps(spec)],
+        capture_output=True,
+        text=True,
+        cwd=root,
+    )
+    if proc.returncode:
+        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise RuntimeError(f"the first-step process failed (exit {proc.returncode}): {last}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def _compare_case(
@@ -1197,13 +1231,17 @@ def _compare_case(
         sides[side]["step"]["minor_faults_median"] = int(statistics.median(faults))
         sides[side]["step"]["system_s_median"] = round(statistics.median(system_s), 3)
     sides["ctxjax"]["step"]["compile_s"] = round(ours.step_compile_s, 3)
-    # The first step a run waits for: the step's compile and its first call (the parts, compiled
-    # before it, share no compiled code with it).
+    # Its compile and first call in this process, after the parts ran (warm: the page's first
+    # steps come from fresh processes, below).
     sides["ctxjax"]["step"]["first_step_s"] = round(ours.step_compile_s + ours.step_first_call_s, 3)
-    ours = None  # its buffers, before the scanned step allocates its own
-    # A first step is one measurement, and this machine's speed drifts by tens of percent over
-    # minutes: the scanned one (the one with a target) is measured `first_steps` times.
-    runs = [_scanned_first_step(case, seed, copts, loss_cfg) for _ in range(first_steps)]
+    ours = None  # its buffers, before the first-step processes allocate their own
+    # The first step a run waits for, each in a fresh process (`fresh_first_step`): unrolled once;
+    # scanned (the one with a target) `first_steps` times, since one measurement is one sample of
+    # a machine whose speed drifts by tens of percent over minutes.
+    unrolled = fresh_first_step(case, seed, copts, loss_cfg, scan_layers=False)
+    runs = [
+        fresh_first_step(case, seed, copts, loss_cfg, scan_layers=True) for _ in range(first_steps)
+    ]
     # The run with the median first step, so its compile, calls and first step belong together.
     scanned = dict(sorted(runs, key=lambda r: r["first_step_s"])[len(runs) // 2])
     scanned["first_steps_s"] = [r["first_step_s"] for r in runs]
@@ -1229,6 +1267,7 @@ def _compare_case(
         # > 1: ctxjax's step is faster. From the two medians above, nothing else.
         "ratio": round(medians["pytorch"]["step"] / medians["ctxjax"]["step"], 4),
         "peak_per_rep_flops_per_s": peaks,
+        "unrolled_first": unrolled,
         "scanned": scanned,
         "flops": flops,
     }
