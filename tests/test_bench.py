@@ -360,7 +360,7 @@ def test_step_reports_the_first_step_unrolled_and_scanned(step_run):
     assert sc["first_step_s"] == pytest.approx(sc["compile_s"] + sc["first_call_s"], abs=2e-3)
     assert sc["first_steps_s"] == [sc["first_step_s"]]
     later = sc["later_calls_s"]
-    assert len(later) == measure.SCANNED_LATER_CALLS and all(t > 0 for t in later)
+    assert len(later) == measure.FIRST_STEP_LATER_CALLS and all(t > 0 for t in later)
     assert sc["later_call_median_s"] == statistics.median(later)
     section = md.split("### The first step: compile + first call")[1]
     row = next(line for line in section.splitlines() if line.startswith("| quick | "))

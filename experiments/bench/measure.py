@@ -1084,12 +1084,12 @@ def _side(times: dict[str, list[float]], tokens: int) -> dict:
     return out
 
 
-SCANNED_LATER_CALLS = 3  # calls of the scanned step after its first, for its steady time
+FIRST_STEP_LATER_CALLS = 3  # calls of a first-step measurement after its first: its steady time
 
 
 def first_step_here(case: StepCase, seed: int, copts: dict | None, loss_cfg, scan_layers: bool):
     """The step of `case` (`numerics.scan_layers` as given, student and teacher) in this process:
-    its compile and first call (the first step a run waits for), then `SCANNED_LATER_CALLS` more
+    its compile and first call (the first step a run waits for), then `FIRST_STEP_LATER_CALLS` more
     calls for its steady time. `fresh_first_step` runs it in a process of its own."""
     import jax
     import jax.numpy as jnp
@@ -1114,7 +1114,7 @@ def first_step_here(case: StepCase, seed: int, copts: dict | None, loss_cfg, sca
     # Its steady time from several calls, as a training loop makes them (each on the last one's
     # state): one call is one sample of a machine whose speed drifts by tens of percent.
     later_s = []
-    for i in range(SCANNED_LATER_CALLS):
+    for i in range(FIRST_STEP_LATER_CALLS):
         (state, _), dt = _time_call(
             compiled, state, teacher_params, batch, jax.random.fold_in(rng, 1 + i)
         )
