@@ -1231,9 +1231,6 @@ def _compare_case(
         sides[side]["step"]["minor_faults_median"] = int(statistics.median(faults))
         sides[side]["step"]["system_s_median"] = round(statistics.median(system_s), 3)
     sides["ctxjax"]["step"]["compile_s"] = round(ours.step_compile_s, 3)
-    # Its compile and first call in this process, after the parts ran (warm: the page's first
-    # steps come from fresh processes, below).
-    sides["ctxjax"]["step"]["first_step_s"] = round(ours.step_compile_s + ours.step_first_call_s, 3)
     ours = None  # its buffers, before the first-step processes allocate their own
     # The first step a run waits for, each in a fresh process (`fresh_first_step`): unrolled once;
     # scanned (the one with a target) `first_steps` times, since one measurement is one sample of

@@ -189,7 +189,7 @@ def print_step(r: dict) -> None:
 
 def _unrolled_first(c: dict) -> dict:
     """A config's unrolled first step: measured in a fresh process, or, in results saved before
-    that, in the bench's own process (after the parts ran)."""
+    that, in the bench's own process (after the parts ran: warm, which is why it moved)."""
     return c.get("unrolled_first", c["ctxjax"]["step"])
 
 
@@ -271,13 +271,8 @@ def machines_markdown(results: list[dict]) -> list[str]:
     for r in results:
         env, peak = r["environment"], r["peak_matmul"]
         peaks = (
-            f"{peak['best_flops_per_s'] / 1e9:.0f} / "
-            + (
-                f"{peak['torch_best_flops_per_s'] / 1e9:.0f}"
-                if "torch_best_flops_per_s" in peak
-                else "not recorded"
-            )
-            + " GFLOP/s"
+            f"{peak['best_flops_per_s'] / 1e9:.0f} / {peak['torch_best_flops_per_s'] / 1e9:.0f} "
+            "GFLOP/s"
         )
         for name, c in r["configs"].items():
             ratios = paired_ratios(c)
