@@ -52,8 +52,9 @@ def test_freed_heap_memory_is_returned():
 
 
 # An entry point's start: re-executes itself with the caching allocator where that applies, then
-# prints the allocator, the page faults of a jitted call's third run (its 256 MiB temporary,
-# [8192, 8192] f32, is a matmul operand XLA allocates and frees every call) and the output.
+# prints the allocator, the page faults of each of a jitted call's runs (its temporaries, two
+# [8192, 8192] f32 matmul operands, 512 MiB, are allocated and freed by XLA every call) and the
+# output.
 _ENTRY = textwrap.dedent(
     """
     import os, resource, sys
@@ -69,23 +70,30 @@ _ENTRY = textwrap.dedent(
             return y_NxN @ x_N + y_NxN.T @ x_N
 
         x_N = jnp.linspace(0.0, 1.0, 8192, dtype=jnp.float32)
-        for _ in range(3):
+        faults = []
+        for _ in range(_CALLS):
             before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             out = jax.block_until_ready(f(x_N))
-            faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-        print(process_allocator(), os.environ.get("CTXJAX_ALLOCATOR"), faults, out.tobytes().hex())
+            faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+        print(
+            process_allocator(),
+            os.environ.get("CTXJAX_ALLOCATOR"),
+            ",".join(map(str, faults)),
+            out.tobytes().hex(),
+        )
     """
 )
 
 
-def _run_entry(tmp_path, **env_extra) -> list[str]:
+def _run_entry(tmp_path, **env_extra) -> tuple[str, str, list[int], str]:
     script = tmp_path / "entry.py"
-    script.write_text(_ENTRY)
+    script.write_text(_ENTRY.replace("_CALLS", "10"))
     env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "CTXJAX_ALLOCATOR")}
     env.update(JAX_PLATFORMS="cpu", **env_extra)
-    return subprocess.run(
+    allocator, marker, faults, out = subprocess.run(
         [sys.executable, str(script)], check=True, capture_output=True, text=True, env=env
     ).stdout.split()
+    return allocator, marker, [int(n) for n in faults.split(",")], out
 
 
 @pytest.mark.skipif(
@@ -93,15 +101,21 @@ def _run_entry(tmp_path, **env_extra) -> list[str]:
 )
 def test_entry_point_reuses_step_temporaries_under_the_caching_allocator(tmp_path):
     """Against the same entry point kept on glibc (CTXJAX_ALLOCATOR=system): glibc maps the
-    256 MiB temporary afresh on every call (~65k page faults); the re-executed process runs
-    mimalloc, whose third call reuses the freed memory; the output is bit for bit the same."""
-    pages = (8192 * 8192 * 4) // 4096
+    512 MiB of temporaries afresh on every call (~131k page faults each); the re-executed process
+    runs mimalloc, which reuses the freed memory, so that over the nine calls after the first it
+    faults in at most one more set of temporaries; the output is bit for bit the same.
+
+    Why one more set may come: XLA frees a call's temporaries after its output is ready, and a
+    next call that starts before that free lands gets fresh memory (22 of 30 runs on a 2-core AMD
+    VM, 2026-12-01; never a third set). Asserting no fault on the third call failed that way."""
+    set_pages = 2 * (8192 * 8192 * 4) // 4096
     allocator, marker, faults, out = _run_entry(tmp_path)
     assert (allocator, marker) == ("mimalloc", "mimalloc")
-    assert int(faults) < pages // 10, faults
+    assert sum(faults[1:]) < 1.25 * set_pages, faults
     allocator, marker, faults_glibc, out_glibc = _run_entry(tmp_path, CTXJAX_ALLOCATOR="system")
     assert (allocator, marker) == ("system", "system")
-    assert int(faults_glibc) > pages // 2, faults_glibc  # the reference: the test can fail
+    # The reference, so that the test can fail: every call faults its temporaries in.
+    assert min(faults_glibc[1:]) > set_pages // 2, faults_glibc
     assert out == out_glibc
 
 
