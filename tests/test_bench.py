@@ -713,11 +713,20 @@ def test_torch_step_equals_make_distill_loss_and_its_adamw_update(tmp_path):
     assert settled > 0.8 * total  # most weights are compared
 
 
-def test_train_bench_on_a_model_folder(tmp_path, capsys):
+def test_train_bench_on_a_model_folder(tmp_path, capsys, monkeypatch):
     """`scripts/bench.py train --model PATH`: the parts split on a tiny local HF folder's weights;
-    its size from transformers, the step's arguments at least student + AdamW moments + teacher."""
+    its size from transformers, the step's arguments at least student + AdamW moments + teacher;
+    its first step is the first thing run after loading (as a run meets it), before any part."""
     from hf_fixtures import load_hf, make_tiny_hf
 
+    order = []
+    first_step, time_call = measure._first_step, measure._time_call
+    monkeypatch.setattr(
+        measure, "_first_step", lambda *a: (order.append("step"), first_step(*a))[1]
+    )
+    monkeypatch.setattr(
+        measure, "_time_call", lambda fn, *a: (order.append(fn), time_call(fn, *a))[1]
+    )
     path = make_tiny_hf("llama", tmp_path / "tiny")
     out = tmp_path / "real.json"
     main = runpy.run_path(os.path.join(ROOT, "scripts", "bench.py"))["main"]
@@ -739,6 +748,7 @@ def test_train_bench_on_a_model_folder(tmp_path, capsys):
     assert r["peak_rss_bytes"]["end"] >= r["peak_rss_bytes"]["after_load"] > 0
     assert r["setup"]["numerics"]["scan_layers"] is False
     assert r["first_step_s"] >= r["timing"]["step"]["compile_s"] > 0
+    assert order[0] == "step", order[:3]
     # The layer scan (and remat) as the run would use them: recorded, and timed from the compile.
     main(["train", "--model", path, "--batch", "2", "--new-tokens", "3", "--reps", "1",
           "--scan-layers", "--remat", "--out", str(out)])  # fmt: skip
