@@ -9,7 +9,8 @@ run the retained heap was the largest part of the peak: evaluation after trainin
 against 3.3 GiB with the heap trimmed at each phase boundary (the same numbers computed).
 
 `release_free_memory()` asks glibc (`malloc_trim(0)`) to return free heap pages; a no-op where
-there is no glibc. It frees nothing that is in use, so results never depend on it.
+there is no glibc heap (no glibc, or the caching allocator below). It frees nothing that is in
+use, so results never depend on it.
 
 `exec_with_caching_allocator()` is for the steady state of a training loop. XLA:CPU allocates each
 execution's temporaries with malloc and frees them when it ends (config b of `scripts/bench.py
@@ -21,7 +22,11 @@ the last one's temporaries are freed; transparent huge pages cut the faults but 
 memory). mimalloc keeps freed memory in its segments for the next allocation; it has to replace
 malloc before the process starts, so the entry points re-execute themselves with it preloaded
 (`LD_PRELOAD`, settings in `mimalloc_options`). The price is resident memory: the freed blocks stay
-(config c's loop: 7.8 GB against ~5.5 GB). Computed values do not depend on the allocator.
+(config c's loop: 7.8 GB against ~5.5 GB), and a step whose temporaries the last step's are not yet
+reusable for (freed by another of XLA's threads) takes a fresh set: SmolLM2-135M's 20-step preset
+run peaked at 7.9-8.7 GiB against 4.1 GiB with glibc, for a 2-6% faster step (README, "Memory and
+disk on a real model"). `CTXJAX_ALLOCATOR=system` keeps glibc. Computed values do not depend on the
+allocator.
 """
 
 from __future__ import annotations
@@ -51,9 +56,11 @@ def _malloc_trim() -> Callable[[int], int] | None:
 
 
 def release_free_memory() -> bool:
-    """Returns the heap's free pages to the OS; True if the C library could be asked."""
+    """Returns glibc's free heap pages to the OS; True if glibc could be asked. False under the
+    caching allocator: malloc is mimalloc's there, whose freed memory is kept on purpose and
+    glibc's heap holds nothing to trim."""
     trim = _malloc_trim()
-    if trim is None:
+    if trim is None or process_allocator() == "mimalloc":
         return False
     trim(0)
     return True
@@ -139,6 +146,7 @@ def exec_with_caching_allocator() -> None:
         os.execve(executable, argv, env)
 
 
+@functools.cache  # what is preloaded does not change while the process runs
 def process_allocator() -> str:
     """The allocator this process runs: "mimalloc" where its library is mapped (preloaded), else
     "system" (glibc's malloc on Linux)."""

@@ -58,7 +58,11 @@ def test_freed_heap_memory_is_returned():
 _ENTRY = textwrap.dedent(
     """
     import os, resource, sys
-    from ctxjax.host_memory import exec_with_caching_allocator, process_allocator
+    from ctxjax.host_memory import (
+        exec_with_caching_allocator,
+        process_allocator,
+        release_free_memory,
+    )
 
     if __name__ == "__main__":
         exec_with_caching_allocator()
@@ -78,6 +82,7 @@ _ENTRY = textwrap.dedent(
         print(
             process_allocator(),
             os.environ.get("CTXJAX_ALLOCATOR"),
+            release_free_memory(),
             ",".join(map(str, faults)),
             out.tobytes().hex(),
         )
@@ -90,9 +95,11 @@ def _run_entry(tmp_path, **env_extra) -> tuple[str, str, list[int], str]:
     script.write_text(_ENTRY.replace("_CALLS", "10"))
     env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "CTXJAX_ALLOCATOR")}
     env.update(JAX_PLATFORMS="cpu", **env_extra)
-    allocator, marker, faults, out = subprocess.run(
+    allocator, marker, trimmed, faults, out = subprocess.run(
         [sys.executable, str(script)], check=True, capture_output=True, text=True, env=env
     ).stdout.split()
+    # glibc's heap is trimmed where it serves malloc, and only there.
+    assert trimmed == str(allocator == "system"), (allocator, trimmed)
     return allocator, marker, [int(n) for n in faults.split(",")], out
 
 
