@@ -17,8 +17,13 @@ python scripts/bench.py gpu --from-json bench_gpu.json [--ab-json ab.json] --out
 import sys
 
 from ctxjax.host_memory import exec_with_caching_allocator
+
+if __name__ == "__main__":
+    # First of all: the process is replaced, and the imports below (jax and the rest, about a
+    # second) would otherwise run in both.
+    exec_with_caching_allocator()  # re-executes with mimalloc preloaded on a CPU host
+
 from experiments.bench.cli import main
 
 if __name__ == "__main__":
-    exec_with_caching_allocator()  # re-executes with mimalloc preloaded on a CPU host
     main(sys.argv[1:], description=__doc__)

@@ -7,6 +7,12 @@ import argparse
 import sys
 
 from ctxjax.host_memory import exec_with_caching_allocator
+
+if __name__ == "__main__":
+    # First of all: the process is replaced, and the imports below (jax and the rest, about a
+    # second) would otherwise run in both.
+    exec_with_caching_allocator()  # re-executes with mimalloc preloaded on a CPU host
+
 from experiments.base_models import build_and_write
 
 
@@ -22,5 +28,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    exec_with_caching_allocator()  # re-executes with mimalloc preloaded on a CPU host
     main(sys.argv[1:])

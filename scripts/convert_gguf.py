@@ -10,9 +10,15 @@ Needs `pip install gguf` (and transformers, for the tokenizer). Bad input exits 
 import argparse
 import sys
 
+from ctxjax.host_memory import exec_with_caching_allocator
+
+if __name__ == "__main__":
+    # First of all: the process is replaced, and the imports below (jax and the rest, about a
+    # second) would otherwise run in both.
+    exec_with_caching_allocator()  # re-executes with mimalloc preloaded on a CPU host
+
 from ctxjax.gguf import convert_gguf
 from ctxjax.hf import HFFolderError
-from ctxjax.host_memory import exec_with_caching_allocator
 
 
 def main(argv: list[str]) -> None:
@@ -30,5 +36,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    exec_with_caching_allocator()  # re-executes with mimalloc preloaded on a CPU host
     main(sys.argv[1:])

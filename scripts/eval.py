@@ -13,9 +13,15 @@ into --out and prints the metric table. Bad input exits with status 2.
 import argparse
 import sys
 
+from ctxjax.host_memory import exec_with_caching_allocator
+
+if __name__ == "__main__":
+    # First of all: the process is replaced, and the imports below (jax and the rest, about a
+    # second) would otherwise run in both.
+    exec_with_caching_allocator()  # re-executes with mimalloc preloaded on a CPU host
+
 from ctxjax.evaluate import InputError, parse_task_options
 from ctxjax.hf import HFFolderError
-from ctxjax.host_memory import exec_with_caching_allocator
 from experiments.eval_report import evaluate_and_report, metrics_table
 
 
@@ -69,5 +75,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    exec_with_caching_allocator()  # re-executes with mimalloc preloaded on a CPU host
     main(sys.argv[1:])

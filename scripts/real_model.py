@@ -15,6 +15,12 @@ import shutil
 import sys
 
 from ctxjax.host_memory import exec_with_caching_allocator
+
+if __name__ == "__main__":
+    # First of all: the process is replaced, and the imports below (jax and the rest, about a
+    # second) would otherwise run in both.
+    exec_with_caching_allocator()  # re-executes with mimalloc preloaded on a CPU host
+
 from ctxjax.train import Diverged
 from experiments.real_model import DOC, SEEDS, SMOKE_OVERRIDES, run_real_model
 
@@ -48,5 +54,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    exec_with_caching_allocator()  # re-executes with mimalloc preloaded on a CPU host
     main(sys.argv[1:])

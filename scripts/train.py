@@ -13,8 +13,14 @@ SIGTERM/SIGINT with a checkpoint saved, 1 diverged (NaN/inf), 2 refused input (o
 import argparse
 import sys
 
-from ctxjax.config import load_config
 from ctxjax.host_memory import exec_with_caching_allocator
+
+if __name__ == "__main__":
+    # First of all: the process is replaced, and the imports below (jax and the rest, about a
+    # second) would otherwise run in both.
+    exec_with_caching_allocator()  # re-executes with mimalloc preloaded on a CPU host
+
+from ctxjax.config import load_config
 from ctxjax.logs import configure_logging
 from ctxjax.train import Diverged, RunRefused, run
 
@@ -56,5 +62,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    exec_with_caching_allocator()  # re-executes with mimalloc preloaded on a CPU host
     main(sys.argv[1:])
