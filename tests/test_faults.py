@@ -28,6 +28,7 @@ from ctxjax import hf, losses, train
 from ctxjax.base import tokenizer_corpus
 from ctxjax.checkpoint import MANIFEST, Checkpointer, CheckpointError
 from ctxjax.config import OptimConfig, TrainConfig
+from ctxjax.host_memory import allocator_library
 from ctxjax.model import Numerics
 from ctxjax.run_dir import LOCK_FILE, Lock, RunRefused
 from ctxjax.tasks import get_task
@@ -479,6 +480,12 @@ def test_sigterm_to_the_train_script_saves_and_exits_0(folders, tmp_path):
     assert f"SIGTERM: stopped after step {step}" in stdout and "--resume" in stdout
     assert step >= 2 and _steps_logged(out)[-1] == step
     assert not (out / "final").exists() and not (out / LOCK_FILE).exists()
+    # The entry point re-executed under the caching allocator where it is installed (the run's
+    # memory depends on it), and the summary says so.
+    if not {"LD_PRELOAD", "CTXJAX_ALLOCATOR"} & env.keys():
+        expected = "mimalloc" if allocator_library() else "system"
+        assert json.loads(_read(out / "summary.json"))["host_allocator"] == expected
+        assert "host allocator: mimalloc" in stderr or expected == "system", stderr[-2000:]
 
     # The lock a kill -9 leaves behind (written here for the now dead PID): a run that is not a
     # --resume names it as stale and exits 2 before any set-up.
