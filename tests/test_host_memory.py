@@ -78,7 +78,7 @@ _ENTRY = textwrap.dedent(
 
         x_N = jnp.linspace(0.0, 1.0, 8192, dtype=jnp.float32)
         faults = []
-        for _ in range(_CALLS):
+        for _ in range(10):
             before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             out = jax.block_until_ready(f(x_N))
             faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
@@ -93,11 +93,16 @@ _ENTRY = textwrap.dedent(
 )
 
 
+def _entry_env(**extra) -> dict[str, str]:
+    """This environment for an entry point on the CPU, the allocator left to its own choice."""
+    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "CTXJAX_ALLOCATOR")}
+    return {**env, "JAX_PLATFORMS": "cpu", **extra}
+
+
 def _run_entry(tmp_path, **env_extra) -> tuple[str, str, list[int], str]:
     script = tmp_path / "entry.py"
-    script.write_text(_ENTRY.replace("_CALLS", "10"))
-    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "CTXJAX_ALLOCATOR")}
-    env.update(JAX_PLATFORMS="cpu", **env_extra)
+    script.write_text(_ENTRY)
+    env = _entry_env(**env_extra)
     allocator, marker, trimmed, faults, out = subprocess.run(
         [sys.executable, str(script)], check=True, capture_output=True, text=True, env=env
     ).stdout.split()
@@ -176,13 +181,11 @@ def test_entry_point_re_executes_before_its_heavy_imports(script):
     (`-X importtime`, kept across the exec with the interpreter's flags) shows ctxjax.host_memory
     imported by both processes, jax by the second only. Importing first cost every command about
     a second (`train.py --help`: 2.78 s against 1.55 s, 2-core AMD VM)."""
-    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "CTXJAX_ALLOCATOR")}
-    env["JAX_PLATFORMS"] = "cpu"
     log = subprocess.run(
         [sys.executable, "-X", "importtime", os.path.join("scripts", script), "--help"],
         capture_output=True,
         text=True,
-        env=env,
+        env=_entry_env(),
         cwd=ROOT,
     ).stderr
     imported = [line.rsplit("|", 1)[-1].strip() for line in log.splitlines() if "|" in line]
