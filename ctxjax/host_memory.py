@@ -24,9 +24,9 @@ malloc before the process starts, so the entry points re-execute themselves with
 (`LD_PRELOAD`, settings in `mimalloc_options`). The price is resident memory: the freed blocks stay
 (config c's loop: 7.8 GB against ~5.5 GB), and a step whose temporaries the last step's are not yet
 reusable for (freed by another of XLA's threads) takes a fresh set: SmolLM2-135M's 20-step preset
-run peaked at 7.9-8.7 GiB against 4.1 GiB with glibc, for a 2-6% faster step (README, "Memory and
-disk on a real model"). `CTXJAX_ALLOCATOR=system` keeps glibc. Computed values do not depend on the
-allocator.
+run peaked at 7.9-8.7 GiB against 4.1 GiB with glibc, its step medians within 7% of glibc's in one
+run each (README, "Memory and disk on a real model"). `CTXJAX_ALLOCATOR=system` keeps glibc.
+Computed values do not depend on the allocator.
 """
 
 from __future__ import annotations
