@@ -421,9 +421,10 @@ def _hand_result():
 
 
 def test_write_report_table_matches_dict(tmp_path):
-    result = _hand_result()
+    baseline_result = _hand_result()  # as a greedy result: no floor recorded
+    result = dict(baseline_result, harm_floor=0.1, excess_harm=0.02)
     baseline = dict(
-        result,
+        baseline_result,
         acc_x=0.5,
         retention={"hint": 0.9, "pirate": 0.25},
         retention_mean=0.575,
@@ -440,6 +441,8 @@ def test_write_report_table_matches_dict(tmp_path):
         "Acc_x": (0.625, 0.5),
         "Acc_xc": (0.8, 0.8),
         "Harm": (0.12, 0.12),
+        "Harm floor": (0.1, None),  # the baseline's was not measured: "-", not 0
+        "excess Harm": (0.02, None),
         "BothCorrect": (0.55, 0.55),
         "Help": (0.6666667, 0.6666667),
         "Δlen": (None, None),
