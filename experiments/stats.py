@@ -7,7 +7,10 @@ Harm pooled from counts over the base's runs (numerators and denominators summed
 (item, draw) pairs, never a mean of ratios), any other metric the mean over its runs. The interval
 is then Student's t over those base values, df = bases - 1, clipped to the metric's range
 (`INTERVAL_METHOD`); a unit whose ratio rests on fewer than `MIN_PAIRS` pairs is undefined, and
-with fewer than 2 defined units there is no interval and no verdict.
+with fewer than 2 defined units there is no interval and no verdict. Clipped, not a bootstrap over
+bases or a logit interval: with 3-5 bases a percentile bootstrap has a handful of distinct
+resamples and undercovers, and a logit breaks on the 0s and 1s a greedy Harm or accuracy takes;
+clipping keeps the t-interval's coverage, since the true value lies inside the range.
 
 Paired NCA - OPD differences are taken within each base model (the same distillation seeds on both
 sides), then over bases; each cell's t-test p-value is corrected with Holm's method across the

@@ -104,7 +104,7 @@ def test_a_cell_starts_from_its_base_model_entry():
     entries = grid_lib.load_base_models(BASE_MODELS).entries
     by_name = {s.name: s for s in grid_lib.plan(grid)}
     for name, entry, sft_steps in (
-        ("math-system-medium-nca-b2-s1", entries["math"], 1500),
+        ("math-system-medium-nca-b4-s0", entries["math"], 1500),
         ("synthetic600-hint-medium-opd-b1-s0", entries["synthetic"], 600),
     ):
         cfg = load_config(None, list(by_name[name].overrides))
