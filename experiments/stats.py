@@ -324,8 +324,8 @@ def cell_comparisons(records: list[dict], keys: tuple[str, ...] = PAIRED_METRICS
 
 
 def _verdict(c: Comparison, p_holm: float) -> str:
-    if math.isnan(c.diff["harm"].p):
-        return NO_VERDICT  # fewer than 2 bases define the difference
+    if math.isnan(c.diff["harm"].p) or degraded(c) is None:
+        return NO_VERDICT  # fewer than 2 bases define the difference, or OPD's effect is unknown
     if not degraded(c):
         return NO_DEGRADATION
     if p_holm >= ALPHA:

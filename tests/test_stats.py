@@ -183,10 +183,14 @@ def test_a_degenerate_cell_gets_no_interval_and_no_verdict():
             rec["after"] = _harm(0, 1)
     recs += _cell("one_base", [10, 12], [(30, 10), (30, 10)])
     recs[-1]["after"] = _harm(0, 5)  # the second base's NCA: under MIN_PAIRS
+    # No base model's evaluation: whether OPD degraded the cell is unknown, so no verdict either.
+    no_base = _cell("no_base", [10, 12, 11], [(30, 10), (32, 11), (35, 13)])
+    recs += [dict(rec, before=None) for rec in no_base]
     comps = stats.cell_comparisons(recs)
+    assert comps["no_base"].diff["harm"].n == 3 and comps["no_base"].verdict == stats.NO_VERDICT
     collapsed, one = comps["collapsed"].diff["harm"], comps["one_base"].diff["harm"]
     assert collapsed.n == 0 and math.isnan(collapsed.mean)
     assert one.n == 1 and math.isnan(one.lo) and math.isnan(one.p)
     assert comps["collapsed"].verdict == comps["one_base"].verdict == stats.NO_VERDICT
     assert stats.significance_count(comps) == (0, 0)
-    assert stats.direction_count(comps) == (1, 1)  # the one defined difference, by direction
+    assert stats.direction_count(comps) == (2, 2)  # the defined differences, by direction
