@@ -10,6 +10,11 @@ per item and view, and each view samples from its own random stream (`stream_see
 stream, an (item, step) would get the same noise in both views, so wherever the two views agree the
 answers are identical and Harm is 0 by construction, which is exactly what NCA trains for.
 `coupled_views=True` shares the stream on purpose (common random numbers), with that bias.
+
+Under sampling the no-context view is answered a second time, from a stream of its own: a model
+disagrees with itself between two draws, so Harm has a floor the context plays no part in
+(`metrics.removability_metrics`: harm_floor, excess_harm). Greedy Harm has no such floor and is the
+primary endpoint.
 """
 
 from __future__ import annotations
@@ -33,6 +38,8 @@ from ctxjax.sampling import generate
 
 # Random streams of `answer_view`: one per view, and one per retention context after them.
 STREAM_X, STREAM_XC, STREAM_RETENTION = 0, 1, 2
+# The no-context view's second draw (Harm's floor): above any retention stream (one per context).
+STREAM_X_AGAIN = 1 << 16
 
 
 def stream_seed(seed: int, stream: int, start: int) -> int:
@@ -186,11 +193,14 @@ def evaluate_context(
     Greedy (`temperature` 0): one answer per item and view. Sampled: `samples` draws per item and
     view (default `config.SAMPLED_EVAL_DRAWS`), the two views from independent random streams;
     accuracies are means over the draws and Harm / Help / BothCorrect are over the (item, draw)
-    pairs. `coupled_views=True` gives the with-context view the no-context view's noise (common
-    random numbers): lower variance for a paired comparison, but biased towards Harm 0, since views
-    that agree then give identical answers. The result records `mode`, `draws` and `coupled_views`;
-    `lengths_x` / `lengths_xc` and `correct_x` / `correct_xc` (per answer, for intervals over items)
-    are [n * draws], item-major; `samples` shows each item's first draw.
+    pairs; the no-context view is drawn a second time, independently, for Harm's floor
+    (harm_floor, excess_harm; absent from a greedy result, where the floor is 0 by construction).
+    `coupled_views=True` gives the with-context view the no-context view's noise (common random
+    numbers): lower variance for a paired comparison, but biased towards Harm 0, since views that
+    agree then give identical answers. The result records `mode`, `draws` and `coupled_views`;
+    `lengths_x` / `lengths_xc` and `correct_x` / `correct_xc` (per answer, for intervals over items;
+    `correct_x_again` too under sampling) are [n * draws], item-major; `samples` shows each item's
+    first draw.
     `placement` is where the context goes in the chat (`hf.render_chat`), as in training.
     """
     draws = eval_draws(temperature, samples, coupled_views)
@@ -209,6 +219,12 @@ def evaluate_context(
     correct_x = np.array([task.verify(r, y) for r, y in zip(rows, ans_x.texts, strict=True)])
     correct_c = np.array([task.verify(r, y) for r, y in zip(rows, ans_c.texts, strict=True)])
     shape = (len(records), draws)
+    correct_x_again = None
+    if temperature > 0:
+        again = answer_view(model, tokenizer, rows, with_context=False, stream=STREAM_X_AGAIN, **kw)
+        correct_x_again = np.array(
+            [task.verify(r, y) for r, y in zip(rows, again.texts, strict=True)]
+        ).reshape(shape)
     result = dict(
         context=context_name,
         mode="greedy" if temperature == 0 else "sampled",
@@ -218,6 +234,7 @@ def evaluate_context(
             correct_c.reshape(shape),
             ans_x.lengths.reshape(shape),
             ans_c.lengths.reshape(shape),
+            correct_x_again,
         ),
     )
     if with_cosine:
@@ -259,6 +276,8 @@ def evaluate_context(
     result["lengths_xc"] = ans_c.lengths.tolist()
     result["correct_x"] = correct_x.tolist()
     result["correct_xc"] = correct_c.tolist()
+    if correct_x_again is not None:
+        result["correct_x_again"] = correct_x_again.reshape(-1).tolist()
     return result
 
 

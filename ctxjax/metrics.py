@@ -39,7 +39,7 @@ def _ratio(num: float, den: float) -> float | None:
 
 
 def removability_metrics(
-    correct_x: Any, correct_xc: Any, len_x: Any, len_xc: Any
+    correct_x: Any, correct_xc: Any, len_x: Any, len_xc: Any, correct_x_again: Any = None
 ) -> dict[str, float | int | None]:
     """Metrics comparing answers without (x) and with (xc) the context, over the same N items.
 
@@ -55,6 +55,13 @@ def removability_metrics(
         right without c (`n_right_x`, a count of pairs, is then 0);
       help = P(right with c | wrong without c), None when no pair is wrong without c (`n_wrong_x`);
       delta_len = mean(len_xc) / mean(len_x) - 1, None when mean(len_x) is 0.
+
+    `correct_x_again` ([N] or [N, K], optional): a second no-context draw, independent of the
+    first. Under sampling a model disagrees with itself, so Harm has a floor that the context plays
+    no part in: with harm_floor = P(second no-context draw wrong | first right) over the same pairs
+    as Harm (expectation 1 - sum p_i^2 / sum p_i for item accuracies p_i), the result also holds
+    harm_floor and excess_harm = harm - harm_floor (None with Harm). Without it neither key is set:
+    a floor never measured is not 0.
     """
     cx, cxc = _as_bool_NxK("correct_x", correct_x), _as_bool_NxK("correct_xc", correct_xc)
     lx, lxc = _as_len_NxK("len_x", len_x), _as_len_NxK("len_xc", len_xc)
@@ -68,6 +75,17 @@ def removability_metrics(
     n_right_x = int(cx.sum())
     n_wrong_x = cx.size - n_right_x
     mean_len_x = float(lx.mean())
+    floor = {}
+    if correct_x_again is not None:
+        again = _as_bool_NxK("correct_x_again", correct_x_again)
+        if again.shape != cx.shape:
+            raise ValueError(f"correct_x_again {again.shape} must match correct_x {cx.shape}")
+        harm = _ratio(int((cx & ~cxc).sum()), n_right_x)
+        harm_floor = _ratio(int((cx & ~again).sum()), n_right_x)
+        floor = {
+            "harm_floor": harm_floor,
+            "excess_harm": None if harm is None else harm - harm_floor,
+        }
     return {
         "n": cx.shape[0],
         "draws": cx.shape[1],
@@ -79,6 +97,7 @@ def removability_metrics(
         "help": _ratio(int((~cx & cxc).sum()), n_wrong_x),
         "n_wrong_x": n_wrong_x,
         "delta_len": float(lxc.mean()) / mean_len_x - 1.0 if mean_len_x > 0 else None,
+        **floor,
     }
 
 

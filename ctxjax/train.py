@@ -438,8 +438,9 @@ def evaluate_start(run: Run) -> dict | None:
                 options=cfg.task.options,
                 context=cfg.task.context,
                 eval=dataclasses.asdict(cfg.eval),
-                # 2: independent random streams per view, k draws per item, undefined -> None
-                version=2,
+                # 2: independent random streams per view, k draws per item, undefined -> None;
+                # 3: a second no-context draw under sampling (Harm's floor)
+                version=3,
             ),
             sort_keys=True,
             default=list,

@@ -43,6 +43,12 @@ def summary_rows(result: dict) -> dict[str, Any]:
         "Acc_x": result.get("acc_x"),
         "Acc_xc": result.get("acc_xc"),
         "Harm": result.get("harm"),
+        # Sampled only: Harm between two independent no-context draws, and Harm above it.
+        **(
+            {"Harm floor": result["harm_floor"], "excess Harm": result.get("excess_harm")}
+            if "harm_floor" in result
+            else {}
+        ),
         "BothCorrect": result.get("both_correct"),
         "Help": result.get("help"),
         "Δlen": result.get("delta_len"),

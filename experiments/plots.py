@@ -154,8 +154,8 @@ def plot_retention(
 
 
 def plot_harm_by_cell(agg: dict, cells: Sequence[str], path: str) -> str:
-    """Harm of plain OPD and of NCA per cell: the mean over runs, its 95% interval as error bars
-    (none drawn where a cell has no interval)."""
+    """Harm of plain OPD and of NCA per cell: the mean over base models, its 95% interval
+    (`experiments.stats.aggregate`) as error bars (none drawn where a cell has no interval)."""
     series, errors = [], []
     for variant, label in (("opd", "plain OPD"), ("nca", "OPD + NCA")):
         stats = [agg[c][variant]["harm"] for c in cells]

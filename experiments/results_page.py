@@ -1,6 +1,8 @@
-"""`results.md` and `results.json` of a reproduction, and the README's "Results" block: the paired
-NCA - OPD differences and their count, the headline tables by regime, the ablations, the Harm plot,
-and the plain list of cells where NCA did not help.
+"""`results.md` and `results.json` of a reproduction, and the README's "Results" block: per cell,
+whether plain OPD degraded it and the paired NCA - OPD differences over base models (greedy, the
+primary endpoint, then sampled, with Harm's floor), the two counts (by direction and by
+Holm-corrected significance), the headline tables by regime, the ablations, the Harm plot, and the
+plain list of cells where NCA did not help.
 
 Every page is text generated from the saved document (`results.json`: the records, the machine,
 the time): `rewrite_results` regenerates them from it, and a test checks that the README's block is
@@ -16,13 +18,21 @@ import os
 from experiments.environment import describe
 from experiments.plots import plot_harm_by_cell
 from experiments.stats import (
+    ALPHA,
+    FLOOR_METRICS,
     INTERVAL_METHOD,
+    LOWERS,
     METRICS,
+    MIN_PAIRS,
+    NO_DEGRADATION,
     PAIRED_METRICS,
+    PRIMARY_ENDPOINT,
     RETENTION_METRICS,
+    Comparison,
     aggregate,
-    harm_count,
-    paired_differences,
+    cell_comparisons,
+    direction_count,
+    significance_count,
     where_nca_did_not_help,
 )
 from experiments.tables import Stat, compare_table, format_cell
@@ -101,9 +111,15 @@ def _intro(doc: dict) -> list[str]:
         "",
         "Each cell: a tiny base model trained here to follow the task's contexts, then distilled "
         f"on one context with plain OPD (`beta=0`) or OPD + NCA (`beta=0.5`). Cells: mean "
-        f"[{INTERVAL_METHOD}]; a mean alone where there is one run; '-' where undefined (e.g. Harm "
-        "with no item right without the context), left out of means. `cosine` is the per-layer "
-        "hidden cosine between the views, mean over the transformer blocks.",
+        f"[{INTERVAL_METHOD}]; a mean alone where one base defines it; '-' where undefined (e.g. "
+        f"Harm on fewer than {MIN_PAIRS} pairs right without the context), left out of means. "
+        "`bases` counts the base models a row's values rest on. `cosine` is the per-layer hidden "
+        "cosine between the views, mean over the transformer blocks.",
+        "",
+        f"{PRIMARY_ENDPOINT} Sampled evaluations also answer without the context twice, "
+        "independently: `harm_floor` = P(second no-context answer wrong | first right), the Harm "
+        "a model shows against itself with no context involved, and `excess_harm` = Harm - floor; "
+        "'-' where the records predate that measurement (not recorded, not 0).",
         "",
         describe(doc.get("environment")),
         "",
@@ -117,39 +133,86 @@ def _intro(doc: dict) -> list[str]:
     return lines
 
 
-def _count_line(diffs: dict) -> str:
-    lowered, defined = harm_count(diffs)
-    if not defined:
+# The paper's count: direction, one seed, its Table of 12 settings.
+PAPER_COUNT = "11 of 12"
+
+
+def _count_line(comparisons: dict) -> str:
+    """The two counts, named apart, beside the paper's, and what they support."""
+    down, defined = direction_count(comparisons)
+    lowered, judged = significance_count(comparisons)
+    skipped = sum(c.verdict == NO_DEGRADATION for c in comparisons.values())
+    direction = (
+        f"**By direction** (the paper's kind of count, its {PAPER_COUNT}): NCA's mean Harm is "
+        f"below plain OPD's in **{down} of {defined}** cells with the difference defined."
+    )
+    if not judged:
         return (
-            "No cell has a defined 95% interval of the paired Harm difference NCA - OPD (it needs "
-            "at least 2 pairs, same base seed and seed, with Harm defined in both runs)."
+            f"{direction} **By significance**: no cell has a verdict (it needs plain OPD to have "
+            "degraded the cell and at least 2 base models defining the Harm difference)."
         )
+    support = (
+        "In no cell does the corrected test tell NCA's effect on Harm apart from the variation "
+        "between base models: a direction count is not evidence here."
+        if lowered == 0
+        else f'Only those {lowered} support "NCA lowers Harm"; the direction count alone does not.'
+    )
     return (
-        f"NCA lowers Harm in **{lowered} of {defined}** cells: those whose paired difference "
-        "NCA - OPD (same base seed, same seed) has a 95% interval below 0, of the cells where that "
-        "interval is defined (at least 2 pairs with Harm defined in both runs)."
+        f"{direction} **By significance**: NCA lowers Harm in **{lowered} of {judged}** cells, "
+        f"the cells where plain OPD degraded the cell and at least 2 bases define the difference, "
+        f"by the t-test over bases with Holm's correction across those {judged} (p < {ALPHA:.2f})"
+        + (f"; {skipped} cell(s) had no degradation to fix" if skipped else "")
+        + f". {support}"
     )
 
 
-def _paired_table(agg: dict, diffs: dict) -> str:
+def _paired_table(comparisons: dict, floor: bool = False) -> str:
+    """Per cell: plain OPD against the base model (degradation), then NCA - OPD over the same base
+    models, the Holm-corrected p of the Harm difference and the verdict; Help beside Harm."""
+    keys = (*PAIRED_METRICS, "excess_harm") if floor else PAIRED_METRICS
     rows = [
         {
             "cell": cell,
-            "pairs": d["harm"].n,
-            "harm opd": agg[cell]["opd"]["harm"],
-            "harm nca": agg[cell]["nca"]["harm"],
-            **{f"{k} nca-opd": d[k] for k in PAIRED_METRICS},
+            "bases": c.diff["harm"].n,
+            "opd-base harm": c.degradation_harm,
+            "base-opd acc_xc": c.degradation_acc_xc,
+            "harm opd": c.opd["harm"],
+            "harm nca": c.nca["harm"],
+            **{f"{k} nca-opd": c.diff[k] for k in keys},
+            "holm p": c.p_holm,
+            "verdict": c.verdict,
         }
-        for cell, d in sorted(diffs.items())
+        for cell, c in sorted(comparisons.items())
     ]
-    columns = ["cell", "pairs", "harm opd", "harm nca", *(f"{k} nca-opd" for k in PAIRED_METRICS)]
+    columns = [
+        "cell",
+        "bases",
+        "opd-base harm",
+        "base-opd acc_xc",
+        "harm opd",
+        "harm nca",
+        *(f"{k} nca-opd" for k in keys),
+        "holm p",
+        "verdict",
+    ]
     return compare_table(rows, columns)
+
+
+PAIRED_NOTE = (
+    "Columns: `opd-base harm` and `base-opd acc_xc` say whether plain OPD degraded the cell (a "
+    "positive mean: it did); `harm opd` / `harm nca` and the `nca-opd` differences are over the "
+    "base models where the Harm difference is defined (`bases`); `holm p` is the two-sided t-test "
+    "of the Harm difference over bases, Holm-corrected across the cells with a verdict; the "
+    f"verdict is {LOWERS!r} only where that p is below {ALPHA:.2f}, '{NO_DEGRADATION}' where "
+    "plain OPD degraded neither Harm nor Acc_xc (lower Harm there, with lower Help, means the "
+    "context became inert, not robust), '-' with fewer than 2 bases."
+)
 
 
 def _rows(agg: dict, cell: str, models: tuple[str, ...]) -> list[dict]:
     variants = agg[cell]
     return [
-        {"cell": cell, "model": v, "runs": variants[v]["acc_x"].n, **variants[v]}
+        {"cell": cell, "model": v, "bases": variants[v]["acc_x"].n, **variants[v]}
         for v in models
         if v in variants
     ]
@@ -205,7 +268,7 @@ def _headline(records: list[dict], agg: dict) -> list[str]:
             by_regime.setdefault(regime_of[cell], []).extend(rows)
     order = {r: i for i, r in enumerate(REGIME_ORDER)}
     for regime in sorted(by_regime, key=lambda r: (order.get(r, len(REGIME_ORDER)), r)):
-        table = compare_table(by_regime[regime], ["cell", "model", "runs", *METRICS])
+        table = compare_table(by_regime[regime], ["cell", "model", "bases", *SAMPLED_METRICS])
         lines += [f"### {regime}", "", table, ""]
     return lines
 
@@ -221,7 +284,7 @@ def _ablations(agg: dict) -> list[str]:
         "two student views with no stop-gradient; `nca_bX` is NCA with beta = X; `nca_late` is NCA "
         "(beta 0.5) switched on partway (configs/grids/reproduce.yaml).",
         "",
-        compare_table(rows, ["cell", "model", "runs", *METRICS]),
+        compare_table(rows, ["cell", "model", "bases", *METRICS]),
         "",
     ]
 
@@ -250,7 +313,7 @@ def _retention(records: list[dict]) -> list[str]:
         "never saw. `step_time_s`: the median train step (the first, compiling, left out), on "
         "whatever load the machine had.",
         "",
-        compare_table(rows, ["cell", "model", "runs", *RETENTION_METRICS]),
+        compare_table(rows, ["cell", "model", "bases", *RETENTION_METRICS]),
         "",
     ]
 
@@ -295,7 +358,7 @@ def _flip(records: list[dict], agg: dict) -> list[str]:
         "",
         compare_table(
             [row for c in cells for row in _rows(agg, c, FLIP_MODELS)],
-            ["cell", "model", "runs", *METRICS],
+            ["cell", "model", "bases", *METRICS],
         ),
         "",
     ]
@@ -306,8 +369,13 @@ def _figure_cells(agg: dict) -> list[str]:
     return [c for c in sorted(agg) if "opd" in agg[c] and "nca" in agg[c]]
 
 
-# The greedy evaluation's columns: it has one answer per item and view, no retention, no cosine.
+# The greedy evaluation's columns: it has one answer per item and view, no retention, no cosine
+# (and no floor: its second no-context answer would be the first).
 GREEDY_METRICS = tuple(m for m in METRICS if m not in ("cosine", "retention_mean"))
+# The sampled tables' columns: every metric, Harm's floor and the excess over it.
+SAMPLED_METRICS = (*METRICS, *FLOOR_METRICS)
+# The sampled paired differences: Harm above each model's floor beside Harm.
+FLOOR_PAIRED = (*PAIRED_METRICS, "excess_harm")
 
 
 def greedy_records(records: list[dict]) -> list[dict]:
@@ -320,58 +388,76 @@ def greedy_records(records: list[dict]) -> list[dict]:
     ]
 
 
-def _greedy(records: list[dict]) -> list[str]:
-    greedy = greedy_records(records)
-    if not greedy:
-        return []
-    agg, diffs = aggregate(greedy, GREEDY_METRICS), paired_differences(greedy)
+def _comparison_section(title: str, comparisons: dict, intro: str, floor: bool) -> list[str]:
+    return [
+        title,
+        "",
+        intro,
+        "",
+        _count_line(comparisons),
+        "",
+        _paired_table(comparisons, floor),
+        "",
+        PAIRED_NOTE,
+        "",
+    ]
+
+
+GREEDY_INTRO = (
+    "The starting and final models answering greedily (temperature 0): one deterministic answer "
+    "per item and view, so Harm has no sampling floor (a model whose two views agree has Harm 0)."
+)
+SAMPLED_INTRO = (
+    "The same models sampled: independent draws per view (and a second, independent no-context "
+    "draw for Harm's floor where recorded). `excess_harm nca-opd` is the difference of Harm "
+    "above each model's own floor."
+)
+
+
+def _greedy_tables(greedy: list[dict]) -> list[str]:
+    agg = aggregate(greedy, GREEDY_METRICS)
     rows = [row for cell in sorted(agg) for row in _rows(agg, cell, HEADLINE_MODELS)]
     return [
-        "## Greedy evaluation",
+        "## Greedy evaluation, every metric",
         "",
-        "The same runs' starting and final models answering greedily (temperature 0): one "
-        "deterministic answer per item and view, so a model whose two views agree has Harm 0 by "
-        "construction. The sections above are sampled (independent draws per view).",
+        compare_table(rows, ["cell", "model", "bases", *GREEDY_METRICS]),
         "",
-        _count_line(diffs),
-        "",
-        _paired_table(agg, diffs),
-        "",
-        compare_table(rows, ["cell", "model", "runs", *GREEDY_METRICS]),
-        "",
+    ]
+
+
+def _notes(comparisons: dict) -> list[str]:
+    return [f"- {n}" for n in where_nca_did_not_help(comparisons)] or [
+        "- In every cell NCA's Harm verdict is that it lowers Harm."
     ]
 
 
 def page_text(doc: dict) -> str:
     """`results.md` for the saved document `doc` (`results.json`)."""
     records = doc["records"]
-    agg, diffs = aggregate(records), paired_differences(records)
-    notes = where_nca_did_not_help(diffs)
-    lines = [
-        *_intro(doc),
-        "## NCA vs plain OPD, paired",
-        "",
-        _count_line(diffs),
-        "",
-        _paired_table(agg, diffs),
-        "",
+    agg, comparisons = aggregate(records, SAMPLED_METRICS), cell_comparisons(records, FLOOR_PAIRED)
+    greedy = greedy_records(records)
+    g_comparisons = cell_comparisons(greedy) if greedy else {}
+    lines = [*_intro(doc)]
+    if greedy:
+        lines += _comparison_section(
+            "## NCA vs plain OPD, greedy (primary endpoint)", g_comparisons, GREEDY_INTRO, False
+        )
+    lines += [
+        *_comparison_section(
+            "## NCA vs plain OPD, sampled", comparisons, SAMPLED_INTRO, floor=True
+        ),
         *_headline(records, agg),
-        *_greedy(records),
+        *(_greedy_tables(greedy) if greedy else []),
         *_ablations(agg),
         *_flip(records, agg),
         *_retention(records),
     ]
     if _figure_cells(agg):
         lines += ["## Harm by cell", "", f"![Harm, plain OPD vs NCA]({HARM_FIGURE})", ""]
-    lines += [
-        "## Where NCA did not help",
-        "",
-        *(
-            [f"- {n}" for n in notes]
-            or ["- In every cell NCA's paired Harm interval lies below 0."]
-        ),
-        "",
-    ]
+    lines += ["## Where NCA did not help", ""]
+    if greedy:
+        lines += ["Greedy (primary endpoint):", "", *_notes(g_comparisons), "", "Sampled:", ""]
+    lines += [*_notes(comparisons), ""]
     return "\n".join(lines)
 
 
@@ -379,7 +465,7 @@ def readme_block(doc: dict, page: str = "docs/results.md") -> str:
     """The README's "Results" block (markers included) for the saved document `doc`; `page` is the
     results page as the README links it."""
     records = doc["records"]
-    agg, diffs = aggregate(records), paired_differences(records)
+    agg, comparisons = aggregate(records, SAMPLED_METRICS), cell_comparisons(records, FLOOR_PAIRED)
     figure = os.path.join(os.path.dirname(page), HARM_FIGURE)
     lines = [
         README_BEGIN,
@@ -388,33 +474,36 @@ def readme_block(doc: dict, page: str = "docs/results.md") -> str:
         "",
         protocol(records),
         "",
-        _count_line(diffs),
-        "",
-        f"Every cell of the grid run with both variants ({len(diffs)} cells); mean "
-        f"[{INTERVAL_METHOD}], '-' where undefined:",
-        "",
-        _paired_table(agg, diffs),
-        "",
-        "Every metric of those cells (Help, Δlen, retention under the task's other contexts, the "
-        "per-layer hidden cosine between the views, mean over blocks), the base model before "
-        "distillation included:",
-        "",
-        compare_table(
-            [row for cell in sorted(diffs) for row in _rows(agg, cell, HEADLINE_MODELS)],
-            ["cell", "model", "runs", *METRICS],
-        ),
+        f"{PRIMARY_ENDPOINT} Every cell of the grid run with both variants ({len(comparisons)} "
+        f"cells); mean [{INTERVAL_METHOD}], '-' where undefined.",
         "",
     ]
     greedy = greedy_records(records)
     if greedy:
-        g_agg, g_diffs = aggregate(greedy, GREEDY_METRICS), paired_differences(greedy)
+        g_comparisons = cell_comparisons(greedy)
         lines += [
-            "Greedy (temperature 0, one answer per item and view; identical views give Harm 0), "
-            "the same runs: " + _count_line(g_diffs),
+            "**Greedy** (temperature 0, the primary endpoint): " + _count_line(g_comparisons),
             "",
-            _paired_table(g_agg, g_diffs),
+            _paired_table(g_comparisons),
             "",
         ]
+    lines += [
+        "**Sampled** (independent draws per view): " + _count_line(comparisons),
+        "",
+        _paired_table(comparisons, floor=True),
+        "",
+        PAIRED_NOTE,
+        "",
+        "Every metric of those cells, sampled (Help, Δlen, retention under the task's other "
+        "contexts, the per-layer hidden cosine between the views, mean over blocks, Harm's floor "
+        "and the excess over it), the base model before distillation included:",
+        "",
+        compare_table(
+            [row for cell in sorted(comparisons) for row in _rows(agg, cell, HEADLINE_MODELS)],
+            ["cell", "model", "bases", *SAMPLED_METRICS],
+        ),
+        "",
+    ]
     if _figure_cells(agg):
         lines += [f"![Harm, plain OPD vs NCA]({figure})", ""]
     return "\n".join([*lines, README_END])
@@ -451,23 +540,45 @@ def _json_stat(s: Stat) -> dict:
     }
 
 
-def _json_summary(records: list[dict], keys: tuple[str, ...] = METRICS) -> dict:
-    """The aggregate per cell and variant and the paired NCA - OPD differences, as JSON."""
+def _json_comparison(c: Comparison) -> dict:
+    return dict(
+        degradation_harm=_json_stat(c.degradation_harm),
+        degradation_acc_xc=_json_stat(c.degradation_acc_xc),
+        **{
+            part: {k: _json_stat(s) for k, s in getattr(c, part).items()} for part in ("opd", "nca")
+        },
+        diff={k: _json_stat(s) for k, s in c.diff.items()},
+        p_holm=None if math.isnan(c.p_holm) else c.p_holm,
+        verdict=c.verdict,
+    )
+
+
+def _json_summary(
+    records: list[dict], keys: tuple[str, ...], paired_keys: tuple[str, ...] = PAIRED_METRICS
+) -> dict:
+    """The aggregate per cell and variant over base models and each cell's comparison (plain
+    OPD against the base, NCA - OPD, the Holm-corrected verdict), as JSON."""
     return dict(
         aggregate={
             c: {v: {k: _json_stat(s) for k, s in m.items()} for v, m in vs.items()}
             for c, vs in aggregate(records, keys).items()
         },
         paired={
-            c: {k: _json_stat(s) for k, s in d.items()}
-            for c, d in paired_differences(records).items()
+            c: _json_comparison(comp) for c, comp in cell_comparisons(records, paired_keys).items()
         },
     )
 
 
 # Per-item (and per-draw) lists of an evaluation: they stay in each run's summary.json; the saved
 # document keeps every metric and count, without them (132 runs: 6.5 MB of JSON with them).
-PER_ITEM_KEYS = ("correct_x", "correct_xc", "lengths_x", "lengths_xc", "samples")
+PER_ITEM_KEYS = (
+    "correct_x",
+    "correct_xc",
+    "correct_x_again",
+    "lengths_x",
+    "lengths_xc",
+    "samples",
+)
 EVALUATIONS = ("before", "after", "before_greedy", "after_greedy")
 
 
@@ -482,10 +593,14 @@ def _without_per_item(record: dict) -> dict:
 
 def _write_pages(doc: dict, path: str, readme: str | None) -> str:
     records = doc["records"]
-    agg = aggregate(records)
+    agg = aggregate(records, SAMPLED_METRICS)
     # Every text first: a failure leaves the saved pages as they were.
     text = page_text(doc)
-    saved = dict(doc, records=[_without_per_item(r) for r in records], **_json_summary(records))
+    saved = dict(
+        doc,
+        records=[_without_per_item(r) for r in records],
+        **_json_summary(records, SAMPLED_METRICS, FLOOR_PAIRED),
+    )
     greedy = greedy_records(records)
     if greedy:
         saved["greedy"] = _json_summary(greedy, GREEDY_METRICS)

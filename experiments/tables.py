@@ -10,13 +10,16 @@ from ctxjax.metrics import format_value, markdown_table
 
 
 class Stat(NamedTuple):
-    """A metric over runs: mean, the bounds of its interval (`experiments.stats.interval`) and the
-    count of runs where it is defined; NaN mean when undefined, NaN bounds with no interval."""
+    """A metric over independent units: mean, the bounds of its interval
+    (`experiments.stats.interval`), the count of units where it is defined, and the two-sided
+    p-value of the t-test of mean 0 (read for differences); NaN mean when undefined, NaN bounds
+    and p with no interval."""
 
     mean: float
     lo: float
     hi: float
     n: int
+    p: float = math.nan
 
 
 def format_cell(value: Any) -> str:

@@ -256,6 +256,7 @@ def test_same_model_greedy_harm_is_exactly_zero(tokenizer):
     assert 0 < result["n_right_x"] < 32  # Harm is defined and the verdict varies
     assert result["harm"] == 0.0 and result["acc_x"] == result["acc_xc"]
     assert result["lengths_x"] == result["lengths_xc"]
+    assert "harm_floor" not in result  # no sampling noise, no floor to measure
 
 
 def test_same_model_sampled_harm_is_one_minus_accuracy(tokenizer):
@@ -274,6 +275,13 @@ def test_same_model_sampled_harm_is_one_minus_accuracy(tokenizer):
     sigma = math.sqrt(q * (1 - q) * (1 / n_right + 1 / (n * k)))
     assert abs(result["harm"] - q) < 3.5 * sigma, (result["harm"], q, sigma)
     assert abs(result["acc_x"] - result["acc_xc"]) < 3.5 * math.sqrt(2 * q * (1 - q) / (n * k))
+    # The views are one distribution, so all of that Harm is the floor: the second no-context
+    # draw, independent of the first, is wrong after a right one with the same probability 1 - p.
+    assert abs(result["harm_floor"] - q) < 3.5 * sigma, (result["harm_floor"], q, sigma)
+    assert result["excess_harm"] == pytest.approx(result["harm"] - result["harm_floor"])
+    assert abs(result["excess_harm"]) < 3.5 * math.sqrt(2) * sigma
+    assert len(result["correct_x_again"]) == n * k
+    assert result["correct_x_again"] != result["correct_x"]  # its own random stream
 
 
 def test_coupled_views_force_same_model_harm_to_zero(tokenizer):
@@ -413,9 +421,10 @@ def _hand_result():
 
 
 def test_write_report_table_matches_dict(tmp_path):
-    result = _hand_result()
+    baseline_result = _hand_result()  # as a greedy result: no floor recorded
+    result = dict(baseline_result, harm_floor=0.1, excess_harm=0.02)
     baseline = dict(
-        result,
+        baseline_result,
         acc_x=0.5,
         retention={"hint": 0.9, "pirate": 0.25},
         retention_mean=0.575,
@@ -432,6 +441,8 @@ def test_write_report_table_matches_dict(tmp_path):
         "Acc_x": (0.625, 0.5),
         "Acc_xc": (0.8, 0.8),
         "Harm": (0.12, 0.12),
+        "Harm floor": (0.1, None),  # the baseline's was not measured: "-", not 0
+        "excess Harm": (0.02, None),
         "BothCorrect": (0.55, 0.55),
         "Help": (0.6666667, 0.6666667),
         "Δlen": (None, None),

@@ -163,3 +163,42 @@ def test_markdown_table_and_format_value_hand_written():
     ]
     with pytest.raises(ValueError, match="at least one column"):
         markdown_table([], [])
+
+
+def test_harm_floor_hand_computed_and_absent_without_a_second_draw():
+    # Six pairs right without c in the first draw; the second no-context draw misses 2 of them.
+    again = [1, 1, 1, 1, 0, 0, 0, 0, 0, 0]
+    m = removability_metrics(CORRECT_X, CORRECT_XC, [1] * 10, [1] * 10, correct_x_again=again)
+    assert m["harm_floor"] == pytest.approx(2 / 6)
+    assert m["excess_harm"] == pytest.approx(2 / 6 - 2 / 6)
+    plain = removability_metrics(CORRECT_X, CORRECT_XC, [1] * 10, [1] * 10)
+    assert "harm_floor" not in plain and "excess_harm" not in plain  # not measured, not 0
+    never = removability_metrics([0, 0], [1, 0], [1, 1], [1, 1], correct_x_again=[1, 1])
+    assert never["harm_floor"] is None and never["excess_harm"] is None
+    with pytest.raises(ValueError, match="correct_x_again"):
+        removability_metrics([1, 0], [1, 0], [1, 1], [1, 1], correct_x_again=[1, 0, 1])
+
+
+def test_harm_floor_matches_its_formula_in_a_simulation_with_known_item_accuracies():
+    """Items with known no-context accuracies p_i, each answered in independent draws: the floor
+    converges to 1 - sum p_i^2 / sum p_i; a context that leaves each item's accuracy as it was
+    gives Harm at the floor (excess 0), one that lowers it by a known amount gives that excess."""
+    rng = np.random.default_rng(0)
+    n, k = 20_000, 4
+    p_N = rng.beta(2, 2, n)
+    floor = 1 - (p_N**2).sum() / p_N.sum()
+
+    def draws(p):
+        return rng.random((n, k)) < p[:, None]
+
+    cx, again = draws(p_N), draws(p_N)
+    inert = removability_metrics(cx, draws(p_N), np.ones((n, k)), np.ones((n, k)), again)
+    # Over about 40,000 right pairs the ratio's sd is under 0.003.
+    assert inert["harm_floor"] == pytest.approx(floor, abs=0.01)
+    assert inert["excess_harm"] == pytest.approx(0.0, abs=0.015)
+    # With c, each item right with probability 0.8 p_i: Harm's expectation is
+    # sum p_i (1 - 0.8 p_i) / sum p_i, so the excess over the floor is 0.2 sum p_i^2 / sum p_i.
+    hurt = removability_metrics(cx, draws(0.8 * p_N), np.ones((n, k)), np.ones((n, k)), again)
+    excess = 0.2 * (p_N**2).sum() / p_N.sum()
+    assert hurt["excess_harm"] == pytest.approx(excess, abs=0.015)
+    assert hurt["harm_floor"] == pytest.approx(inert["harm_floor"])  # the same two draws

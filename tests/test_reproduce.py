@@ -3,7 +3,6 @@ runs, the aggregation, the results page, and `scripts/reproduce.py --quick` end 
 
 import dataclasses
 import json
-import math
 import os
 import subprocess
 import sys
@@ -15,7 +14,6 @@ from scipy import stats as scipy_stats
 
 from ctxjax.config import RunConfig, from_dict, load_config
 from experiments import grid as grid_lib
-from experiments import stats
 from experiments.reproduce import GRIDS
 from experiments.results_page import (
     README_BEGIN,
@@ -30,7 +28,6 @@ from experiments.results_page import (
     write_results,
 )
 from experiments.runner import run_all
-from experiments.stats import aggregate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BASE_MODELS = os.path.join(ROOT, "configs", "base_models.yaml")
@@ -57,13 +54,15 @@ def test_plan_covers_the_issue():
     assert {"opd", "nca", "nca_late", "dual_opd"} <= {
         s.variant for s in specs if s.cell == "synthetic_flip/rev/medium"
     }
-    assert len(grid.base_seeds) >= 3 and len(grid.seeds) >= 2
+    # The base model is the unit of the intervals: at least 5 in the headline, 3 in every block.
+    assert len(grid.base_seeds) >= 5 and grid.seeds
+    assert all(len(block.base_seeds) >= 3 for block in grid.blocks.values())
     headline = {
         f"{c.task}/{c.context}/{size}"
         for c in grid.cells
         for size in ((c.size,) if c.size else grid.sizes)
     }
-    for cell in headline:  # >= 3 base models x >= 2 distillation seeds, both variants
+    for cell in headline:  # every base model x every distillation seed, both variants
         runs = {(s.variant, s.base_seed, s.seed) for s in specs if s.cell == cell}
         assert {
             (v, b, s) for v in ("opd", "nca") for b in grid.base_seeds for s in grid.seeds
@@ -105,7 +104,7 @@ def test_a_cell_starts_from_its_base_model_entry():
     entries = grid_lib.load_base_models(BASE_MODELS).entries
     by_name = {s.name: s for s in grid_lib.plan(grid)}
     for name, entry, sft_steps in (
-        ("math-system-medium-nca-b2-s1", entries["math"], 1500),
+        ("math-system-medium-nca-b4-s0", entries["math"], 1500),
         ("synthetic600-hint-medium-opd-b1-s0", entries["synthetic"], 600),
     ):
         cfg = load_config(None, list(by_name[name].overrides))
@@ -279,84 +278,6 @@ def _scipy_interval(values):
     return values.mean(), lo, hi
 
 
-def test_interval_is_scipys_t_interval_over_the_defined_values():
-    values = [0.30, 0.10, 0.25, None, 0.05, float("nan"), 0.2]
-    mean, lo, hi = _scipy_interval([0.30, 0.10, 0.25, 0.05, 0.2])
-    assert tuple(stats.interval(values)) == pytest.approx((mean, lo, hi, 5))
-    assert tuple(stats.interval([0.4]))[::3] == (0.4, 1) and math.isnan(stats.interval([0.4]).lo)
-    assert stats.interval([None, float("nan")]).n == 0
-    assert math.isnan(stats.interval([]).mean)
-
-
-def test_aggregate_covers_base_seeds_and_seeds_and_skips_undefined():
-    harms = {(0, 0): 0.30, (0, 1): 0.10, (1, 0): None, (1, 1): 0.40, (2, 0): 0.22, (2, 1): 0.12}
-    recs = [
-        _record(
-            "a",
-            "opd",
-            s,
-            b,
-            before=dict(acc_xc=0.7 + 0.1 * b),
-            harm=h,
-            help=0.5,
-            layer_cosine=[1.0, 0.5, 0.7 + 0.1 * b],
-        )
-        for (b, s), h in harms.items()
-    ]
-    agg = aggregate(recs)
-    defined = [h for h in harms.values() if h is not None]
-    assert tuple(agg["a"]["opd"]["harm"]) == pytest.approx((*_scipy_interval(defined), 5))
-    # The base model: once per base seed (its runs share it), not once per run.
-    assert tuple(agg["a"]["base"]["acc_xc"]) == pytest.approx(
-        (*_scipy_interval([0.7, 0.8, 0.9]), 3)
-    )
-    # cosine: the mean over the transformer blocks, the embeddings' (layer 0, always 1) left out.
-    cos = [np.mean([0.5, 0.7 + 0.1 * b]) for b, _ in harms]
-    assert agg["a"]["opd"]["cosine"].mean == pytest.approx(np.mean(cos))
-    assert agg["a"]["opd"]["help"].mean == pytest.approx(0.5)
-    assert math.isnan(agg["a"]["opd"]["retention_mean"].mean)  # never measured: "-", not 0
-
-
-def test_paired_difference_matches_base_and_seed_and_counts_cells():
-    rng = np.random.default_rng(0)
-    opd = {(b, s): float(rng.uniform(0.2, 0.4)) for b in range(3) for s in range(2)}
-    nca = {k: v - 0.1 - 0.01 * k[0] for k, v in opd.items()}
-    recs = [
-        _record("a/x/small", "opd", s, b, harm=h, acc_x=0.9, acc_xc=0.8)
-        for (b, s), h in opd.items()
-    ]
-    recs += [
-        _record("a/x/small", "nca", s, b, harm=h, acc_x=0.9, acc_xc=0.8)
-        for (b, s), h in nca.items()
-    ]
-    recs = [recs[i] for i in rng.permutation(len(recs))]  # pairing by key, not by order
-    # b: NCA raises Harm in one pair and lowers it in the other: the interval straddles 0.
-    recs += [
-        _record("b/x/small", "opd", 0, harm=0.1, acc_x=0.9, acc_xc=0.9),
-        _record("b/x/small", "nca", 0, harm=0.2, acc_x=0.9, acc_xc=0.9),
-        _record("b/x/small", "opd", 1, harm=0.3, acc_x=0.9, acc_xc=0.9),
-        _record("b/x/small", "nca", 1, harm=0.1, acc_x=0.5, acc_xc=0.9),
-    ]
-    # c: Harm undefined in every pair; d: one pair only (a difference, but no interval).
-    recs += [_record("c/x/small", v, 0, harm=None, acc_x=0.0, acc_xc=0.5) for v in ("opd", "nca")]
-    recs += [
-        _record("d/x/small", v, 0, harm=h, acc_x=0.9, acc_xc=0.9)
-        for v, h in (("opd", 0.3), ("nca", 0.0))
-    ]
-    diffs = stats.paired_differences(recs)
-    want = [nca[k] - opd[k] for k in sorted(opd)]
-    assert tuple(diffs["a/x/small"]["harm"]) == pytest.approx((*_scipy_interval(want), 6))
-    assert tuple(diffs["b/x/small"]["harm"]) == pytest.approx((*_scipy_interval([0.1, -0.2]), 2))
-    assert diffs["c/x/small"]["harm"].n == 0 and diffs["d/x/small"]["harm"].n == 1
-    assert stats.lowers_harm(diffs["a/x/small"]["harm"])
-    assert not stats.lowers_harm(diffs["b/x/small"]["harm"])
-    assert stats.harm_count(diffs) == (1, 2)  # c and d have no interval: not counted either way
-    assert stats.harm_count({"d": diffs["d/x/small"]}) == (0, 0)
-    notes = stats.where_nca_did_not_help(diffs)
-    assert [n.split(":")[0] for n in notes] == ["b/x/small", "c/x/small", "d/x/small"]
-    assert "undefined in every pair" in notes[1]
-
-
 def test_write_results_groups_cells_by_regime_and_generates_the_readme_block(tmp_path):
     assert cell_regime("synthetic", "hint") == "nudge"
     recs = [
@@ -367,13 +288,14 @@ def test_write_results_groups_cells_by_regime_and_generates_the_readme_block(tmp
             b,
             acc_x=0.9,
             acc_xc=0.8,
-            harm=h + 0.01 * s + 0.02 * b,
+            harm=(h + s + 2 * b) / 100,
+            n_right_x=100,
             n=96,
             mode="sampled",
             correct_x=[True] * 96,
         )
         for cell in ("synthetic/rev/small", "synthetic600/careful/small")
-        for v, h in (("opd", 0.2), ("nca", 0.0))
+        for v, h in (("opd", 20), ("nca", 0))
         for b in (0, 1)
         for s in (0, 1)
     ]
@@ -389,20 +311,26 @@ def test_write_results_groups_cells_by_regime_and_generates_the_readme_block(tmp
     # After the paired table (every cell), the regime tables: nudge cells, then flip cells.
     assert nudge < text.index("synthetic600/careful/small", nudge) < flip
     assert flip < text.index("synthetic/rev/small", nudge)
-    # opd in synthetic/rev/small: Harm 0.2 + 0.01 s + 0.02 b over 4 runs; Help never measured: "-".
-    mean, lo, hi = _scipy_interval([0.2, 0.21, 0.22, 0.23])
-    harm = f"{mean:.3f} [{lo:.3f}, {hi:.3f}]"
-    same = "0.900 [0.900, 0.900] | 0.800 [0.800, 0.800]"  # 4 equal runs: a zero-width interval
-    assert f"| synthetic/rev/small | opd | 4 | {same} | {harm} | - |" in text
+    # opd in synthetic/rev/small: base b pools its two seeds' counts, (20 + 2b) + (21 + 2b) of 200
+    # pairs; the interval is over the 2 bases. Help never measured: "-".
+    mean, lo, hi = _scipy_interval([41 / 200, 45 / 200])
+    harm = f"{mean:.3f} [{max(lo, 0):.3f}, {hi:.3f}]"
+    same = "0.900 [0.900, 0.900] | 0.800 [0.800, 0.800]"  # equal bases: a zero-width interval
+    assert f"| synthetic/rev/small | opd | 2 | {same} | {harm} | - |" in text
     assert "Machine: Test CPU, 2 cores used (of 4); Python 3.11, jax 9." in text
-    assert "NCA lowers Harm in **2 of 2** cells" in text
-    assert "In every cell NCA's paired Harm interval lies below 0" in text
+    # OPD lowered Acc_xc (0.9 -> 0.8) in both cells, and NCA - OPD is -0.2 on every base.
+    assert "NCA's mean Harm is below plain OPD's in **2 of 2** cells" in text
+    assert "NCA lowers Harm in **2 of 2** cells" in text and "(the paper's kind" in text
+    assert "In every cell NCA's Harm verdict is that it lowers Harm" in text
+    assert "primary endpoint is greedy Harm" in text
     saved = json.loads((tmp_path / "docs" / "results.json").read_text())
     assert saved["records"][0]["after"]["n"] == 96  # every metric and count is kept ...
     assert "correct_x" not in saved["records"][0]["after"]  # ... the per-item lists are not
     assert (
         saved["environment"] == env
         and saved["aggregate"]["synthetic/rev/small"]["opd"]["help"]["mean"] is None
+        and saved["aggregate"]["synthetic/rev/small"]["opd"]["harm_floor"]["mean"] is None
+        and saved["paired"]["synthetic/rev/small"]["verdict"] == "NCA lowers Harm"
     )
     assert (tmp_path / "docs" / "figures" / "harm_opd_vs_nca.png").read_bytes()[:4] == b"\x89PNG"
     # The README's block: generated from results.json alone, the text around it untouched.
@@ -439,11 +367,11 @@ def test_flip_and_retention_sections_report_what_was_measured(tmp_path):
     assert f"{line}: its interval lies below 0.8." in text[flip:]
     assert f"| {flip_cell} | nca_late | 3 |" in text[flip:]
     ret = text.index("## Retention anchor")
-    mean, lo, hi = _scipy_interval([1.0, 2.0, 3.0])
+    mean, lo, hi = _scipy_interval([1.0, 2.0, 3.0])  # a step time: clipped at 0
     row = f"| {ret_cell} | ret_opd_anchor | 3 | 0.800 [0.800, 0.800] | 0.900 [0.900, 0.900] |"
     assert row in text[ret:]
     assert (
-        f"0.700 [0.700, 0.700] | 0.350 [0.350, 0.350] | {mean:.3f} [{lo:.3f}, {hi:.3f}] |"
+        f"0.700 [0.700, 0.700] | 0.350 [0.350, 0.350] | {mean:.3f} [{max(lo, 0):.3f}, {hi:.3f}] |"
         in (text[ret:])
     )
 
@@ -507,7 +435,7 @@ def test_reproduce_quick_end_to_end(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     text = (out / "results.md").read_text()
-    assert "| cell | model | runs | acc_x |" in text and "## Where NCA did not help" in text
+    assert "| cell | model | bases | acc_x |" in text and "## Where NCA did not help" in text
     assert "base seeds [0, 1] x distillation seeds [0]" in text and "Machine: " in text
     assert (out / "figures" / "harm_opd_vs_nca.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     for variant in ("opd", "nca"):
@@ -521,6 +449,10 @@ def test_reproduce_quick_end_to_end(tmp_path):
     doc = json.loads((out / "results.json").read_text())
     for rec in doc["records"]:
         assert rec["after"]["mode"] == "sampled" and rec["after"]["draws"] == 4
+        # Harm's floor: the no-context view answered twice, independently (None only with Harm).
+        for evaluation in (rec["before"], rec["after"]):
+            assert "harm_floor" in evaluation and "excess_harm" in evaluation
+        assert "harm_floor" not in rec["after_greedy"]
         assert rec["after_greedy"]["mode"] == "greedy" and rec["after_greedy"]["draws"] == 1
         assert rec["before_greedy"]["mode"] == "greedy"
     assert set(doc["greedy"]["aggregate"]["synthetic/careful/small"]) == {"base", "opd", "nca"}
