@@ -82,7 +82,7 @@ def _markdown(result: dict, baseline: dict | None, title: str, plots: dict[str, 
         harm = (
             f"Harm is over the {n_right} items right without the context"
             if n_right
-            else "Harm is undefined here (no item is right without the context) and shown as 0"
+            else "Harm is undefined here (no item is right without the context) and shown as -"
         )
         parts += [
             f"{harm}. Cosine compares the hidden states of the no-context answer's tokens read "

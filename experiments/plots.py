@@ -153,16 +153,19 @@ def plot_retention(
     return save(fig, path)
 
 
-def plot_harm_by_cell(agg: dict, cells: Sequence[str], path: str) -> str:
-    """Harm of plain OPD and of NCA per cell: the mean over base models, its 95% interval
-    (`experiments.stats.aggregate`) as error bars (none drawn where a cell has no interval)."""
+def plot_harm_by_cell(agg: dict, cells: Sequence[str], path: str, mode: str = "sampled") -> str:
+    """Harm of plain OPD and of NCA per cell: the mean over base models and its 95% interval
+    (`experiments.stats.aggregate`) as error bars; a cell with fewer than 2 defined base models has
+    no interval and draws no bar (undefined, not 0). `mode` (greedy, sampled) names the evaluation.
+    """
     series, errors = [], []
     for variant, label in (("opd", "plain OPD"), ("nca", "OPD + NCA")):
         stats = [agg[c][variant]["harm"] for c in cells]
-        series.append((label, [s.mean for s in stats]))
+        series.append((label, [s.mean if s.n >= 2 else math.nan for s in stats]))
         below = [0.0 if math.isnan(s.lo) else s.mean - s.lo for s in stats]
         errors.append([below, [0.0 if math.isnan(s.hi) else s.hi - s.mean for s in stats]])
     fig, ax = figure(max(6, 0.9 * len(cells)), 4)
     grouped_bars(ax, list(cells), series, errors, ylim=None)
-    ax.set_ylabel("Harm = P(wrong with c | right without c)")
+    ax.set_ylabel(f"{mode} Harm")
+    ax.set_title("Harm = P(wrong with c | right without c), mean over base models", fontsize=9)
     return save(fig, path)

@@ -453,7 +453,8 @@ def page_text(doc: dict) -> str:
         *_retention(records),
     ]
     if _figure_cells(agg):
-        lines += ["## Harm by cell", "", f"![Harm, plain OPD vs NCA]({HARM_FIGURE})", ""]
+        mode = "greedy" if greedy else "sampled"
+        lines += ["## Harm by cell", "", f"![{mode} Harm, plain OPD vs NCA]({HARM_FIGURE})", ""]
     lines += ["## Where NCA did not help", ""]
     if greedy:
         lines += ["Greedy (primary endpoint):", "", *_notes(g_comparisons), "", "Sampled:", ""]
@@ -505,7 +506,8 @@ def readme_block(doc: dict, page: str = "docs/results.md") -> str:
         "",
     ]
     if _figure_cells(agg):
-        lines += [f"![Harm, plain OPD vs NCA]({figure})", ""]
+        mode = "greedy" if greedy_records(records) else "sampled"
+        lines += [f"![{mode} Harm, plain OPD vs NCA]({figure})", ""]
     return "\n".join([*lines, README_END])
 
 
@@ -611,9 +613,13 @@ def _write_pages(doc: dict, path: str, readme: str | None) -> str:
         f.write(text)
     with open(os.path.splitext(path)[0] + ".json", "w") as f:
         f.write(saved_text)
-    cells = _figure_cells(agg)
+    # The figure shows the primary endpoint (greedy Harm) where the records have it.
+    fig_agg, fig_mode = (
+        (aggregate(greedy, GREEDY_METRICS), "greedy") if greedy else (agg, "sampled")
+    )
+    cells = _figure_cells(fig_agg)
     if cells:
-        plot_harm_by_cell(agg, cells, os.path.join(page_dir, HARM_FIGURE))
+        plot_harm_by_cell(fig_agg, cells, os.path.join(page_dir, HARM_FIGURE), fig_mode)
     if readme:
         page = os.path.relpath(path, os.path.dirname(os.path.abspath(readme)))
         replace_readme_block(readme, readme_block(doc, page))
