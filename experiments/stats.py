@@ -80,7 +80,7 @@ def _base_rows(records: list[dict]) -> dict[str, list[dict]]:
     return {cell: [by_seed[s] for s in sorted(by_seed)] for cell, by_seed in bases.items()}
 
 
-# The retention anchor's table (issue 10, section 5): retention on the anchor's pool and on the
+# The retention anchor's table: retention on the anchor's pool and on the
 # contexts it never drew, and the median train step time.
 RETENTION_METRICS = (
     "acc_x",
