@@ -4,10 +4,9 @@ checkpoint restores on another number of processes or devices (the state is resh
 current mesh).
 
 The state is written without compression. Orbax's default zstd held host buffers about the size of
-the state while it wrote (measured: +1.4 GB for a 1.5 GB fp32 state, +5 MB uncompressed), the
-largest part of a real-model CPU run's peak memory, to save a few percent of disk on fp32 weights
-and moments, which hardly compress. Checkpoints written compressed still restore (the codec is in
-their metadata).
+the state while it wrote (docs/memory.md), the largest part of a real-model CPU run's peak memory,
+to save a few percent of disk on fp32 weights and moments, which hardly compress. Checkpoints
+written compressed still restore (the codec is in their metadata).
 
 No rng is stored: step `i` uses `fold_in(key(train.seed), i)`, so a resumed run draws the same
 samples as an uninterrupted one.

@@ -269,8 +269,8 @@ class TrainConfig:
     keep_checkpoints: int = 3
     # True: a checkpoint is written while the next steps run. On a CPU the device memory is the
     # host's, and the step cannot reuse the state's buffers while the writer still reads them, so
-    # the overlap holds a second copy of the state (+2.9 GB peak RSS on SmolLM2-135M). False: each
-    # save finishes before the next step (the same numbers, the write no longer overlapped).
+    # the overlap holds a second copy of the state (docs/memory.md). False: each save finishes
+    # before the next step (the same numbers, the write no longer overlapped).
     async_checkpoint: bool = True
     out_dir: str = "runs/default"
 

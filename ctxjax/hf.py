@@ -56,7 +56,7 @@ _SAFETENSORS_TAGS = {
 }
 
 # Used when a tokenizer has no chat template (base models, hand-built tokenizers): the context, a
-# blank line, the prompt, a newline. Documented in README ("Chat rendering").
+# blank line, the prompt, a newline. Documented in docs/architecture.md ("Chat rendering").
 FALLBACK_SEPARATOR = "\n\n"
 # Where `render_chat` puts the context: the system message, or in front of the user message (for
 # templates with no system role), separated by FALLBACK_SEPARATOR.
@@ -433,8 +433,8 @@ def write_safetensors(
 ) -> None:
     """Writes a safetensors file one tensor at a time: `entries` {name: (shape, numpy dtype)}
     fixes the header, then `get(name)` supplies each tensor as it is written. The library's
-    `save_file` needs every tensor in memory at once and serializes them into one more buffer,
-    which for a 135M-parameter fp32 model is two extra copies (~1.1 GB) at the moment of export.
+    `save_file` needs every tensor in memory at once and serializes them into one more buffer:
+    two extra copies of the weights at the moment of export.
 
     The layout is the format's: an 8-byte little-endian header length, the JSON header (padded with
     spaces to a multiple of 8), then the tensors' little-endian bytes back to back in header order.

@@ -4,29 +4,25 @@ On a CPU backend the device memory is the process's heap. Compiling a program, a
 caches, per-batch buffers) and a checkpoint save each allocate and free many buffers of a few MB;
 glibc keeps what is freed in its arenas (its dynamic mmap threshold rises to 32 MB after the first
 large free, so such buffers stop being mapped and unmapped), and the resident set never shrinks.
-The next phase then allocates anew beside that retained memory. On SmolLM2-135M's 20-step CPU
-run the retained heap was the largest part of the peak: evaluation after training at 5.1 GiB
-against 3.3 GiB with the heap trimmed at each phase boundary (the same numbers computed).
+The next phase then allocates anew beside that retained memory, which on a real model's CPU run
+was the largest part of the peak (docs/memory.md).
 
 `release_free_memory()` asks glibc (`malloc_trim(0)`) to return free heap pages; a no-op where
 there is no glibc heap (no glibc, or the caching allocator below). It frees nothing that is in
 use, so results never depend on it.
 
 `exec_with_caching_allocator()` is for the steady state of a training loop. XLA:CPU allocates each
-execution's temporaries with malloc and frees them when it ends (config b of `scripts/bench.py
-step`: 1033 MiB a step, config c: 2415 MiB); glibc maps blocks that large afresh and unmaps them on
-free, so every step faults its temporaries in again page by page: 0.80 s of system time in a 3.56 s
-step (b) and 2.61 s in 7.70 s (c) on the 2-core Intel Xeon VM (2026-12-01). glibc's own options
-do not cure it (one arena without mmap fragments the heap once the next step is dispatched before
-the last one's temporaries are freed; transparent huge pages cut the faults but still zero the
-memory). mimalloc keeps freed memory in its segments for the next allocation; it has to replace
-malloc before the process starts, so the entry points re-execute themselves with it preloaded
-(`LD_PRELOAD`, settings in `mimalloc_options`). The price is resident memory: the freed blocks stay
-(config c's loop: 7.8 GB against ~5.5 GB), and a step whose temporaries the last step's are not yet
-reusable for (freed by another of XLA's threads) takes a fresh set: SmolLM2-135M's 20-step preset
-run peaked at 7.9-8.7 GiB against 4.1 GiB with glibc, its step medians within 7% of glibc's in one
-run each (README, "Memory and disk on a real model"). `CTXJAX_ALLOCATOR=system` keeps glibc.
-Computed values do not depend on the allocator.
+execution's temporaries with malloc and frees them when it ends; glibc maps blocks that large
+afresh and unmaps them on free, so every step faults its temporaries in again page by page, a
+large share of the step's time. glibc's own options do not cure it (one arena without mmap
+fragments the heap once the next step is dispatched before the last one's temporaries are freed;
+transparent huge pages cut the faults but still zero the memory). mimalloc keeps freed memory in
+its segments for the next allocation; it has to replace malloc before the process starts, so the
+entry points re-execute themselves with it preloaded (`LD_PRELOAD`, settings in
+`mimalloc_options`). The price is resident memory: the freed blocks stay, and a step whose
+temporaries the last step's are not yet reusable for (freed by another of XLA's threads) takes a
+fresh set, so a run can hold about twice glibc's peak (docs/memory.md). `CTXJAX_ALLOCATOR=system`
+keeps glibc. Computed values do not depend on the allocator.
 """
 
 from __future__ import annotations
@@ -119,10 +115,9 @@ def mimalloc_options(memory_bytes: int | None = None) -> dict[str, str]:
     """mimalloc's settings for a training loop (environment variables): keep freed memory
     (`PURGE_DELAY=-1`: a step's temporaries are freed at its end and allocated again at the next
     one's start), serve blocks of any size up to the machine's memory from its arenas (by default
-    the largest, such as config c's 2.4 GiB of temporaries, went to the OS and back every step), and
-    no transparent huge pages (their zeroing on a fresh fault cost more system time than 4 KiB pages
-    in the first steps). Measured on config c's loop (Intel Xeon VM, 2026-12-01): 6.0 s a step from
-    the fourth on, no page faults, 7.8 GB resident, against 7.4-7.7 s and ~5.5 GB with glibc."""
+    the largest, a big model's step temporaries, went to the OS and back every step), and no
+    transparent huge pages (their zeroing on a fresh fault cost more system time than 4 KiB pages
+    in the first steps). What this bought, measured: docs/memory.md."""
     if memory_bytes is None:
         memory_bytes = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     gib = max(1, memory_bytes >> 30)

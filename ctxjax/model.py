@@ -105,9 +105,9 @@ class Numerics:
     # Run the blocks as one `lax.scan` over parameters stacked on a leading layer axis, so the
     # compiled program holds one block whatever the depth (compile time flat in num_layers). The
     # parameters then live stacked (`layers.mlp.up_proj.kernel` is [num_layers, D, F]); HF folders
-    # keep per-layer tensors either way (`unrolled_params` / `fill_unrolled`). Opt-in: on the 2-core
-    # CPU it halves the first step of a 30-layer model but compiles the 4-layer default no faster
-    # and a scanned fwd+bwd ran ~30% slower per call there (no cross-layer fusion or scheduling).
+    # keep per-layer tensors either way (`unrolled_params` / `fill_unrolled`). Opt-in: it shortens
+    # a deep model's first step, but a scanned fwd+bwd runs slower per call (no cross-layer fusion
+    # or scheduling) and a shallow model compiles no faster.
     scan_layers: bool = False
 
     def __post_init__(self):
@@ -229,7 +229,7 @@ def _dense(layer: nnx.Linear, x_BxLxDin: jax.Array) -> jax.Array:
     """`layer` applied to the rows of a 2-D [B*L, Din] view. On a 3-D input the backward's weight
     gradient contracts two axes (B and L), which XLA CPU lowered as a transposed copy of the
     activations before each dot; with one row axis the dot reads them in place (bitwise-equal
-    results, ~26% less CPU time for a 42M model's fwd+bwd)."""
+    results, less CPU time)."""
     *lead, din = x_BxLxDin.shape
     return layer(x_BxLxDin.reshape(-1, din)).reshape(*lead, -1)
 
@@ -357,9 +357,7 @@ class Unembedding:
     Logits contract `w` where it lies. Through the transposed table, the backward pass of a tied
     model computed the table's gradient as [D, V] and transposed it back (XLA CPU ran that as a
     separate kernel over the whole table, once per student view); read in place, one dot gives the
-    gradient in the table's own layout, bitwise the same. Measured on the 2-core CPU (SmolLM2-135M
-    shape, vocabulary 49152): the student passes alone 5.13 -> 4.80 s (median of 7 interleaved
-    calls), the whole step unchanged within its noise (9.54 vs 9.75 s).
+    gradient in the table's own layout, bitwise the same, and the student passes run faster.
     """
 
     w: jax.Array
@@ -476,8 +474,7 @@ class Transformer(nnx.Module):
         The numbers are `forward`'s, view for view. What changes is the backward pass: with
         `scan_layers` one scan carries every view, so each layer's parameter gradient sums the
         views' contributions inside the scan and one stacked gradient is built, not one per view
-        added afterwards (the train step's two student views on SmolLM2-135M, scanned and
-        rematerialized: XLA's temporaries 1.29 -> 1.02 GiB).
+        added afterwards, which lowers XLA's temporaries of the train step.
         """
         n = self.numerics
         inv_freq = rope_inv_freq(self.cfg)

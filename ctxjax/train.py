@@ -203,11 +203,9 @@ def check_batch_fits_mesh(cfg: RunConfig, mesh: jax.sharding.Mesh) -> None:
 
 
 # From this many parameters on, an unrolled fp32 step's XLA temporaries dominate the memory: every
-# layer's activations and both student passes' weight gradients are alive at once. Measured on
-# SmolLM2-135M (30 layers, vocab 49152), batch 8, 32 new tokens, the default loss: step temporaries
-# 3.8 GB and peak RSS 7.7 GB unrolled; 1.4 GB and 4.7 GB with numerics.scan_layers=true and
-# numerics.remat=true. That is not the default: a scanned, rematerialized step rounds differently
-# (grad_norm 3.9903893 vs 3.9903903 at step 1), and an existing run must keep its numbers.
+# layer's activations and both student passes' weight gradients are alive at once (docs/memory.md).
+# Scanned, rematerialized layers are not the default: they round differently, and an existing run
+# must keep its numbers.
 LARGE_MODEL_PARAMS = 50_000_000
 
 
@@ -639,8 +637,7 @@ def _train(
         # The text itself, not only a name or a file path: what the student was taught to do
         # without.
         "context_text": run.task.contexts()[cfg.task.context],
-        # The host's malloc: it sets a CPU run's peak memory (about twice glibc's under mimalloc on
-        # the SmolLM2 preset, README "Memory and disk on a real model").
+        # The host's malloc: it sets a CPU run's peak memory (docs/memory.md).
         "host_allocator": process_allocator(),
     }
     if summary["host_allocator"] == "mimalloc":
@@ -729,8 +726,8 @@ def _train(
 def _compiled(step_fn, state, teacher_params, batch, rng):
     """The jitted step compiled ahead of its first call, and the compiler's freed memory returned
     before that call allocates the step's buffers: compiled lazily, the first step ran beside
-    what the compile had left in the heap (SmolLM2-135M: 4.06 GiB peak RSS, against 3.8 GiB for
-    every later step). Anything else (a wrapped step in tests) is returned as it is."""
+    what the compile had left in the heap, and set the run's peak. Anything else (a wrapped step
+    in tests) is returned as it is."""
     if not hasattr(step_fn, "lower"):
         return step_fn
     compiled = step_fn.lower(state, teacher_params, batch, rng).compile()

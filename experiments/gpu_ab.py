@@ -140,7 +140,7 @@ def attention(tiny: bool, reps: int) -> dict:
         # `_attend` with the query and the output transposed (small: [B, L, H, Dh]) so that both
         # einsums keep (g, l) in the order of the [B, K, G, L, S] scores: on the H200 the rest's
         # costliest kernel (9.6%) transposed the bf16 probabilities to [B, K, L, G, S] for the
-        # output einsum. A lead for the next device session, not yet the library's formulation.
+        # output einsum. A candidate to measure on a device, not yet the library's formulation.
         b_, n_, h_, d_ = q.shape
         kv_ = k.shape[2]
         q_ = q.reshape(b_, n_, kv_, h_ // kv_, d_).transpose(0, 2, 3, 1, 4)

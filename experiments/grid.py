@@ -153,7 +153,7 @@ class _GridFile:
     headline_variants: tuple = ()
     cells: tuple = ()
     ablations: dict | None = None
-    retention: dict | None = None  # the retention-anchor comparison (issue 10, section 5)
+    retention: dict | None = None  # the retention-anchor comparison
     flip: dict | None = None  # flip-rule cells run long enough for OPD to internalize the rule
 
 

@@ -294,7 +294,7 @@ def test_step_markdown_holds_the_measured_table(step_run):
     assert cells[1] == f"{c['ctxjax']['step']['median_s']:.3f} s"
     assert cells[2] == f"{c['pytorch']['step']['median_s']:.3f} s"
     assert cells[3] == f"{c['ratio']:.2f}x"
-    assert "## Accelerators: not measured (no GPU in this session)" in md
+    assert "## Accelerators: not measured (no GPU where this page was written)" in md
 
 
 def test_step_page_regenerates_from_the_saved_result(step_run, tmp_path):
@@ -592,8 +592,8 @@ def test_step_rejects_an_unknown_config():
         measure.measure_step(configs="a,z")
 
 
-def test_step_cases_have_the_issue_sizes():
-    """The three configs of issue 13: batch 8, context 32, prompt 16 and the stated shapes."""
+def test_step_cases_have_the_stated_sizes():
+    """The three step configs: batch 8, context 32, prompt 16 and the stated shapes."""
     from ctxjax.model import ModelConfig
 
     params = {}

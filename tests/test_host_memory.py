@@ -121,8 +121,8 @@ def test_entry_point_reuses_step_temporaries_under_the_caching_allocator(tmp_pat
     faults in at most one more set of temporaries; the output is bit for bit the same.
 
     Why one more set may come: XLA frees a call's temporaries after its output is ready, and a
-    next call that starts before that free lands gets fresh memory (22 of 30 runs on a 2-core AMD
-    VM, 2026-12-01; never a third set). Asserting no fault on the third call failed that way."""
+    next call that starts before that free lands gets fresh memory (most runs on a 2-core CPU;
+    never a third set). Asserting no fault on the third call failed that way."""
     set_pages = 2 * (8192 * 8192 * 4) // 4096
     allocator, marker, faults, out = _run_entry(tmp_path)
     assert (allocator, marker) == ("mimalloc", "mimalloc")
@@ -179,8 +179,8 @@ def test_caching_allocator_left_to_users_and_accelerators(monkeypatch):
 def test_entry_point_re_executes_before_its_heavy_imports(script):
     """Each entry point in scripts/ replaces itself before it imports jax: Python's import log
     (`-X importtime`, kept across the exec with the interpreter's flags) shows ctxjax.host_memory
-    imported by both processes, jax by the second only. Importing first cost every command about
-    a second (`train.py --help`: 2.78 s against 1.55 s, 2-core AMD VM)."""
+    imported by both processes, jax by the second only: importing first cost every command the
+    heavy imports twice."""
     log = subprocess.run(
         [sys.executable, "-X", "importtime", os.path.join("scripts", script), "--help"],
         capture_output=True,

@@ -37,7 +37,7 @@ def test_plan_covers_the_issue():
     grid = grid_lib.load_grid(GRIDS["full"])
     specs = grid_lib.plan(grid)
     cells = {s.cell for s in specs}
-    # The paper's settings (issue 10, section 4): planning games, system-prompt QA, free-length
+    # The paper's settings: planning games, system-prompt QA, free-length
     # answers, a cross-size teacher, the flip regime; nudges on the 600-step bases.
     assert {
         "synthetic600/careful/medium",

@@ -4,6 +4,7 @@ the held-out split against a CRC32 computed here, and `evaluate_context` end to 
 random model."""
 
 import json
+import os
 import zlib
 
 import jax
@@ -11,11 +12,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from ctxjax.config import load_config
 from ctxjax.evaluate import evaluate_context
 from ctxjax.model import ModelConfig, create_model
 from ctxjax.tasks import Task
 from ctxjax.tasks.jsonl import JsonlTask
 from ctxjax.tasks.verifiers import compile_verifier, verify
+from ctxjax.train import load_task
 from ctxjax.vocab import build_tokenizer
 
 
@@ -132,6 +135,9 @@ def test_record_missing_what_its_verifier_reads(spec, record, message):
 # JsonlTask
 
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
 def _write(path, rows):
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     return str(path)
@@ -179,10 +185,32 @@ def test_bad_run_verifier_and_split_options(tmp_path):
         JsonlTask(eval_file=path, verifier="x")
     with pytest.raises(ValueError, match="needs train_file or eval_file"):
         JsonlTask()
-    with pytest.raises(ValueError, match="not both"):
+    with pytest.raises(ValueError, match=r"eval_file='b' and eval_fraction=0\.5 both give"):
         JsonlTask(train_file="a", eval_file="b", eval_fraction=0.5)
     with pytest.raises(ValueError, match=r"eval_fraction must be in \[0, 1\)"):
         JsonlTask(train_file="a", eval_fraction=1.0)
+
+
+def test_preset_combines_with_own_data_and_split(tmp_path):
+    """The SmolLM2 preset names its own eval file: a user's train file with a held-out share
+    conflicts with it, the error says how to clear it, and the documented override works."""
+    path = _write(
+        tmp_path / "train.jsonl", [{"prompt": f"q{i}?", "answer": "a"} for i in range(40)]
+    )
+    own = [
+        "task.name=jsonl",
+        f"data.train_file={path}",
+        "data.context=Be terse.",
+        "task.options.verifier=exact",
+        "task.options.eval_fraction=0.25",
+    ]
+    preset = os.path.join(ROOT, "configs", "smollm2_cpu.yaml")
+    with pytest.raises(ValueError, match=r"data\.eval_file=null clears"):
+        load_task(load_config(preset, own))
+    task = load_task(load_config(preset, [*own, "data.eval_file=null"]))
+    held = {r["prompt"] for r in task.eval_split}
+    assert held and held.isdisjoint(r["prompt"] for r in task.train_split)
+    assert len(held) + len(task.train_split) == 40
 
 
 def test_heldout_split_is_disjoint_deterministic_and_by_prompt(tmp_path):

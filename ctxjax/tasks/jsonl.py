@@ -68,7 +68,11 @@ class JsonlTask:
         if not self.train_file and not self.eval_file:
             raise ValueError("the jsonl task needs train_file or eval_file")
         if self.eval_file and self.eval_fraction:
-            raise ValueError("set eval_file or eval_fraction > 0, not both")
+            # A preset's eval_file plus a user's eval_fraction: name both and how to clear the file.
+            raise ValueError(
+                f"eval_file={self.eval_file!r} and eval_fraction={self.eval_fraction} both give "
+                "an eval split: keep one (a run's data.eval_file=null clears a preset's file)"
+            )
         train, evals = self._split()
         train = [self._with_context(r) for r in train]
         evals = [self._with_context(r) for r in evals]

@@ -40,7 +40,7 @@ def _step_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--configs",
         default="a,b,c",
-        help=f"comma-separated configs of issue 13, from {sorted(set(STEP_CASES) - {'quick'})}",
+        help=f"comma-separated step configs, from {sorted(set(STEP_CASES) - {'quick'})}",
     )
     parser.add_argument("--reps", type=int, default=5, help="timed steps per side (median)")
     parser.add_argument("--torch-threads", type=int, default=None, help="default: the cores")

@@ -71,7 +71,7 @@ TINY_MODEL = dict(
 GPU_SETUP = dict(batch=16, context_len=256, prompt_len=128, new_tokens=128, chunk=32)
 TINY_SETUP = dict(batch=2, context_len=8, prompt_len=8, new_tokens=8, chunk=4)
 
-# Targets of issue 13 for when the benchmark runs on an accelerator.
+# The project's targets for the step on an accelerator.
 REST_MFU_TARGET = 0.40  # the non-sampling part, on an H100/H200-class GPU
 DECODE_BOUND_FACTOR = 2.0  # decode within this factor of the HBM-bandwidth bound
 MFU_TARGET_DEVICES = ("H100 SXM", "H200")

@@ -250,8 +250,7 @@ def time_decode_step(case, reps: int = 3) -> dict:
     kernels, the faster of the two weight layouts. Unlike `time_gemms`, whose products are each
     timed alone with their operands in cache, every matrix is read in turn as in the sampler, so a
     model larger than the caches streams its weights from memory at the rate these few-row
-    products reach (on the 2-core Intel VM both libraries' 8-row products read at ~8 GB/s where
-    a plain read streams ~24 GB/s and the same products from cache run 2-3x faster)."""
+    products reach, well below a plain read's rate (docs/notes.md)."""
     from ctxjax.model import ModelConfig
 
     cfg = ModelConfig(**case.model)

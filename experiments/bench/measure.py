@@ -81,10 +81,9 @@ def memory_read_rate(total_bytes: int = 2**30, arrays: int = 8, calls: int = 5) 
     `calls` calls after a warm-up (load can only slow a call).
 
     `weight_stream_rate` is the rate of a decode-shaped product over 16 MiB, which a CPU with a
-    large last-level cache serves from cache, and which is a kernel's rate, not the memory's: on
-    the 2-core Intel VM (2026-12-01) it read 18-20 GB/s, the same product over 256 MiB 7.4 GB/s,
-    this plain read of 1 GiB 23-25 GB/s. A floor that claims what no implementation can beat
-    divides bytes by the faster of the two."""
+    large last-level cache serves from cache, and which is a kernel's rate, not the memory's
+    (either can be the faster: docs/notes.md). A floor that claims what no implementation can
+    beat divides bytes by the faster of the two."""
     import jax
     import jax.numpy as jnp
 
@@ -529,7 +528,7 @@ def _peak_matmul_torch(reps: int) -> dict:
     return {"times_s": [round(t, 5) for t in times], "best_flops_per_s": 2 * m * n * k / min(times)}
 
 
-# The step-time ratios issue 13 asks of `measure_step`'s configs (PyTorch way / ctxjax).
+# The step-time ratios the project targets for `measure_step`'s configs (PyTorch way / ctxjax).
 STEP_TARGETS = {"b": 1.3, "c": 1.2}
 
 
@@ -988,7 +987,7 @@ class StepCase:
     prompt_len: int = 16
 
 
-# The configurations of issue 13; "quick" is a tiny one for the test suite.
+# The benchmark's step configurations; "quick" is a tiny one for the test suite.
 STEP_CASES = {
     "a": StepCase(
         "4 layers, hidden 256, vocab 512",
@@ -1138,9 +1137,8 @@ def fresh_first_step(
 ) -> dict:
     """`first_step_here` in a new Python process (`python -m experiments.bench.first_step`, the
     same environment: the preloaded allocator, XLA flags), as a run meets its first step. In the
-    bench's own process it came out flattered: config c's scanned first call took 6.3 s after
-    another step had run in the process against 10.6-14.0 s in a fresh one (AMD EPYC VM,
-    mimalloc, 2026-12-01), the process's own warm-up (allocator arenas, kernel set-up) done."""
+    bench's own process it came out flattered, about half as long (docs/notes.md): the process's
+    own warm-up (allocator arenas, kernel set-up) was already done."""
     import json
     import subprocess
     import sys
@@ -1204,9 +1202,9 @@ def _compare_case(
     load_before = os.getloadavg()[0]
     for rep in range(reps):
         # Each timed step follows an untimed one of its own side, as a step follows a step in
-        # training: right after the other library's step, ctxjax's step (which maps its XLA
-        # temporaries afresh every call) ran 3.5-4.6 s against 2.9-3.1 s after its own (config b,
-        # Intel Xeon VM, 2026-12-01), its page faults costing 1-3 s of system time instead of 0.4.
+        # training: right after the other library's step, ctxjax's step under glibc (which maps its
+        # XLA temporaries afresh every call) ran slower than after its own, its page faults costing
+        # seconds of system time (docs/notes.md).
 
         def run_ours(rep=rep):
             ours.run_step(reps + rep)  # untimed, its own rollout key

@@ -536,7 +536,7 @@ def write_text(text: str, path: str | None) -> None:
 ACCELERATOR_HEADING = "## Accelerators"
 NOT_MEASURED_SECTION = "\n".join(
     [
-        f"{ACCELERATOR_HEADING}: not measured (no GPU in this session)",
+        f"{ACCELERATOR_HEADING}: not measured (no GPU where this page was written)",
         "",
         "No GPU or TPU was available when this page was generated, so nothing accelerator-side "
         "(MFU, decode tokens/s against the HBM bound, device memory) is measured here.",
