@@ -12,9 +12,14 @@ their metadata).
 No rng is stored: step `i` uses `fold_in(key(train.seed), i)`, so a resumed run draws the same
 samples as an uninterrupted one.
 
-Integrity: once a step's asynchronous save has finished, the sha256 of each of its files goes into
-`<step>/ctxjax_sha256.json` (Orbax checks neither contents nor sizes: flipped bytes restore
-silently). A restore verifies it and falls back to the newest intact step, naming the bad ones.
+Integrity: sealing a step writes the sha256 of each of its files into `<step>/ctxjax_sha256.json`
+(Orbax checks neither contents nor sizes: flipped bytes restore silently). A synchronous save is
+sealed before `save` returns; an asynchronous one as soon as its write has finished (the loop asks
+after every step, `seal_finished`). A restore verifies the manifest and falls back to the newest
+intact step, naming the bad ones. A step without a manifest (the run stopped between the write and
+its sealing) is never restored by default: only when asked for by step with `unverified=True`.
+Newer steps than the one restored are never deleted: they move to a folder of their own under
+`<dir>.set_aside/`, one per resume.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from ctxjax.model import ModelConfig
-from ctxjax.run_dir import RunRefused, write_json_atomic
+from ctxjax.run_dir import RunRefused, new_aside_dir, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +111,11 @@ class Checkpointer:
                 config=ocp.JsonCheckpointHandler(),
             ),
         )
+        self.async_save = async_save
         self._unsealed: list[int] = []  # saved steps whose manifest is not written yet
+        # Where this run's restore moved the newer steps (and where the metric rows past the
+        # restored step go): None until something is set aside.
+        self.aside_dir: str | None = None
 
     def step_dir(self, step: int) -> str:
         return os.path.join(self.directory, str(step))
@@ -126,14 +135,28 @@ class Checkpointer:
         self.wait()
         if self.manager.save(step, args=args, force=force):
             self._unsealed.append(step)
+        if not self.async_save:  # written already: sealed before the run goes on
+            self.wait()
+
+    def seal_finished(self) -> None:
+        """Seals the steps whose asynchronous write has finished, without waiting for one."""
+        if self._unsealed and not self.manager.is_saving_in_progress():
+            self.wait()
 
     def restore(
-        self, abstract_state: Any, data_iter: Any, config: dict, step: int | None = None
+        self,
+        abstract_state: Any,
+        data_iter: Any,
+        config: dict,
+        step: int | None = None,
+        *,
+        unverified: bool = False,
     ) -> tuple[Any, int]:
         """Restores the newest intact step (or `step`) into `abstract_state`'s structure and
-        shardings. A corrupt step is skipped with a warning naming it; a chosen `step` that is
-        corrupt is an error. Newer steps than the one restored are moved to `<dir>.set_aside/`
-        (Orbax would skip every later save at or below them).
+        shardings. A corrupt or unsealed step is skipped with a warning naming it; a chosen `step`
+        that is corrupt is an error, and so is an unsealed one unless `unverified`. Newer steps
+        than the one restored are moved to a new folder under `<dir>.set_aside/` (Orbax would
+        skip every later save at or below them), never over an earlier one.
 
         Refuses a checkpoint written for a different model architecture, naming what differs.
         """
@@ -142,15 +165,26 @@ class Checkpointer:
             raise FileNotFoundError(f"no checkpoint to resume from in {self.directory}")
         if step is not None and step not in steps:
             raise CheckpointError(f"no checkpoint at step {step} in {self.directory}; have {steps}")
+        if unverified and step is None:
+            raise CheckpointError("--unverified restores one chosen step: add --resume-step N")
         bad = []
         for candidate in steps if step is None else [step]:
             where = self.step_dir(candidate)
             problem = verify(where)
             if problem == "unsealed":
-                log.warning(
-                    "checkpoint %s has no checksum manifest: restoring it unverified", where
-                )
-                problem = None
+                if unverified:
+                    log.warning(
+                        "checkpoint %s has no checksum manifest: restoring it unverified, as "
+                        "asked (--unverified)",
+                        where,
+                    )
+                    problem = None
+                else:
+                    problem = (
+                        f"no checksum manifest (the run stopped before sealing step "
+                        f"{candidate}); restore it anyway with --resume-step {candidate} "
+                        f"--unverified"
+                    )
             if problem is None:
                 saved_config = self.manager.restore(
                     candidate, args=ocp.args.Composite(config=ocp.args.JsonRestore())
@@ -174,22 +208,19 @@ class Checkpointer:
                         f"cannot restore: {type(e).__name__}: {' '.join(str(e).split())[:300]}"
                     )
             if problem is None:
-                self._set_aside([s for s in steps if s > candidate])
+                self._set_aside([s for s in steps if s > candidate], candidate)
                 data_iter.set_state(restored["data"])
                 return restored["state"], candidate
             log.warning("checkpoint %s is unusable (%s)", where, problem)
             bad.append(f"{where}: {problem}")
         raise CheckpointError(f"no intact checkpoint to resume from: {'; '.join(bad)}")
 
-    def _set_aside(self, steps: list[int]) -> None:
+    def _set_aside(self, steps: list[int], restored: int) -> None:
         if not steps or jax.process_index() != 0:
             return
-        aside = self.directory + ".set_aside"
-        os.makedirs(aside, exist_ok=True)
+        self.aside_dir = new_aside_dir(self.directory + ".set_aside", restored)
         for s in steps:
-            target = os.path.join(aside, str(s))
-            if os.path.exists(target):
-                shutil.rmtree(target)
+            target = os.path.join(self.aside_dir, str(s))
             shutil.move(self.step_dir(s), target)
             log.warning("moved checkpoint %s aside to %s", self.step_dir(s), target)
         self.manager.reload()
