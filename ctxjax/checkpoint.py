@@ -245,7 +245,7 @@ def _check_same_model(saved: dict, current: dict, where: str) -> None:
         detail = ", ".join(
             f"model.{k}: checkpoint {a!r} vs this run {b!r}" for k, (a, b) in diff.items()
         )
-        raise ValueError(f"checkpoint {where} was written for another model ({detail})")
+        raise CheckpointError(f"checkpoint {where} was written for another model ({detail})")
     # The layers' layout is part of the saved state's structure (stacked [num_layers, ...] arrays
     # or one subtree per layer); Orbax cannot restore one into the other, and would report every
     # intact step as unreadable. Records from before the key existed are unrolled.
@@ -253,7 +253,7 @@ def _check_same_model(saved: dict, current: dict, where: str) -> None:
     current_scan = current.get("numerics", {}).get("scan_layers", False)
     if saved_scan != current_scan:
         layout = "stacked" if saved_scan else "one by one"
-        raise ValueError(
+        raise CheckpointError(
             f"checkpoint {where} holds the layers {layout} (numerics.scan_layers="
             f"{str(saved_scan).lower()}), this run has numerics.scan_layers="
             f"{str(current_scan).lower()}: resume with numerics.scan_layers="

@@ -79,6 +79,18 @@ def holds_run(out_dir: str) -> list[str]:
     return found
 
 
+def check_out_dir(out_dir: str) -> None:
+    """Refuses an out_dir no run can be written to (a file, a folder under a file, a read-only
+    folder), before any set-up; nothing is created here."""
+    probe = os.path.abspath(out_dir)
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        raise RunRefused(f"train.out_dir={out_dir}: {probe} is a file, not a folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise RunRefused(f"train.out_dir={out_dir}: {probe} is not writable")
+
+
 def check_reusable(out_dir: str, *, resume: bool, overwrite: bool) -> None:
     """Refuses an out_dir that holds a run unless the caller chose `resume` or `overwrite`."""
     if resume and overwrite:

@@ -43,6 +43,7 @@ from ctxjax.run_dir import (
     SET_ASIDE,
     Lock,
     RunRefused,
+    check_out_dir,
     check_resume_config,
     check_reusable,
     new_aside_dir,
@@ -191,6 +192,11 @@ def load_task(cfg: RunConfig) -> Task:
 def load_jsonl_task(cfg: RunConfig) -> JsonlTask:
     """The user's records as a task: `data.train_file`, the eval split (`data.eval_file` or
     `task.options.eval_fraction`) and the verifier (`task.options.verifier` or per record)."""
+    if not cfg.student:
+        raise ValueError(
+            "task.name=jsonl trains on your own records, which give no base model to build: set "
+            "student= to the HF folder of the model to distill"
+        )
     if not cfg.data.train_file:
         raise ValueError("task.name='jsonl' needs data.train_file")
     valid = ("eval_fraction", "verifier", "context_regime")
@@ -373,7 +379,17 @@ def build_data(
     return records, make_iterator(records, tokenizer, data_cfg, rows=rows, pool=texts)
 
 
+def check_model_paths(cfg: RunConfig) -> None:
+    """The model folders the user named, before anything reads them (a wrong `student` would
+    otherwise surface as a missing tokenizer folder)."""
+    for key in ("student", "teacher"):
+        path = getattr(cfg, key)
+        if path and not path.startswith(BASE_TEACHER):
+            hf.check_model_folder(path, key)
+
+
 def setup(cfg: RunConfig, progress: bool = True, mesh: jax.sharding.Mesh | None = None) -> Run:
+    check_model_paths(cfg)
     sharding.maybe_initialize_distributed()
     mesh = mesh or sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
     check_batch_fits_mesh(cfg, mesh)
@@ -602,6 +618,8 @@ class StopSignal:
     def __init__(self):
         self.name: str | None = None
         self._previous: dict = {}
+        # What a signal lets finish first (the loop sets it when it moves on to the final part).
+        self.finishing = "the current step, then saving a checkpoint"
 
     def __enter__(self) -> StopSignal:
         if threading.current_thread() is threading.main_thread():
@@ -613,10 +631,7 @@ class StopSignal:
         if self.name is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.name = signal.Signals(signum).name
-        log.warning(
-            "%s: finishing the current step, then saving a checkpoint (SIGINT again: stop now)",
-            self.name,
-        )
+        log.warning("%s: finishing %s (SIGINT again: stop now)", self.name, self.finishing)
 
     def __exit__(self, *exc) -> None:
         for sig, handler in self._previous.items():
@@ -644,6 +659,7 @@ def train(
     """
     resume = resume or resume_step is not None
     out_dir = run.cfg.train.out_dir
+    check_out_dir(out_dir)
     os.makedirs(out_dir, exist_ok=True)
     check_reusable(out_dir, resume=resume, overwrite=overwrite)
     lock = Lock(out_dir, take_stale=resume)
@@ -774,6 +790,7 @@ def _train(
                 f"{ckpt.step_dir(step + 1)}; continue with the same command and --resume"
             )
         return summary
+    stop.finishing = "the final evaluation and the export of final/"
     if evaluable(run.task):
         summary["after"] = _split_retention(run, evaluate_student(run))
     final_dir = os.path.join(out_dir, "final")
@@ -906,6 +923,7 @@ def run(
     resume = resume or resume_step is not None
     if unverified and resume_step is None:
         raise RunRefused("--unverified restores one chosen step: add --resume-step N")
+    check_out_dir(cfg.train.out_dir)
     check_reusable(cfg.train.out_dir, resume=resume, overwrite=overwrite)
     Lock(cfg.train.out_dir, take_stale=resume).check_free()
     if resume and os.path.exists(os.path.join(cfg.train.out_dir, "config.json")):

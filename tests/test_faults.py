@@ -802,3 +802,107 @@ def test_a_relative_student_path_is_recorded_and_compared_resolved(folders, tmp_
     assert (
         train.run_record(run)["student"] == run.student_path == os.path.abspath(folders["student"])
     )
+
+
+def test_smaller_bad_inputs_are_one_line_refusals(folders, straight, tmp_path, capsys):
+    """Each: exit 2 and one line naming what is wrong, before any set-up."""
+    reference, _ = straight
+    main = runpy.run_path(os.path.join(REPO, "scripts", "train.py"))["main"]
+    common = [
+        "--no-progress",
+        "task.name=jsonl",
+        f"data.train_file={folders['jsonl']}",
+        "data.batch_size=8",
+        "data.max_prompt_tokens=24",
+        "data.max_context_prompt_tokens=40",
+    ]
+    student = f"student={folders['student']}"
+    no_tokenizer = tmp_path / "no_tokenizer"
+    shutil.copytree(folders["student"], no_tokenizer)
+    os.remove(no_tokenizer / "tokenizer.json")
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    cases = [
+        ([], r"task\.name=jsonl trains on your own records.*set student="),
+        ([f"student={tmp_path / 'nowhere'}"], r"student folder not found: .*nowhere"),
+        ([f"student={reference.cfg.train.out_dir}"], r"is a ctxjax run folder.*final"),
+        ([f"student={no_tokenizer}"], r"no_tokenizer \(no tokenizer\.json\)"),
+        ([student, "rollout.top_p=1.5"], r"rollout\.top_p must be null or a number in \(0, 1\]"),
+        ([student, f"train.out_dir={a_file}"], r"train\.out_dir=.*a_file is a file, not a folder"),
+        ([student, f"train.out_dir={a_file / 'run'}"], r"a_file is a file, not a folder"),
+        (["--config", str(tmp_path)], r"config file .* is a folder, not a YAML file"),
+    ]
+    for i, (args, message) in enumerate(cases):
+        out = (
+            []
+            if any(a.startswith("train.out_dir") for a in args)
+            else [f"train.out_dir={tmp_path / str(i)}"]
+        )
+        with pytest.raises(SystemExit) as e:
+            main([*common, *out, *args])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2, (args, err)
+        assert len(err) == 1 and re.search(message, err[0]), (args, err)
+
+    # eval.py on a run folder and on a folder whose config.json is not a model's.
+    evaluate = runpy.run_path(os.path.join(REPO, "scripts", "eval.py"))["main"]
+    not_a_model = tmp_path / "not_a_model"
+    not_a_model.mkdir()
+    (not_a_model / "config.json").write_text('{"hidden_size": 8}')
+    for model, message in [
+        (reference.cfg.train.out_dir, r"is a ctxjax run folder, not a model: its model is .*final"),
+        (str(not_a_model), r"not_a_model.*has no model_type"),
+    ]:
+        with pytest.raises(SystemExit) as e:
+            evaluate(["--model", model, "--task", "synthetic", "--context", "careful",
+                      "--out", str(tmp_path / "eval")])  # fmt: skip
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and len(err) == 1 and re.search(message, err[0]), err
+
+
+def test_a_changed_layer_layout_on_resume_exits_2(folders, straight, tmp_path, capsys):
+    reference, _ = straight
+    out, _ = _copy_run(reference, tmp_path)
+    main = runpy.run_path(os.path.join(REPO, "scripts", "train.py"))["main"]
+    with pytest.raises(SystemExit) as e:
+        main(["--no-progress", "--resume", "--allow-config-change", f"student={folders['student']}",
+              "task.name=jsonl", f"data.train_file={folders['jsonl']}", "data.batch_size=8",
+              "data.max_prompt_tokens=24", "data.max_context_prompt_tokens=40", "train.steps=4",
+              "train.checkpoint_every=2", "optim.learning_rate=1e-3", "optim.warmup_steps=1",
+              f"train.out_dir={out}", "numerics.scan_layers=true"])  # fmt: skip
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert e.value.code == 2 and "numerics.scan_layers=false" in err, err
+
+
+def test_sigterm_during_the_final_evaluation_names_it(folders, tmp_path, monkeypatch, caplog):
+    """Resumed at its last step: no step runs; SIGTERM while evaluating says what it finishes."""
+    out = tmp_path / "run"
+    cfg = _cfg(folders, out, train=TrainConfig(steps=2, checkpoint_every=2, out_dir=str(out)))
+    run = train.setup(cfg, progress=False)
+    ckpt = Checkpointer(str(out / "checkpoints"), async_save=False)
+    ckpt.save(2, run.state, run.data_iter, train.run_record(run))
+    (out / "config.json").write_text(json.dumps(train.run_record(run)))
+    (out / "summary.json").write_text(json.dumps({"before": {"acc_x": 0.25}}))
+
+    def evaluate_and_get_a_signal(run, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.01)
+        return {"acc_x": 0.5}
+
+    monkeypatch.setattr(train, "evaluate_student", evaluate_and_get_a_signal)
+    with caplog.at_level("INFO", logger="ctxjax"):
+        summary = train.train(run, resume=True, progress=False)
+    assert "SIGTERM: finishing the final evaluation and the export of final/" in caplog.text
+    assert "finishing the current step" not in caplog.text
+    assert os.path.isdir(summary["final_dir"])
+
+
+def test_a_reexport_removes_the_half_written_folder_of_an_interrupted_one(tmp_path):
+    final = tmp_path / "final"
+    left = tmp_path / ".final.tmp-0123abcd"  # what a kill mid-export leaves
+    left.mkdir()
+    (left / "model.safetensors").write_bytes(b"half")
+    other = tmp_path / ".other.tmp-0123abcd"  # another folder's: not ours to remove
+    other.mkdir()
+    hf.write_folder_atomically(final, lambda d: open(os.path.join(d, "x"), "w").close())
+    assert (final / "x").exists() and not left.exists() and other.exists()
