@@ -14,10 +14,11 @@ samples as an uninterrupted one.
 
 Integrity: sealing a step writes the sha256 of each of its files into `<step>/ctxjax_sha256.json`
 (Orbax checks neither contents nor sizes: flipped bytes restore silently). A synchronous save is
-sealed before `save` returns; an asynchronous one as soon as its write has finished (the loop asks
-after every step, `seal_finished`). A restore verifies the manifest and falls back to the newest
-intact step, naming the bad ones. A step without a manifest (the run stopped between the write and
-its sealing) is never restored by default: only when asked for by step with `unverified=True`.
+sealed before `save` returns; an asynchronous one once the next step is dispatched
+(`seal_pending`), its write overlapping that step. A restore verifies the manifest and falls back
+to the newest intact step, naming the bad ones. A step without a manifest (the run stopped between
+the write and its sealing) is never restored by default: only when asked for by step with
+`unverified=True`.
 Newer steps than the one restored are never deleted: they move to a folder of their own under
 `<dir>.set_aside/`, one per resume.
 """
@@ -138,9 +139,11 @@ class Checkpointer:
         if not self.async_save:  # written already: sealed before the run goes on
             self.wait()
 
-    def seal_finished(self) -> None:
-        """Seals the steps whose asynchronous write has finished, without waiting for one."""
-        if self._unsealed and not self.manager.is_saving_in_progress():
+    def seal_pending(self) -> None:
+        """Waits for the save in flight, if any, and seals it. The loop calls it once the step
+        after a save is dispatched: the write overlaps that step, and the saved step is sealed
+        before the run goes further."""
+        if self._unsealed:
             self.wait()
 
     def restore(

@@ -276,9 +276,9 @@ def frozen(key: str, built_base: bool) -> bool:
 
 
 def resolved_path(value: Any) -> Any:
-    """A model folder as an absolute path ("" and `base:<size>` as they are)."""
+    """A model folder as an absolute path, `~` expanded ("" and `base:<size>` as they are)."""
     if isinstance(value, str) and value and not value.startswith("base:"):
-        return os.path.abspath(value)
+        return os.path.abspath(os.path.expanduser(value))
     return value
 
 

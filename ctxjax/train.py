@@ -752,7 +752,7 @@ def _train(
             pending = (step, metrics)
             mlog.advance()
             if ckpt is not None:
-                ckpt.seal_finished()  # a finished asynchronous save becomes restorable now
+                ckpt.seal_pending()  # the last save, written beside this step, sealed now
             evaluate = cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0
             every = cfg.train.checkpoint_every
             save = stop.name or (every and ((step + 1) % every == 0 or step + 1 == cfg.train.steps))
@@ -926,15 +926,15 @@ def run(
     check_out_dir(cfg.train.out_dir)
     check_reusable(cfg.train.out_dir, resume=resume, overwrite=overwrite)
     Lock(cfg.train.out_dir, take_stale=resume).check_free()
-    if resume and os.path.exists(os.path.join(cfg.train.out_dir, "config.json")):
-        # Before any base-model build or compile; `train` compares the full record after set-up.
-        check_resume_config(
-            cfg.train.out_dir,
-            planned_record(cfg),
-            allow_change=allow_config_change,
-            defaults=to_dict(RunConfig()),
-        )
     try:
+        if resume and os.path.exists(os.path.join(cfg.train.out_dir, "config.json")):
+            # Before any base-model build or compile; `train` compares the whole record after.
+            check_resume_config(
+                cfg.train.out_dir,
+                planned_record(cfg),
+                allow_change=allow_config_change,
+                defaults=to_dict(RunConfig()),
+            )
         run_ = setup(cfg, progress=progress)
     except (KeyError, ValueError, FileNotFoundError) as e:
         message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)

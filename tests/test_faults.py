@@ -134,7 +134,7 @@ def test_signal_saves_and_resume_is_bitwise_equal(folders, straight, tmp_path, c
         train.train(third, resume=True, progress=False)
     assert f"checkpoints/4 is unusable (checksum mismatch in {ckpt_dir}/4/{victim}" in caplog.text
     assert "resumed from step 2" in caplog.text
-    assert os.path.isdir(tmp_path / "run" / "checkpoints.set_aside" / "4")
+    assert os.path.isdir(tmp_path / "run" / "checkpoints.set_aside" / "resume-1-from-step-2" / "4")
     _assert_bitwise(reference.state, third.state)
     assert _steps_logged(tmp_path / "run") == [1, 2, 3, 4]
 
@@ -671,33 +671,28 @@ def test_an_unsealed_checkpoint_is_restored_only_when_asked(folders, straight, t
         train.run(cfg, resume=True, unverified=True, progress=False)
 
 
-def test_a_synchronous_save_is_sealed_before_the_next_step(folders, straight, tmp_path):
+@pytest.mark.parametrize("async_save", [False, True])
+def test_a_save_is_sealed_before_the_run_goes_on(folders, straight, tmp_path, async_save):
+    """Synchronous: before the next step; asynchronous: once the next step is dispatched."""
     _, compiled = straight
     out = tmp_path / "run"
     cfg = _jsonl_cfg(folders, out)
-    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, async_checkpoint=False))
-    sealed_before_step_3 = []
+    train_cfg = dataclasses.replace(cfg.train, async_checkpoint=async_save)
+    cfg = dataclasses.replace(cfg, train=train_cfg)
+    seen = {}
 
     class SealSpy(StepSpy):
         def __call__(self, state, teacher_params, batch, rng):
-            if len(self.prompt_ids) == 2:  # step 3 starts; step 2 was saved
-                sealed_before_step_3.append(verify(str(out / "checkpoints" / "2")))
+            if len(self.prompt_ids) in (2, 3):  # steps 3 and 4 start; step 2 was saved
+                seen[len(self.prompt_ids) + 1] = verify(str(out / "checkpoints" / "2"))
             return super().__call__(state, teacher_params, batch, rng)
 
     run = train.setup(cfg, progress=False)
     run.step_fn = SealSpy(run.step_fn, compiled)
     train.train(run, progress=False)
-    assert sealed_before_step_3 == [None]
-
-
-def test_an_async_save_is_sealed_once_written(folders, straight, tmp_path):
-    reference, _ = straight
-    ck = Checkpointer(str(tmp_path / "ck"), async_save=True)
-    ck.save(1, reference.state, _Iterator(), {})
-    ck.manager.wait_until_finished()  # written, not yet sealed
-    assert verify(ck.step_dir(1)) == "unsealed"
-    ck.seal_finished()
-    assert verify(ck.step_dir(1)) is None
+    assert seen[4] is None
+    if not async_save:
+        assert seen[3] is None
 
 
 def test_two_resume_steps_in_a_row_keep_both_set_aside_copies(folders, straight, tmp_path):
@@ -734,6 +729,8 @@ def test_a_resume_that_changes_the_teacher_or_base_is_refused_before_set_up(
     def no_set_up(*args, **kwargs):
         raise AssertionError("set-up ran before the refusal")
 
+    history = out / "config_history.jsonl"
+    history_before = _read(history) if history.exists() else None
     monkeypatch.setattr(train, "setup", no_set_up)
     main = runpy.run_path(os.path.join(REPO, "scripts", "train.py"))["main"]
     common = [
@@ -760,7 +757,7 @@ def test_a_resume_that_changes_the_teacher_or_base_is_refused_before_set_up(
         err = capsys.readouterr().err.strip().splitlines()[-1]  # after the config's warnings
         assert e.value.code == 2 and err.startswith("error: "), (change, err)
         assert f"{key}: " in err and "even with --allow-config-change" in err, err
-    assert not (out / "config_history.jsonl").exists()
+    assert (_read(history) if history.exists() else None) == history_before  # nothing recorded
 
     # A run on a base model ctxjax built: every key of the base's cache key is frozen, and the
     # refusal comes before the base would be built.
