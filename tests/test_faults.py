@@ -903,3 +903,17 @@ def test_a_reexport_removes_the_half_written_folder_of_an_interrupted_one(tmp_pa
     other.mkdir()
     hf.write_folder_atomically(final, lambda d: open(os.path.join(d, "x"), "w").close())
     assert (final / "x").exists() and not left.exists() and other.exists()
+
+
+def test_eval_script_with_a_verifier_that_returns_a_string_exits_2(folders, tmp_path, capsys):
+    """The string 'False' is truthy: it used to pass every answer (Acc 1.000). Now one line
+    naming the verifier, the record and the value."""
+    main = runpy.run_path(os.path.join(REPO, "scripts", "eval.py"))["main"]
+    with pytest.raises(SystemExit) as e:
+        main(["--model", folders["student"], "--data", folders["jsonl"], "--task-option",
+              "verifier=test_verifiers:answer_as_text", "--examples", "2", "--max-new-tokens",
+              "2", "--no-retention", "--no-cosine", "--out", str(tmp_path / "eval")])  # fmt: skip
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1, err
+    assert re.search(r"train\.jsonl:\d+: verifier 'test_verifiers:answer_as_text' returned "
+                     r"'(True|False)' \(str\)", err[0]), err  # fmt: skip
