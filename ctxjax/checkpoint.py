@@ -11,9 +11,15 @@ written compressed still restore (the codec is in their metadata).
 No rng is stored: step `i` uses `fold_in(key(train.seed), i)`, so a resumed run draws the same
 samples as an uninterrupted one.
 
-Integrity: once a step's asynchronous save has finished, the sha256 of each of its files goes into
-`<step>/ctxjax_sha256.json` (Orbax checks neither contents nor sizes: flipped bytes restore
-silently). A restore verifies it and falls back to the newest intact step, naming the bad ones.
+Integrity: sealing a step writes the sha256 of each of its files into `<step>/ctxjax_sha256.json`
+(Orbax checks neither contents nor sizes: flipped bytes restore silently). A synchronous save is
+sealed before `save` returns; an asynchronous one once the next step is dispatched
+(`seal_pending`), its write overlapping that step. A restore verifies the manifest and falls back
+to the newest intact step, naming the bad ones. A step without a manifest (the run stopped between
+the write and its sealing) is never restored by default: only when asked for by step with
+`unverified=True`.
+Newer steps than the one restored are never deleted: they move to a folder of their own under
+`<dir>.set_aside/`, one per resume.
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from ctxjax.model import ModelConfig
-from ctxjax.run_dir import RunRefused, write_json_atomic
+from ctxjax.run_dir import RunRefused, new_aside_dir, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +111,11 @@ class Checkpointer:
                 config=ocp.JsonCheckpointHandler(),
             ),
         )
+        self.async_save = async_save
         self._unsealed: list[int] = []  # saved steps whose manifest is not written yet
+        # Where this run's restore moved the newer steps (and where the metric rows past the
+        # restored step go): None until something is set aside.
+        self.aside_dir: str | None = None
 
     def step_dir(self, step: int) -> str:
         return os.path.join(self.directory, str(step))
@@ -125,14 +135,30 @@ class Checkpointer:
         self.wait()
         if self.manager.save(step, args=args, force=force):
             self._unsealed.append(step)
+        if not self.async_save:  # written already: sealed before the run goes on
+            self.wait()
+
+    def seal_pending(self) -> None:
+        """Waits for the save in flight, if any, and seals it. The loop calls it once the step
+        after a save is dispatched: the write overlaps that step, and the saved step is sealed
+        before the run goes further."""
+        if self._unsealed:
+            self.wait()
 
     def restore(
-        self, abstract_state: Any, data_iter: Any, config: dict, step: int | None = None
+        self,
+        abstract_state: Any,
+        data_iter: Any,
+        config: dict,
+        step: int | None = None,
+        *,
+        unverified: bool = False,
     ) -> tuple[Any, int]:
         """Restores the newest intact step (or `step`) into `abstract_state`'s structure and
-        shardings. A corrupt step is skipped with a warning naming it; a chosen `step` that is
-        corrupt is an error. Newer steps than the one restored are moved to `<dir>.set_aside/`
-        (Orbax would skip every later save at or below them).
+        shardings. A corrupt or unsealed step is skipped with a warning naming it; a chosen `step`
+        that is corrupt is an error, and so is an unsealed one unless `unverified`. Newer steps
+        than the one restored are moved to a new folder under `<dir>.set_aside/` (Orbax would
+        skip every later save at or below them), never over an earlier one.
 
         Refuses a checkpoint written for a different model architecture, naming what differs.
         """
@@ -141,15 +167,26 @@ class Checkpointer:
             raise FileNotFoundError(f"no checkpoint to resume from in {self.directory}")
         if step is not None and step not in steps:
             raise CheckpointError(f"no checkpoint at step {step} in {self.directory}; have {steps}")
+        if unverified and step is None:
+            raise CheckpointError("--unverified restores one chosen step: add --resume-step N")
         bad = []
         for candidate in steps if step is None else [step]:
             where = self.step_dir(candidate)
             problem = verify(where)
             if problem == "unsealed":
-                log.warning(
-                    "checkpoint %s has no checksum manifest: restoring it unverified", where
-                )
-                problem = None
+                if unverified:
+                    log.warning(
+                        "checkpoint %s has no checksum manifest: restoring it unverified, as "
+                        "asked (--unverified)",
+                        where,
+                    )
+                    problem = None
+                else:
+                    problem = (
+                        f"no checksum manifest (the run stopped before sealing step "
+                        f"{candidate}); restore it anyway with --resume-step {candidate} "
+                        f"--unverified"
+                    )
             if problem is None:
                 saved_config = self.manager.restore(
                     candidate, args=ocp.args.Composite(config=ocp.args.JsonRestore())
@@ -173,22 +210,19 @@ class Checkpointer:
                         f"cannot restore: {type(e).__name__}: {' '.join(str(e).split())[:300]}"
                     )
             if problem is None:
-                self._set_aside([s for s in steps if s > candidate])
+                self._set_aside([s for s in steps if s > candidate], candidate)
                 data_iter.set_state(restored["data"])
                 return restored["state"], candidate
             log.warning("checkpoint %s is unusable (%s)", where, problem)
             bad.append(f"{where}: {problem}")
         raise CheckpointError(f"no intact checkpoint to resume from: {'; '.join(bad)}")
 
-    def _set_aside(self, steps: list[int]) -> None:
+    def _set_aside(self, steps: list[int], restored: int) -> None:
         if not steps or jax.process_index() != 0:
             return
-        aside = self.directory + ".set_aside"
-        os.makedirs(aside, exist_ok=True)
+        self.aside_dir = new_aside_dir(self.directory + ".set_aside", restored)
         for s in steps:
-            target = os.path.join(aside, str(s))
-            if os.path.exists(target):
-                shutil.rmtree(target)
+            target = os.path.join(self.aside_dir, str(s))
             shutil.move(self.step_dir(s), target)
             log.warning("moved checkpoint %s aside to %s", self.step_dir(s), target)
         self.manager.reload()
@@ -213,7 +247,7 @@ def _check_same_model(saved: dict, current: dict, where: str) -> None:
         detail = ", ".join(
             f"model.{k}: checkpoint {a!r} vs this run {b!r}" for k, (a, b) in diff.items()
         )
-        raise ValueError(f"checkpoint {where} was written for another model ({detail})")
+        raise CheckpointError(f"checkpoint {where} was written for another model ({detail})")
     # The layers' layout is part of the saved state's structure (stacked [num_layers, ...] arrays
     # or one subtree per layer); Orbax cannot restore one into the other, and would report every
     # intact step as unreadable. Records from before the key existed are unrolled.
@@ -221,7 +255,7 @@ def _check_same_model(saved: dict, current: dict, where: str) -> None:
     current_scan = current.get("numerics", {}).get("scan_layers", False)
     if saved_scan != current_scan:
         layout = "stacked" if saved_scan else "one by one"
-        raise ValueError(
+        raise CheckpointError(
             f"checkpoint {where} holds the layers {layout} (numerics.scan_layers="
             f"{str(saved_scan).lower()}), this run has numerics.scan_layers="
             f"{str(current_scan).lower()}: resume with numerics.scan_layers="

@@ -146,6 +146,17 @@ class RolloutConfig:
     def __post_init__(self):
         _check_range("rollout.max_new_tokens", self.max_new_tokens, 1)
         _check_range("rollout.temperature", self.temperature, 0.0)
+        if self.top_k is not None:
+            _check_range("rollout.top_k", self.top_k, 1)
+        # Checked here, not only by the sampler: its message cannot name the config key.
+        if self.top_p is not None and (
+            isinstance(self.top_p, bool)
+            or not isinstance(self.top_p, (int, float))
+            or not 0.0 < self.top_p <= 1.0
+        ):
+            raise ValueError(
+                f"rollout.top_p must be null or a number in (0, 1], got {self.top_p!r}"
+            )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -473,6 +484,8 @@ def read_yaml_mapping(path: str, what: str = "config file") -> dict:
             values = yaml.safe_load(f) or {}
     except FileNotFoundError:
         raise FileNotFoundError(f"{what} not found: {path}") from None
+    except IsADirectoryError:
+        raise ValueError(f"{what} {path} is a folder, not a YAML file") from None
     except yaml.YAMLError as e:
         raise ValueError(f"{what} {path} is not valid YAML: {e}") from None
     if not isinstance(values, dict):

@@ -335,12 +335,13 @@ def parse_task_options(items: list[str]) -> dict:
 
 
 def _check_model_folder(path: str, what: str) -> None:
-    import os
+    from ctxjax.hf import HFFolderError, check_model_folder, read_architecture
 
-    if not os.path.isdir(path):
-        raise InputError(f"{what} folder not found: {path}")
-    if not os.path.isfile(os.path.join(path, "config.json")):
-        raise InputError(f"{what} folder {path} has no config.json (not an HF model folder)")
+    try:
+        check_model_folder(path, what)
+        read_architecture(path)  # an unsupported config, named before any weight is read
+    except HFFolderError as e:
+        raise InputError(str(e)) from None
 
 
 def _resolve_task(task_name: str, context: str, task_options: dict | None):

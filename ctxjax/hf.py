@@ -66,6 +66,7 @@ GENERATION_CONFIG_FILE = "generation_config.json"
 TOKEN_ID_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
 # `load_tokenizer`'s loading options, which `save_pretrained` would persist into an export.
 LOAD_ONLY_TOKENIZER_KWARGS = ("local_files_only",)
+TOKENIZER_FILE = "tokenizer.json"
 
 
 class HFFolderError(ValueError):
@@ -88,6 +89,26 @@ def _folder(path: str | os.PathLike, what: str = "model") -> str:
         raise HFFolderNotFoundError(f"{what} folder not found: {path}")
     if not os.path.isdir(path):
         raise HFFolderNotFoundError(f"{what} path is a file, not a folder: {path}")
+    return path
+
+
+# What a ctxjax run leaves beside its config.json: a folder holding one is a run, not a model.
+RUN_FOLDER_MARKERS = ("summary.json", "checkpoints", "metrics.jsonl")
+
+
+def check_model_folder(path: str | os.PathLike, what: str = "model") -> str:
+    """`path` (`~` expanded) when it is an HF model folder (a config.json with a `model_type`),
+    else a one-line error naming it and what it is instead (a ctxjax run folder: use its final/)."""
+    path = _folder(path, what)
+    if any(os.path.exists(os.path.join(path, m)) for m in RUN_FOLDER_MARKERS):
+        final = os.path.join(path, "final")
+        where = f"its model is {final}" if os.path.isdir(final) else "it has no final/ yet"
+        raise HFFolderError(f"{what} {path} is a ctxjax run folder, not a model: {where}")
+    file = os.path.join(path, CONFIG_FILE)
+    if not os.path.isfile(file):
+        raise HFFolderNotFoundError(f"{what} folder {path} has no {CONFIG_FILE} (not a model)")
+    if "model_type" not in read_json(file):
+        raise HFFolderError(f"{what} folder {path}: {file} has no model_type (not an HF model)")
     return path
 
 
@@ -696,6 +717,11 @@ def write_folder_atomically(path: str | os.PathLike, write: Callable[[str], None
         raise
     if had_old:
         shutil.rmtree(old)
+    # Half-written folders an interrupted export of this folder left (killed mid-write): the
+    # folder is whole now, and they hold nothing else.
+    for leftover in os.listdir(parent):
+        if leftover.startswith(f".{name}.tmp-"):
+            shutil.rmtree(os.path.join(parent, leftover), ignore_errors=True)
     return path
 
 
@@ -717,7 +743,11 @@ def load_tokenizer(path: str | os.PathLike) -> Any:
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError) as e:
-        raise HFFolderError(f"cannot load a tokenizer from {path}: {one_line(e)}") from e
+        # transformers then suggests installing sentencepiece or tiktoken: say what is missing.
+        missing = (
+            "" if os.path.exists(os.path.join(path, TOKENIZER_FILE)) else " (no tokenizer.json)"
+        )
+        raise HFFolderError(f"cannot load a tokenizer from {path}{missing}: {one_line(e)}") from e
     for key in LOAD_ONLY_TOKENIZER_KWARGS:
         tokenizer.init_kwargs.pop(key, None)
     return tokenizer

@@ -22,7 +22,9 @@ HISTORY_FILE = "config_history.jsonl"
 # What a run leaves in its out_dir: any of these means "an earlier run lives here".
 RUN_MARKERS = ("config.json", "checkpoints", "final", "summary.json")
 # What `--overwrite` removes (the markers and the logs that belong to the same run).
-RUN_FILES = (*RUN_MARKERS, "metrics.jsonl", "tb", HISTORY_FILE, "checkpoints.set_aside")
+# What resumes set aside (checkpoints newer than the one restored, metric rows past it).
+SET_ASIDE = "checkpoints.set_aside"
+RUN_FILES = (*RUN_MARKERS, "metrics.jsonl", "tb", HISTORY_FILE, SET_ASIDE)
 # Keys a resumed run may change without `--allow-config-change`: they do not alter the numbers
 # of the steps already taken (`train.steps` does reshape the cosine schedule's tail from here on).
 RESUME_ALLOWED = (
@@ -35,6 +37,17 @@ RESUME_ALLOWED = (
     "train.out_dir",  # the same run, moved
     "eval.",
 )
+# Keys that fix the frozen teacher or the starting student: a resume never changes them, not even
+# with `--allow-config-change` (the restored steps were taken against that teacher and start).
+FROZEN = ("student", "teacher", "tokenizer", "numerics.param_dtype")
+# When ctxjax built the base model (no `student`), also every key of its cache key
+# (`base.base_key`): another value names another base model, which would become both the
+# student's start and the frozen teacher. Not `numerics.scan_layers` (the same base) nor
+# `base.cache_dir` (where the cache lives, not what it holds).
+FROZEN_WITH_BASE = ("task.name", "task.options", "model", "numerics", "base")
+NOT_FROZEN = ("numerics.scan_layers", "base.cache_dir")
+# Model folders: compared resolved (a relative path means another folder from another directory).
+PATH_KEYS = ("student", "teacher", "tokenizer")
 
 
 class RunRefused(ValueError):
@@ -66,6 +79,18 @@ def holds_run(out_dir: str) -> list[str]:
     return found
 
 
+def check_out_dir(out_dir: str) -> None:
+    """Refuses an out_dir no run can be written to (a file, a folder under a file, a read-only
+    folder), before any set-up; nothing is created here."""
+    probe = os.path.abspath(out_dir)
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        raise RunRefused(f"train.out_dir={out_dir}: {probe} is a file, not a folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise RunRefused(f"train.out_dir={out_dir}: {probe} is not writable")
+
+
 def check_reusable(out_dir: str, *, resume: bool, overwrite: bool) -> None:
     """Refuses an out_dir that holds a run unless the caller chose `resume` or `overwrite`."""
     if resume and overwrite:
@@ -76,6 +101,21 @@ def check_reusable(out_dir: str, *, resume: bool, overwrite: bool) -> None:
             f"{out_dir} already holds a run ({', '.join(found)}): pass --resume to continue it "
             f"or --overwrite to replace it (or choose another train.out_dir)"
         )
+
+
+def new_aside_dir(root: str, restored: int) -> str:
+    """A new folder under `root` for what one resume sets aside (checkpoints newer than the step
+    it restored, the metric rows past it): `resume-<n>-from-step-<restored>`, `n` counting up, so
+    a later resume never lands in (or over) an earlier one's folder."""
+    os.makedirs(root, exist_ok=True)
+    n = len(os.listdir(root)) + 1
+    while True:
+        path = os.path.join(root, f"resume-{n}-from-step-{restored}")
+        try:
+            os.mkdir(path)  # atomic: of two resumes racing for a name, one gets it
+            return path
+        except FileExistsError:
+            n += 1
 
 
 def remove_run(out_dir: str) -> None:
@@ -223,13 +263,33 @@ def _allowed(key: str) -> bool:
     return any(key == a or (a.endswith(".") and key.startswith(a)) for a in RESUME_ALLOWED)
 
 
+def _under(key: str, prefixes: tuple[str, ...]) -> bool:
+    return any(key == p or key.startswith(p + ".") for p in prefixes)
+
+
+def frozen(key: str, built_base: bool) -> bool:
+    """Whether a resume may never change `key` (`FROZEN`; `built_base`: the run's base model was
+    built by ctxjax, so its cache key is frozen too)."""
+    if _under(key, NOT_FROZEN):
+        return False
+    return _under(key, FROZEN) or (built_base and _under(key, FROZEN_WITH_BASE))
+
+
+def resolved_path(value: Any) -> Any:
+    """A model folder as an absolute path, `~` expanded ("" and `base:<size>` as they are)."""
+    if isinstance(value, str) and value and not value.startswith("base:"):
+        return os.path.abspath(os.path.expanduser(value))
+    return value
+
+
 def check_resume_config(
     out_dir: str, current: dict, *, allow_change: bool, defaults: dict | None = None
 ) -> dict[str, tuple[Any, Any]]:
     """Compares a resumed run's record with `out_dir/config.json`; returns the changes.
 
-    A change outside `RESUME_ALLOWED` is refused, naming every differing key, unless
-    `allow_change`. Nothing is written here: `record_config_change` does, once the run resumes.
+    A change of a `frozen` key is always refused; a change outside `RESUME_ALLOWED` is refused
+    unless `allow_change`; each names every such key. Model folders compare resolved. Nothing
+    is written here: `record_config_change` does, once the run resumes.
     Records written by another version of ctxjax may lack a key or hold one no longer recorded:
     a key the saved record lacks compares with its value in `defaults` (the record of a default
     config), and a key the current record lacks is not compared (nothing reads it any more).
@@ -248,7 +308,21 @@ def check_resume_config(
         if key in flat_defaults:
             flat_saved[key] = flat_defaults[key]
     flat_saved = {k: v for k, v in flat_saved.items() if k in flat_current}
+    for key in PATH_KEYS:
+        for flat in (flat_saved, flat_current):
+            if key in flat:
+                flat[key] = resolved_path(flat[key])
     changes = config_changes(_nest(flat_saved), _nest(flat_current))
+    built_base = not flatten(saved).get("student")
+    fixed = [k for k in changes if frozen(k, built_base)]
+    if fixed:
+        shown = "; ".join(f"{k}: {changes[k][0]!r} -> {changes[k][1]!r}" for k in fixed)
+        what = "the base model's cache key" if built_base else "the frozen teacher or the student"
+        raise RunRefused(
+            f"the resumed config changes {what} ({shown}): a run keeps the teacher and the "
+            f"starting student it was trained against, even with --allow-config-change; "
+            f"start a new run (another train.out_dir) to change them"
+        )
     altering = [k for k in changes if not _allowed(k)]
     if altering and not allow_change:
         shown = "; ".join(f"{k}: {changes[k][0]!r} -> {changes[k][1]!r}" for k in altering)

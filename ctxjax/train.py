@@ -24,7 +24,7 @@ import optax
 from flax import nnx
 
 from ctxjax import hf, sharding
-from ctxjax.base import build_or_reuse_base
+from ctxjax.base import base_key, build_or_reuse_base
 from ctxjax.checkpoint import Checkpointer, CheckpointError
 from ctxjax.config import MODEL_SIZES, EvalConfig, RunConfig, to_dict
 from ctxjax.data import (
@@ -40,12 +40,16 @@ from ctxjax.host_memory import process_allocator, release_free_memory
 from ctxjax.metrics import SUMMARY_KEYS, markdown_table
 from ctxjax.model import ModelConfig, Numerics, Transformer
 from ctxjax.run_dir import (
+    SET_ASIDE,
     Lock,
     RunRefused,
+    check_out_dir,
     check_resume_config,
     check_reusable,
+    new_aside_dir,
     record_config_change,
     remove_run,
+    resolved_path,
     write_atomic,
     write_json_atomic,
 )
@@ -59,6 +63,7 @@ from ctxjax.step import (
 )
 from ctxjax.tasks import Task, get_task
 from ctxjax.tasks.jsonl import JsonlTask
+from ctxjax.tasks.verifiers import VerifierError
 
 if TYPE_CHECKING:  # imported lazily at run time: grain and transformers are slow to import
     import grain
@@ -105,9 +110,10 @@ def run_record(run: Run) -> dict:
 
 
 def resolve_student(cfg: RunConfig, progress: bool = True) -> str:
+    """The student's folder as an absolute path: `student`, or the base model, built if missing."""
     if cfg.student:
-        return cfg.student
-    return build_or_reuse_base(
+        return resolved_path(cfg.student)
+    built = build_or_reuse_base(
         cfg.task.name,
         dict(cfg.task.options),
         cfg.model,
@@ -116,6 +122,15 @@ def resolve_student(cfg: RunConfig, progress: bool = True) -> str:
         progress=progress,
         numerics=cfg.numerics,
     )
+    return os.path.abspath(built)
+
+
+def base_folder(cfg: RunConfig) -> str:
+    """The folder `resolve_student` gives a run without `student`, computed without building."""
+    key = base_key(
+        cfg.task.name, dict(cfg.task.options), cfg.model, cfg.base, cfg.base.seed, cfg.numerics
+    )
+    return os.path.abspath(os.path.join(cfg.base.cache_dir, key))
 
 
 # `teacher=base:<size>`: the task's own base model at another size of `config.MODEL_SIZES` (built or
@@ -123,10 +138,11 @@ def resolve_student(cfg: RunConfig, progress: bool = True) -> str:
 BASE_TEACHER = "base:"
 
 
-def resolve_teacher(cfg: RunConfig, progress: bool = True) -> str:
-    """The teacher's HF folder: `cfg.teacher` itself, or the `base:<size>` base model's."""
+def resolve_teacher(cfg: RunConfig, progress: bool = True, build: bool = True) -> str:
+    """The teacher's HF folder as an absolute path ("" stays ""): `cfg.teacher` itself, or the
+    `base:<size>` base model's (built if missing, unless `build` is False)."""
     if not cfg.teacher.startswith(BASE_TEACHER):
-        return cfg.teacher
+        return resolved_path(cfg.teacher)
     size = cfg.teacher[len(BASE_TEACHER) :]
     if size not in MODEL_SIZES:
         raise ValueError(
@@ -136,7 +152,25 @@ def resolve_teacher(cfg: RunConfig, progress: bool = True) -> str:
         raise ValueError(f"teacher={cfg.teacher} names a built base model; the student must be too")
     model_cfg = dataclasses.replace(cfg.model, **MODEL_SIZES[size])
     teacher_cfg = dataclasses.replace(cfg, model=model_cfg, teacher="")
-    return resolve_student(teacher_cfg, progress)
+    return resolve_student(teacher_cfg, progress) if build else base_folder(teacher_cfg)
+
+
+def planned_record(cfg: RunConfig) -> dict:
+    """The run record (`run_record`) as far as it is known before set-up: the model folders
+    resolved without building anything; what set-up reads from the student (its architecture)
+    or from the records (a JSONL run's context name) left out."""
+    resolved = dataclasses.replace(
+        cfg,
+        student=resolved_path(cfg.student),
+        teacher=resolve_teacher(cfg, build=False),
+        tokenizer=resolved_path(cfg.tokenizer),
+    )
+    record = to_dict(resolved)
+    if cfg.student:
+        del record["base"], record["model"]
+    if not cfg.task.context:
+        del record["task"]["context"]
+    return record
 
 
 def training_records(cfg: RunConfig, task: Task) -> list[dict]:
@@ -158,6 +192,11 @@ def load_task(cfg: RunConfig) -> Task:
 def load_jsonl_task(cfg: RunConfig) -> JsonlTask:
     """The user's records as a task: `data.train_file`, the eval split (`data.eval_file` or
     `task.options.eval_fraction`) and the verifier (`task.options.verifier` or per record)."""
+    if not cfg.student:
+        raise ValueError(
+            "task.name=jsonl trains on your own records, which give no base model to build: set "
+            "student= to the HF folder of the model to distill"
+        )
     if not cfg.data.train_file:
         raise ValueError("task.name='jsonl' needs data.train_file")
     valid = ("eval_fraction", "verifier", "context_regime")
@@ -338,7 +377,17 @@ def build_data(
     return records, make_iterator(records, tokenizer, data_cfg, rows=rows, pool=texts)
 
 
+def check_model_paths(cfg: RunConfig) -> None:
+    """The model folders the user named, before anything reads them (a wrong `student` would
+    otherwise surface as a missing tokenizer folder)."""
+    for key in ("student", "teacher"):
+        path = getattr(cfg, key)
+        if path and not path.startswith(BASE_TEACHER):
+            hf.check_model_folder(path, key)
+
+
 def setup(cfg: RunConfig, progress: bool = True, mesh: jax.sharding.Mesh | None = None) -> Run:
+    check_model_paths(cfg)
     sharding.maybe_initialize_distributed()
     mesh = mesh or sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
     check_batch_fits_mesh(cfg, mesh)
@@ -349,6 +398,10 @@ def setup(cfg: RunConfig, progress: bool = True, mesh: jax.sharding.Mesh | None 
         cfg, task=dataclasses.replace(cfg.task, context=distilled_context(cfg, task))
     )
     student_path = resolve_student(cfg, progress)
+    # Folders recorded resolved: a resume from another directory names the same models.
+    cfg = dataclasses.replace(
+        cfg, student=cfg.student and student_path, tokenizer=resolved_path(cfg.tokenizer)
+    )
     tokenizer = hf.load_tokenizer(cfg.tokenizer or student_path)
     # Records and their token budgets first: a bad record fails in seconds, before the weights load.
     pool = retention_pool(cfg, task)
@@ -458,31 +511,42 @@ def evaluate_start(run: Run) -> dict | None:
     return result
 
 
-def _truncate_rows(path: str, start: int) -> None:
-    """Keeps the rows of `path` (metrics.jsonl) up to step `start`: what a resume replays is
-    logged once. A torn last line (a crash mid-write) goes too."""
+def _set_rows_aside(out_dir: str, start: int, aside_dir: str | None) -> None:
+    """Keeps the rows of metrics.jsonl up to step `start` (what a resume replays is logged once);
+    the rows past it, and a torn last line (a crash mid-write), move to `metrics.jsonl` in the
+    resume's set-aside folder (`aside_dir`, or a new one), never dropped."""
+    path = os.path.join(out_dir, "metrics.jsonl")
     if not os.path.exists(path):
         return
-    kept = []
+    kept, moved = [], []
     with open(path) as f:
         for line in f:
+            line = line if line.endswith("\n") else line + "\n"
             try:
-                row = json.loads(line)
-            except ValueError:
-                continue
-            if row.get("step", 0) <= start:
-                kept.append(line if line.endswith("\n") else line + "\n")
+                keep = json.loads(line).get("step", 0) <= start
+            except (ValueError, AttributeError):
+                keep = False
+            (kept if keep else moved).append(line)
+    if not moved:
+        return
+    aside_dir = aside_dir or new_aside_dir(os.path.join(out_dir, SET_ASIDE), start)
+    # Written aside first: a crash in between leaves a row twice, never nowhere.
+    write_atomic(os.path.join(aside_dir, "metrics.jsonl"), "".join(moved))
     write_atomic(path, "".join(kept))
+    log.warning("moved %d metric rows past step %d aside to %s", len(moved), start, aside_dir)
 
 
 class MetricsLog:
     """Progress bar, JSONL file and TensorBoard, fed host-side numbers."""
 
-    def __init__(self, out_dir: str, total: int, start: int, progress: bool):
+    def __init__(
+        self, out_dir: str, total: int, start: int, progress: bool, aside_dir: str | None = None
+    ):
         os.makedirs(out_dir, exist_ok=True)
         path = os.path.join(out_dir, "metrics.jsonl")
         if jax.process_index() == 0:
-            _truncate_rows(path, start)  # a resumed run replays the steps after its checkpoint
+            # A resumed run replays the steps after its checkpoint.
+            _set_rows_aside(out_dir, start, aside_dir)
         # Open for the whole run (closed by `close`), appended to after every step.
         self.jsonl = open(path, "a")  # noqa: SIM115
         try:
@@ -553,6 +617,8 @@ class StopSignal:
     def __init__(self):
         self.name: str | None = None
         self._previous: dict = {}
+        # What a signal lets finish first (the loop sets it when it moves on to the final part).
+        self.finishing = "the current step, then saving a checkpoint"
 
     def __enter__(self) -> StopSignal:
         if threading.current_thread() is threading.main_thread():
@@ -564,10 +630,7 @@ class StopSignal:
         if self.name is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.name = signal.Signals(signum).name
-        log.warning(
-            "%s: finishing the current step, then saving a checkpoint (SIGINT again: stop now)",
-            self.name,
-        )
+        log.warning("%s: finishing %s (SIGINT again: stop now)", self.name, self.finishing)
 
     def __exit__(self, *exc) -> None:
         for sig, handler in self._previous.items():
@@ -581,18 +644,21 @@ def train(
     overwrite: bool = False,
     allow_config_change: bool = False,
     resume_step: int | None = None,
+    unverified: bool = False,
     progress: bool = True,
     checkpointer: Checkpointer | None = None,
 ) -> dict:
     """Runs the loop from step 0 or a checkpoint to `train.steps`; returns the summary.
 
     `resume`: continue the run in out_dir (from step 0 if it has no checkpoint yet);
-    `resume_step`: from that checkpoint (implies `resume`); `overwrite`: replace the run in
+    `resume_step`: from that checkpoint (implies `resume`), `unverified`: even without its
+    checksum manifest (the run stopped before sealing it); `overwrite`: replace the run in
     out_dir (its files are removed once this run holds the lock). An out_dir holding a run is
     refused otherwise. A stop by signal returns the summary with `interrupted` set (no final/).
     """
     resume = resume or resume_step is not None
     out_dir = run.cfg.train.out_dir
+    check_out_dir(out_dir)
     os.makedirs(out_dir, exist_ok=True)
     check_reusable(out_dir, resume=resume, overwrite=overwrite)
     lock = Lock(out_dir, take_stale=resume)
@@ -603,7 +669,14 @@ def train(
             remove_run(out_dir)
         with StopSignal() as stop:
             return _train(
-                run, resume, allow_config_change, resume_step, progress, checkpointer, stop
+                run,
+                resume,
+                allow_config_change,
+                resume_step,
+                unverified,
+                progress,
+                checkpointer,
+                stop,
             )
     finally:
         lock.release()
@@ -614,6 +687,7 @@ def _train(
     resume: bool,
     allow_config_change: bool,
     resume_step: int | None,
+    unverified: bool,
     progress: bool,
     checkpointer: Checkpointer | None,
     stop: StopSignal,
@@ -648,14 +722,15 @@ def _train(
     if evaluable(run.task):  # the starting student's numbers, before a restore replaces it
         summary["before"] = (_saved_before(summary_path) if resume else None) or evaluate_start(run)
         _split_retention(run, summary["before"])
-    start = _restore(run, ckpt, cfg_dict, resume_step) if resume else 0
+    start = _restore(run, ckpt, cfg_dict, resume_step, unverified) if resume else 0
     if jax.process_index() == 0:
         record_config_change(out_dir, start, changes)
         if not os.path.exists(config_path):
             write_json_atomic(config_path, cfg_dict)
         write_json_atomic(summary_path, summary)
     base_rng = jax.random.key(cfg.train.seed)
-    mlog = MetricsLog(out_dir, cfg.train.steps, start, progress)
+    aside_dir = ckpt.aside_dir if ckpt is not None else None
+    mlog = MetricsLog(out_dir, cfg.train.steps, start, progress, aside_dir)
     pending = None  # metrics of the previous step, fetched one step late to keep dispatch async
     t_last = time.time()
     step = start - 1
@@ -674,6 +749,8 @@ def _train(
                 release_free_memory()
             pending = (step, metrics)
             mlog.advance()
+            if ckpt is not None:
+                ckpt.seal_pending()  # the last save, written beside this step, sealed now
             evaluate = cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0
             every = cfg.train.checkpoint_every
             save = stop.name or (every and ((step + 1) % every == 0 or step + 1 == cfg.train.steps))
@@ -711,6 +788,7 @@ def _train(
                 f"{ckpt.step_dir(step + 1)}; continue with the same command and --resume"
             )
         return summary
+    stop.finishing = "the final evaluation and the export of final/"
     if evaluable(run.task):
         summary["after"] = _split_retention(run, evaluate_student(run))
     final_dir = os.path.join(out_dir, "final")
@@ -760,7 +838,13 @@ def _saved_before(summary_path: str) -> dict | None:
         return None
 
 
-def _restore(run: Run, ckpt: Checkpointer | None, cfg_dict: dict, resume_step: int | None) -> int:
+def _restore(
+    run: Run,
+    ckpt: Checkpointer | None,
+    cfg_dict: dict,
+    resume_step: int | None,
+    unverified: bool = False,
+) -> int:
     """Restores run.state and run.data_iter from the newest intact (or the chosen) checkpoint;
     returns its step, 0 when there is none yet."""
     if ckpt is None:
@@ -772,7 +856,9 @@ def _restore(run: Run, ckpt: Checkpointer | None, cfg_dict: dict, resume_step: i
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), run.state
     )
     try:
-        run.state, start = ckpt.restore(abstract, run.data_iter, cfg_dict, step=resume_step)
+        run.state, start = ckpt.restore(
+            abstract, run.data_iter, cfg_dict, step=resume_step, unverified=unverified
+        )
     except FileNotFoundError as e:
         raise CheckpointError(str(e)) from None
     log.info("resumed from step %d (%s)", start, ckpt.step_dir(start))
@@ -827,25 +913,42 @@ def run(
     overwrite: bool = False,
     allow_config_change: bool = False,
     resume_step: int | None = None,
+    unverified: bool = False,
     progress: bool = True,
 ) -> dict:
     """Set-up and training. Bad input is a one-line `RunRefused`; divergence is `Diverged`."""
     # Refused before the slow set-up; `train` checks again once it holds the lock.
-    check_reusable(cfg.train.out_dir, resume=resume or resume_step is not None, overwrite=overwrite)
-    Lock(cfg.train.out_dir, take_stale=resume or resume_step is not None).check_free()
+    resume = resume or resume_step is not None
+    if unverified and resume_step is None:
+        raise RunRefused("--unverified restores one chosen step: add --resume-step N")
+    check_out_dir(cfg.train.out_dir)
+    check_reusable(cfg.train.out_dir, resume=resume, overwrite=overwrite)
+    Lock(cfg.train.out_dir, take_stale=resume).check_free()
     try:
+        if resume and os.path.exists(os.path.join(cfg.train.out_dir, "config.json")):
+            # Before any base-model build or compile; `train` compares the whole record after.
+            check_resume_config(
+                cfg.train.out_dir,
+                planned_record(cfg),
+                allow_change=allow_config_change,
+                defaults=to_dict(RunConfig()),
+            )
         run_ = setup(cfg, progress=progress)
     except (KeyError, ValueError, FileNotFoundError) as e:
         message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
         raise RunRefused(" ".join(str(message).split())) from e
-    summary = train(
-        run_,
-        resume=resume,
-        overwrite=overwrite,
-        allow_config_change=allow_config_change,
-        resume_step=resume_step,
-        progress=progress,
-    )
+    try:
+        summary = train(
+            run_,
+            resume=resume,
+            overwrite=overwrite,
+            allow_config_change=allow_config_change,
+            resume_step=resume_step,
+            unverified=unverified,
+            progress=progress,
+        )
+    except VerifierError as e:  # the user's verifier on a record: bad input, named
+        raise RunRefused(str(e)) from e
     if jax.process_index() == 0 and "interrupted" not in summary:
         cfg = run_.cfg  # with the context name resolved
         print(

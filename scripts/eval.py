@@ -22,6 +22,7 @@ if __name__ == "__main__":
 
 from ctxjax.evaluate import InputError, parse_task_options
 from ctxjax.hf import HFFolderError
+from ctxjax.tasks.verifiers import VerifierError
 from experiments.eval_report import evaluate_and_report, metrics_table
 
 
@@ -68,7 +69,8 @@ def main(argv: list[str]) -> None:
             batch_size=args.batch_size, seed=args.seed, retention=not args.no_retention,
             with_cosine=not args.no_cosine,
         )  # fmt: skip
-    except (InputError, HFFolderError) as e:  # HFFolderError: a corrupt or half-written folder
+    # HFFolderError: a corrupt or half-written folder; VerifierError: the user's verifier failed.
+    except (InputError, HFFolderError, VerifierError) as e:
         p.exit(2, f"error: {e}\n")
     print(metrics_table(out, out.get("baseline")))
     print(f"\nreport written to {args.out}")

@@ -33,6 +33,11 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--config", default=None, help="YAML preset (see configs/)")
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
     parser.add_argument("--resume-step", type=int, default=None, help="continue from this step")
+    parser.add_argument(
+        "--unverified",
+        action="store_true",
+        help="with --resume-step: restore that step even without its checksum manifest",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace the run in out_dir")
     parser.add_argument(
         "--allow-config-change",
@@ -53,6 +58,7 @@ def main(argv: list[str]) -> None:
             overwrite=args.overwrite,
             allow_config_change=args.allow_config_change,
             resume_step=args.resume_step,
+            unverified=args.unverified,
             progress=not args.no_progress,
         )
     except RunRefused as e:

@@ -286,6 +286,21 @@ def test_load_jsonl_errors_name_file_and_line(tmp_path, lines, line_no, message)
         load_jsonl(path)
 
 
+def test_load_jsonl_accepts_a_byte_order_mark_and_counts_columns_from_1(tmp_path):
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b'\xef\xbb\xbf{"prompt": "a"}\n{"prompt": "b"}\n')
+    assert [r["prompt"] for r in load_jsonl(path)] == ["a", "b"]
+    # Columns as an editor shows them: the mark is not one; the 1st character is column 1.
+    path.write_bytes('\ufeff{"prompt": "\u00e9", x}\n'.encode())
+    with pytest.raises(ValueError, match=r"bom\.jsonl:1: malformed JSON .* at column 17\)"):
+        load_jsonl(path)
+    path.write_bytes(b'{"prompt": "a"}\n{"prompt": "caf\xe9"}\n')
+    with pytest.raises(
+        ValueError, match=r"bom\.jsonl:2: not UTF-8 \(byte 0xe9 at byte column 16\)"
+    ):
+        load_jsonl(path)
+
+
 def test_load_jsonl_missing_file(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"missing\.jsonl"):
         load_jsonl(tmp_path / "missing.jsonl")

@@ -26,7 +26,7 @@ from test_train import TINY, StepSpy, _cfg, _jsonl_cfg, _save_student
 
 from ctxjax import hf, losses, train
 from ctxjax.base import tokenizer_corpus
-from ctxjax.checkpoint import MANIFEST, Checkpointer, CheckpointError
+from ctxjax.checkpoint import MANIFEST, Checkpointer, CheckpointError, verify
 from ctxjax.config import OptimConfig, TrainConfig
 from ctxjax.host_memory import allocator_library
 from ctxjax.model import Numerics
@@ -134,7 +134,7 @@ def test_signal_saves_and_resume_is_bitwise_equal(folders, straight, tmp_path, c
         train.train(third, resume=True, progress=False)
     assert f"checkpoints/4 is unusable (checksum mismatch in {ckpt_dir}/4/{victim}" in caplog.text
     assert "resumed from step 2" in caplog.text
-    assert os.path.isdir(tmp_path / "run" / "checkpoints.set_aside" / "4")
+    assert os.path.isdir(tmp_path / "run" / "checkpoints.set_aside" / "resume-1-from-step-2" / "4")
     _assert_bitwise(reference.state, third.state)
     assert _steps_logged(tmp_path / "run") == [1, 2, 3, 4]
 
@@ -616,3 +616,304 @@ def test_resume_config_written_by_another_version(tmp_path):
     current["numerics"]["scan_layers"] = True
     with pytest.raises(RunRefused, match=r"numerics\.scan_layers: False -> True"):
         check_resume_config(str(tmp_path), current, allow_change=False, defaults=defaults)
+
+
+def _copy_run(reference, tmp_path):
+    """A copy of the finished 4-step run (checkpoints 2 and 4, sealed), moved to `tmp_path/run`."""
+    out = tmp_path / "run"
+    shutil.copytree(reference.cfg.train.out_dir, out)
+    cfg = dataclasses.replace(
+        reference.cfg, train=dataclasses.replace(reference.cfg.train, out_dir=str(out))
+    )
+    return out, cfg
+
+
+def _flip(path, n=42):
+    with open(path, "r+b") as f:
+        f.seek(os.path.getsize(path) // 2)
+        data = f.read(n)
+        f.seek(-len(data), 1)
+        f.write(bytes(b ^ 0xFF for b in data))
+
+
+def test_an_unsealed_checkpoint_is_restored_only_when_asked(folders, straight, tmp_path, caplog):
+    """The newest step lost its manifest and had bytes flipped: a resume never restores it
+    unverified; it falls back to the sealed step 2, keeps step 4 aside and ends bitwise equal."""
+    reference, compiled = straight
+    out, cfg = _copy_run(reference, tmp_path)
+    step4 = out / "checkpoints" / "4"
+    victim = _largest_file(step4)
+    os.remove(step4 / MANIFEST)
+    _flip(step4 / victim)
+    run = train.setup(cfg, progress=False)
+    with pytest.raises(CheckpointError, match=r"--resume-step 4 --unverified") as e:
+        train.train(run, resume_step=4, progress=False)
+    assert "no checksum manifest" in str(e.value) and "\n" not in str(e.value)
+    run.step_fn = StepSpy(run.step_fn, compiled)
+    with caplog.at_level("INFO", logger="ctxjax"):
+        train.train(run, resume=True, progress=False)
+    assert "checkpoints/4 is unusable (no checksum manifest" in caplog.text
+    assert "resumed from step 2" in caplog.text and "unverified, as asked" not in caplog.text
+    _assert_bitwise(reference.state, run.state)
+    aside = out / "checkpoints.set_aside" / "resume-1-from-step-2"
+    assert (aside / "4" / victim).exists()  # kept, not deleted
+    assert json.loads((aside / "metrics.jsonl").read_text().splitlines()[0])["step"] == 3
+    assert _steps_logged(out) == [1, 2, 3, 4]
+    # The new step 4 was sealed; with its manifest gone again, only --unverified restores it.
+    assert verify(str(step4)) is None
+    os.remove(step4 / MANIFEST)
+    again = train.setup(cfg, progress=False)
+    with caplog.at_level("INFO", logger="ctxjax"):
+        train.train(again, resume_step=4, unverified=True, progress=False)
+    assert "restoring it unverified, as asked" in caplog.text
+    _assert_bitwise(reference.state, again.state)
+    with pytest.raises(RunRefused, match=r"--unverified restores one chosen step"):
+        train.run(cfg, resume=True, unverified=True, progress=False)
+
+
+@pytest.mark.parametrize("async_save", [False, True])
+def test_a_save_is_sealed_before_the_run_goes_on(folders, straight, tmp_path, async_save):
+    """Synchronous: before the next step; asynchronous: once the next step is dispatched."""
+    _, compiled = straight
+    out = tmp_path / "run"
+    cfg = _jsonl_cfg(folders, out)
+    train_cfg = dataclasses.replace(cfg.train, async_checkpoint=async_save)
+    cfg = dataclasses.replace(cfg, train=train_cfg)
+    seen = {}
+
+    class SealSpy(StepSpy):
+        def __call__(self, state, teacher_params, batch, rng):
+            if len(self.prompt_ids) in (2, 3):  # steps 3 and 4 start; step 2 was saved
+                seen[len(self.prompt_ids) + 1] = verify(str(out / "checkpoints" / "2"))
+            return super().__call__(state, teacher_params, batch, rng)
+
+    run = train.setup(cfg, progress=False)
+    run.step_fn = SealSpy(run.step_fn, compiled)
+    train.train(run, progress=False)
+    assert seen[4] is None
+    if not async_save:
+        assert seen[3] is None
+
+
+def test_two_resume_steps_in_a_row_keep_both_set_aside_copies(folders, straight, tmp_path):
+    reference, compiled = straight
+    out, cfg = _copy_run(reference, tmp_path)
+    original_4 = _saved_arrays(out / "checkpoints" / "4" / "state")
+    original_rows = _read(out / "metrics.jsonl").splitlines()
+    for _ in range(2):
+        run = train.setup(cfg, progress=False)
+        run.step_fn = StepSpy(run.step_fn, compiled)
+        train.train(run, resume_step=2, progress=False)
+        _assert_bitwise(reference.state, run.state)
+        assert _steps_logged(out) == [1, 2, 3, 4]
+    for n in (1, 2):
+        aside = out / "checkpoints.set_aside" / f"resume-{n}-from-step-2"
+        assert verify(str(aside / "4")) is None  # intact, manifest and all
+        rows = [json.loads(line) for line in _read(aside / "metrics.jsonl").splitlines()]
+        assert [(r["step"], r["loss"]) for r in rows] == [
+            (r["step"], r["loss"]) for r in map(json.loads, original_rows[2:])
+        ]
+    # The original run's rows themselves (their timings too) are the first resume's.
+    first_rows = out / "checkpoints.set_aside" / "resume-1-from-step-2" / "metrics.jsonl"
+    assert _read(first_rows).splitlines() == original_rows[2:]
+    first = out / "checkpoints.set_aside" / "resume-1-from-step-2" / "4" / "state"
+    _assert_bitwise(original_4, _saved_arrays(first))
+
+
+def test_a_resume_that_changes_the_teacher_or_base_is_refused_before_set_up(
+    folders, straight, tmp_path, monkeypatch, capsys
+):
+    reference, _ = straight
+    out, _ = _copy_run(reference, tmp_path)
+
+    def no_set_up(*args, **kwargs):
+        raise AssertionError("set-up ran before the refusal")
+
+    history = out / "config_history.jsonl"
+    history_before = _read(history) if history.exists() else None
+    monkeypatch.setattr(train, "setup", no_set_up)
+    main = runpy.run_path(os.path.join(REPO, "scripts", "train.py"))["main"]
+    common = [
+        "--no-progress",
+        "--resume",
+        "--allow-config-change",
+        f"student={folders['student']}",
+        "task.name=jsonl",
+        f"data.train_file={folders['jsonl']}",
+        "data.batch_size=8",
+        "data.max_prompt_tokens=24",
+        "data.max_context_prompt_tokens=40",
+        "train.steps=4",
+        "train.checkpoint_every=2",
+        f"train.out_dir={out}",
+    ]
+    for change, key in [
+        (f"teacher={folders['student']}", "teacher"),  # the frozen student -> a folder
+        ("numerics.param_dtype=bfloat16", "numerics.param_dtype"),
+        (f"student={out}", "student"),
+    ]:
+        with pytest.raises(SystemExit) as e:
+            main([*common, change])
+        err = capsys.readouterr().err.strip().splitlines()[-1]  # after the config's warnings
+        assert e.value.code == 2 and err.startswith("error: "), (change, err)
+        assert f"{key}: " in err and "even with --allow-config-change" in err, err
+    assert (_read(history) if history.exists() else None) == history_before  # nothing recorded
+
+    # A run on a base model ctxjax built: every key of the base's cache key is frozen, and the
+    # refusal comes before the base would be built.
+    built = tmp_path / "built"
+    base_cfg = _cfg(folders, built, student="")
+    built.mkdir()
+    (built / "config.json").write_text(json.dumps(train.planned_record(base_cfg)))
+    monkeypatch.setattr(train, "build_or_reuse_base", no_set_up)
+    for section, change in [
+        ("numerics", Numerics(param_dtype="bfloat16")),
+        ("model", dataclasses.replace(base_cfg.model, hidden_size=48)),
+        ("base", dataclasses.replace(base_cfg.base, sft_steps=base_cfg.base.sft_steps + 1)),
+    ]:
+        changed = dataclasses.replace(base_cfg, **{section: change})
+        with pytest.raises(RunRefused, match=rf"base model's cache key \({section}\.") as e:
+            train.run(changed, resume=True, allow_config_change=True, progress=False)
+        assert "\n" not in str(e.value)
+    # What --allow-config-change does allow is refused without it, also before the build.
+    changed = dataclasses.replace(base_cfg, optim=OptimConfig(learning_rate=5e-4, warmup_steps=1))
+    with pytest.raises(RunRefused, match=r"optim\.learning_rate: 0\.001 -> 0\.0005"):
+        train.run(changed, resume=True, progress=False)
+
+
+def test_a_relative_student_path_is_recorded_and_compared_resolved(folders, tmp_path, monkeypatch):
+    from ctxjax.config import RunConfig, to_dict
+    from ctxjax.run_dir import check_resume_config
+
+    out = tmp_path / "run"
+    out.mkdir()
+    absolute = _jsonl_cfg(folders, out)
+    (out / "config.json").write_text(json.dumps(train.planned_record(absolute)))
+    monkeypatch.chdir(os.path.dirname(folders["student"]))
+    relative = dataclasses.replace(absolute, student=os.path.basename(folders["student"]))
+    assert train.planned_record(relative)["student"] == folders["student"]
+    defaults = to_dict(RunConfig())
+    planned = train.planned_record(relative)
+    assert check_resume_config(str(out), planned, allow_change=False, defaults=defaults) == {}
+    run = train.setup(relative, progress=False)
+    assert (
+        train.run_record(run)["student"] == run.student_path == os.path.abspath(folders["student"])
+    )
+
+
+def test_smaller_bad_inputs_are_one_line_refusals(folders, straight, tmp_path, capsys):
+    """Each: exit 2 and one line naming what is wrong, before any set-up."""
+    reference, _ = straight
+    main = runpy.run_path(os.path.join(REPO, "scripts", "train.py"))["main"]
+    common = [
+        "--no-progress",
+        "task.name=jsonl",
+        f"data.train_file={folders['jsonl']}",
+        "data.batch_size=8",
+        "data.max_prompt_tokens=24",
+        "data.max_context_prompt_tokens=40",
+    ]
+    student = f"student={folders['student']}"
+    no_tokenizer = tmp_path / "no_tokenizer"
+    shutil.copytree(folders["student"], no_tokenizer)
+    os.remove(no_tokenizer / "tokenizer.json")
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    cases = [
+        ([], r"task\.name=jsonl trains on your own records.*set student="),
+        ([f"student={tmp_path / 'nowhere'}"], r"student folder not found: .*nowhere"),
+        ([f"student={reference.cfg.train.out_dir}"], r"is a ctxjax run folder.*final"),
+        ([f"student={no_tokenizer}"], r"no_tokenizer \(no tokenizer\.json\)"),
+        ([student, "rollout.top_p=1.5"], r"rollout\.top_p must be null or a number in \(0, 1\]"),
+        ([student, f"train.out_dir={a_file}"], r"train\.out_dir=.*a_file is a file, not a folder"),
+        ([student, f"train.out_dir={a_file / 'run'}"], r"a_file is a file, not a folder"),
+        (["--config", str(tmp_path)], r"config file .* is a folder, not a YAML file"),
+    ]
+    for i, (args, message) in enumerate(cases):
+        out = (
+            []
+            if any(a.startswith("train.out_dir") for a in args)
+            else [f"train.out_dir={tmp_path / str(i)}"]
+        )
+        with pytest.raises(SystemExit) as e:
+            main([*common, *out, *args])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2, (args, err)
+        assert len(err) == 1 and re.search(message, err[0]), (args, err)
+
+    # eval.py on a run folder and on a folder whose config.json is not a model's.
+    evaluate = runpy.run_path(os.path.join(REPO, "scripts", "eval.py"))["main"]
+    not_a_model = tmp_path / "not_a_model"
+    not_a_model.mkdir()
+    (not_a_model / "config.json").write_text('{"hidden_size": 8}')
+    for model, message in [
+        (reference.cfg.train.out_dir, r"is a ctxjax run folder, not a model: its model is .*final"),
+        (str(not_a_model), r"not_a_model.*has no model_type"),
+    ]:
+        with pytest.raises(SystemExit) as e:
+            evaluate(["--model", model, "--task", "synthetic", "--context", "careful",
+                      "--out", str(tmp_path / "eval")])  # fmt: skip
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and len(err) == 1 and re.search(message, err[0]), err
+
+
+def test_a_changed_layer_layout_on_resume_exits_2(folders, straight, tmp_path, capsys):
+    reference, _ = straight
+    out, _ = _copy_run(reference, tmp_path)
+    main = runpy.run_path(os.path.join(REPO, "scripts", "train.py"))["main"]
+    with pytest.raises(SystemExit) as e:
+        main(["--no-progress", "--resume", "--allow-config-change", f"student={folders['student']}",
+              "task.name=jsonl", f"data.train_file={folders['jsonl']}", "data.batch_size=8",
+              "data.max_prompt_tokens=24", "data.max_context_prompt_tokens=40", "train.steps=4",
+              "train.checkpoint_every=2", "optim.learning_rate=1e-3", "optim.warmup_steps=1",
+              f"train.out_dir={out}", "numerics.scan_layers=true"])  # fmt: skip
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert e.value.code == 2 and "numerics.scan_layers=false" in err, err
+
+
+def test_sigterm_during_the_final_evaluation_names_it(folders, tmp_path, monkeypatch, caplog):
+    """Resumed at its last step: no step runs; SIGTERM while evaluating says what it finishes."""
+    out = tmp_path / "run"
+    cfg = _cfg(folders, out, train=TrainConfig(steps=2, checkpoint_every=2, out_dir=str(out)))
+    run = train.setup(cfg, progress=False)
+    ckpt = Checkpointer(str(out / "checkpoints"), async_save=False)
+    ckpt.save(2, run.state, run.data_iter, train.run_record(run))
+    (out / "config.json").write_text(json.dumps(train.run_record(run)))
+    (out / "summary.json").write_text(json.dumps({"before": {"acc_x": 0.25}}))
+
+    def evaluate_and_get_a_signal(run, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.01)
+        return {"acc_x": 0.5}
+
+    monkeypatch.setattr(train, "evaluate_student", evaluate_and_get_a_signal)
+    with caplog.at_level("INFO", logger="ctxjax"):
+        summary = train.train(run, resume=True, progress=False)
+    assert "SIGTERM: finishing the final evaluation and the export of final/" in caplog.text
+    assert "finishing the current step" not in caplog.text
+    assert os.path.isdir(summary["final_dir"])
+
+
+def test_a_reexport_removes_the_half_written_folder_of_an_interrupted_one(tmp_path):
+    final = tmp_path / "final"
+    left = tmp_path / ".final.tmp-0123abcd"  # what a kill mid-export leaves
+    left.mkdir()
+    (left / "model.safetensors").write_bytes(b"half")
+    other = tmp_path / ".other.tmp-0123abcd"  # another folder's: not ours to remove
+    other.mkdir()
+    hf.write_folder_atomically(final, lambda d: open(os.path.join(d, "x"), "w").close())
+    assert (final / "x").exists() and not left.exists() and other.exists()
+
+
+def test_eval_script_with_a_verifier_that_returns_a_string_exits_2(folders, tmp_path, capsys):
+    """The string 'False' is truthy: it used to pass every answer (Acc 1.000). Now one line
+    naming the verifier, the record and the value."""
+    main = runpy.run_path(os.path.join(REPO, "scripts", "eval.py"))["main"]
+    with pytest.raises(SystemExit) as e:
+        main(["--model", folders["student"], "--data", folders["jsonl"], "--task-option",
+              "verifier=test_verifiers:answer_as_text", "--examples", "2", "--max-new-tokens",
+              "2", "--no-retention", "--no-cosine", "--out", str(tmp_path / "eval")])  # fmt: skip
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1, err
+    assert re.search(r"train\.jsonl:\d+: verifier 'test_verifiers:answer_as_text' returned "
+                     r"'(True|False)' \(str\)", err[0]), err  # fmt: skip

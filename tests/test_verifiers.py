@@ -302,3 +302,38 @@ def test_evaluate_context_end_to_end(tmp_path):
     words_ok = [len(s["y_x"].split()) <= 2 for s in result["samples"]]
     assert result["acc_x"] == pytest.approx(np.mean(words_ok))
     assert [s["context"] for s in result["samples"]] == ["Add the numbers."] * 4
+
+
+def answer_as_text(record, response):
+    """A faulty user verifier: the string 'False' (truthy) instead of the bool."""
+    return str(response == record["answer"])
+
+
+def divides_by_length(record, response):
+    """A faulty user verifier: raises on an empty response."""
+    return 1 / len(response) > 0
+
+
+def numpy_verdict(record, response):
+    return np.bool_(response == record["answer"])
+
+
+def test_a_verifier_must_return_a_bool_and_errors_name_the_record(tmp_path):
+    rows = [{"prompt": "a?", "context": "Be terse.", "answer": "1"}]
+    path = _write(tmp_path / "eval.jsonl", rows)
+    task = JsonlTask(eval_file=path, verifier=f"{__name__}:answer_as_text")
+    (record,) = task.eval_split
+    # bool('False') is True: a wrong answer must not pass; one line naming verifier, record, value.
+    with pytest.raises(ValueError, match="returned 'False' \\(str\\)") as e:
+        task.verify(record, "2")
+    message = str(e.value)
+    assert f"{path}:1" in message and f"{__name__}:answer_as_text" in message
+    assert "\n" not in message
+    raising = JsonlTask(eval_file=path, verifier=f"{__name__}:divides_by_length")
+    with pytest.raises(ValueError, match="raised ZeroDivisionError") as e:
+        raising.verify(raising.eval_split[0], "")
+    assert f"{path}:1" in str(e.value) and "divides_by_length" in str(e.value)
+    # numpy's bool is a bool.
+    numpy_task = JsonlTask(eval_file=path, verifier=f"{__name__}:numpy_verdict")
+    assert numpy_task.verify(numpy_task.eval_split[0], "1") is True
+    assert numpy_task.verify(numpy_task.eval_split[0], "2") is False

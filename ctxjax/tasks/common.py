@@ -89,8 +89,11 @@ def read_jsonl(
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
                 raise ValueError(
-                    f"{path}:{line_no}: not UTF-8 (byte 0x{raw[e.start]:02x} at offset {e.start})"
+                    f"{path}:{line_no}: not UTF-8 (byte 0x{raw[e.start]:02x} at byte column "
+                    f"{e.start + 1})"
                 ) from None
+            if line_no == 1:  # a byte-order mark, as some editors write one (Python's utf-8-sig)
+                line = line.removeprefix("\ufeff")
             if not line.strip():
                 continue
             try:

@@ -2,7 +2,10 @@
 
 A spec is one of:
 - a type name as a string: `"exact"`, `"normalized"`, `"number"`, `"choice"`, `"regex"`;
-- a `"module:function"` string: the user's `fn(record, response) -> bool`;
+- a `"module:function"` string: the user's `fn(record, response) -> bool`, which must return a
+  real `bool` (`True`/`False`, numpy's bool too): no partial credit, since Acc and Harm count
+  right and wrong answers. Anything else (`'False'`, `1`, `None`) is a `VerifierError` naming the
+  verifier, the record (file and line) and the value, and so is an exception it raises;
 - a mapping `{"type": <name>, ...parameters}`, e.g. `{"type": "max_words", "n": 20}`;
 - a non-empty list of those: every one must hold.
 
@@ -42,6 +45,8 @@ import string
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
+import numpy as np
+
 from ctxjax.tasks.common import strip_special
 from ctxjax.tasks.qa import LETTERS, extract_choice, extract_number
 
@@ -51,6 +56,11 @@ REGEX_MODES = ("search", "fullmatch")
 _PUNCT_TABLE = str.maketrans("", "", string.punctuation)
 # Sentences end at `.`, `!` or `?` followed by whitespace: "3.5" and "e.g.," do not end one.
 _SENTENCE_END_RE = re.compile(r"(?<=[.!?])\s+")
+
+
+class VerifierError(ValueError):
+    """A user's verifier failed on a record (raised, or returned a non-bool); one line naming the
+    verifier and the record."""
 
 
 def clean(response: str) -> str:
@@ -270,7 +280,22 @@ class Python:
         pass
 
     def __call__(self, record: Record, text: str) -> bool:
-        return bool(self.fn(record, text))
+        where = record.get("_source", "a record")
+        try:
+            result = self.fn(record, text)
+        except Exception as e:
+            message = " ".join(str(e).split())[:200]
+            raise VerifierError(
+                f"{where}: verifier {self.name!r} raised {type(e).__name__}: {message}"
+            ) from e
+        # bool(...) would pass the string 'False' and every non-empty value: only a bool counts.
+        if not isinstance(result, (bool, np.bool_)):
+            raise VerifierError(
+                f"{where}: verifier {self.name!r} returned {result!r} "
+                f"({type(result).__name__}) for the response {text[:60]!r}: a verifier must "
+                f"return True or False"
+            )
+        return bool(result)
 
 
 @dataclasses.dataclass(frozen=True)
