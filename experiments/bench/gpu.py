@@ -545,7 +545,16 @@ def _verdict(met: bool | None, why_none: str) -> str:
 
 def print_gpu(r: dict) -> None:
     """The accelerator benchmark: MFU by part, decode vs the HBM bound, memory by variant."""
-    env, dev, s, t = r["environment"], r["device"], r["setup"], r["train"]
+    _print_gpu_device(r)
+    _print_gpu_train(r)
+    _print_gpu_decode(r)
+    _print_gpu_memory(r)
+    _print_gpu_profiles(r)
+
+
+def _print_gpu_device(r: dict) -> None:
+    """The device, the model, and the ceilings (datasheet and measured) the rates are held to."""
+    env, dev, s = r["environment"], r["device"], r["setup"]
     m = s["model"]
     print(
         f"gpu benchmark on {env['device_kind']} ({env['backend']}, jax {env['jax']}): "
@@ -574,6 +583,11 @@ def print_gpu(r: dict) -> None:
         f"{ms['matmul_flops_per_s'] / 1e12:.4g} TFLOP/s, streaming (x + 1, "
         f"{ms['stream_bytes'] / 2**20:.0f} MiB moved) {ms['stream_bytes_per_s'] / 1e12:.4g} TB/s"
     )
+
+
+def _print_gpu_train(r: dict) -> None:
+    """The train step by part: time, FLOPs, MFU, and the target on the rest of the step."""
+    s, t = r["setup"], r["train"]
     print(
         f"train step: batch {s['batch']}, [c|x] {s['ctx_prompt_len']} / [x] {s['prompt_len']} "
         f"slots, {s['new_tokens']} new tokens at T={s['temperature']} (no EOS), loss "
@@ -603,6 +617,10 @@ def print_gpu(r: dict) -> None:
         f"GEMMs), analytic {_tflops(t['rates']['rest']['flops'])} T (matmuls only, remat "
         "recompute not counted)"
     )
+
+
+def _print_gpu_decode(r: dict) -> None:
+    """One decode step against the bytes it must read at the HBM bandwidth."""
     d = r["decode"]
     read = d["bytes_per_step"]
     line = (
@@ -619,6 +637,10 @@ def print_gpu(r: dict) -> None:
             f"{d['target']['max_over_bound']:.0f}x: {_verdict(d['target']['met'], '?')}); "
             f"{d['over_measured_bound']}x the bound at the measured streaming rate"
         )
+
+
+def _print_gpu_memory(r: dict) -> None:
+    """Peak memory of each compiled program: the device's count and XLA's estimate."""
     mem = r["memory"]
     source = (
         'memory_stats()["peak_bytes_in_use"]'
@@ -642,6 +664,10 @@ def print_gpu(r: dict) -> None:
             f"  {name:22s}{peak_cell:>16s}{row['estimate_bytes'] / 2**20:13.1f}"
             f"{row['temp_bytes'] / 2**20:10.1f}{row['first_call_s']:11.3f}"
         )
+
+
+def _print_gpu_profiles(r: dict) -> None:
+    """The profiled calls' kernels by kind and the top ones by time (with `--profile`)."""
     for part, prof in (r.get("profile") or {}).items():
         print(
             f"profile of one {part} call ({prof['source']}: {prof['events']} events, busy "
