@@ -113,6 +113,32 @@ def _sft_step(graphdef, tx):
     return step
 
 
+def _run_sft(step, params, opt_state, arrays, base_cfg: BaseModelConfig, seed: int, progress: bool):
+    """`base_cfg.sft_steps` steps on batches drawn from the encoded records `arrays` (ids, mask,
+    loss mask): (the trained params, the loss every 100 steps and at the last)."""
+    ids, mask, loss_mask = arrays
+    rng = np.random.default_rng(seed)
+    losses = []
+    iterator = range(base_cfg.sft_steps)
+    if progress:
+        from tqdm import tqdm
+
+        iterator = tqdm(iterator, desc="base model SFT", mininterval=2.0)
+    lengths = mask.sum(axis=1)
+    for i in iterator:
+        idx = rng.integers(0, len(ids), base_cfg.batch_size)
+        # Rows are left-padded to the longest record; cut each batch to its own longest row rounded
+        # up to a multiple of 16: short batches cost less, and only a few widths ever compile.
+        width = min(ids.shape[1], -(-int(lengths[idx].max()) // 16) * 16)
+        cut = slice(ids.shape[1] - width, None)
+        params, opt_state, loss = step(
+            params, opt_state, ids[idx, cut], mask[idx, cut], loss_mask[idx, cut]
+        )
+        if i % 100 == 0 or i == base_cfg.sft_steps - 1:
+            losses.append(float(loss))
+    return params, losses
+
+
 def train_base(
     task: Any,
     model_cfg: ModelConfig,
@@ -140,27 +166,10 @@ def train_base(
         ),
         base_cfg.sft_steps,
     )
-    opt_state = tx.init(params)
     step = _sft_step(graphdef, tx)
-    rng = np.random.default_rng(seed)
-    losses = []
-    iterator = range(base_cfg.sft_steps)
-    if progress:
-        from tqdm import tqdm
-
-        iterator = tqdm(iterator, desc="base model SFT", mininterval=2.0)
-    lengths = mask.sum(axis=1)
-    for i in iterator:
-        idx = rng.integers(0, len(records), base_cfg.batch_size)
-        # Rows are left-padded to the longest record; cut each batch to its own longest row rounded
-        # up to a multiple of 16: short batches cost less, and only a few widths ever compile.
-        width = min(ids.shape[1], -(-int(lengths[idx].max()) // 16) * 16)
-        cut = slice(ids.shape[1] - width, None)
-        params, opt_state, loss = step(
-            params, opt_state, ids[idx, cut], mask[idx, cut], loss_mask[idx, cut]
-        )
-        if i % 100 == 0 or i == base_cfg.sft_steps - 1:
-            losses.append(float(loss))
+    params, losses = _run_sft(
+        step, params, tx.init(params), (ids, mask, loss_mask), base_cfg, seed, progress
+    )
     model = nnx.merge(graphdef, params)
     os.makedirs(out_dir, exist_ok=True)
     hf.save_model(model, out_dir)

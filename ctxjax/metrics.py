@@ -75,17 +75,7 @@ def removability_metrics(
     n_right_x = int(cx.sum())
     n_wrong_x = cx.size - n_right_x
     mean_len_x = float(lx.mean())
-    floor = {}
-    if correct_x_again is not None:
-        again = _as_bool_NxK("correct_x_again", correct_x_again)
-        if again.shape != cx.shape:
-            raise ValueError(f"correct_x_again {again.shape} must match correct_x {cx.shape}")
-        harm = _ratio(int((cx & ~cxc).sum()), n_right_x)
-        harm_floor = _ratio(int((cx & ~again).sum()), n_right_x)
-        floor = {
-            "harm_floor": harm_floor,
-            "excess_harm": None if harm is None else harm - harm_floor,
-        }
+    floor = {} if correct_x_again is None else _harm_floor(cx, cxc, correct_x_again)
     return {
         "n": cx.shape[0],
         "draws": cx.shape[1],
@@ -99,6 +89,17 @@ def removability_metrics(
         "delta_len": float(lxc.mean()) / mean_len_x - 1.0 if mean_len_x > 0 else None,
         **floor,
     }
+
+
+def _harm_floor(cx: np.ndarray, cxc: np.ndarray, correct_x_again: Any) -> dict:
+    """{harm_floor, excess_harm} from a second no-context draw (`removability_metrics`)."""
+    again = _as_bool_NxK("correct_x_again", correct_x_again)
+    if again.shape != cx.shape:
+        raise ValueError(f"correct_x_again {again.shape} must match correct_x {cx.shape}")
+    n_right_x = int(cx.sum())
+    harm = _ratio(int((cx & ~cxc).sum()), n_right_x)
+    harm_floor = _ratio(int((cx & ~again).sum()), n_right_x)
+    return {"harm_floor": harm_floor, "excess_harm": None if harm is None else harm - harm_floor}
 
 
 def cosine_by_layer(h_x: Any, h_xc: Any, eps: float = 1e-8) -> np.ndarray:

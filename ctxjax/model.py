@@ -337,9 +337,12 @@ class Block(nnx.Module):
         return x_BxLxD, new_kv
 
 
-def _run_block(block_def: nnx.GraphDef, block_state: nnx.State, *args) -> tuple:
-    """A block as a pure function of its state, without a cache (what jax.checkpoint wraps)."""
-    return nnx.merge(block_def, block_state)(*args, None)
+def _rematerialized(layer: Callable, *, scanned: bool) -> Callable:
+    """The remat policy, for every way the blocks run: keep each layer's inputs, recompute its
+    inside in the backward pass. Plain jax.checkpoint over the block's state, since `nnx.remat`
+    refuses a module merged inside an outer jax.grad (the train step); inside a `lax.scan` CSE
+    cannot merge the recomputation across iterations, so its guard is dropped there."""
+    return jax.checkpoint(layer, prevent_cse=not scanned)
 
 
 def stack_blocks(blocks: list[Block]) -> Block:
@@ -447,7 +450,6 @@ class Transformer(nnx.Module):
             )
         x_BxLxD = self.embed_tokens(tokens_BxL)
         args = (positions_BxL, inv_freq, keys_mask_BxS, query_slots_L)
-        run = self._scan_blocks if self.numerics.scan_layers else self._loop_blocks
         keep = None
         if return_layer_hidden:
             keep = (
@@ -455,7 +457,7 @@ class Transformer(nnx.Module):
                 if layer_hidden_slots_BxN is None
                 else functools.partial(_take_slots, slots_BxN=layer_hidden_slots_BxN)
             )
-        x_BxLxD, new_kv, layer_hidden = run(x_BxLxD, args, cache, keep)
+        (x_BxLxD,), new_kv, layer_hidden = self._run_blocks((x_BxLxD,), (args,), cache, keep)
         if cache is not None:
             new_cache = KVCache(
                 k=new_kv[0], v=new_kv[1], mask_BxS=keys_mask_BxS, index=cache.index + seq_len
@@ -476,80 +478,63 @@ class Transformer(nnx.Module):
         views' contributions inside the scan and one stacked gradient is built, not one per view
         added afterwards, which lowers XLA's temporaries of the train step.
         """
-        n = self.numerics
         inv_freq = rope_inv_freq(self.cfg)
         xs = tuple(self.embed_tokens(ids_BxL) for ids_BxL, _ in views)
         view_args = tuple(
             (positions_from_mask(mask_BxL), inv_freq, mask_BxL, jnp.arange(ids_BxL.shape[1]))
             for ids_BxL, mask_BxL in views
         )
-        if n.scan_layers:
-            block_def, stacked = nnx.split(self.layers)
-
-            def body(xs, block_state):
-                block = nnx.merge(block_def, block_state)
-                return tuple(
-                    block(x, *a, None)[0] for x, a in zip(xs, view_args, strict=True)
-                ), None
-
-            if n.remat:  # as `_scan_blocks`: keep each block's inputs, recompute its inside
-                body = jax.checkpoint(body, prevent_cse=False)
-            xs, _ = jax.lax.scan(body, xs, stacked)
-        else:
-            for block in self.layers:
-                xs = tuple(
-                    self._run_unrolled_block(block, x, a, None)[0]
-                    for x, a in zip(xs, view_args, strict=True)
-                )
+        xs, _, _ = self._run_blocks(xs, view_args, None, None)
         return tuple(self.norm(x) for x in xs)
 
-    def _run_unrolled_block(self, block, x_BxLxD, args, cache_kv):
-        """One block of the unrolled loop: (output, (new k, new v) or None), rematerialized in the
-        backward pass when `numerics.remat` and there is no cache."""
-        if self.numerics.remat and cache_kv is None:
-            # Plain jax.checkpoint over the block's state: `nnx.remat` refuses to run on a module
-            # merged inside an outer jax.grad (the train step), a pure function works everywhere.
-            block_def, block_state = nnx.split(block)
-            run = functools.partial(_run_block, block_def)
-            return jax.checkpoint(run)(block_state, x_BxLxD, *args)
-        return block(x_BxLxD, *args, cache_kv)
+    def _run_blocks(self, xs, view_args, cache, keep):
+        """Every block over the streams `xs` ([B, L_i, D] each, read with `view_args[i]`), layer
+        by layer: one `lax.scan` over the stacked layers (and stacked cache) when
+        `numerics.scan_layers`, else one after another. Returns (streams, (new k, new v) or None,
+        kept streams or None). `cache` and `keep` (None: no streams kept; else what is kept of
+        each residual stream, embeddings first) serve a single stream."""
+        scanned = self.numerics.scan_layers
 
-    def _loop_blocks(self, x_BxLxD, args, cache, keep):
-        """The blocks one after another: (output, (new k, new v) per layer, streams or None);
-        `keep` (None: no streams) maps each stream to what is kept of it."""
-        layer_hidden = None if keep is None else [keep(x_BxLxD)]
-        new_k, new_v = [], []
-        for i, block in enumerate(self.layers):
-            cache_kv = None if cache is None else (cache.k[i], cache.v[i], cache.index)
-            x_BxLxD, kv = self._run_unrolled_block(block, x_BxLxD, args, cache_kv)
-            if kv is not None:
-                new_k.append(kv[0])
-                new_v.append(kv[1])
-            if keep is not None:
-                layer_hidden.append(keep(x_BxLxD))
-        hidden = None if layer_hidden is None else tuple(layer_hidden)
-        return x_BxLxD, (tuple(new_k), tuple(new_v)), hidden
-
-    def _scan_blocks(self, x_BxLxD, args, cache, keep):
-        """`_loop_blocks` as one `lax.scan` over the stacked layers (and the stacked cache)."""
-        block_def, stacked = nnx.split(self.layers)
-
-        def body(x_BxLxD, layer):
-            block_state, kv = layer
+        def layer(block_def, block_state, xs, kv):
+            """One block over every stream: (streams, the stream's new (k, v) or None, kept)."""
+            block = nnx.merge(block_def, block_state)
             cache_kv = None if kv is None else (*kv, cache.index)
-            x_BxLxD, new_kv = nnx.merge(block_def, block_state)(x_BxLxD, *args, cache_kv)
-            return x_BxLxD, (new_kv, None if keep is None else keep(x_BxLxD))
+            outs = [block(x, *a, cache_kv) for x, a in zip(xs, view_args, strict=True)]
+            xs = tuple(x for x, _ in outs)
+            return xs, outs[0][1], None if keep is None else keep(xs[0])
 
-        if self.numerics.remat and cache is None:
-            # Same policy as the loop: keep each block's input, recompute its inside. CSE cannot
-            # merge the recomputation across scan iterations, so its guard is not needed.
-            body = jax.checkpoint(body, prevent_cse=False)
-        kv_in = None if cache is None else (cache.k, cache.v)
-        out_BxLxD, (new_kv, hidden_NxBxLxD) = jax.lax.scan(body, x_BxLxD, (stacked, kv_in))
-        hidden = None
-        if keep is not None:  # the same tuple of streams as the loop gives: embeddings, then blocks
-            hidden = (keep(x_BxLxD), *(hidden_NxBxLxD[i] for i in range(hidden_NxBxLxD.shape[0])))
-        return out_BxLxD, new_kv, hidden
+        def step(block_def):
+            run = functools.partial(layer, block_def)
+            if self.numerics.remat and cache is None:  # a cache means decoding: no backward pass
+                return _rematerialized(run, scanned=scanned)
+            return run
+
+        kept = None if keep is None else [keep(xs[0])]
+        if scanned:
+            block_def, stacked = nnx.split(self.layers)
+            run = step(block_def)
+
+            def body(xs, per_layer):
+                block_state, kv = per_layer
+                xs, new_kv, kept_layer = run(block_state, xs, kv)
+                return xs, (new_kv, kept_layer)
+
+            kv_in = None if cache is None else (cache.k, cache.v)
+            xs, (new_kv, kept_NxBxLxD) = jax.lax.scan(body, xs, (stacked, kv_in))
+            if keep is not None:
+                kept += [kept_NxBxLxD[i] for i in range(kept_NxBxLxD.shape[0])]
+        else:
+            new_k, new_v = [], []
+            for i, block in enumerate(self.layers):
+                kv = None if cache is None else (cache.k[i], cache.v[i])
+                xs, layer_kv, kept_layer = step(nnx.graphdef(block))(nnx.state(block), xs, kv)
+                if layer_kv is not None:
+                    new_k.append(layer_kv[0])
+                    new_v.append(layer_kv[1])
+                if keep is not None:
+                    kept.append(kept_layer)
+            new_kv = None if cache is None else (tuple(new_k), tuple(new_v))
+        return xs, new_kv, None if kept is None else tuple(kept)
 
     def init_cache(self, batch: int, max_len: int) -> KVCache:
         """An empty KV cache in the layout and dtype this model's numerics read."""

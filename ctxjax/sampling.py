@@ -25,7 +25,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -165,6 +165,68 @@ def _write_column(x_BxN: jax.Array, col_B: jax.Array, step: jax.Array) -> jax.Ar
     return jax.lax.dynamic_update_slice(x_BxN, col_B[:, None].astype(x_BxN.dtype), (0, step))
 
 
+def _prefill(
+    model: Transformer,
+    prompt_ids_BxP: jax.Array,
+    mask_BxP: jax.Array,
+    budget: jax.Array,
+    active_B: jax.Array,
+    n: int,
+    pick: Callable,
+    pad_id: int,
+) -> _DecodeState:
+    """The decode loop's first state: every prompt slot run at once into a cache of P + n slots,
+    and the first token drawn from the last slot's logits."""
+    b, p = prompt_ids_BxP.shape
+    # Positions from the mask (cumsum - 1). Left padding puts every row's last real token at slot
+    # P - 1, the only slot whose logits are needed.
+    cache = model.init_cache(b, p + n)
+    # Padding slots are fed token 0, not `pad_id`: an id >= vocab_size embeds as NaN (out-of-bounds
+    # gathers fill with NaN), and a NaN value in a masked slot still poisons attention (0 * NaN).
+    ids_BxP = jnp.where(mask_BxP, prompt_ids_BxP.astype(jnp.int32), 0)
+    out = model.forward(ids_BxP, mask_BxL=mask_BxP, cache=cache)
+    logits_BxV = model.logits(out.hidden_BxLxD[:, -1])
+    done_B = ~active_B.astype(bool) | (budget <= 0)
+    first_B, logprob_B, done_after_B = pick(logits_BxV, 0, done_B)
+    tokens_BxN = _write_column(jnp.full((b, n), pad_id, jnp.int32), first_B, 0)
+    logprobs_BxN = _write_column(jnp.zeros((b, n), jnp.float32), logprob_B, 0)
+    return _DecodeState(
+        step=jnp.ones((), jnp.int32),
+        cache=out.cache,
+        last_B=first_B,
+        done_B=done_after_B,
+        lengths_B=(~done_B).astype(jnp.int32),
+        tokens_BxN=tokens_BxN,
+        logprobs_BxN=logprobs_BxN,
+    )
+
+
+def _decode_step(
+    model: Transformer, s: _DecodeState, n_prompt_B: jax.Array, pick: Callable
+) -> _DecodeState:
+    """One turn of the decode loop: feed each row's last token, draw the next."""
+    # The token fed now was produced at step - 1, so it is the row's (n_prompt + step - 1)-th
+    # token.
+    positions_Bx1 = (n_prompt_B + s.step - 1)[:, None]
+    # Finished rows feed `pad_id`, clipped into the vocabulary for the same reason as the prefill.
+    fwd = model.forward(
+        jnp.clip(s.last_B, 0, model.cfg.vocab_size - 1)[:, None],
+        positions_BxL=positions_Bx1,
+        cache=s.cache,
+    )
+    logits_BxV = model.logits(fwd.hidden_BxLxD[:, 0])
+    tok_B, lp_B, done_B = pick(logits_BxV, s.step, s.done_B)
+    return _DecodeState(
+        step=s.step + 1,
+        cache=fwd.cache,
+        last_B=tok_B,
+        done_B=done_B,
+        lengths_B=s.lengths_B + (~s.done_B).astype(jnp.int32),
+        tokens_BxN=_write_column(s.tokens_BxN, tok_B, s.step),
+        logprobs_BxN=_write_column(s.logprobs_BxN, lp_B, s.step),
+    )
+
+
 def _sample(
     model: Transformer,
     prompt_ids_BxP: jax.Array,
@@ -184,7 +246,6 @@ def _sample(
     at the real budget, the static `max_new_tokens` only sizes the buffers. Rows with `active_B`
     False (batch padding) emit nothing and never keep the loop running.
     """
-    b, p = prompt_ids_BxP.shape
     n = max_new_tokens
     graphdef, state = nnx.split(model)
     # Sampling is not differentiable (integer draws, a while loop); stopping the gradient here also
@@ -196,56 +257,18 @@ def _sample(
     mask_BxP = prompt_mask_BxP.astype(bool)
     n_prompt_B = jnp.sum(mask_BxP, axis=-1).astype(jnp.int32)
 
-    # Prefill: all prompt slots at once; positions from the mask (cumsum - 1). Left padding puts
-    # every row's last real token at slot P - 1, the only slot whose logits are needed.
-    cache = model.init_cache(b, p + n)
-    vocab = model.cfg.vocab_size
-    # Padding slots are fed token 0, not `pad_id`: an id >= vocab_size embeds as NaN (out-of-bounds
-    # gathers fill with NaN), and a NaN value in a masked slot still poisons attention (0 * NaN).
-    ids_BxP = jnp.where(mask_BxP, prompt_ids_BxP.astype(jnp.int32), 0)
-    out = model.forward(ids_BxP, mask_BxL=mask_BxP, cache=cache)
-    logits_BxV = model.logits(out.hidden_BxLxD[:, -1])
-    done_B = ~active_B.astype(bool) | (budget <= 0)
-    first_B, logprob_B, done_after_B = _pick(
-        method, logits_BxV, jax.random.fold_in(rng, 0), done_B, eos_ids, pad_id
-    )
-    tokens_BxN = _write_column(jnp.full((b, n), pad_id, jnp.int32), first_B, 0)
-    logprobs_BxN = _write_column(jnp.zeros((b, n), jnp.float32), logprob_B, 0)
-    state0 = _DecodeState(
-        step=jnp.ones((), jnp.int32),
-        cache=out.cache,
-        last_B=first_B,
-        done_B=done_after_B,
-        lengths_B=(~done_B).astype(jnp.int32),
-        tokens_BxN=tokens_BxN,
-        logprobs_BxN=logprobs_BxN,
-    )
+    def pick(logits_BxV, step, done_B):
+        """The next token of each row, drawn with step `step`'s key."""
+        key = jax.random.fold_in(rng, step)
+        return _pick(method, logits_BxV, key, done_B, eos_ids, pad_id)
+
+    state0 = _prefill(model, prompt_ids_BxP, mask_BxP, budget, active_B, n, pick, pad_id)
 
     def cond(s: _DecodeState):
         return (s.step < jnp.minimum(budget, n)) & ~jnp.all(s.done_B)
 
     def body(s: _DecodeState) -> _DecodeState:
-        step_model = nnx.merge(graphdef, state)
-        # The token fed now was produced at step - 1, so it is the row's (n_prompt + step - 1)-th
-        # token.
-        positions_Bx1 = (n_prompt_B + s.step - 1)[:, None]
-        # Finished rows feed `pad_id`, clipped into the vocabulary for the same reason as above.
-        fwd = step_model.forward(
-            jnp.clip(s.last_B, 0, vocab - 1)[:, None], positions_BxL=positions_Bx1, cache=s.cache
-        )
-        logits_BxV = step_model.logits(fwd.hidden_BxLxD[:, 0])
-        tok_B, lp_B, done_B = _pick(
-            method, logits_BxV, jax.random.fold_in(rng, s.step), s.done_B, eos_ids, pad_id
-        )
-        return _DecodeState(
-            step=s.step + 1,
-            cache=fwd.cache,
-            last_B=tok_B,
-            done_B=done_B,
-            lengths_B=s.lengths_B + (~s.done_B).astype(jnp.int32),
-            tokens_BxN=_write_column(s.tokens_BxN, tok_B, s.step),
-            logprobs_BxN=_write_column(s.logprobs_BxN, lp_B, s.step),
-        )
+        return _decode_step(nnx.merge(graphdef, state), s, n_prompt_B, pick)
 
     final = jax.lax.while_loop(cond, body, state0)
     mask_BxN = jnp.arange(n)[None, :] < final.lengths_B[:, None]
@@ -335,6 +358,23 @@ def _generate_jit(
     )
 
 
+def _check_prompts(prompts: Sequence[Sequence[int]], max_new_tokens: int) -> None:
+    if not prompts:
+        raise ValueError("generate: prompts is empty")
+    for i, prompt in enumerate(prompts):
+        if len(prompt) == 0:
+            raise ValueError(f"generate: prompt {i} is empty (every prompt needs >= 1 token)")
+    if max_new_tokens < 1:
+        raise ValueError(f"generate: max_new_tokens must be >= 1, got {max_new_tokens}")
+
+
+def _check_token_ids(prompts: Sequence[Sequence[int]], vocab: int) -> None:
+    for i, prompt in enumerate(prompts):
+        bad = [t for t in prompt if not 0 <= int(t) < vocab]
+        if bad:
+            raise ValueError(f"generate: prompt {i} has token ids outside [0, {vocab}): {bad[:5]}")
+
+
 def generate(
     model: Transformer,
     prompts: Sequence[Sequence[int]],
@@ -357,20 +397,9 @@ def generate(
     decoding a row's tokens do not depend on the other rows or the buckets; with sampling the draws
     depend on `seed` and the bucketed batch size.
     """
-    if not prompts:
-        raise ValueError("generate: prompts is empty")
-    for i, prompt in enumerate(prompts):
-        if len(prompt) == 0:
-            raise ValueError(f"generate: prompt {i} is empty (every prompt needs >= 1 token)")
-    if max_new_tokens < 1:
-        raise ValueError(f"generate: max_new_tokens must be >= 1, got {max_new_tokens}")
+    _check_prompts(prompts, max_new_tokens)
     method = SamplingMethod(temperature=temperature, top_k=top_k, top_p=top_p)
-    vocab = model.cfg.vocab_size
-    for i, prompt in enumerate(prompts):
-        bad = [t for t in prompt if not 0 <= int(t) < vocab]
-        if bad:
-            raise ValueError(f"generate: prompt {i} has token ids outside [0, {vocab}): {bad[:5]}")
-
+    _check_token_ids(prompts, model.cfg.vocab_size)
     rows = len(prompts)
     width = bucket_length(max(len(p) for p in prompts))
     ids_BxP, mask_BxP = pad_left_rows(prompts, width, bucket_batch(rows), pad_id)

@@ -430,17 +430,10 @@ def measure_gpu(
     import jax
     import jax.numpy as jnp
 
-    from ctxjax.config import LossConfig
     from ctxjax.model import Numerics
 
     t_start = time.perf_counter()
-    if reps < 1:
-        raise ValueError(f"--reps must be >= 1, got {reps}")
-    setup = dict(TINY_SETUP if tiny else GPU_SETUP)
-    if batch is not None:
-        if batch < 1:
-            raise ValueError(f"--batch must be >= 1, got {batch}")
-        setup["batch"] = batch
+    setup = _gpu_setup(tiny, reps, batch)
     model = TINY_MODEL if tiny else GPU_MODEL
     numerics = Numerics(param_dtype=param_dtype, compute_dtype="bfloat16", remat=False)
     device = jax.devices()[0]
@@ -467,41 +460,17 @@ def measure_gpu(
     args = {k: rest_args for k in compiled if k.startswith("rest:")}
     args["step"] = (teacher_params, data, rng)
     memory, state = _memory(compiled, state, args, device)
-    step_times, state = _time_chained(compiled["step"], state, args["step"], reps)
-    rest_times, state = _time_chained(
-        compiled[f"rest:{_variant(False, 0)}"], state, rest_args, reps
-    )
-    times = {
-        "step": step_times,
-        "sample": _times(compiled["sample"], sample_args, reps),
-        "rest": rest_times,
-        "sample_1": _times(compiled["sample_1"], sample_args, reps),
-    }
+    times, state = _gpu_times(compiled, state, args, sample_args, reps)
     timing = {k: measure._timing(ts, b * n) for k, ts in times.items()}
     xla_rest = measure._xla_flops(compiled[f"rest:{_variant(False, 0)}"])
     measured = measured_ceilings(tiny, reps=max(reps, 3))
     profiles = None
     if profile_dir is not None:
-        rest_call = functools.partial(compiled[f"rest:{_variant(False, 0)}"], state, *rest_args)
-        profiles = {
-            "sample": profile.profile_call(
-                lambda: compiled["sample"](*sample_args), os.path.join(profile_dir, "sample")
-            )[1],
-            # The last use of the donated state.
-            "rest": profile.profile_call(rest_call, os.path.join(profile_dir, "rest"))[1],
-        }
+        profiles = _profile_parts(compiled, state, sample_args, rest_args, profile_dir)
     return {
         "benchmark": "gpu",
         "tiny": tiny,
-        "environment": {
-            "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "host": environment.machine(),
-            "jax": jax.__version__,
-            "backend": jax.default_backend(),
-            "device_kind": device.device_kind,
-            "device_count": jax.device_count(),
-            "compiler_options": copts or {},
-        },
+        "environment": _gpu_environment(device, copts),
         "device": {
             "spec": spec and spec.name,
             "peak_flops": peak,
@@ -510,24 +479,85 @@ def measure_gpu(
             "hbm_source": hbm_source,
             "measured": measured,
         },
-        "setup": {
-            "model": model,
-            "num_params": cfg.num_params(),
-            "param_dtype": numerics.param_dtype,
-            "compute_dtype": numerics.compute_dtype,
-            **setup,
-            "ctx_prompt_len": c + p,
-            "temperature": 1.0,
-            "eos": None,
-            "loss": dataclasses.asdict(LossConfig()),
-            "reps": reps,
-        },
+        "setup": _setup_record(model, cfg, numerics, setup, reps),
         "compile_s": round(compile_s, 3),
         "train": _train_figures(cfg, setup, timing, xla_rest, peak, spec, measured),
         "decode": _decode_figures(cfg, numerics, setup, timing, hbm, measured),
         "memory": {"device_peak_available": _device_peak(device) is not None, "programs": memory},
         "profile": profiles,
         "wall_s": round(time.perf_counter() - t_start, 2),
+    }
+
+
+def _gpu_setup(tiny: bool, reps: int, batch: int | None) -> dict:
+    """The run's sizes (the tiny or the 0.5B preset, `batch` overriding its batch), checked."""
+    if reps < 1:
+        raise ValueError(f"--reps must be >= 1, got {reps}")
+    setup = dict(TINY_SETUP if tiny else GPU_SETUP)
+    if batch is not None:
+        if batch < 1:
+            raise ValueError(f"--batch must be >= 1, got {batch}")
+        setup["batch"] = batch
+    return setup
+
+
+def _setup_record(model: dict, cfg, numerics, setup: dict, reps: int) -> dict:
+    """What the run measured: the model, its dtypes, the sizes, the sampling and the loss."""
+    from ctxjax.config import LossConfig
+
+    return {
+        "model": model,
+        "num_params": cfg.num_params(),
+        "param_dtype": numerics.param_dtype,
+        "compute_dtype": numerics.compute_dtype,
+        **setup,
+        "ctx_prompt_len": setup["context_len"] + setup["prompt_len"],
+        "temperature": 1.0,
+        "eos": None,
+        "loss": dataclasses.asdict(LossConfig()),
+        "reps": reps,
+    }
+
+
+def _gpu_times(compiled: dict, state, args: dict, sample_args: tuple, reps: int):
+    """({part: seconds of each of `reps` calls}, the state after them): the step and the rest
+    chained on their donated state, the sampler with all `new_tokens` and with one."""
+    step_times, state = _time_chained(compiled["step"], state, args["step"], reps)
+    rest_key = f"rest:{_variant(False, 0)}"
+    rest_times, state = _time_chained(compiled[rest_key], state, args[rest_key], reps)
+    times = {
+        "step": step_times,
+        "sample": _times(compiled["sample"], sample_args, reps),
+        "rest": rest_times,
+        "sample_1": _times(compiled["sample_1"], sample_args, reps),
+    }
+    return times, state
+
+
+def _profile_parts(compiled: dict, state, sample_args, rest_args, profile_dir: str) -> dict:
+    """One profiled call of the sampler and of the rest, traces under `profile_dir`."""
+    rest_call = functools.partial(compiled[f"rest:{_variant(False, 0)}"], state, *rest_args)
+    return {
+        "sample": profile.profile_call(
+            lambda: compiled["sample"](*sample_args), os.path.join(profile_dir, "sample")
+        )[1],
+        # The last use of the donated state.
+        "rest": profile.profile_call(rest_call, os.path.join(profile_dir, "rest"))[1],
+    }
+
+
+def _gpu_environment(device, copts: dict | None) -> dict:
+    """The host, jax and the device a `gpu` result was measured on."""
+    import jax
+
+    return {
+        "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "host": environment.machine(),
+        "jax": jax.__version__,
+        "backend": jax.default_backend(),
+        "device_kind": device.device_kind,
+        "device_count": jax.device_count(),
+        "compiler_options": copts or {},
     }
 
 
@@ -545,7 +575,16 @@ def _verdict(met: bool | None, why_none: str) -> str:
 
 def print_gpu(r: dict) -> None:
     """The accelerator benchmark: MFU by part, decode vs the HBM bound, memory by variant."""
-    env, dev, s, t = r["environment"], r["device"], r["setup"], r["train"]
+    _print_gpu_device(r)
+    _print_gpu_train(r)
+    _print_gpu_decode(r)
+    _print_gpu_memory(r)
+    _print_gpu_profiles(r)
+
+
+def _print_gpu_device(r: dict) -> None:
+    """The device, the model, and the ceilings (datasheet and measured) the rates are held to."""
+    env, dev, s = r["environment"], r["device"], r["setup"]
     m = s["model"]
     print(
         f"gpu benchmark on {env['device_kind']} ({env['backend']}, jax {env['jax']}): "
@@ -574,6 +613,11 @@ def print_gpu(r: dict) -> None:
         f"{ms['matmul_flops_per_s'] / 1e12:.4g} TFLOP/s, streaming (x + 1, "
         f"{ms['stream_bytes'] / 2**20:.0f} MiB moved) {ms['stream_bytes_per_s'] / 1e12:.4g} TB/s"
     )
+
+
+def _print_gpu_train(r: dict) -> None:
+    """The train step by part: time, FLOPs, MFU, and the target on the rest of the step."""
+    s, t = r["setup"], r["train"]
     print(
         f"train step: batch {s['batch']}, [c|x] {s['ctx_prompt_len']} / [x] {s['prompt_len']} "
         f"slots, {s['new_tokens']} new tokens at T={s['temperature']} (no EOS), loss "
@@ -603,6 +647,10 @@ def print_gpu(r: dict) -> None:
         f"GEMMs), analytic {_tflops(t['rates']['rest']['flops'])} T (matmuls only, remat "
         "recompute not counted)"
     )
+
+
+def _print_gpu_decode(r: dict) -> None:
+    """One decode step against the bytes it must read at the HBM bandwidth."""
     d = r["decode"]
     read = d["bytes_per_step"]
     line = (
@@ -619,6 +667,10 @@ def print_gpu(r: dict) -> None:
             f"{d['target']['max_over_bound']:.0f}x: {_verdict(d['target']['met'], '?')}); "
             f"{d['over_measured_bound']}x the bound at the measured streaming rate"
         )
+
+
+def _print_gpu_memory(r: dict) -> None:
+    """Peak memory of each compiled program: the device's count and XLA's estimate."""
     mem = r["memory"]
     source = (
         'memory_stats()["peak_bytes_in_use"]'
@@ -642,6 +694,10 @@ def print_gpu(r: dict) -> None:
             f"  {name:22s}{peak_cell:>16s}{row['estimate_bytes'] / 2**20:13.1f}"
             f"{row['temp_bytes'] / 2**20:10.1f}{row['first_call_s']:11.3f}"
         )
+
+
+def _print_gpu_profiles(r: dict) -> None:
+    """The profiled calls' kernels by kind and the top ones by time (with `--profile`)."""
     for part, prof in (r.get("profile") or {}).items():
         print(
             f"profile of one {part} call ({prof['source']}: {prof['events']} events, busy "

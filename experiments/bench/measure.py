@@ -156,17 +156,85 @@ def measure_sample(
     conservative one); a setting whose warm-up call exceeds `hf_skip_s` seconds is reported, not
     timed.
     """
+    import torch
+
+    default_threads = torch.get_num_threads()
+    hf_threads = tuple(dict.fromkeys(hf_threads or (1, default_threads)))
+    prompts = np.random.default_rng(seed).integers(
+        0, SAMPLE_MODEL["vocab_size"], (batch, prompt_len)
+    )
+    hf_model, ours_model = _sample_models(seed)
+    try:
+        timed_runs = _time_sample_sides(
+            ours_model, hf_model, prompts, new_tokens, hf_threads, reps, hf_skip_s
+        )
+    finally:
+        torch.set_num_threads(default_threads)
+    ours_tokens, first_call_s, hf_tokens, hf_warmup, ours_times, hf_times, load = timed_runs
+    n_tok = batch * new_tokens
+    ours = _timing(ours_times, n_tok)
+    ours["compile_s"] = round(first_call_s - ours["median_s"], 3)
+    per_threads = {
+        str(th): (
+            _timing(hf_times[th], n_tok)
+            if th in hf_times
+            else {"skipped": f"warm-up call took {hf_warmup[th]:.1f} s > {hf_skip_s} s"}
+        )
+        for th in hf_threads
+    }
+    if not hf_times:
+        raise RuntimeError(f"every transformers setting was skipped: {per_threads}")
+    best = min(hf_times, key=lambda th: per_threads[str(th)]["median_s"])
+    theirs = dict(per_threads[str(best)], torch_threads=best)
+    same = {str(th): bool(np.array_equal(ours_tokens, hf_tokens[th])) for th in hf_threads}
+    return {
+        "benchmark": "sample",
+        "setup": _sample_setup(batch, prompt_len, new_tokens, reps, load),
+        "ctxjax": ours,
+        "transformers": theirs,
+        "transformers_by_threads": per_threads,
+        "speedup": round(ours["tokens_per_s"] / theirs["tokens_per_s"], 2),
+        "tokens_identical": all(same.values()),
+        "tokens_identical_by_threads": same,
+        "memory_floor": _sample_memory_floor(
+            ours_model, batch, prompt_len, new_tokens, ours, theirs
+        ),
+    }
+
+
+def _sample_setup(batch, prompt_len, new_tokens, reps, load) -> dict:
+    """What the sampling benchmark ran: sizes, decoding, versions and the machine's load."""
     import jax
     import torch
     import transformers
 
-    from ctxjax import hf
-    from ctxjax.sampling import generate
+    return {
+        "model": SAMPLE_MODEL,
+        "init_std": SAMPLE_INIT_STD,
+        "batch": batch,
+        "prompt_len": prompt_len,
+        "new_tokens": new_tokens,
+        "reps": reps,
+        "decoding": "greedy",
+        "jax_backend": jax.default_backend(),
+        "cpu_count": os.cpu_count(),
+        "transformers": transformers.__version__,
+        "torch": torch.__version__,
+        "jax": jax.__version__,
+        # Other processes on the machine skew both sides; the 1-minute load average
+        # before and after the timed loop says how busy it was.
+        "load_avg_1min": [round(load[0], 2), round(load[1], 2)],
+    }
 
-    default_threads = torch.get_num_threads()
-    hf_threads = tuple(dict.fromkeys(hf_threads or (1, default_threads)))
-    rng = np.random.default_rng(seed)
-    prompts = rng.integers(0, SAMPLE_MODEL["vocab_size"], (batch, prompt_len))
+
+def _sample_models(seed: int) -> tuple:
+    """(transformers model, the same weights loaded by `ctxjax.hf.load_model`): a random HF Llama
+    of `SAMPLE_MODEL`'s shape, saved with `save_pretrained` and read back."""
+    import torch
+    import transformers
+
+    from ctxjax import hf
+
     with tempfile.TemporaryDirectory() as tmp:
         # eos_token_id None: no EOS anywhere, so neither side can end a row early.
         hf_cfg = transformers.LlamaConfig(
@@ -180,7 +248,19 @@ def measure_sample(
         torch.manual_seed(seed)
         hf_model = transformers.LlamaForCausalLM(hf_cfg).eval()
         hf_model.save_pretrained(tmp)
-        ours_model = hf.load_model(tmp)
+        return hf_model, hf.load_model(tmp)
+
+
+def _time_sample_sides(ours_model, hf_model, prompts, new_tokens, hf_threads, reps, hf_skip_s):
+    """Both sides warmed up, then timed `reps` times alternating (ours, then transformers at each
+    thread setting whose warm-up took at most `hf_skip_s`). Returns (our tokens, our first call's
+    seconds, {threads: their tokens}, {threads: warm-up seconds}, our times, {timed threads: their
+    times}, (load average before, after))."""
+    import torch
+
+    from ctxjax.sampling import generate
+
+    prompt_len = prompts.shape[1]
 
     def run_ours():
         return generate(ours_model, prompts.tolist(), max_new_tokens=new_tokens).tokens_BxN
@@ -205,26 +285,27 @@ def measure_sample(
         out = fn(*args)
         return out, time.perf_counter() - t0
 
-    try:
-        ours_tokens, first_call_s = timed(run_ours)
-        hf_tokens, hf_warmup = {}, {}
-        for th in hf_threads:
-            hf_tokens[th], hf_warmup[th] = timed(run_hf, th)
-        timed_threads = [th for th in hf_threads if hf_warmup[th] <= hf_skip_s]
-        load_before = os.getloadavg()[0]
-        ours_times, hf_times = [], {th: [] for th in timed_threads}
-        for _ in range(reps):
-            ours_times.append(timed(run_ours)[1])
-            for th in timed_threads:
-                hf_times[th].append(timed(run_hf, th)[1])
-        load_after = os.getloadavg()[0]
-    finally:
-        torch.set_num_threads(default_threads)
+    ours_tokens, first_call_s = timed(run_ours)
+    hf_tokens, hf_warmup = {}, {}
+    for th in hf_threads:
+        hf_tokens[th], hf_warmup[th] = timed(run_hf, th)
+    timed_threads = [th for th in hf_threads if hf_warmup[th] <= hf_skip_s]
+    load_before = os.getloadavg()[0]
+    ours_times, hf_times = [], {th: [] for th in timed_threads}
+    for _ in range(reps):
+        ours_times.append(timed(run_ours)[1])
+        for th in timed_threads:
+            hf_times[th].append(timed(run_hf, th)[1])
+    load = (load_before, os.getloadavg()[0])
+    return ours_tokens, first_call_s, hf_tokens, hf_warmup, ours_times, hf_times, load
 
-    # The floor memory traffic sets: bytes a decode step must read over the faster of two rates
-    # measured here, under the timing's conditions: weights streamed into small-batch matmuls
-    # (16 MiB: in cache where the cache is that large) and a plain read of 1 GiB. A floor is what
-    # nothing beats, so the faster one, as the step's floors take it.
+
+def _sample_memory_floor(ours_model, batch, prompt_len, new_tokens, ours, theirs) -> dict:
+    """The decode-only floor memory traffic sets (the prefill not counted, so the real ceiling is
+    lower still): bytes a decode step must read over the faster of two rates measured here, under
+    the timing's conditions: weights streamed into small-batch matmuls (16 MiB: in cache where the
+    cache is that large) and a plain read of 1 GiB. A floor is what nothing beats, so the faster
+    one, as the step's floors take it."""
     from ctxjax.sampling import bucket_length
 
     stream_bps = weight_stream_rate(batch=batch)
@@ -233,59 +314,16 @@ def measure_sample(
     slots = bucket_length(prompt_len) + bucket_length(new_tokens)
     step_bytes = decode_bytes(ours_model.cfg, ours_model.numerics, batch, slots)["total"]
     floor_step_s = step_bytes / floor_bps
-    n_tok = batch * new_tokens
-    ours = _timing(ours_times, n_tok)
-    ours["compile_s"] = round(first_call_s - ours["median_s"], 3)
-    per_threads = {}
-    for th in hf_threads:
-        per_threads[str(th)] = (
-            _timing(hf_times[th], n_tok)
-            if th in hf_times
-            else {"skipped": f"warm-up call took {hf_warmup[th]:.1f} s > {hf_skip_s} s"}
-        )
-    if not timed_threads:
-        raise RuntimeError(f"every transformers setting was skipped: {per_threads}")
-    best = min(timed_threads, key=lambda th: per_threads[str(th)]["median_s"])
-    theirs = dict(per_threads[str(best)], torch_threads=best)
-    same = {str(th): bool(np.array_equal(ours_tokens, hf_tokens[th])) for th in hf_threads}
-    result = {
-        "benchmark": "sample",
-        "setup": {
-            "model": SAMPLE_MODEL,
-            "init_std": SAMPLE_INIT_STD,
-            "batch": batch,
-            "prompt_len": prompt_len,
-            "new_tokens": new_tokens,
-            "reps": reps,
-            "decoding": "greedy",
-            "jax_backend": jax.default_backend(),
-            "cpu_count": os.cpu_count(),
-            "transformers": transformers.__version__,
-            "torch": torch.__version__,
-            "jax": jax.__version__,
-            # Other processes on the machine skew both sides; the 1-minute load average
-            # before and after the timed loop says how busy it was.
-            "load_avg_1min": [round(load_before, 2), round(load_after, 2)],
-        },
-        "ctxjax": ours,
-        "transformers": theirs,
-        "transformers_by_threads": per_threads,
-        "speedup": round(ours["tokens_per_s"] / theirs["tokens_per_s"], 2),
-        "tokens_identical": all(same.values()),
-        "tokens_identical_by_threads": same,
-        # Decode-only floor (the prefill not counted, so the real ceiling is lower still).
-        "memory_floor": {
-            "weight_stream_gb_per_s": round(stream_bps / 1e9, 2),
-            "read_gb_per_s": round(read_bps / 1e9, 2),
-            "floor_gb_per_s": round(floor_bps / 1e9, 2),
-            "bytes_per_decode_step": step_bytes,
-            "floor_ms_per_step": round(1e3 * floor_step_s, 3),
-            "ctxjax_ms_per_step": round(1e3 * ours["median_s"] / new_tokens, 3),
-            "floor_tokens_per_s": round(batch / floor_step_s, 1),
-            "floor_speedup": round(batch / floor_step_s / theirs["tokens_per_s"], 2),
-        },
+    return {
+        "weight_stream_gb_per_s": round(stream_bps / 1e9, 2),
+        "read_gb_per_s": round(read_bps / 1e9, 2),
+        "floor_gb_per_s": round(floor_bps / 1e9, 2),
+        "bytes_per_decode_step": step_bytes,
+        "floor_ms_per_step": round(1e3 * floor_step_s, 3),
+        "ctxjax_ms_per_step": round(1e3 * ours["median_s"] / new_tokens, 3),
+        "floor_tokens_per_s": round(batch / floor_step_s, 1),
+        "floor_speedup": round(batch / floor_step_s / theirs["tokens_per_s"], 2),
     }
-    return result
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1163,6 +1201,67 @@ def fresh_first_step(
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def _time_both_steps(ours, ref, ref_batch, reps: int, seed: int) -> tuple:
+    """Both steps timed `reps` times, alternating which goes first so other load hits both alike.
+    Returns ({part: ctxjax's seconds}, {part: the PyTorch way's}, {side: (page faults, system
+    seconds) of each timed step}, the matmul probe after each repetition, (load average before,
+    after))."""
+    ours_times = {name: [] for name in ("step", *STEP_PARTS)}
+    ref_times = {name: [] for name in ("step", *STEP_PARTS)}
+    host = {"ctxjax": [], "pytorch": []}  # (page faults, system seconds) of each timed step
+    peak_probe, peaks = _matmul_probe(), []
+    load_before = os.getloadavg()[0]
+    for rep in range(reps):
+        # Each timed step follows an untimed one of its own side, as a step follows a step in
+        # training: right after the other library's step, ctxjax's step under glibc (which maps its
+        # XLA temporaries afresh every call) ran slower than after its own, its page faults costing
+        # seconds of system time (docs/notes.md).
+
+        def run_ours(rep=rep):
+            ours.run_step(reps + rep)  # untimed, its own rollout key
+            dt, cost = _host_cost(ours.run_step, rep)
+            ours_times["step"].append(dt)
+            host["ctxjax"].append(cost)
+            for name, dt in ours.run_parts().items():
+                ours_times[name].append(dt)
+
+        def run_ref(rep=rep):
+            ref(ref_batch, seed + 1 + reps + rep)  # untimed
+            times, cost = _host_cost(ref, ref_batch, seed + 1 + rep)
+            host["pytorch"].append(cost)
+            for name, dt in times.items():
+                ref_times[name].append(dt)
+
+        for run in (run_ours, run_ref) if rep % 2 == 0 else (run_ref, run_ours):
+            run()
+        peaks.append(peak_probe())
+    load = (load_before, os.getloadavg()[0])
+    return ours_times, ref_times, host, peaks, load
+
+
+def _host_medians(costs: list[tuple[int, float]]) -> dict:
+    """The median page faults and system seconds of a side's timed steps."""
+    faults, system_s = zip(*costs, strict=True)
+    return {
+        "minor_faults_median": int(statistics.median(faults)),
+        "system_s_median": round(statistics.median(system_s), 3),
+    }
+
+
+def _first_steps(case: StepCase, seed: int, copts: dict | None, loss_cfg, first_steps: int):
+    """The first step a run waits for, each in a fresh process (`fresh_first_step`): (unrolled,
+    measured once; scanned, the one with a target, `first_steps` times, since one measurement is one
+    sample of a machine whose speed drifts by tens of percent over minutes)."""
+    unrolled = fresh_first_step(case, seed, copts, loss_cfg, scan_layers=False)
+    runs = [
+        fresh_first_step(case, seed, copts, loss_cfg, scan_layers=True) for _ in range(first_steps)
+    ]
+    # The run with the median first step, so its compile, calls and first step belong together.
+    scanned = dict(sorted(runs, key=lambda r: r["first_step_s"])[len(runs) // 2])
+    scanned["first_steps_s"] = [r["first_step_s"] for r in runs]
+    return unrolled, scanned
+
+
 def _compare_case(
     case: StepCase, reps: int, seed: int, copts: dict | None, first_steps: int
 ) -> dict:
@@ -1195,55 +1294,15 @@ def _compare_case(
     ref(ref_batch, seed)  # warm-up (allocator, thread pool)
     ref_first_s = time.perf_counter() - t0
 
-    ours_times = {name: [] for name in ("step", *STEP_PARTS)}
-    ref_times = {name: [] for name in ("step", *STEP_PARTS)}
-    host = {"ctxjax": [], "pytorch": []}  # (page faults, system seconds) of each timed step
-    peak_probe, peaks = _matmul_probe(), []
-    load_before = os.getloadavg()[0]
-    for rep in range(reps):
-        # Each timed step follows an untimed one of its own side, as a step follows a step in
-        # training: right after the other library's step, ctxjax's step under glibc (which maps its
-        # XLA temporaries afresh every call) ran slower than after its own, its page faults costing
-        # seconds of system time (docs/notes.md).
-
-        def run_ours(rep=rep):
-            ours.run_step(reps + rep)  # untimed, its own rollout key
-            dt, cost = _host_cost(ours.run_step, rep)
-            ours_times["step"].append(dt)
-            host["ctxjax"].append(cost)
-            for name, dt in ours.run_parts().items():
-                ours_times[name].append(dt)
-
-        def run_ref(rep=rep):
-            ref(ref_batch, seed + 1 + reps + rep)  # untimed
-            times, cost = _host_cost(ref, ref_batch, seed + 1 + rep)
-            host["pytorch"].append(cost)
-            for name, dt in times.items():
-                ref_times[name].append(dt)
-
-        for run in (run_ours, run_ref) if rep % 2 == 0 else (run_ref, run_ours):
-            run()
-        peaks.append(peak_probe())
-    load_after = os.getloadavg()[0]
+    ours_times, ref_times, host, peaks, load = _time_both_steps(ours, ref, ref_batch, reps, seed)
 
     tokens = b * n
     sides = {"ctxjax": _side(ours_times, tokens), "pytorch": _side(ref_times, tokens)}
     for side, costs in host.items():
-        faults, system_s = zip(*costs, strict=True)
-        sides[side]["step"]["minor_faults_median"] = int(statistics.median(faults))
-        sides[side]["step"]["system_s_median"] = round(statistics.median(system_s), 3)
+        sides[side]["step"].update(_host_medians(costs))
     sides["ctxjax"]["step"]["compile_s"] = round(ours.step_compile_s, 3)
     ours = None  # its buffers, before the first-step processes allocate their own
-    # The first step a run waits for, each in a fresh process (`fresh_first_step`): unrolled once;
-    # scanned (the one with a target) `first_steps` times, since one measurement is one sample of
-    # a machine whose speed drifts by tens of percent over minutes.
-    unrolled = fresh_first_step(case, seed, copts, loss_cfg, scan_layers=False)
-    runs = [
-        fresh_first_step(case, seed, copts, loss_cfg, scan_layers=True) for _ in range(first_steps)
-    ]
-    # The run with the median first step, so its compile, calls and first step belong together.
-    scanned = dict(sorted(runs, key=lambda r: r["first_step_s"])[len(runs) // 2])
-    scanned["first_steps_s"] = [r["first_step_s"] for r in runs]
+    unrolled, scanned = _first_steps(case, seed, copts, loss_cfg, first_steps)
     sides["pytorch"]["step"]["first_call_s"] = round(ref_first_s, 3)
     flops = _step_flops_analytic(cfg, b, p, q, n, loss_cfg)
     medians = {
@@ -1260,7 +1319,7 @@ def _compare_case(
             "temperature": 1.0,
             "eos": None,
             "reps": reps,
-            "load_avg_1min": [round(load_before, 2), round(load_after, 2)],
+            "load_avg_1min": [round(load[0], 2), round(load[1], 2)],
         },
         **sides,
         # > 1: ctxjax's step is faster. From the two medians above, nothing else.
@@ -1343,10 +1402,7 @@ def measure_step(
     torch runs `torch_threads` threads (default: the cores this process may use, as XLA does).
     `quick`: the tiny config only, 2 reps, cheap compiles (a test, seconds).
     """
-    import flax
-    import jax
     import torch
-    import transformers
 
     names = ["quick"] if quick else [c.strip() for c in configs.split(",") if c.strip()]
     unknown = [c for c in names if c not in STEP_CASES]
@@ -1361,37 +1417,18 @@ def measure_step(
     torch.set_num_threads(threads)
     try:
         # The ceilings and the kernel floor's GEMMs are timed before and after the configs, the
-        # faster kept (see below).
-        gemm_reps = 2 if quick else 5
-        before = _ceilings(quick)
-        gemms_before = {n: kernels.time_gemms(STEP_CASES[n], gemm_reps) for n in names}
-        decode_before = {n: kernels.time_decode_step(STEP_CASES[n], gemm_reps) for n in names}
+        # faster kept (see `_kept_ceilings`).
+        before = _ceilings_and_kernels(names, quick)
         first_steps = 1 if quick else 3
         cases = {
             name: _compare_case(STEP_CASES[name], reps, seed, copts, first_steps) for name in names
         }
-        after = _ceilings(quick)
-        gemms_after = {n: kernels.time_gemms(STEP_CASES[n], gemm_reps) for n in names}
-        decode_after = {n: kernels.time_decode_step(STEP_CASES[n], gemm_reps) for n in names}
+        after = _ceilings_and_kernels(names, quick)
     finally:
         torch.set_num_threads(default_threads)
-    # A ceiling is the fastest this machine ran, so it is measured before and after the configs and
-    # the better kept: load that slowed one measurement (a busy neighbour for a minute) cannot
-    # deflate it and flatter every fraction of it.
-    peak = dict(max(before, after, key=lambda c: c["best_flops_per_s"]))
-    # The repetitions' probes count too: the peak is the fastest this machine ran the matmul at any
-    # point of the run, so a slow spell over both the start and the end cannot lower it and
-    # inflate every fraction (a run at 192 and 150 GFLOP/s put b's student at 81% of "peak").
-    probes = [p for c in cases.values() for p in c["peak_per_rep_flops_per_s"]]
-    peak["best_flops_per_s"] = max([peak["best_flops_per_s"], *probes])
-    # The kept rates are the faster ones, `weight_stream_bytes_per_s` and `memory_read_bytes_per_s`.
-    del peak["stream_bytes_per_s"], peak["read_bytes_per_s"]
-    peak["torch_best_flops_per_s"] = max(c["torch_best_flops_per_s"] for c in (before, after))
-    stream = max(c["stream_bytes_per_s"] for c in (before, after))
-    read = max(c["read_bytes_per_s"] for c in (before, after))
+    peak, stream, read = _kept_ceilings(before[0], after[0], cases)
     # The floors divide bytes by the faster rate: one no implementation can beat.
     floor_rate = max(stream, read)
-    peak["measured"] = {"before": before, "after": after}
     for c in cases.values():
         c["fraction_of_peak"] = {
             side: _peak_fractions(
@@ -1403,37 +1440,77 @@ def measure_step(
         }
     machine_peak = max(peak["best_flops_per_s"], peak["torch_best_flops_per_s"])
     for name, c in cases.items():
-        gemm_times = kernels.fastest(gemms_before[name], gemms_after[name])
+        gemm_times = kernels.fastest(before[1][name], after[1][name])
         decode_step = {
-            lib: min(decode_before[name][lib], decode_after[name][lib])
-            for lib in ("xla_s", "torch_s")
+            lib: min(before[2][name][lib], after[2][name][lib]) for lib in ("xla_s", "torch_s")
         }
         _add_floors(name, c, gemm_times, decode_step, machine_peak, floor_rate)
     return {
         "benchmark": "step",
         "quick": quick,
-        "environment": {
-            "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "cpu_model": cpu_model(),
-            "cpu_id": cpu_id(),
-            "cores": usable_cores(),
-            "jax_backend": jax.default_backend(),
-            "torch_threads": threads,
-            "compiler_options": copts or {},
-            # mimalloc where scripts/bench.py re-executed itself with it, for both sides
-            "allocator": process_allocator(),
-            "versions": {
-                "jax": jax.__version__,
-                "flax": flax.__version__,
-                "torch": torch.__version__,
-                "transformers": transformers.__version__,
-            },
-            "load_avg_1min_end": round(os.getloadavg()[0], 2),
-        },
+        "environment": _step_environment(threads, copts),
         "peak_matmul": peak,
         "machine_peak_flops_per_s": machine_peak,
         "weight_stream_bytes_per_s": stream,
         "memory_read_bytes_per_s": read,
         "floor_bytes_per_s": floor_rate,
         "configs": cases,
+    }
+
+
+def _ceilings_and_kernels(names: list[str], quick: bool) -> tuple[dict, dict, dict]:
+    """Measured now: (`_ceilings`, {config: its GEMMs' times}, {config: its decode step's
+    times})."""
+    gemm_reps = 2 if quick else 5
+    ceilings = _ceilings(quick)
+    gemms = {n: kernels.time_gemms(STEP_CASES[n], gemm_reps) for n in names}
+    decode = {n: kernels.time_decode_step(STEP_CASES[n], gemm_reps) for n in names}
+    return ceilings, gemms, decode
+
+
+def _kept_ceilings(before: dict, after: dict, cases: dict) -> tuple[dict, float, float]:
+    """(the matmul peaks kept, the weight-streaming rate, the plain read rate): each the faster of
+    its measurements before and after the configs."""
+    # A ceiling is the fastest this machine ran, so it is measured before and after the configs and
+    # the better kept: load that slowed one measurement (a busy neighbour for a minute) cannot
+    # deflate it and flatter every fraction of it.
+    peak = dict(max(before, after, key=lambda c: c["best_flops_per_s"]))
+    # The repetitions' probes count too: the peak is the fastest this machine ran the matmul at any
+    # point of the run, so a slow spell over both the start and the end cannot lower it and
+    # inflate every fraction of it.
+    probes = [p for c in cases.values() for p in c["peak_per_rep_flops_per_s"]]
+    peak["best_flops_per_s"] = max([peak["best_flops_per_s"], *probes])
+    # The kept rates are the faster ones, `weight_stream_bytes_per_s` and `memory_read_bytes_per_s`.
+    del peak["stream_bytes_per_s"], peak["read_bytes_per_s"]
+    peak["torch_best_flops_per_s"] = max(c["torch_best_flops_per_s"] for c in (before, after))
+    stream = max(c["stream_bytes_per_s"] for c in (before, after))
+    read = max(c["read_bytes_per_s"] for c in (before, after))
+    peak["measured"] = {"before": before, "after": after}
+    return peak, stream, read
+
+
+def _step_environment(threads: int, copts: dict | None) -> dict:
+    """The machine, library versions and settings a `step` result was measured with."""
+    import flax
+    import jax
+    import torch
+    import transformers
+
+    return {
+        "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "cpu_model": cpu_model(),
+        "cpu_id": cpu_id(),
+        "cores": usable_cores(),
+        "jax_backend": jax.default_backend(),
+        "torch_threads": threads,
+        "compiler_options": copts or {},
+        # mimalloc where scripts/bench.py re-executed itself with it, for both sides
+        "allocator": process_allocator(),
+        "versions": {
+            "jax": jax.__version__,
+            "flax": flax.__version__,
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+        },
+        "load_avg_1min_end": round(os.getloadavg()[0], 2),
     }
