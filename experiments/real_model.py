@@ -970,7 +970,7 @@ def run_real_model(
         raise ValueError(f"--model {model}: not an HF model folder (no config.json)")
     plan = load_plan(plan_path)
     configure_logging("ctxjax", "experiments")
-    deadline = time.time() + 3600 * max_hours if max_hours else None
+    deadline = None if max_hours is None else time.time() + 3600 * max_hours
     os.makedirs(out_dir, exist_ok=True)
     screen = screen_base(plan, model, out_dir)
     status, aggregated = {}, {}

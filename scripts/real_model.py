@@ -41,6 +41,10 @@ def main(argv: list[str]) -> None:
     p.add_argument("--part", choices=PARTS, action="append", help="run only these parts")
     p.add_argument("--max-hours", type=float, default=None, help="stop after the current run")
     args = p.parse_args(argv)
+    if args.max_hours is not None and args.max_hours < 0:
+        p.error(
+            f"--max-hours must be >= 0 (0: run nothing new, only aggregate), got {args.max_hours}"
+        )
     shipped = os.path.abspath(args.plan) == PLAN and args.out == DEFAULT_OUT
     doc, figure = DOC, FIGURE
     if not shipped:  # another plan's numbers never replace the page's
