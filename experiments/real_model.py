@@ -360,7 +360,10 @@ def screen_base(plan: Plan, model: str, out_dir: str) -> dict:
     return out
 
 
-def follows(screen: dict, margin: float = 0.2) -> bool:
+FOLLOW_MARGIN = 0.2
+
+
+def follows(screen: dict, margin: float = FOLLOW_MARGIN) -> bool:
     """The base model follows a context: greedy Acc_xc at least `margin` above Acc_x."""
     g = screen["greedy"]
     return g["acc_xc"] - g["acc_x"] >= margin
@@ -733,13 +736,14 @@ def _fmt(v) -> str:
     return "-" if v is None else f"{v:.3f}"
 
 
-def screen_table(screen: dict) -> str:
+def screen_table(screen: dict, kinds: dict[str, str]) -> str:
     rows = []
     for name, r in screen.items():
         g, s = r["greedy"], r["sampled"]
         rows.append(
             {
                 "context": name,
+                "kind": kinds.get(name, ""),
                 "items": g["n"],
                 "greedy Acc_x": _fmt(g["acc_x"]),
                 "greedy Acc_xc": _fmt(g["acc_xc"]),
@@ -748,6 +752,7 @@ def screen_table(screen: dict) -> str:
                 f"sampled Acc_x (x{s['draws']})": _fmt(s["acc_x"]),
                 "sampled Acc_xc": _fmt(s["acc_xc"]),
                 "sampled Harm": _fmt(s["harm"]),
+                "its floor": _fmt(harm_floor(_answers(s)[..., 0] > 0.5)),
                 "follows": "yes" if follows(r) else "no",
             }
         )
@@ -887,7 +892,9 @@ def results_markdown(results: dict, command: str) -> str:
         "",
         "### Base-model screen (greedy, and sampled)",
         "",
-        screen_table(results["screen"]),
+        f"Follows: greedy Acc_xc at least {FOLLOW_MARGIN} above Acc_x.",
+        "",
+        screen_table(results["screen"], results["kinds"]),
         "",
     ]
     for part in PARTS:
@@ -1005,6 +1012,7 @@ def run_real_model(
         estimate_hours=hours,
         estimate_degraded=len(guess),
         screen={k: {m: _strip(r) for m, r in v.items()} for k, v in screen.items()},
+        kinds={name: c.kind for name, c in plan.contexts.items()},
         status=status,
         parts=aggregated,
         degraded=degraded,
