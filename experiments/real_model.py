@@ -453,6 +453,10 @@ def run_specs(
             return False
         t0 = time.time()
         runner.run_all([spec], out_dir, base_cache=BaseModelConfig.cache_dir)
+        if not os.path.isdir(os.path.join(out_dir, spec.run_dir_name, "final")):
+            # Stopped by SIGTERM/SIGINT: train.run saved a checkpoint; the next call resumes it.
+            report(f"[{part_name}] {spec.name} stopped by a signal; re-run to resume it")
+            return False
         sampled_evals(plan, spec, part, out_dir)
         # A finished run is reused, never resumed: its last checkpoint (1.6 GB on SmolLM2, the
         # final folder's weights plus AdamW's moments) would only fill the disk across the plan.
