@@ -29,7 +29,9 @@ log = logging.getLogger(__name__)
 # The valid names are the loss registry's (ctxjax.losses), the one place that defines them.
 OPD_LOSSES = tuple(losses.OPD_LOSSES)
 CONSISTENCY_LOSSES = tuple(losses.CONSISTENCY_LOSSES)
-BETA_SCHEDULES = ("constant", "delayed", "linear")
+WEIGHT_SCHEDULES = ("constant", "delayed", "linear")
+# "adaptive": NCA's start rule tied to internalization (`ctxjax.step.start_rule`); beta only.
+BETA_SCHEDULES = (*WEIGHT_SCHEDULES, "adaptive")
 
 
 def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
@@ -42,16 +44,28 @@ def _check_range(key: str, value, minimum) -> None:
         raise ValueError(f"{key} must be >= {minimum}, got {value}")
 
 
-def _check_schedule(weight_key: str, schedule: str, ramp_steps: int) -> None:
+def _check_schedule(
+    weight_key: str, schedule: str, ramp_steps: int, choices: tuple[str, ...] = WEIGHT_SCHEDULES
+) -> None:
     """A weight's schedule (`step.scheduled_weight`): a known kind; "linear" needs a ramp."""
-    _check_choice(f"{weight_key}_schedule", schedule, BETA_SCHEDULES)
+    _check_choice(f"{weight_key}_schedule", schedule, choices)
     if schedule == "linear" and ramp_steps == 0:
         raise ValueError(f"{weight_key}_schedule='linear' needs {weight_key}_ramp_steps >= 1")
 
 
 @dataclasses.dataclass(frozen=True)
 class LossConfig:
-    """L = L_OPD + beta(step) * L_consistency, per response token, masked mean."""
+    """L = L_OPD + beta(step) * L_consistency, per response token, masked mean.
+
+    `beta_schedule` says when the consistency term is on: "constant" (from step 0), "delayed"
+    (from `beta_start_step`), "linear" (a ramp of `beta_ramp_steps` from `beta_start_step`), or
+    "adaptive", a start rule tied to internalization instead of a step picked by hand: each step
+    updates an exponential moving average (decay `beta_kl_ema`, started at step 0's value) of the
+    student's no-context reverse KL to the teacher on that step's rollout, which the step computes
+    anyway; once it falls below `beta_start_kl` the weight is `beta` from the next step on, latched
+    in the train state (never switched off, kept by checkpoints). Before it fires the step is
+    exactly plain OPD (the with-context pass is not run).
+    """
 
     opd: str = "reverse_kl_topk"
     top_k: int = 256  # student's top-k, renormalized (the published default)
@@ -61,6 +75,8 @@ class LossConfig:
     beta_schedule: str = "constant"  # "constant" | "delayed" (0 before start) | "linear" (ramp)
     beta_start_step: int = 0  # "delayed"/"linear": first step with a non-zero beta
     beta_ramp_steps: int = 0  # "linear": steps from 0 to beta after beta_start_step
+    beta_start_kl: float = 0.0  # "adaptive": switch on once the KL's moving average is below this
+    beta_kl_ema: float = 0.9  # "adaptive": the moving average's decay per step, in [0, 1)
     chunk_size: int = 0  # >0: response positions per chunk of the loss (rematerialized); 0: whole
 
     def __post_init__(self):
@@ -73,7 +89,30 @@ class LossConfig:
         _check_range("loss.chunk_size", self.chunk_size, 0)
         if not 0.0 <= self.jsd_beta <= 1.0:
             raise ValueError(f"loss.jsd_beta must be in [0, 1], got {self.jsd_beta}")
-        _check_schedule("loss.beta", self.beta_schedule, self.beta_ramp_steps)
+        _check_schedule("loss.beta", self.beta_schedule, self.beta_ramp_steps, BETA_SCHEDULES)
+        if not 0.0 <= self.beta_kl_ema < 1.0:
+            raise ValueError(f"loss.beta_kl_ema must be in [0, 1), got {self.beta_kl_ema}")
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        adaptive_keys = [
+            k for k in ("beta_start_kl", "beta_kl_ema") if getattr(self, k) != defaults[k]
+        ]
+        if self.beta_schedule == "adaptive":
+            if self.beta_start_kl <= 0.0:
+                raise ValueError(
+                    "loss.beta_schedule='adaptive' needs loss.beta_start_kl > 0 (the reverse KL "
+                    f"below which NCA switches on), got {self.beta_start_kl}"
+                )
+            for key in ("beta_start_step", "beta_ramp_steps"):
+                if getattr(self, key):
+                    raise ValueError(
+                        f"loss.{key} would be ignored (loss.beta_schedule='adaptive' starts "
+                        "on the reverse KL): remove the setting"
+                    )
+        elif adaptive_keys:
+            raise ValueError(
+                f"{', '.join('loss.' + k for k in adaptive_keys)} would be ignored (only "
+                "loss.beta_schedule='adaptive' reads it): remove the setting"
+            )
 
     @property
     def uses_consistency(self) -> bool:
@@ -115,7 +154,9 @@ class RetentionConfig:
 
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
-    """AdamW with linear warmup then cosine decay to `min_lr_ratio * learning_rate`."""
+    """AdamW with linear warmup then cosine decay to `min_lr_ratio * learning_rate`;
+    `min_lr_ratio: 1.0` holds the peak rate constant after warmup (so a later start of a loss
+    term is not also a weaker one)."""
 
     learning_rate: float = 3e-4
     warmup_steps: int = 10

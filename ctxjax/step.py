@@ -46,6 +46,10 @@ class TrainState:
     step: jax.Array  # int32 scalar
     params: Any  # nnx.State of the student's nnx.Param variables
     opt_state: Any
+    # `start_rule`'s state: the moving average of the no-context reverse KL to the teacher
+    # (float32), and 1 once loss.beta_schedule="adaptive" has switched the consistency term on.
+    kl_ema: jax.Array
+    beta_on: jax.Array  # int32 scalar, latched
 
 
 def lr_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
@@ -84,11 +88,29 @@ def scheduled_weight(
     return (weight * jnp.clip(frac, 0.0, 1.0)).astype(jnp.float32)
 
 
-def beta_at(cfg: LossConfig, step: jax.Array) -> jax.Array:
-    """The consistency weight at `step` (`scheduled_weight` of the `loss.beta*` keys)."""
+def beta_at(cfg: LossConfig, step: jax.Array, beta_on: jax.Array | int = 0) -> jax.Array:
+    """The consistency weight at `step` (`scheduled_weight` of the `loss.beta*` keys); under the
+    "adaptive" schedule, `beta` once `start_rule` has latched `beta_on`, else 0."""
+    if cfg.beta_schedule == "adaptive":
+        return jnp.where(jnp.asarray(beta_on) > 0, cfg.beta, 0.0).astype(jnp.float32)
     return scheduled_weight(
         cfg.beta, cfg.beta_schedule, cfg.beta_start_step, cfg.beta_ramp_steps, step
     )
+
+
+def start_rule(
+    cfg: LossConfig, step: jax.Array, kl_ema: jax.Array, beta_on: jax.Array, reverse_kl: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """The next `(kl_ema, beta_on)` after a step whose no-context reverse KL to the teacher was
+    `reverse_kl`: the moving average starts at step 0's value; `beta_on` latches to 1 once the
+    average is below `loss.beta_start_kl` ("adaptive" schedule; otherwise it stays 0)."""
+    decay = jnp.float32(cfg.beta_kl_ema)
+    reverse_kl = jnp.asarray(reverse_kl, jnp.float32)
+    ema = jnp.where(step == 0, reverse_kl, decay * kl_ema + (1.0 - decay) * reverse_kl)
+    if cfg.beta_schedule != "adaptive":
+        return ema, beta_on
+    fired = (ema < cfg.beta_start_kl).astype(beta_on.dtype)
+    return ema, jnp.maximum(beta_on, fired)
 
 
 def gamma_at(cfg: RetentionConfig, step: jax.Array) -> jax.Array:
@@ -101,7 +123,11 @@ def gamma_at(cfg: RetentionConfig, step: jax.Array) -> jax.Array:
 def init_state(model: Transformer, tx: optax.GradientTransformation) -> tuple[Any, TrainState]:
     graphdef, params = nnx.split(model, nnx.Param)
     return graphdef, TrainState(
-        step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params)
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        opt_state=tx.init(params),
+        kl_ema=jnp.zeros((), jnp.float32),
+        beta_on=jnp.zeros((), jnp.int32),
     )
 
 
@@ -428,31 +454,44 @@ def make_update_step(
         (loss, _), grads = _accumulate(fn, cfg.micro_batches, params, data, count)
         return loss, grads, rollout
 
+    def distill_grads(grad_fn, params, teacher_params, data: DistillBatch, beta, count):
+        """`grad_fn`'s ((L, sums), gradient), summed over micro-batches: the count is the whole
+        batch's, so the parts add up to the full batch's token-level mean."""
+
+        def fn(p, mb, beta, count):
+            return grad_fn(p, teacher_params, mb, beta, count)
+
+        return _accumulate(fn, cfg.micro_batches, params, data, beta, count)
+
+    # The adaptive start rule switches between two programs in-jit: plain OPD (no with-context
+    # pass, as beta == 0 compiles it) until the rule fires, then OPD + the consistency term.
+    adaptive = cfg.loss.beta_schedule == "adaptive" and cfg.loss.uses_consistency
+    if adaptive:
+        plain_grad_fn = jax.value_and_grad(
+            make_distill_loss(graphdef, teacher_graphdef, dataclasses.replace(cfg.loss, beta=0.0)),
+            has_aux=True,
+        )
+
     def update(
         state: TrainState, teacher_params, batch: dict, rollout: SampleOutput, rng: jax.Array
     ):
         data = distill_batch(batch, rollout.tokens_BxN, rollout.mask_BxN)
         # Token-level mean over the whole batch, also when it is split into micro-batches.
         count = jnp.maximum(rollout.mask_BxN.sum(), 1).astype(jnp.float32)
-        beta = beta_at(cfg.loss, state.step)
-        if cfg.micro_batches == 1:
-            (loss, (opd_sum, cons_sum, rkl_sum)), grads = grad_fn(
-                state.params, teacher_params, data, beta, count
+        beta = beta_at(cfg.loss, state.step, state.beta_on)
+        args = (state.params, teacher_params, data, beta, count)
+        if adaptive:
+            (loss, (opd_sum, cons_sum, rkl_sum)), grads = jax.lax.cond(
+                state.beta_on > 0,
+                lambda a: distill_grads(grad_fn, *a),
+                lambda a: distill_grads(plain_grad_fn, *a),
+                args,
             )
-        else:  # gradient accumulation over micro-batches, one rematerialized pass set at a time
-            k = cfg.micro_batches
-            micro = jax.tree.map(lambda x: x.reshape(k, x.shape[0] // k, *x.shape[1:]), data)
-
-            def acc(carry, mb: DistillBatch):
-                (mb_loss, aux), g = grad_fn(state.params, teacher_params, mb, beta, count)
-                return jax.tree.map(jnp.add, carry, (mb_loss, aux, g)), None
-
-            zeros = (
-                jnp.zeros(()),
-                (jnp.zeros(()),) * 3,
-                jax.tree.map(jnp.zeros_like, state.params),
-            )
-            (loss, (opd_sum, cons_sum, rkl_sum), grads), _ = jax.lax.scan(acc, zeros, micro)
+        else:
+            (loss, (opd_sum, cons_sum, rkl_sum)), grads = distill_grads(grad_fn, *args)
+        kl_ema, beta_on = start_rule(
+            cfg.loss, state.step, state.kl_ema, state.beta_on, rkl_sum / count
+        )
 
         extra = {}
         if cfg.retention.enabled:
@@ -476,6 +515,7 @@ def make_update_step(
             l_consistency=cons_sum / count,
             reverse_kl=rkl_sum / count,
             beta=beta,
+            kl_ema=kl_ema,
             grad_norm=optax.tree.norm(grads),
             lr=lr_schedule(cfg.optim, cfg.total_steps)(state.step),
             response_len=rollout.lengths_B.astype(jnp.float32).mean(),
@@ -488,7 +528,14 @@ def make_update_step(
             nonfinite_params=_nonfinite(params),
             **extra,
         )
-        return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+        next_state = TrainState(
+            step=state.step + 1,
+            params=params,
+            opt_state=opt_state,
+            kl_ema=kl_ema,
+            beta_on=beta_on,
+        )
+        return next_state, metrics
 
     return update
 

@@ -126,7 +126,13 @@ def median_step_time(run_dir: str) -> float | None:
 
 
 def _finished(run_dir: str) -> bool:
-    return os.path.exists(os.path.join(run_dir, SUMMARY_FILE))
+    """A summary with the final evaluation, or the exported final folder: `ctxjax.train.run` writes
+    summary.json when it starts (to keep the starting evaluation for a resume), so a summary alone
+    is also what a killed run leaves."""
+    path = os.path.join(run_dir, SUMMARY_FILE)
+    if not os.path.exists(path):
+        return False
+    return "after" in _read_json(path) or os.path.isdir(os.path.join(run_dir, "final"))
 
 
 def _base_group(spec: RunSpec, base_cache: str) -> str:

@@ -376,3 +376,44 @@ def _show(s: Stat) -> str:
 
 
 # --- real checkpoint: seeds x items ---
+
+
+def crossed_bootstrap(
+    units: list[np.ndarray],
+    stat,
+    *,
+    n_boot: int = 2000,
+    seed: int = 0,
+    item_axis: int = 0,
+    level: float = INTERVAL,
+) -> dict:
+    """A percentile bootstrap for units (training seeds) crossed with items: every unit holds the
+    same items along `item_axis` of its array. Each draw resamples the units with replacement and,
+    jointly, one resample of the items applied to every drawn unit (an item is one draw shared by
+    all seeds, so its difficulty is not counted as independent noise in each seed). `stat(units)`
+    -> float or None (undefined: that draw is left out). A pair of conditions is one unit holding
+    both (stacked on axis 0, items on axis 1), so differences are paired.
+
+    Returns {mean: stat on the data, ci95: [lo, hi] or None (fewer than 2 units, or no defined
+    draw), n_units, n_items, undefined_draws}."""
+    n_items = {u.shape[item_axis] for u in units}
+    if len(n_items) != 1:
+        raise ValueError(f"units must share their items: item counts {sorted(n_items)}")
+    (n,) = n_items
+    point = stat(units)
+    out = dict(mean=point, ci95=None, n_units=len(units), n_items=n, undefined_draws=0)
+    if point is None or len(units) < 2:
+        return out
+    rng = np.random.default_rng(seed)
+    values = []
+    for _ in range(n_boot):
+        picks = rng.integers(0, len(units), len(units))
+        items = rng.integers(0, n, n)
+        value = stat([np.take(units[i], items, axis=item_axis) for i in picks])
+        if value is not None:
+            values.append(value)
+    out["undefined_draws"] = n_boot - len(values)
+    if values:
+        tail = 100 * (1 - level) / 2
+        out["ci95"] = [float(np.percentile(values, tail)), float(np.percentile(values, 100 - tail))]
+    return out

@@ -1,12 +1,15 @@
-"""The real-model example: SmolLM2-135M-Instruct internalizes a format system prompt, plain OPD vs
-OPD + NCA (beta 0.5) over seeds 0 and 1, evaluated before and after (docs/real_model.md).
+"""The paper's phenomenon on a real checkpoint (docs/real_model.md): a base-model screen of the
+plan's contexts, then its parts (screen, protocol, start, retention) as ordinary runs.
 
-    python scripts/real_model.py --model /path/to/smollm2-folder [--out runs/real_model]
-    python scripts/real_model.py --model FOLDER --smoke     # 2 steps, 4 items: proves the pipeline
+    python scripts/real_model.py --model models/smollm2-135m-instruct --max-hours 1.9
+    python scripts/real_model.py --model FOLDER --part screen          # one part (and the screen)
+    python scripts/real_model.py --model FOLDER --plan my_plan.yaml --out runs/mine --doc page.md
 
-Writes <out>/results.json and the results section of docs/real_model.md (--smoke: of
-<out>/real_model.md, a copy, so smoke numbers never replace the page's). Finished runs are reused:
-re-running resumes. Extra dotted overrides of configs/smollm2_cpu.yaml go last (train.steps=30).
+Re-running resumes: finished runs are reused, a killed run goes on from its checkpoint. With
+--max-hours the command stops cleanly after the run during which the time ran out. Writes
+<out>/results.json, the generated section of the page (default docs/real_model.md; with
+--plan or --out elsewhere, <out>/real_model.md, a copy, so the page's numbers are replaced only by
+the shipped plan's) and the learning curves.
 """
 
 import argparse
@@ -22,35 +25,43 @@ if __name__ == "__main__":
     exec_with_caching_allocator()  # re-executes with mimalloc preloaded on a CPU host
 
 from ctxjax.train import Diverged
-from experiments.real_model import DOC, SEEDS, SMOKE_OVERRIDES, run_real_model
+from experiments.grid import GridError
+from experiments.real_model import DOC, FIGURE, PARTS, PLAN, run_real_model
+
+DEFAULT_OUT = "runs/real_model"
 
 
 def main(argv: list[str]) -> None:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--model", required=True, help="HF folder of SmolLM2-135M-Instruct (or similar)")
-    p.add_argument("--out", default=None, help="run folder (default runs/real_model[_smoke])")
-    p.add_argument("--seeds", type=int, default=len(SEEDS), help="distillation seeds 0..n-1")
-    p.add_argument("--smoke", action="store_true", help="tiny budgets, results beside the runs")
-    p.add_argument("overrides", nargs="*", help="dotted overrides of the preset")
+    p.add_argument("--model", required=True, help="HF folder of SmolLM2-135M-Instruct")
+    p.add_argument("--plan", default=PLAN, help="the experiment plan (strict YAML)")
+    p.add_argument("--out", default=DEFAULT_OUT, help="run folder")
+    p.add_argument("--part", choices=PARTS, action="append", help="run only these parts")
+    p.add_argument("--max-hours", type=float, default=None, help="stop after the current run")
     args = p.parse_args(argv)
-    out = args.out or ("runs/real_model_smoke" if args.smoke else "runs/real_model")
-    doc = DOC
-    if args.smoke:
-        os.makedirs(out, exist_ok=True)
-        doc = shutil.copy(doc, os.path.join(out, "real_model.md"))
-    overrides = (*(SMOKE_OVERRIDES if args.smoke else ()), *args.overrides)
+    if args.max_hours is not None and args.max_hours < 0:
+        p.error(
+            f"--max-hours must be >= 0 (0: run nothing new, only aggregate), got {args.max_hours}"
+        )
+    shipped = os.path.abspath(args.plan) == PLAN and args.out == DEFAULT_OUT
+    doc, figure = DOC, FIGURE
+    if not shipped:  # another plan's numbers never replace the page's
+        os.makedirs(args.out, exist_ok=True)
+        doc = shutil.copy(DOC, os.path.join(args.out, "real_model.md"))
+        figure = os.path.join(args.out, "real_model_curves.png")
     try:
         run_real_model(
-            args.model, out, doc, seeds=tuple(range(args.seeds)), overrides=overrides,
+            args.model, args.out, doc, plan_path=args.plan, parts=tuple(args.part or PARTS),
+            max_hours=args.max_hours, figure=figure,
             command=" ".join(["python scripts/real_model.py", *argv]),
         )  # fmt: skip
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, GridError) as e:
         p.exit(2, f"error: {e}\n")
     except Diverged as e:  # the finished runs stay and are reused when the command is re-run
         p.exit(1, f"diverged: {e}\n")
-    print(f"results: {os.path.join(out, 'results.json')} and {doc}")
+    print(f"results: {os.path.join(args.out, 'results.json')} and {doc}")
 
 
 if __name__ == "__main__":

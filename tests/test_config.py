@@ -180,6 +180,33 @@ def test_linear_schedule_with_ramp_is_fine():
     assert cfg.loss == LossConfig(beta_schedule="linear", beta_ramp_steps=10)
 
 
+@pytest.mark.parametrize(
+    "overrides, pattern",
+    [
+        (["loss.beta_schedule=adaptive"], r"loss\.beta_start_kl > 0"),
+        (
+            ["loss.beta_schedule=adaptive", "loss.beta_start_kl=0.1", "loss.beta_kl_ema=1"],
+            r"loss\.beta_kl_ema must be in \[0, 1\)",
+        ),
+        (
+            ["loss.beta_schedule=adaptive", "loss.beta_start_kl=0.1", "loss.beta_start_step=5"],
+            r"loss\.beta_start_step would be ignored",
+        ),
+        (["loss.beta_start_kl=0.1"], r"loss\.beta_start_kl would be ignored"),
+        (["loss.beta_schedule=delayed", "loss.beta_kl_ema=0.5"], r"loss\.beta_kl_ema would be"),
+        (
+            ["retention.gamma=0.1", "retention.gamma_schedule=adaptive"],
+            r"retention\.gamma_schedule must be one of \['constant', 'delayed', 'linear'\]",
+        ),
+    ],
+)
+def test_adaptive_start_rule_settings(overrides, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        load_config(None, overrides)
+    cfg = load_config(None, ["loss.beta_schedule=adaptive", "loss.beta_start_kl=0.05"])
+    assert cfg.loss.beta_start_kl == 0.05 and cfg.loss.beta_kl_ema == 0.9
+
+
 def test_missing_and_bad_files(tmp_path):
     missing = str(tmp_path / "nope.yaml")
     with pytest.raises(FileNotFoundError, match=r"nope\.yaml"):

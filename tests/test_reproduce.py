@@ -257,6 +257,28 @@ def test_run_all_resumes_a_folder_an_interrupted_run_left(tmp_path, monkeypatch)
     assert calls == [False, True]
 
 
+def test_run_all_resumes_a_run_killed_after_its_starting_summary(tmp_path, monkeypatch):
+    """`ctxjax.train.run` writes summary.json (the starting evaluation) when it starts: a run killed
+    later leaves that summary without `after` and without `final/`, and is resumed, not reused."""
+    import ctxjax.train
+
+    [spec] = grid_lib.plan(grid_lib.load_grid(GRIDS["quick"]))[:1]
+    calls = []
+
+    def fake_run(cfg, *, resume=False, progress=False, **_):
+        calls.append(resume)
+        with open(os.path.join(cfg.train.out_dir, "summary.json"), "w") as f:
+            json.dump({"before": {"acc_x": 0.5}, "after": {"acc_x": 0.75}}, f)
+
+    monkeypatch.setattr(ctxjax.train, "run", fake_run)
+    killed = tmp_path / spec.run_dir_name
+    killed.mkdir()
+    (killed / "config.json").write_text("{}")
+    (killed / "summary.json").write_text(json.dumps({"before": {"acc_x": 0.5}}))
+    [rec] = run_all([spec], str(tmp_path), base_cache=str(tmp_path / "base"))
+    assert calls == [True] and rec["ran"] and rec["after"] == {"acc_x": 0.75}
+
+
 def _record(cell, variant, seed, base_seed=0, before=None, **after):
     return dict(
         cell=cell,

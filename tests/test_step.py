@@ -34,6 +34,7 @@ from ctxjax.step import (
     make_optimizer,
     make_train_step,
     response_hidden,
+    start_rule,
 )
 
 CFG = ModelConfig(
@@ -652,6 +653,114 @@ def test_sharded_step_matches_single_device(world, run_a):
 def test_beta_schedule_hand_values(cfg, want):
     for step, value in want.items():
         assert float(beta_at(cfg, jnp.int32(step))) == pytest.approx(value, abs=1e-7), step
+
+
+# --------------------------------------------------------------------------------------------------
+# The adaptive start rule: NCA switches on once the no-context reverse KL's moving average is low
+# --------------------------------------------------------------------------------------------------
+
+ADAPTIVE = dict(opd="reverse_kl", beta=0.5, beta_schedule="adaptive")
+
+
+def _np_start_rule(kls, decay, threshold):
+    """Numpy reference: per step, the latch entering it and the moving average after it."""
+    ema, on, latches, emas = 0.0, 0, [], []
+    for t, kl in enumerate(kls):
+        latches.append(on)
+        ema = kl if t == 0 else decay * ema + (1 - decay) * kl
+        emas.append(ema)
+        on = max(on, int(ema < threshold))
+    return latches, emas
+
+
+def test_start_rule_latches_against_numpy():
+    # Falls below 0.5 at step 3 (ema 0.473...), rises back above it later: the latch stays on.
+    kls = np.array([1.0, 0.6, 0.4, 0.1, 0.1, 2.0, 3.0, 3.0], np.float32)
+    cfg = LossConfig(**ADAPTIVE, beta_start_kl=0.5, beta_kl_ema=0.5)
+    latches, emas = _np_start_rule(kls.astype(np.float64), 0.5, 0.5)
+    assert latches == [0, 0, 0, 0, 1, 1, 1, 1] and emas[-1] > 0.5  # the case the test is about
+    rule = jax.jit(functools.partial(start_rule, cfg))
+    ema, on = jnp.float32(123.0), jnp.int32(0)  # step 0 ignores the stored average
+    for t, kl in enumerate(kls):
+        assert int(on) == latches[t], t
+        assert float(beta_at(cfg, jnp.int32(t), on)) == (0.5 if latches[t] else 0.0), t
+        ema, on = rule(jnp.int32(t), ema, on, kl)
+        assert float(ema) == pytest.approx(emas[t], rel=1e-6), t
+    # Another schedule keeps the average (logged) but never latches.
+    ema, on = start_rule(LossConfig(beta=0.5), jnp.int32(0), jnp.float32(0), jnp.int32(0), 0.0)
+    assert int(on) == 0 and float(ema) == 0.0
+
+
+def test_adaptive_start_is_plain_opd_until_it_fires(world):
+    """Before the rule fires the step is plain OPD (beta=0) bit for bit; it fires on the step the
+    numpy moving average says; then the consistency term is on."""
+    mesh = _one_device_mesh()
+    _, plain_states, plain = _run_steps(
+        world, _step_cfg(world, LossConfig(opd="reverse_kl", beta=0.0)), mesh, 4
+    )
+    kls = [float(m["reverse_kl"]) for m in plain]
+    # A threshold just above step 1's average: it fires after step 1 (if the average fell there).
+    _, emas = _np_start_rule(kls, 0.5, np.inf)
+    assert emas[1] < emas[0], emas
+    threshold = emas[1] * (1 + 1e-4)
+    latches, _ = _np_start_rule(kls, 0.5, threshold)
+    assert latches == [0, 0, 1, 1]
+    loss = LossConfig(**ADAPTIVE, beta_start_kl=threshold, beta_kl_ema=0.5)
+    _, states, history = _run_steps(world, _step_cfg(world, loss), mesh, 4)
+    for t in (0, 1):  # not fired: bitwise plain OPD
+        assert float(history[t]["beta"]) == 0.0 and float(history[t]["l_consistency"]) == 0.0
+        for name in ("params", "opt_state"):
+            for a, b in zip(
+                jax.tree.leaves(getattr(states[t], name)),
+                jax.tree.leaves(getattr(plain_states[t], name)),
+                strict=True,
+            ):
+                np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=f"{t} {name}")
+        for key in set(plain[t]) - {"kl_ema"}:  # the plain run's average has the default decay
+            np.testing.assert_array_equal(history[t][key], plain[t][key], err_msg=f"{t} {key}")
+    assert [int(s.beta_on) for s in states] == [0, 1, 1, 1]
+    for t in (2, 3):  # fired: NCA at full weight, and the update is no longer plain OPD's
+        assert float(history[t]["beta"]) == 0.5 and float(history[t]["l_consistency"]) > 1e-3
+    assert not np.array_equal(_flat(states[3].params), _flat(plain_states[3].params))
+
+
+def test_checkpoint_round_trips_the_start_rule_state(world, tmp_path):
+    from ctxjax.checkpoint import Checkpointer
+
+    class Iterator:  # the data iterator's part of a checkpoint, trivially
+        def __init__(self):
+            self.state = {"i": 3}
+
+        def get_state(self):
+            return self.state
+
+        def set_state(self, state):
+            self.state = state
+
+    tx = make_optimizer(OPTIM, 4)
+    state = _fresh_state(world, tx)
+    fired = dataclasses.replace(
+        state, step=jnp.int32(7), kl_ema=jnp.float32(0.0123), beta_on=jnp.int32(1)
+    )
+    ckpt = Checkpointer(str(tmp_path / "ckpt"), async_save=False)
+    ckpt.save(7, fired, Iterator(), {"model": {}})
+    ckpt.wait()
+    abstract = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state
+    )
+    restored, step = Checkpointer(str(tmp_path / "ckpt")).restore(
+        abstract, Iterator(), {"model": {}}
+    )
+    assert step == 7 and int(restored.beta_on) == 1
+    assert float(restored.kl_ema) == np.float32(0.0123)
+
+
+def test_constant_learning_rate_after_warmup():
+    """min_lr_ratio 1 holds the peak after warmup exactly (timing apart from strength)."""
+    cfg = OptimConfig(learning_rate=1e-2, warmup_steps=3, min_lr_ratio=1.0)
+    got = [float(lr_schedule(cfg, 50)(t)) for t in range(51)]
+    np.testing.assert_allclose(got[:3], [0.0, 1e-2 / 3, 2e-2 / 3], rtol=1e-6)
+    assert all(v == np.float32(1e-2) for v in got[3:])
 
 
 def _hand_lr(step, peak, warmup, total, end):
