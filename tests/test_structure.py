@@ -13,8 +13,8 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 MAX_LINES = {"ctxjax": 60, "experiments": 80}
 
 # Split pending: functions over the limit, left for the hubs' split (train, step, evaluate,
-# checkpoint, the real-model harness). Each entry
-# is (path, qualified name); remove it when its function is split (a stale entry fails the test).
+# checkpoint, the real-model harness). Each entry is (path, qualified name); remove it when its
+# function is split (a stale entry fails the test).
 SPLIT_PENDING = {
     ("ctxjax/evaluate.py", "evaluate_context"),
     ("ctxjax/step.py", "make_update_step"),
