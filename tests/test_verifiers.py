@@ -199,6 +199,7 @@ def test_preset_combines_with_own_data_and_split(tmp_path):
     )
     own = [
         "task.name=jsonl",
+        f"student={tmp_path}",  # a run on one's own records names its model; not loaded here
         f"data.train_file={path}",
         "data.context=Be terse.",
         "task.options.verifier=exact",
